@@ -1,0 +1,39 @@
+# Two commands do everything on a fresh Debian machine with Python 3.11: `make demo` and `make test`.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+# torch is pinned here (not in pyproject) so a fresh machine takes the CPU build instead of a multi-GB CUDA one.
+TORCH  := torch==2.13.0
+STAMP  := $(VENV)/.installed
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: install data test demo bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+install: $(STAMP)
+
+# Fashion-MNIST from Debian's package (the embedded default data set).
+data:
+	@[ -f $(FMNIST) ] || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist >/dev/null; } \
+	  || echo "could not install dataset-fashion-mnist; real-data tests will be skipped"
+
+test: install data
+	$(BIN)/python -m pytest
+
+demo: install data
+	$(BIN)/vggnet summary vgg16
+
+bench: install data
+	@echo "benchmarks arrive with the performance issue"
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache

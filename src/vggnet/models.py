@@ -1,0 +1,363 @@
+"""VGG networks: one module class, one builder path, one registry.
+
+The module knows nothing about data, devices, optimizers or printing. Submodule names follow torchvision
+(``features``, ``avgpool``, ``classifier.0/.3/.6``), so a torchvision VGG state dict loads with ``strict=True``.
+
+Heads (``head=``):
+
+- ``classic``: torchvision's layout, ``AdaptiveAvgPool2d((7, 7))`` then FC-4096, FC-4096, FC-classes;
+- ``fitted``: FC1 sized to the real feature map at ``input_size`` (no adaptive pooling), as Gluon's deferred Dense;
+- ``dense``: fully convolutional, FC1 as a k x k conv and FC2/FC3 as 1x1 convs, then the spatial mean of the
+  class-score map (the paper's dense evaluation); takes any input at least ``input_size``;
+- ``gap``: global average pooling and one linear layer (the CIFAR-style VGG).
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from .configs import CFGS, LRN, Conv, Layer, Pool, arch_to_json, num_pools, parse_arch, scale_width
+from .errors import ConfigError, InputSizeError
+
+HEADS = ("classic", "fitted", "dense", "gap")
+INITS = ("torchvision", "paper", "xavier")
+
+# Registry: name -> (paper config letter, batch norm after every conv).
+_BASE_NAMES = {"vgg11": "A", "vgg11_lrn": "A-LRN", "vgg13": "B", "vgg16_c": "C", "vgg16": "D", "vgg19": "E"}
+MODELS: dict[str, tuple[str, bool]] = {}
+for _name, _letter in _BASE_NAMES.items():
+    MODELS[_name] = (_letter, False)
+    MODELS[_name + "_bn"] = (_letter, True)
+
+
+def _pair(size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(size, int):
+        return (size, size)
+    if len(size) != 2:
+        raise ConfigError(f"input_size must be an int or (height, width), got {size!r}")
+    return (int(size[0]), int(size[1]))
+
+
+def make_layers(
+    layers: Sequence[Layer], in_channels: int, norm_layer: type[nn.Module] | None
+) -> tuple[nn.Sequential, dict[str, int]]:
+    """Build ``features`` in torchvision's order and name each module (conv3_1, bn3_1, relu3_1, lrn1, pool3)."""
+    modules: list[nn.Module] = []
+    names: dict[str, int] = {}
+    block, index, channels = 1, 0, in_channels
+
+    def add(name: str, module: nn.Module) -> None:
+        names[name] = len(modules)
+        modules.append(module)
+
+    for layer in layers:
+        if isinstance(layer, Pool):
+            add(f"pool{block}", nn.MaxPool2d(kernel_size=2, stride=2))
+            block, index = block + 1, 0
+        elif isinstance(layer, LRN):
+            add(f"lrn{block}_{index}", nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=2.0))
+        else:
+            index += 1
+            add(f"conv{block}_{index}", nn.Conv2d(channels, layer.channels, layer.kernel, padding=layer.kernel // 2))
+            if norm_layer is not None:
+                add(f"bn{block}_{index}", norm_layer(layer.channels))
+            add(f"relu{block}_{index}", nn.ReLU(inplace=True))
+            channels = layer.channels
+    return nn.Sequential(*modules), names
+
+
+class VGG(nn.Module):
+    """A VGG network built from an architecture spec (see :mod:`vggnet.configs`).
+
+    Args:
+        arch: a paper letter (``"D"``), a token list (``[64, "M", ...]``) or d2l blocks (``((1, 64), ...)``).
+        batch_norm: put ``norm_layer`` after every conv.
+        num_classes: outputs of the last layer.
+        in_channels: channels of the input image (1 for Fashion-MNIST).
+        dropout: dropout probability after FC1 and FC2 (before the linear layer for ``gap``).
+        width: multiplier for every conv's channel count.
+        head: one of ``classic``, ``fitted``, ``dense``, ``gap``.
+        input_size: training input size (int or (H, W)); sizes ``fitted`` and ``dense`` heads.
+        hidden: width of FC1 and FC2 (4096 in the paper).
+        init: ``torchvision`` (kaiming-normal fan_out convs, N(0, 0.01) linear), ``paper`` (N(0, 0.01)
+            everywhere, zero biases), or ``xavier`` (Glorot uniform, zero biases).
+        norm_layer: the normalisation class used when ``batch_norm`` (default ``nn.BatchNorm2d``).
+        name: registry name, for messages and checkpoints.
+    """
+
+    def __init__(
+        self,
+        arch: str | Sequence[Any] = "D",
+        *,
+        batch_norm: bool = False,
+        num_classes: int = 1000,
+        in_channels: int = 3,
+        dropout: float = 0.5,
+        width: float = 1.0,
+        head: str = "classic",
+        input_size: int | Sequence[int] = 224,
+        hidden: int = 4096,
+        init: str = "torchvision",
+        norm_layer: type[nn.Module] | None = None,
+        name: str = "custom",
+    ) -> None:
+        super().__init__()
+        if head not in HEADS:
+            raise ConfigError(f"unknown head {head!r}: choose one of {', '.join(HEADS)}")
+        if init not in INITS:
+            raise ConfigError(f"unknown init {init!r}: choose one of {', '.join(INITS)}")
+        for label, value in (("num_classes", num_classes), ("in_channels", in_channels), ("hidden", hidden)):
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{label} must be a positive integer, got {value!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {dropout}")
+        base = parse_arch(arch)
+        layers = scale_width(base, width)
+        self.name = name
+        self.head = head
+        self.in_channels = in_channels
+        self.num_classes = num_classes
+        self.input_size = _pair(input_size)
+        self.num_pools = num_pools(layers)
+        self.min_size = 2**self.num_pools
+        self._check_size(self.input_size, "input_size", self.min_size)
+        self.config: dict[str, Any] = {
+            "name": name,
+            "arch": arch_to_json(base),
+            "batch_norm": batch_norm,
+            "num_classes": num_classes,
+            "in_channels": in_channels,
+            "dropout": dropout,
+            "width": width,
+            "head": head,
+            "input_size": list(self.input_size),
+            "hidden": hidden,
+            "init": init,
+        }
+        if batch_norm and norm_layer is None:
+            norm_layer = nn.BatchNorm2d
+        self.features, self.layer_names = make_layers(layers, in_channels, norm_layer if batch_norm else None)
+        channels = [layer.channels for layer in layers if isinstance(layer, Conv)][-1]
+        self.feature_info = self._feature_info(layers, in_channels)
+        fh, fw = (s // 2**self.num_pools for s in self.input_size)
+        self.feature_map_size = (fh, fw)
+        if head == "gap":
+            self.avgpool: nn.Module = nn.AdaptiveAvgPool2d(1)
+            self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(channels, num_classes))
+            self.num_features = channels
+        else:
+            self.avgpool = nn.AdaptiveAvgPool2d((7, 7)) if head == "classic" else nn.Identity()
+            in_fc = channels * (49 if head == "classic" else fh * fw)
+            self.classifier = nn.Sequential(*self._fc_layers(head, channels, in_fc, hidden, num_classes, dropout, (fh, fw)))
+            self.num_features = hidden
+        init_weights(self, init)
+
+    @staticmethod
+    def _fc_layers(head, channels, in_fc, hidden, num_classes, dropout, fmap) -> list[nn.Module]:
+        if head == "dense":
+            first: nn.Module = nn.Conv2d(channels, hidden, fmap)
+            second: nn.Module = nn.Conv2d(hidden, hidden, 1)
+            last: nn.Module = nn.Conv2d(hidden, num_classes, 1)
+        else:
+            first, second, last = nn.Linear(in_fc, hidden), nn.Linear(hidden, hidden), nn.Linear(hidden, num_classes)
+        return [first, nn.ReLU(True), nn.Dropout(dropout), second, nn.ReLU(True), nn.Dropout(dropout), last]
+
+    def _feature_info(self, layers: Sequence[Layer], in_channels: int) -> list[dict[str, Any]]:
+        """Channels and stride after each pool (timm's ``feature_info``)."""
+        info, channels, stride = [], in_channels, 1
+        pools = [i for i, m in enumerate(self.features) if isinstance(m, nn.MaxPool2d)]
+        for layer in layers:
+            if isinstance(layer, Conv):
+                channels = layer.channels
+            elif isinstance(layer, Pool):
+                stride *= 2
+                info.append({"num_chs": channels, "reduction": stride, "module": f"features.{pools[len(info)]}"})
+        return info
+
+    # ----------------------------------------------------------------------------------------------- input checks
+    def _check_size(self, size: tuple[int, int], what: str, minimum: int | tuple[int, int]) -> None:
+        mh, mw = _pair(minimum)
+        if size[0] < mh or size[1] < mw:
+            reason = (
+                f"its {self.num_pools} max-pools halve the size {self.num_pools} times"
+                if (mh, mw) == (self.min_size, self.min_size)
+                else "the dense head was sized for that training input"
+            )
+            raise InputSizeError(
+                f"{self.name} needs {what} of at least {mh}x{mw} ({reason}), got {size[0]}x{size[1]}: "
+                f"pad or resize the images to at least {mh}x{mw}"
+            )
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Fail before any layer runs when ``x`` cannot go through this model; one line, with the fix."""
+        if x.dim() != 4:
+            hint = ": add a batch dimension with x.unsqueeze(0)" if x.dim() == 3 else ""
+            raise InputSizeError(f"{self.name} expects a 4-D batch (N, C, H, W), got shape {tuple(x.shape)}{hint}")
+        if x.shape[1] != self.in_channels:
+            raise InputSizeError(
+                f"{self.name} expects {self.in_channels} input channels, got {x.shape[1]}: convert the images "
+                f"or build the model with in_channels={x.shape[1]}"
+            )
+        size = (int(x.shape[2]), int(x.shape[3]))
+        if self.head == "fitted" and size != self.input_size:
+            h, w = self.input_size
+            raise InputSizeError(
+                f"{self.name} with the fitted head takes exactly {h}x{w} input (FC1 was sized for it), got "
+                f"{size[0]}x{size[1]}: resize the input, or convert with vggnet.to_dense() for larger input"
+            )
+        self._check_size(size, "input", self.input_size if self.head == "dense" else self.min_size)
+
+    # -------------------------------------------------------------------------------------------------- forward
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        if not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
+            self.check_input(x)
+        return self.features(x)
+
+    def forward_score_map(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense head only: the class-score map (N, classes, h, w) before spatial averaging."""
+        if self.head != "dense":
+            raise ConfigError(f"forward_score_map needs the dense head, this model has {self.head!r}: use vggnet.to_dense()")
+        return self.classifier(self.forward_features(x))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        last = self.classifier[-1]
+        if self.head == "dense":
+            for module in self.classifier[:-1]:
+                x = module(x)
+            return x.mean((2, 3)) if pre_logits else last(x).mean((2, 3))
+        x = torch.flatten(self.avgpool(x), 1)
+        for module in self.classifier[:-1]:
+            x = module(x)
+        return x if pre_logits else last(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_named(self, x: torch.Tensor, names: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Feature maps of the named layers (``relu1_2``, ``conv3_1``, ``pool4`` ...), running only as far as needed."""
+        unknown = [n for n in names if n not in self.layer_names]
+        if unknown:
+            raise ConfigError(f"unknown layer name(s) {unknown}: this model has {', '.join(self.layer_names)}")
+        wanted = {self.layer_names[n]: n for n in names}
+        if not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
+            self.check_input(x)
+        out: dict[str, torch.Tensor] = {}
+        modules = list(self.features)
+        for i in range(max(wanted) + 1):
+            x = modules[i](x)
+            if i in wanted:
+                following = modules[i + 1] if i + 1 < len(modules) else None
+                # An in-place ReLU would overwrite this map; keep a copy of it.
+                out[wanted[i]] = x.clone() if getattr(following, "inplace", False) else x
+        return out
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the last layer with a freshly initialised one of ``num_classes`` outputs."""
+        last = self.classifier[-1]
+        if isinstance(last, nn.Conv2d):
+            new: nn.Module = nn.Conv2d(last.in_channels, num_classes, 1)
+        else:
+            new = nn.Linear(last.in_features, num_classes)
+        nn.init.normal_(new.weight, 0, 0.01)
+        nn.init.zeros_(new.bias)
+        self.classifier[-1] = new.to(last.weight.device, last.weight.dtype)
+        self.num_classes = num_classes
+        self.config["num_classes"] = num_classes
+
+
+def init_weights(model: VGG, scheme: str) -> None:
+    """Initialise in place. Conv layers of ``features`` and the FC layers of the head are treated separately."""
+    for module in model.features.modules():
+        if isinstance(module, nn.Conv2d):
+            if scheme == "torchvision":
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            elif scheme == "paper":
+                nn.init.normal_(module.weight, 0, 0.01)
+            else:
+                nn.init.xavier_uniform_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, (nn.BatchNorm2d, nn.GroupNorm, nn.SyncBatchNorm)):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+    for module in model.classifier.modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            if scheme == "xavier":
+                nn.init.xavier_uniform_(module.weight)
+            else:
+                nn.init.normal_(module.weight, 0, 0.01)
+            nn.init.zeros_(module.bias)
+
+
+# ------------------------------------------------------------------------------------------------------ registry
+def list_models(pattern: str | None = None) -> list[str]:
+    """Registry names, optionally filtered by a shell-style pattern (``"vgg16*"``)."""
+    names = sorted(MODELS, key=lambda n: (int(n[3:5]), n))
+    return [n for n in names if pattern is None or fnmatch.fnmatch(n, pattern)]
+
+
+def create_model(name: str, **kwargs: Any) -> VGG:
+    """Build a registered VGG (``vgg16_bn``) or ``"custom"`` with ``arch=``. ``None`` kwargs are dropped."""
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    if name == "custom":
+        if "arch" not in kwargs:
+            raise ConfigError("model 'custom' needs arch=, e.g. [64, 'M', 128, 'M', ...] or ((1, 64), (1, 128), ...)")
+        return VGG(name="custom", **kwargs)
+    if name not in MODELS:
+        raise ConfigError(f"unknown model {name!r}: choose one of {', '.join(list_models())}, or 'custom' with arch=")
+    if "arch" in kwargs:
+        raise ConfigError(f"model {name!r} has a fixed architecture: use 'custom' to pass arch=")
+    letter, batch_norm = MODELS[name]
+    kwargs.setdefault("batch_norm", batch_norm)
+    return VGG(CFGS[letter], name=name, **kwargs)
+
+
+def model_from_config(config: dict[str, Any]) -> VGG:
+    """Rebuild a model from ``model.config`` (as stored in checkpoints)."""
+    config = dict(config)
+    name = config.pop("name", "custom")
+    return VGG(name=name, **config)
+
+
+# ------------------------------------------------------------------------------------------------------ to_dense
+def _adaptive_pool_matrix(size: tuple[int, int], out: tuple[int, int]) -> torch.Tensor:
+    """M with M[i*w + j, p, q] = weight of input pixel (i, j) in output cell (p, q) of AdaptiveAvgPool2d(out)."""
+    h, w = size
+    eye = torch.eye(h * w, dtype=torch.float64).view(h * w, 1, h, w)
+    return nn.functional.adaptive_avg_pool2d(eye, out).view(h * w, *out)
+
+
+@torch.no_grad()
+def to_dense(model: VGG) -> VGG:
+    """A fully convolutional copy of ``model``: FC1 becomes a k x k conv, FC2/FC3 1x1 convs.
+
+    At the model's ``input_size`` the output equals the source's; larger input gives a class-score map that is
+    averaged over space (the paper's dense evaluation). For the classic head the adaptive 7x7 pooling is folded
+    into the conv kernel, so this is exact for any training size. A ``gap`` model already takes any input size
+    and is returned as a copy.
+    """
+    if model.head in ("dense", "gap"):
+        return copy.deepcopy(model)
+    config = dict(model.config, head="dense")
+    dense = model_from_config(config).to(next(model.parameters()).device)
+    dense.features.load_state_dict(model.features.state_dict())
+    fc1, fc2, fc3 = (model.classifier[i] for i in (0, 3, 6))
+    hidden = fc1.out_features
+    channels = dense.classifier[0].in_channels
+    fh, fw = model.feature_map_size
+    if model.head == "classic":
+        weight = fc1.weight.double().view(hidden, channels, 7, 7)
+        pool = _adaptive_pool_matrix((fh, fw), (7, 7)).to(weight.device)
+        kernel = torch.einsum("ocpq,kpq->ock", weight, pool).reshape(hidden, channels, fh, fw)
+    else:
+        kernel = fc1.weight.view(hidden, channels, fh, fw)
+    dense.classifier[0].weight.copy_(kernel.to(fc1.weight.dtype))
+    dense.classifier[0].bias.copy_(fc1.bias)
+    for src, dst in ((fc2, dense.classifier[3]), (fc3, dense.classifier[6])):
+        dst.weight.copy_(src.weight.view(*src.weight.shape, 1, 1))
+        dst.bias.copy_(src.bias)
+    return dense.train(model.training)
