@@ -18,9 +18,9 @@ training mode) and the backward pass's transient gradient buffers (twice the lar
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import asdict, dataclass, field
+from decimal import Decimal
 from typing import Any, Sequence
 
 import torch
@@ -275,10 +275,11 @@ _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE
 def parse_bytes(text: str) -> int:
     """``"11GiB"`` -> 11 * 2**30; ``"11GB"`` -> 11e9; a bare ``"11G"`` means GiB; plain numbers are bytes."""
     match = _SIZE.match(str(text))
-    if not match:
+    if not match or (match.group(3) and not match.group(2)):  # "11iB": a binary marker with no unit
         raise ConfigError(f"memory size {text!r} is not a size: write e.g. 11GiB, 11GB, 512MiB or 8G")
-    number, unit, binary = float(match.group(1)), match.group(2).lower(), match.group(3)
+    # Decimal, not float: float("8.2") * 1000**2 is 8199999.999..., which would floor to one byte short.
+    number, unit, binary = Decimal(match.group(1)), match.group(2).lower(), match.group(3)
     power = "kmgt".index(unit) + 1 if unit else 0
     decimal_suffix = text.strip().lower().endswith(unit + "b") and not binary and unit
     base = 1000 if decimal_suffix else 1024
-    return int(math.floor(number * base**power))
+    return int(number * base**power)  # exact; int() truncates, i.e. floors a non-negative size

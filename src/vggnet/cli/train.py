@@ -1,0 +1,102 @@
+"""``vggnet train``: train a VGG on real images (also under torchrun), writing a self-describing run directory."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..schedule import SCHEDULES
+from ..train import NORMALIZE, OPTIMIZERS, PRECISIONS, PRESETS, Interrupted, resolve_config, resume, train
+from .common import add_model_options, positive_float, positive_int, print_json
+
+
+def fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
+    return value
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train on Fashion-MNIST, CIFAR-10/100 or an image folder",
+                       description="Options left out come from --preset (default 'fast'), then the built-in defaults.")
+    p.add_argument("--model", help="model name (default vgg11_bn) or 'custom' with --arch")
+    add_model_options(p, with_input_size=False)
+    p.add_argument("--dropout", type=fraction, help="dropout probability on the head's FC layers")
+    p.add_argument("--init", choices=("torchvision", "paper", "xavier"))
+    p.add_argument("--dataset", help="fashion-mnist (default), cifar10, cifar100 or folder:PATH")
+    p.add_argument("--data-dir", help="where the dataset files are (searched before $VGGNET_DATA)")
+    p.add_argument("--image-size", type=positive_int, metavar="N", help="input size in pixels (default 32)")
+    p.add_argument("--normalize", choices=NORMALIZE, help="per-channel standardisation, the paper's mean subtraction, or none")
+    p.add_argument("--epochs", type=positive_int)
+    p.add_argument("--batch-size", type=positive_int, help="global batch (divided among torchrun processes)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS)
+    p.add_argument("--lr", type=positive_float, help="peak learning rate for the global batch")
+    p.add_argument("--momentum", type=fraction)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--schedule", choices=SCHEDULES + ("constant",))
+    p.add_argument("--warmup-epochs", type=float)
+    p.add_argument("--label-smoothing", type=fraction)
+    p.add_argument("--grad-clip", type=positive_float, metavar="NORM")
+    p.add_argument("--crop-padding", type=int, metavar="PX")
+    p.add_argument("--no-flip", dest="flip", action="store_false", default=None, help="no horizontal flips")
+    p.add_argument("--erasing", type=fraction, metavar="P", help="random-erasing probability")
+    p.add_argument("--scale-jitter", type=positive_float, nargs=2, metavar=("LO", "HI"),
+                   help="zoom window as fractions of the side, e.g. 0.44 0.88")
+    p.add_argument("--preset", choices=sorted(PRESETS))
+    p.add_argument("--subset", type=positive_int, metavar="N", help="train on the first N training images only")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--out", metavar="RUN_DIR", help="run directory (default runs/MODEL-DATASET-TIME)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run exactly (with --epochs: to a new total)")
+    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--precision", choices=PRECISIONS, help="auto: bf16 where the hardware runs it natively")
+    p.add_argument("--no-channels-last", dest="channels_last", action="store_false", default=None)
+    p.add_argument("--threads", type=positive_int)
+    p.add_argument("--sync-bn", action="store_true", default=None, help="SyncBatchNorm under torchrun")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(run=run)
+
+
+_NOT_CONFIG = {"verb", "run", "resume", "json", "preset", "input_size", "num_classes", "in_channels"}
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.num_classes or args.in_channels:
+        raise SystemExit("vggnet train: error: --num-classes and --in-channels come from the dataset; leave them out")
+    options = {k: v for k, v in vars(args).items() if k not in _NOT_CONFIG and v is not None}
+    if args.resume:
+        extra = sorted(set(options) - {"epochs"})
+        if extra or args.preset:
+            flags = ", ".join("--" + k.replace("_", "-") for k in extra + (["preset"] if args.preset else []))
+            raise SystemExit(f"vggnet train: error: --resume continues the saved configuration; {flags} cannot "
+                             "change it (only --epochs can), start a new run instead")
+        result = _guarded(lambda: resume(args.resume, options.get("epochs")))
+    else:
+        if options.get("scale_jitter"):
+            options["scale_jitter"] = tuple(options["scale_jitter"])
+        config = resolve_config(args.preset, **options)
+        result = _guarded(lambda: train(config))
+    if result is None:
+        return 0  # not rank 0
+    if args.json:
+        print_json({k: v for k, v in result.items() if k != "history"})
+    else:
+        print(f"test accuracy {100 * result['test_acc']:.2f}% (best {100 * result['best_test_acc']:.2f}%) after "
+              f"{result['epochs']} epochs; run directory {result['run_dir']}")
+    return 0
+
+
+def _guarded(fn):
+    try:
+        result = fn()
+    except Interrupted as stop:
+        import sys
+
+        print(f"vggnet train: {stop}", file=sys.stderr)
+        raise SystemExit(128 + int(stop.signum)) from None
+    from .. import distributed
+
+    return result if distributed.is_main_process() else None

@@ -1,0 +1,83 @@
+"""Evaluation: top-1 / top-5, per-class accuracy and the confusion matrix, over a whole dataset."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .hardware import autocast
+
+
+@dataclass
+class EvalResult:
+    """Counts and fractions for one pass over a dataset (accuracies are fractions in [0, 1])."""
+
+    n: int
+    loss: float
+    top1: float
+    top5: float
+    per_class: list[float]
+    confusion: list[list[int]]  # confusion[true][predicted]
+    classes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"n": self.n, "loss": self.loss, "top1": self.top1, "top5": self.top5, "per_class": self.per_class,
+                "per_class_named": dict(zip(self.classes, self.per_class)), "confusion": self.confusion,
+                "classes": self.classes}
+
+
+def metrics_from_logits(logits: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                        classes: list[str] | None = None, loss: float | None = None) -> EvalResult:
+    """Top-1/top-5/per-class/confusion from a (N, K) score matrix; top-5 becomes top-K when K < 5."""
+    labels = labels.to(torch.int64).cpu()
+    logits = logits.float().cpu()
+    n = labels.numel()
+    k = min(5, num_classes)
+    topk = logits.topk(k, dim=1).indices
+    pred = topk[:, 0]
+    top1 = (pred == labels).sum().item()
+    top5 = (topk == labels[:, None]).any(dim=1).sum().item()
+    confusion = torch.bincount(labels * num_classes + pred, minlength=num_classes**2).view(num_classes, num_classes)
+    support = confusion.sum(dim=1)
+    per_class = [(confusion[c, c] / support[c]).item() if support[c] else float("nan") for c in range(num_classes)]
+    if loss is None:
+        loss = F.cross_entropy(logits, labels, reduction="mean").item() if n else float("nan")
+    return EvalResult(n, loss, top1 / max(n, 1), top5 / max(n, 1), per_class, confusion.tolist(),
+                      list(classes or [str(c) for c in range(num_classes)]))
+
+
+@torch.no_grad()
+def predict_logits(model: torch.nn.Module, images: torch.Tensor, preprocess, device: torch.device,
+                   precision: str = "fp32", batch_size: int = 1024, tta: str | None = None,
+                   channels_last: bool = True, progress: bool = False) -> torch.Tensor:
+    """Float32 logits for uint8 ``images`` (N, C, H, W), in batches; ``tta="flip"`` averages with the mirror."""
+    from tqdm.auto import tqdm
+
+    model.eval()
+    out = []
+    bar = tqdm(total=len(images), unit="img", unit_scale=True, desc="eval", disable=not progress, leave=False)
+    for start in range(0, len(images), batch_size):
+        x = preprocess(images[start:start + batch_size].to(device, non_blocking=True))
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device, precision):
+            logits = model(x).float()
+            if tta == "flip":
+                logits = (logits.softmax(1) + model(x.flip(3)).float().softmax(1)).div_(2).log_()
+        out.append(logits.cpu())
+        bar.update(len(x))
+    bar.close()
+    return torch.cat(out) if out else torch.zeros(0, 0)
+
+
+def evaluate(model: torch.nn.Module, dataset, preprocess, device: torch.device | str = "cpu",
+             precision: str = "fp32", batch_size: int = 1024, tta: str | None = None,
+             channels_last: bool = True, progress: bool = False) -> EvalResult:
+    """Evaluate ``model`` on a whole :class:`~vggnet.data.ImageDataset`."""
+    device = torch.device(device)
+    logits = predict_logits(model, dataset.images, preprocess, device, precision, batch_size, tta, channels_last,
+                            progress)
+    return metrics_from_logits(logits, dataset.labels, len(dataset.classes), dataset.classes)

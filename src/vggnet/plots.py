@@ -1,0 +1,73 @@
+"""Figures: training curves and the confusion matrix (matplotlib, Agg backend, written atomically)."""
+
+from __future__ import annotations
+
+import io
+import os
+from typing import Sequence
+
+from .checkpoint import atomic_write_bytes
+
+
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str | os.PathLike) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def plot_curves(records: Sequence[dict], path: str | os.PathLike, title: str = "") -> None:
+    """Loss and accuracy per epoch, train against test."""
+    plt = _figure()
+    epochs = [r["epoch"] for r in records]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot(epochs, [r["train_loss"] for r in records], "o-", label="train")
+    ax_loss.plot(epochs, [r["test_loss"] for r in records], "s-", label="test")
+    ax_loss.set(xlabel="epoch", ylabel="cross-entropy loss", title="loss")
+    ax_acc.plot(epochs, [100 * r["train_acc"] for r in records], "o-", label="train")
+    ax_acc.plot(epochs, [100 * r["test_acc"] for r in records], "s-", label="test")
+    best = max(records, key=lambda r: r["test_acc"])
+    ax_acc.annotate(f"{100 * best['test_acc']:.2f}%", (best["epoch"], 100 * best["test_acc"]),
+                    textcoords="offset points", xytext=(0, -14), ha="center")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if title:
+        fig.suptitle(title)
+    _save(fig, path)
+    plt.close(fig)
+
+
+def plot_confusion(confusion: Sequence[Sequence[int]], classes: Sequence[str], path: str | os.PathLike,
+                   title: str = "") -> None:
+    """Row-normalised confusion matrix (rows: true class, columns: predicted), counts in the cells."""
+    import numpy as np
+
+    plt = _figure()
+    counts = np.asarray(confusion, dtype=np.int64)
+    rows = counts.sum(axis=1, keepdims=True)
+    share = np.divide(counts, rows, out=np.zeros(counts.shape, dtype=float), where=rows > 0)
+    k = len(classes)
+    size = max(5.0, 0.45 * k + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    if k <= 30:
+        ax.set_xticks(range(k), labels=classes, rotation=60, ha="right")
+        ax.set_yticks(range(k), labels=classes)
+        for i in range(k):
+            for j in range(k):
+                if counts[i, j]:
+                    ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=7,
+                            color="white" if share[i, j] > 0.5 else "black")
+    ax.set(xlabel="predicted", ylabel="true", title=title or "confusion matrix")
+    _save(fig, path)
+    plt.close(fig)
