@@ -1,0 +1,43 @@
+"""Datasets as in-memory uint8 tensors, batch preprocessing and augmentation, and a sharded batch iterator.
+
+Typical use::
+
+    from vggnet.data import Augment, BatchLoader, Preprocess, channel_stats, load_dataset
+
+    train, test = load_dataset("fashion-mnist")            # or "cifar10", "cifar100", "folder:PATH"
+    mean, std = channel_stats(train)
+    prep = Preprocess(32, mean, std, fit="auto", in_size=28)   # 28 -> 32 by centre padding
+    aug = Augment(crop_padding=4, flip=True)
+    for images, labels in BatchLoader(train, batch_size=128, shuffle=True):
+        x = aug(prep(images))
+
+Every user-caused problem (missing, truncated, corrupt or unsafe data) raises :class:`vggnet.errors.DataError`
+with a one-line message naming the file, what is wrong and the fix.
+"""
+
+from vggnet.data.augment import Augment, Preprocess, channel_stats
+from vggnet.data.cifar import find_cifar, load_cifar
+from vggnet.data.datasets import DATASETS, ImageDataset, load_dataset, search_dirs
+from vggnet.data.fetch import fetch
+from vggnet.data.folder import decode_image, load_folder
+from vggnet.data.idx import find_fashion_mnist, load_fashion_mnist, read_idx
+from vggnet.data.loader import BatchLoader
+
+__all__ = [
+    "DATASETS",
+    "Augment",
+    "BatchLoader",
+    "ImageDataset",
+    "Preprocess",
+    "channel_stats",
+    "decode_image",
+    "fetch",
+    "find_cifar",
+    "find_fashion_mnist",
+    "load_cifar",
+    "load_dataset",
+    "load_fashion_mnist",
+    "load_folder",
+    "read_idx",
+    "search_dirs",
+]

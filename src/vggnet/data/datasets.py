@@ -1,0 +1,213 @@
+"""The dataset record, the catalogue of known datasets, where they are looked for, and the dispatcher.
+
+Every loader returns :class:`ImageDataset` pairs (train, test) held entirely in memory as uint8 tensors, so training
+indexes batches straight out of one tensor (see :mod:`vggnet.data.loader`) and never decodes per sample.
+
+Where data is looked for, in order (first hit wins):
+
+1. ``data_dir`` (the CLI's ``--data-dir``), then ``data_dir/NAME``;
+2. ``$VGGNET_DATA``, then ``$VGGNET_DATA/NAME``;
+3. system directories from the catalogue (Fashion-MNIST: ``/usr/share/datasets/fashion-mnist``, installed by the
+   Debian package ``dataset-fashion-mnist``);
+4. the download directory of ``vggnet data fetch NAME``: ``$XDG_CACHE_HOME/vggnet/data/NAME``
+   (``~/.cache/vggnet/data/NAME`` by default).
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from dataclasses import dataclass
+
+import torch
+
+from vggnet.errors import DataError
+
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+CIFAR100_CLASSES = [
+    "apple", "aquarium_fish", "baby", "bear", "beaver", "bed", "bee", "beetle", "bicycle", "bottle",
+    "bowl", "boy", "bridge", "bus", "butterfly", "camel", "can", "castle", "caterpillar", "cattle",
+    "chair", "chimpanzee", "clock", "cloud", "cockroach", "couch", "crab", "crocodile", "cup", "dinosaur",
+    "dolphin", "elephant", "flatfish", "forest", "fox", "girl", "hamster", "house", "kangaroo", "keyboard",
+    "lamp", "lawn_mower", "leopard", "lion", "lizard", "lobster", "man", "maple_tree", "motorcycle", "mountain",
+    "mouse", "mushroom", "oak_tree", "orange", "orchid", "otter", "palm_tree", "pear", "pickup_truck", "pine_tree",
+    "plain", "plate", "poppy", "porcupine", "possum", "rabbit", "raccoon", "ray", "road", "rocket",
+    "rose", "sea", "seal", "shark", "shrew", "skunk", "skyscraper", "snail", "snake", "spider",
+    "squirrel", "streetcar", "sunflower", "sweet_pepper", "table", "tank", "telephone", "television", "tiger",
+    "tractor", "train", "trout", "tulip", "turtle", "wardrobe", "whale", "willow_tree", "wolf", "woman", "worm",
+]
+
+#: Everything known about each downloadable dataset. ``files`` maps each file name to its md5 as published by the
+#: dataset's authors (the checksums of the compressed files as distributed); ``url`` is the base directory URL
+#: (Fashion-MNIST, one URL per file) or the archive URL (CIFAR, one file).
+DATASETS: dict[str, dict] = {
+    "fashion-mnist": {
+        "title": "Fashion-MNIST",
+        "format": "idx",
+        "url": "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+        "files": {
+            "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+            "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
+            "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
+            "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
+        },
+        "classes": FASHION_MNIST_CLASSES,
+        "size": 28,
+        "channels": 1,
+        "num_train": 60000,
+        "num_test": 10000,
+        "system_dirs": ["/usr/share/datasets/fashion-mnist"],
+        "debian_package": "dataset-fashion-mnist",
+    },
+    "cifar10": {
+        "title": "CIFAR-10",
+        "format": "cifar-python",
+        "url": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+        "files": {"cifar-10-python.tar.gz": "c58f30108f718f92721af3b95e74349a"},
+        "folder": "cifar-10-batches-py",
+        "train_members": [f"data_batch_{i}" for i in range(1, 6)],
+        "test_members": ["test_batch"],
+        "meta_member": "batches.meta",
+        "label_key": "labels",
+        "names_key": "label_names",
+        "classes": CIFAR10_CLASSES,
+        "size": 32,
+        "channels": 3,
+        "num_train": 50000,
+        "num_test": 10000,
+        "system_dirs": [],
+    },
+    "cifar100": {
+        "title": "CIFAR-100",
+        "format": "cifar-python",
+        "url": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+        "files": {"cifar-100-python.tar.gz": "eb9058c3a382ffc7106e4002c42a8d85"},
+        "folder": "cifar-100-python",
+        "train_members": ["train"],
+        "test_members": ["test"],
+        "meta_member": "meta",
+        "label_key": "fine_labels",
+        "names_key": "fine_label_names",
+        "classes": CIFAR100_CLASSES,
+        "size": 32,
+        "channels": 3,
+        "num_train": 50000,
+        "num_test": 10000,
+        "system_dirs": [],
+    },
+}
+
+_ALIASES = {
+    "fashion_mnist": "fashion-mnist", "fashionmnist": "fashion-mnist", "fmnist": "fashion-mnist",
+    "cifar-10": "cifar10", "cifar_10": "cifar10", "cifar-100": "cifar100", "cifar_100": "cifar100",
+}
+
+
+@dataclass(repr=False)
+class ImageDataset:
+    """A labelled image dataset held in memory.
+
+    ``images`` is uint8 ``(N, C, H, W)`` and contiguous, ``labels`` int64 ``(N,)`` with values in
+    ``[0, len(classes))``; ``classes[i]`` names label ``i``. Constructing one validates all of that.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: list[str]
+    name: str
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.dim() != 4:
+            raise DataError(f"{self.name}: images must be uint8 (N, C, H, W), got {self.images.dtype} "
+                            f"{tuple(self.images.shape)}; convert them before building an ImageDataset")
+        if self.labels.dim() != 1 or len(self.labels) != len(self.images):
+            raise DataError(f"{self.name}: {len(self.images)} images but labels of shape {tuple(self.labels.shape)}; "
+                            "there must be one label per image")
+        self.images = self.images.contiguous()
+        self.labels = self.labels.to(torch.int64).contiguous()
+        self.classes = [str(c) for c in self.classes]
+        if len(self.labels) and (int(self.labels.min()) < 0 or int(self.labels.max()) >= len(self.classes)):
+            raise DataError(f"{self.name}: labels span [{int(self.labels.min())}, {int(self.labels.max())}] but there "
+                            f"are {len(self.classes)} classes; the label and class lists do not belong together")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __repr__(self) -> str:
+        return (f"ImageDataset(name={self.name!r}, n={len(self)}, image_shape={self.image_shape}, "
+                f"classes={len(self.classes)})")
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of every image."""
+        return tuple(self.images.shape[1:])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def subset(self, n: int) -> ImageDataset:
+        """The first ``n`` samples (all of them when ``n >= len(self)``); shares memory with ``self``."""
+        if n < 0:
+            raise DataError(f"{self.name}: subset size must be >= 0, got {n}")
+        return ImageDataset(self.images[:n], self.labels[:n], list(self.classes), self.name)
+
+
+def canonical_name(name: str) -> str:
+    """The catalogue key for ``name`` (accepts aliases such as ``cifar-10``); DataError listing the known names."""
+    key = name.strip().lower()
+    key = _ALIASES.get(key, key)
+    if key not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)} (or folder:PATH for an image folder)")
+    return key
+
+
+def download_root() -> pathlib.Path:
+    """Where ``vggnet data fetch`` stores datasets by default: ``$XDG_CACHE_HOME/vggnet/data`` (``~/.cache/...``)."""
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return pathlib.Path(cache) / "vggnet" / "data"
+
+
+def search_dirs(name: str, data_dir: str | os.PathLike | None = None) -> list[pathlib.Path]:
+    """Directories to look for dataset ``name`` in, in priority order (see the module docstring)."""
+    key = canonical_name(name)
+    dirs: list[pathlib.Path] = []
+    for base in (data_dir, os.environ.get("VGGNET_DATA")):
+        if base:
+            root = pathlib.Path(base).expanduser()
+            dirs += [root, root / key]
+    dirs += [pathlib.Path(d) for d in DATASETS[key]["system_dirs"]]
+    dirs.append(download_root() / key)
+    unique: list[pathlib.Path] = []
+    for d in dirs:
+        if d not in unique:
+            unique.append(d)
+    return unique
+
+
+def load_dataset(spec: str, data_dir: str | os.PathLike | None = None,
+                 image_size: int | None = None) -> tuple[ImageDataset, ImageDataset]:
+    """Load ``(train, test)`` for ``spec``: ``fashion-mnist``, ``cifar10``, ``cifar100`` or ``folder:PATH``.
+
+    ``data_dir`` is searched first (see the module docstring). ``image_size`` only matters for ``folder:``, whose
+    images are decoded, resized (shorter side) and centre-cropped to ``image_size`` squared (default 64); the other
+    datasets keep their native size and :class:`vggnet.data.Preprocess` adapts them to the model.
+    """
+    # Imported here: the loader modules import ImageDataset and DATASETS from this module.
+    from vggnet.data.cifar import load_cifar
+    from vggnet.data.folder import load_folder
+    from vggnet.data.idx import load_fashion_mnist
+
+    spec = spec.strip()
+    if spec.lower().startswith("folder:"):
+        path = spec[len("folder:"):]
+        if not path:
+            raise DataError("dataset spec 'folder:' has no path; use folder:PATH with one subfolder per class")
+        return load_folder(path, image_size=64 if image_size is None else image_size)
+    key = canonical_name(spec)
+    if key == "fashion-mnist":
+        return load_fashion_mnist(data_dir)
+    return load_cifar(key, data_dir)

@@ -1,0 +1,104 @@
+"""Download a dataset from its official URL, verified by checksum (``vggnet data fetch NAME``).
+
+Each file is streamed to a hidden temp file in the destination directory (with a progress bar), its md5 compared
+with the published one, and only then renamed into place with :func:`os.replace`: an interrupted, truncated or
+tampered download never leaves a file under the final name. Files already present with the right checksum are not
+downloaded again. Only the standard library's :mod:`urllib` is used, so ``file://`` URLs work too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import pathlib
+import tempfile
+import urllib.error
+import urllib.request
+
+from tqdm import tqdm
+
+from vggnet.data.datasets import DATASETS, canonical_name, download_root
+from vggnet.errors import DataError
+
+CHUNK_BYTES = 1 << 20
+TIMEOUT_S = 60
+
+
+def md5sum(path: str | os.PathLike) -> str:
+    """Hex md5 of a file, read in chunks."""
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def default_destination(name: str) -> pathlib.Path:
+    """``$VGGNET_DATA/NAME`` when that is set, else ``~/.cache/vggnet/data/NAME``; both are searched by the loaders."""
+    root = os.environ.get("VGGNET_DATA")
+    return (pathlib.Path(root).expanduser() if root else download_root()) / name
+
+
+def file_urls(name: str, url: str | None = None) -> dict[str, str]:
+    """``{file name: URL}`` for dataset ``name``; ``url`` replaces the official base (or archive) URL."""
+    info = DATASETS[name]
+    base = url or info["url"]
+    if len(info["files"]) == 1:  # one archive: the URL is the file's own
+        return {next(iter(info["files"])): base}
+    return {filename: base.rstrip("/") + "/" + filename for filename in info["files"]}
+
+
+def download(url: str, target: pathlib.Path, md5: str, progress: bool = True) -> None:
+    """Stream ``url`` into ``target`` via a temp file, verify its md5, then rename; DataError on any failure."""
+    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+    tmp = pathlib.Path(tmp_name)
+    try:
+        digest, received, expected_size = hashlib.md5(), 0, None
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=TIMEOUT_S) as response:
+            length = response.headers.get("Content-Length")
+            expected_size = int(length) if length and length.isdigit() else None
+            with tqdm(total=expected_size, desc=target.name, unit="B", unit_scale=True, unit_divisor=1024,
+                      disable=None if progress else True, leave=False) as bar:
+                while chunk := response.read(CHUNK_BYTES):
+                    out.write(chunk)
+                    digest.update(chunk)
+                    received += len(chunk)
+                    bar.update(len(chunk))
+        if expected_size is not None and received != expected_size:
+            raise DataError(f"{url}: download truncated, got {received} of {expected_size} bytes; run the fetch again")
+        if digest.hexdigest() != md5:
+            raise DataError(f"{url}: md5 {digest.hexdigest()} does not match the published {md5}; the file is "
+                            "corrupt or not the official one, nothing was saved, run the fetch again or check --url")
+        os.replace(tmp, target)
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
+        reason = exc if isinstance(exc, urllib.error.HTTPError) else getattr(exc, "reason", None) or exc
+        raise DataError(f"{url}: download failed ({reason}); check the URL and your network, or download the file "
+                        f"by hand into {target.parent}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def fetch(name: str, to: str | os.PathLike | None = None, url: str | None = None, progress: bool = True,
+          checksums: dict[str, str] | None = None) -> pathlib.Path:
+    """Download dataset ``name`` (``fashion-mnist``, ``cifar10``, ``cifar100``) and return its directory.
+
+    ``to`` is the destination directory (default :func:`default_destination`); the returned directory can be passed
+    as ``data_dir`` to :func:`vggnet.data.load_dataset`, and the default one is found without it. ``url`` overrides
+    the official location: a directory URL for Fashion-MNIST's four files, the archive URL for CIFAR; ``file://``
+    works. ``checksums`` maps file names to md5s, replacing the published ones (for mirrors and tests).
+    """
+    name = canonical_name(name)
+    expected = {**DATASETS[name]["files"], **(checksums or {})}
+    destination = pathlib.Path(to).expanduser() if to else default_destination(name)
+    try:
+        destination.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"{destination}: cannot create the download directory ({exc.strerror or exc}); "
+                        "pass another one with --to") from None
+    for filename, file_url in file_urls(name, url).items():
+        target = destination / filename
+        if target.is_file() and md5sum(target) == expected[filename]:
+            continue
+        download(file_url, target, expected[filename], progress=progress)
+    return destination
