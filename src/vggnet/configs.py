@@ -6,7 +6,7 @@ An architecture is a list of layer tokens, read left to right:
 - ``(256, 1)`` or ``"conv1-256"``: a convolution with an explicit kernel size (config C's 1x1 convs);
   ``"conv3-64"`` is the paper's spelling of ``64``;
 - ``"M"``: a 2x2 max-pool with stride 2;
-- ``"LRN"``: AlexNet's local response normalisation (size 5, alpha 1e-4, beta 0.75, k 2), config A-LRN.
+- ``"LRN"``: local response normalisation as in AlexNet (size 5, alpha 1e-4, beta 0.75, k 2; PyTorch divides alpha by the size, as Caffe does), config A-LRN.
 
 The d2l block form ``((num_convs, channels), ...)`` is also accepted: each block is ``num_convs`` 3x3 convs
 followed by a max-pool.  :func:`parse_arch` turns either form into a tuple of :class:`Conv`, :class:`Pool` and
@@ -50,7 +50,7 @@ class Pool:
 
 @dataclass(frozen=True)
 class LRN:
-    """AlexNet's local response normalisation (size 5, alpha 1e-4, beta 0.75, k 2)."""
+    """local response normalisation as in AlexNet (size 5, alpha 1e-4, beta 0.75, k 2; PyTorch divides alpha by the size, as Caffe does)."""
 
 
 Layer = Conv | Pool | LRN
@@ -121,11 +121,14 @@ def parse_arch(arch: str | Sequence[Any]) -> tuple[Layer, ...]:
 
 
 def arch_to_json(layers: Sequence[Layer]) -> list[Any]:
-    """Canonical JSON form: ints for 3x3 convs, [channels, kernel] for others, "M", "LRN"."""
+    """Canonical JSON form: ints for 3x3 convs, ``"convK-C"`` strings for others, "M", "LRN".
+
+    Strings rather than ``[channels, kernel]`` pairs, so a list of only non-3x3 convs is never mistaken for d2l
+    blocks when it is parsed again."""
     out: list[Any] = []
     for layer in layers:
         if isinstance(layer, Conv):
-            out.append(layer.channels if layer.kernel == 3 else [layer.channels, layer.kernel])
+            out.append(layer.channels if layer.kernel == 3 else f"conv{layer.kernel}-{layer.channels}")
         else:
             out.append("M" if isinstance(layer, Pool) else "LRN")
     return out

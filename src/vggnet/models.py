@@ -46,7 +46,9 @@ def _pair(size: int | Sequence[int]) -> tuple[int, int]:
 def make_layers(
     layers: Sequence[Layer], in_channels: int, norm_layer: type[nn.Module] | None
 ) -> tuple[nn.Sequential, dict[str, int]]:
-    """Build ``features`` in torchvision's order and name each module (conv3_1, bn3_1, relu3_1, lrn1, pool3)."""
+    """Build ``features`` in torchvision's order and name each module (conv3_1, bn3_1, relu3_1, lrn1_1, pool3).
+
+    An LRN is named after the conv it follows (``lrn1_1`` follows ``conv1_1``)."""
     modules: list[nn.Module] = []
     names: dict[str, int] = {}
     block, index, channels = 1, 0, in_channels
@@ -112,7 +114,7 @@ class VGG(nn.Module):
         if init not in INITS:
             raise ConfigError(f"unknown init {init!r}: choose one of {', '.join(INITS)}")
         for label, value in (("num_classes", num_classes), ("in_channels", in_channels), ("hidden", hidden)):
-            if not isinstance(value, int) or value < 1:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{label} must be a positive integer, got {value!r}")
         if not 0.0 <= dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {dropout}")
@@ -240,6 +242,8 @@ class VGG(nn.Module):
 
     def forward_named(self, x: torch.Tensor, names: Sequence[str]) -> dict[str, torch.Tensor]:
         """Feature maps of the named layers (``relu1_2``, ``conv3_1``, ``pool4`` ...), running only as far as needed."""
+        if not names:
+            raise ConfigError(f"forward_named needs at least one layer name, e.g. {', '.join(list(self.layer_names)[:3])}")
         unknown = [n for n in names if n not in self.layer_names]
         if unknown:
             raise ConfigError(f"unknown layer name(s) {unknown}: this model has {', '.join(self.layer_names)}")
@@ -343,7 +347,8 @@ def to_dense(model: VGG) -> VGG:
     if model.head in ("dense", "gap"):
         return copy.deepcopy(model)
     config = dict(model.config, head="dense")
-    dense = model_from_config(config).to(next(model.parameters()).device)
+    reference = next(model.parameters())
+    dense = model_from_config(config).to(reference.device, reference.dtype)
     dense.features.load_state_dict(model.features.state_dict())
     fc1, fc2, fc3 = (model.classifier[i] for i in (0, 3, 6))
     hidden = fc1.out_features
