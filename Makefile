@@ -29,8 +29,11 @@ data:
 test: install data
 	$(BIN)/python -m pytest
 
+# The main job: train the default recipe on the real Fashion-MNIST training set, evaluate on the real test set.
+DEMO_DIR ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
 demo: install data
-	$(BIN)/vggnet summary vgg16
+	$(BIN)/vggnet train --out $(DEMO_DIR)
+	$(BIN)/vggnet eval $(DEMO_DIR)
 
 bench: install data
 	@echo "benchmarks arrive with the performance issue"

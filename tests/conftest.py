@@ -51,3 +51,105 @@ def data_fake_fashion_mnist():
         return arrays
 
     return make
+
+
+# ------------------------------------------------------------------------------------------- training fixtures
+# A tiny Fashion-MNIST (128 train / 64 test, labels i % 10 so every class is in the test set) and a tiny model,
+# so that one epoch is 4 steps and a run takes about a second. Fixtures of the training tests are prefixed ``train_``.
+TRAIN_N_TRAIN, TRAIN_N_TEST = 128, 64
+
+
+@pytest.fixture(scope="session")
+def train_data_dir(tmp_path_factory):
+    """A directory holding the four gzipped Fashion-MNIST IDX files of the tiny data set."""
+    directory = tmp_path_factory.mktemp("train-fashion-mnist")
+    rng = np.random.default_rng(1234)
+    for prefix, n in (("train", TRAIN_N_TRAIN), ("t10k", TRAIN_N_TEST)):
+        labels = (np.arange(n) % 10).astype(np.uint8)
+        # A class-dependent brightness on top of noise: learnable, but not trivially.
+        images = rng.integers(0, 160, size=(n, 28, 28)) + 9 * labels[:, None, None]
+        _write_idx(directory / f"{prefix}-images-idx3-ubyte.gz", images.astype(np.uint8), gz=True)
+        _write_idx(directory / f"{prefix}-labels-idx1-ubyte.gz", labels, gz=True)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def train_options(train_data_dir):
+    """Factory: the tiny run's training options (every hyperparameter explicit), updated with ``overrides``."""
+    base = dict(model="custom", arch=[8, "M", 16, "M"], width=1.0, head="gap", dropout=0.1,
+                data_dir=str(train_data_dir), image_size=32, batch_size=32, epochs=2, optimizer="sgd", lr=0.05,
+                momentum=0.9, weight_decay=5e-4, schedule="constant", warmup_epochs=0.0, label_smoothing=0.0,
+                crop_padding=2, seed=0, progress=False, threads=1, precision="fp32")
+
+    def make(**overrides):
+        return {**base, **overrides}
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def train_cli_args(train_data_dir):
+    """Factory: ``vggnet train`` arguments equal to ``train_options()`` (plus ``extra``)."""
+
+    def make(*extra):
+        return ["train", "--model", "custom", "--arch", "8,M,16,M", "--width", "1", "--head", "gap", "--dropout", "0.1",
+                "--data-dir", str(train_data_dir), "--image-size", "32", "--batch-size", "32", "--epochs", "2",
+                "--optimizer", "sgd", "--lr", "0.05", "--momentum", "0.9", "--weight-decay", "5e-4", "--schedule",
+                "constant", "--warmup-epochs", "0", "--label-smoothing", "0", "--crop-padding", "2", "--seed", "0",
+                "--no-progress", "--threads", "1", "--precision", "fp32", *extra]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def train_run(tmp_path_factory, train_options):
+    """Run A: two epochs straight through ``vggnet.train.train``. Read only: copy it before changing anything."""
+    from vggnet.train import resolve_config, train
+
+    run_dir = tmp_path_factory.mktemp("run-a") / "run"
+    config = resolve_config(**train_options(out=str(run_dir)))
+    result = train(config)
+    return {"dir": run_dir, "config": config, "result": result}
+
+
+@pytest.fixture(scope="session")
+def train_run_one_epoch(tmp_path_factory, train_options):
+    """The same run stopped after one epoch (through the Trainer, keeping the in-memory model). Read only."""
+    import copy
+
+    from vggnet.train import Trainer, resolve_config
+
+    run_dir = tmp_path_factory.mktemp("run-one") / "run"
+    config = resolve_config(**train_options(epochs=1, out=str(run_dir)))
+    trainer = Trainer(config, run_dir)
+    result = trainer.run()
+    return {"dir": run_dir, "config": config, "result": result,
+            "model": copy.deepcopy(trainer.model).eval(), "preprocess": trainer.preprocess,
+            "test_set": trainer.test_set}
+
+
+@pytest.fixture
+def train_cli(capsys):
+    """Run the ``vggnet`` CLI in-process: ``train_cli([...]) -> (exit code, stdout, stderr)``."""
+    from vggnet.cli import main
+
+    def run(argv):
+        capsys.readouterr()
+        try:
+            code = main([str(a) for a in argv])
+        except SystemExit as stop:
+            code = 0 if stop.code is None else stop.code
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+@pytest.fixture
+def train_snapshot():
+    """``train_snapshot(directory) -> {relative path: bytes}`` of every file below ``directory``."""
+
+    def snap(directory):
+        return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+    return snap

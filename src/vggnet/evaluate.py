@@ -42,7 +42,7 @@ def metrics_from_logits(logits: torch.Tensor, labels: torch.Tensor, num_classes:
     top5 = (topk == labels[:, None]).any(dim=1).sum().item()
     confusion = torch.bincount(labels * num_classes + pred, minlength=num_classes**2).view(num_classes, num_classes)
     support = confusion.sum(dim=1)
-    per_class = [(confusion[c, c] / support[c]).item() if support[c] else float("nan") for c in range(num_classes)]
+    per_class = [confusion[c, c].item() / support[c].item() if support[c] else float("nan") for c in range(num_classes)]
     if loss is None:
         loss = F.cross_entropy(logits, labels, reduction="mean").item() if n else float("nan")
     return EvalResult(n, loss, top1 / max(n, 1), top5 / max(n, 1), per_class, confusion.tolist(),

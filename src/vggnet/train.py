@@ -32,7 +32,7 @@ from .data import Augment, BatchLoader, ImageDataset, Preprocess, channel_stats,
 from .errors import CheckpointError, ConfigError, VggnetError
 from .evaluate import EvalResult, evaluate
 from .hardware import autocast, pick_device, pick_precision, set_threads
-from .models import HEADS, create_model
+from .models import HEADS, MODELS, create_model, list_models
 from .schedule import SCHEDULES, Plateau, lr_factor
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -47,6 +47,7 @@ class TrainConfig:
     # model
     model: str = "vgg11_bn"  # registry name, or "custom" with arch
     arch: Any = None  # custom architecture tokens (see vggnet.configs)
+    batch_norm: bool | None = None  # BN after every conv (None: the registry name decides; custom: no BN)
     width: float = 0.5  # channel multiplier (0.5: 32..256 channels)
     head: str = "gap"  # classic | fitted | dense | gap
     dropout: float = 0.0  # probability, on the head's FC layers
@@ -101,6 +102,14 @@ class TrainConfig:
             (0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}"),
             (self.grad_clip is None or self.grad_clip > 0, f"--grad-clip must be > 0, got {self.grad_clip}"),
             (self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
+            (self.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {self.warmup_epochs}"),
+            (self.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {self.eval_batch_size}"),
+            (0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}"),
+            (self.crop_padding >= 0, f"--crop-padding must be >= 0 pixels, got {self.crop_padding}"),
+            (0 <= self.erasing <= 1, f"--erasing must be a probability in [0, 1], got {self.erasing}"),
+            (self.width > 0, f"--width must be > 0, got {self.width}"),
+            (self.model in MODELS or self.model == "custom",
+             f"unknown model {self.model!r}: choose one of {', '.join(list_models())}, or 'custom' with --arch"),
         ]
         for ok, message in checks:
             if not ok:
@@ -201,7 +210,7 @@ def build_preprocess(config: TrainConfig, train: ImageDataset) -> Preprocess:
 
 
 def build_model(config: TrainConfig, train: ImageDataset) -> torch.nn.Module:
-    return create_model(config.model, arch=config.arch, num_classes=len(train.classes),
+    return create_model(config.model, arch=config.arch, batch_norm=config.batch_norm, num_classes=len(train.classes),
                         in_channels=int(train.images.shape[1]), input_size=config.image_size, width=config.width,
                         head=config.head, dropout=config.dropout, init=config.init)
 
@@ -239,11 +248,12 @@ class Trainer:
         self.config = config
         self.run_dir = run_dir
         self.dist = distributed.setup(config.device)
+        self.run_dir = run_dir = Path(self.dist.broadcast_object(str(run_dir)))  # rank 0's (timestamped) name
         self.device = self.dist.device if self.dist.enabled else pick_device(config.device)
         self.precision = pick_precision(self.device, config.precision)
         if self.precision in ("bf16", "fp16") and self.device.type == "cpu" and self.precision == "fp16":
             raise ConfigError("--precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
-        self.threads = set_threads(config.threads if config.threads else None)
+        self.threads = set_threads(config.threads or self.dist.default_threads())  # torchrun: cores / local ranks
         if config.batch_size % self.dist.world_size:
             raise ConfigError(f"--batch-size {config.batch_size} (global) does not divide among "
                               f"{self.dist.world_size} processes: use a multiple of {self.dist.world_size}")
@@ -287,17 +297,20 @@ class Trainer:
                 "image_size": self.config.image_size, "metrics": metrics or {},
                 "train_config": self.config.to_dict()}
 
-    def save_state(self) -> None:
-        """Model, optimizer, RNG and counters: enough for --resume to continue exactly here."""
+    def rng_state(self) -> dict[str, torch.Tensor]:
+        states = {"rng/torch": torch.get_rng_state(), "rng/augment": self.generator.get_state()}
+        if self.device.type == "cuda":
+            states["rng/cuda"] = torch.cuda.get_rng_state(self.device)
+        return states
+
+    def save_state(self, extra: dict[str, torch.Tensor] | None = None) -> None:
+        """Model, optimizer, RNG and counters: enough for --resume to continue exactly here (rank 0 writes)."""
         if not self.dist.is_main:
             return
         tensors, rest = optimizer_to_tensors(self.optimizer)
-        tensors["rng/torch"] = torch.get_rng_state()
-        tensors["rng/augment"] = self.generator.get_state()
-        if self.device.type == "cuda":
-            tensors["rng/cuda"] = torch.cuda.get_rng_state(self.device)
+        tensors.update(self.rng_state())
         model_tensors = {f"model/{k}": v for k, v in self.model.state_dict().items()}
-        save_tensors(self.run_dir / "state.safetensors", {**tensors, **model_tensors})
+        save_tensors(self.run_dir / "state.safetensors", {**tensors, **model_tensors, **(extra or {})})
         atomic_write_json(self.run_dir / "state.json", {"run": asdict(self.state), "optimizer": rest,
                                                         "history": self.history})
 
@@ -312,7 +325,13 @@ class Trainer:
         except (RuntimeError, KeyError, TypeError, ValueError) as err:
             raise CheckpointError(f"{self.run_dir} holds a training state that does not fit this run: {err}") from None
         self.history = list(state_json.get("history", []))
-        self.resume_rng = (tensors["rng/torch"], tensors["rng/augment"], tensors.get("rng/cuda"))
+        # Under torchrun rank r continues its own random streams (saved as rng/.../rankR when the run stopped
+        # mid-epoch; rank 0's when it had fewer ranks) and rank 0 alone carries the epoch's running sums (which
+        # were saved already summed over ranks).
+        self.resume_rng = tuple(tensors.get(f"{k}/rank{self.dist.rank}", tensors.get(k))
+                                for k in ("rng/torch", "rng/augment", "rng/cuda"))
+        if not self.dist.is_main:
+            self.state.loss_sum, self.state.correct = 0.0, 0
 
     # ---------------------------------------------------------------------------------------------- epochs
     def start_epoch(self, epoch: int) -> None:
@@ -372,10 +391,11 @@ class Trainer:
             loss, correct = self.train_step(images, labels)
             loss_value = loss.item()
             if not math.isfinite(loss_value):
+                kept = (f"the last good checkpoint (epoch {st.epoch}) is kept in {self.run_dir}" if st.epoch else
+                        "no checkpoint was saved yet")
                 raise TrainingDiverged(
                     f"the loss became {loss_value} at epoch {epoch + 1}, step {st.step}: lower --lr (now "
-                    f"{self.config.lr}) or set --grad-clip; the last good checkpoint (epoch {st.epoch}) is kept in "
-                    f"{self.run_dir}")
+                    f"{self.config.lr}) or set --grad-clip; {kept}")
             n = labels.numel()
             st.loss_sum += loss_value * n
             st.correct += int(correct)
@@ -387,9 +407,11 @@ class Trainer:
                 bar.set_postfix(loss=f"{st.loss_sum / (st.seen / self.dist.world_size):.3f}",
                                 acc=f"{st.correct / (st.seen / self.dist.world_size):.3f}",
                                 lr=f"{self.learning_rate():.3g}")
-            if stop["signum"] is not None or self.dist.stop_requested(stop["signum"]):
+            if self.dist.stop_requested(stop["signum"]):  # a collective: every rank calls it at every step
                 bar.close()
-                self.save_state()
+                sums = self.dist.all_reduce([st.loss_sum, float(st.correct)])  # rank 0 saves the global sums
+                st.loss_sum, st.correct = sums[0], int(sums[1])
+                self.save_state(self.dist.gather_rng(self.rng_state()))
                 raise Interrupted(
                     f"stopped by {signal.Signals(stop['signum'] or signal.SIGTERM).name} at epoch {epoch + 1}, "
                     f"batch {st.batch}/{len(self.loader)}; state saved: resume with vggnet train --resume "
@@ -424,9 +446,17 @@ class Trainer:
         st.epoch, st.batch, st.loss_sum, st.correct, st.seen, st.seconds = epoch + 1, 0, 0.0, 0, 0, 0.0
         if self.dist.is_main:
             self.write_epoch(record, test, best)
+        if self.dist.is_main and self.config.progress:
+            print(f"epoch {record['epoch']}/{self.config.epochs}: train loss {record['train_loss']:.4f} acc "
+                  f"{100 * record['train_acc']:.2f}% | test loss {record['test_loss']:.4f} acc "
+                  f"{100 * record['test_acc']:.2f}% | {record['train_images_per_second']:.0f} img/s, "
+                  f"{record['epoch_seconds']:.1f} s", flush=True)
         return record
 
     def evaluate(self) -> EvalResult:
+        if self.dist.enabled:  # every rank scores its share of the test set and gets the whole result
+            return self.dist.evaluate(self.model, self.test_set, self.preprocess, self.precision,
+                                      self.config.eval_batch_size, self.config.channels_last, self.config.progress)
         return evaluate(self.model, self.test_set, self.preprocess, self.device, self.precision,
                         self.config.eval_batch_size, channels_last=self.config.channels_last,
                         progress=self.config.progress and self.dist.is_main)
@@ -470,9 +500,10 @@ class Trainer:
             for epoch in range(self.state.epoch, self.config.epochs):
                 self.train_epoch(epoch, stop)
                 record = self.finish_epoch(epoch)
-                if stop["signum"] is not None:
-                    raise Interrupted(f"stopped by {signal.Signals(stop['signum']).name} after epoch {epoch + 1}; "
-                                      f"resume with vggnet train --resume {self.run_dir}", stop["signum"])
+                if self.dist.stop_requested(stop["signum"]):  # a collective, like the one after every step
+                    signum = stop["signum"] or signal.SIGTERM
+                    raise Interrupted(f"stopped by {signal.Signals(signum).name} after epoch {epoch + 1}; "
+                                      f"resume with vggnet train --resume {self.run_dir}", signum)
         if self.writer:
             self.writer.close()
         final = self.history[-1] if self.history else {}
@@ -501,16 +532,32 @@ def train(config: TrainConfig | None = None, **options: Any) -> dict[str, Any]:
     return Trainer(config, run_dir).run()
 
 
-def resume(run_dir: str | Path, epochs: int | None = None) -> dict[str, Any]:
-    """Continue the run in ``run_dir`` exactly where it stopped (optionally to a new total of ``epochs``)."""
+# Options that change how a run executes, not what it computes: --resume may set them anew.
+RUNTIME_OPTIONS = ("progress", "threads", "device", "data_dir")
+
+
+def resume(run_dir: str | Path, epochs: int | None = None, **runtime: Any) -> dict[str, Any]:
+    """Continue the run in ``run_dir`` exactly where it stopped (optionally to a new total of ``epochs``).
+
+    ``runtime`` may set the :data:`RUNTIME_OPTIONS` (threads, device, data_dir, progress) for this session.
+    """
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file():
         raise CheckpointError(f"{run_dir} is not a vggnet run directory to resume (no config.json)")
     config = TrainConfig.from_dict(read_json(run_dir / "config.json"))
+    unknown = set(runtime) - set(RUNTIME_OPTIONS)
+    if unknown:
+        raise ConfigError(f"resume cannot change {sorted(unknown)}; only {', '.join(RUNTIME_OPTIONS)}")
+    for key, value in runtime.items():
+        if value is not None:
+            setattr(config, key, value)
     if not (run_dir / "state.json").is_file():
         raise CheckpointError(f"{run_dir} has no saved training state (state.json): it stopped before its first "
                               "checkpoint; start it again")
     if epochs is not None:
+        done = int(read_json(run_dir / "state.json")["run"]["epoch"])
+        if epochs <= done:
+            raise ConfigError(f"--epochs {epochs} is not beyond the {done} epoch(s) {run_dir} already trained")
         config.epochs = epochs
         config.validate()
         atomic_write_json(run_dir / "config.json", config.to_dict())

@@ -36,7 +36,8 @@ def run(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
     loaded = load(args.run_dir, f"{args.weights}.safetensors", device)
     dataset = args.dataset or loaded.meta.get("dataset", "fashion-mnist")
-    _, test = load_dataset(dataset, args.data_dir, loaded.meta.get("image_size"))
+    data_dir = args.data_dir or loaded.meta.get("train_config", {}).get("data_dir")  # the run's own copy first
+    _, test = load_dataset(dataset, data_dir, loaded.meta.get("image_size"))
     if test.images.shape[1] != loaded.model.in_channels or len(test.classes) != loaded.model.num_classes:
         raise DataError(f"{dataset} has {test.images.shape[1]} channel(s) and {len(test.classes)} classes; the model "
                         f"in {args.run_dir} expects {loaded.model.in_channels} and {loaded.model.num_classes}")

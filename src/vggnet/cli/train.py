@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+from ..errors import ConfigError
 from ..schedule import SCHEDULES
-from ..train import NORMALIZE, OPTIMIZERS, PRECISIONS, PRESETS, Interrupted, resolve_config, resume, train
+from ..train import (NORMALIZE, OPTIMIZERS, PRECISIONS, PRESETS, RUNTIME_OPTIONS, Interrupted, resolve_config,
+                     resume, train)
 from .common import add_model_options, positive_float, positive_int, print_json
 
 
@@ -65,20 +67,24 @@ _NOT_CONFIG = {"verb", "run", "resume", "json", "preset", "input_size", "num_cla
 
 def run(args: argparse.Namespace) -> int:
     if args.num_classes or args.in_channels:
-        raise SystemExit("vggnet train: error: --num-classes and --in-channels come from the dataset; leave them out")
+        raise ConfigError("--num-classes and --in-channels come from the dataset; leave them out")
     options = {k: v for k, v in vars(args).items() if k not in _NOT_CONFIG and v is not None}
+    if args.json:
+        options.setdefault("progress", False)  # stdout carries only the JSON result
     if args.resume:
-        extra = sorted(set(options) - {"epochs"})
+        extra = sorted(set(options) - {"epochs"} - set(RUNTIME_OPTIONS))
         if extra or args.preset:
             flags = ", ".join("--" + k.replace("_", "-") for k in extra + (["preset"] if args.preset else []))
-            raise SystemExit(f"vggnet train: error: --resume continues the saved configuration; {flags} cannot "
-                             "change it (only --epochs can), start a new run instead")
-        result = _guarded(lambda: resume(args.resume, options.get("epochs")))
+            raise ConfigError(f"--resume continues the saved configuration; {flags} cannot change it (only --epochs "
+                              "and the run-time options --threads, --device, --data-dir, --no-progress can), start a "
+                              "new run instead")
+        runtime = {k: v for k, v in options.items() if k in RUNTIME_OPTIONS}
+        result = _guarded(lambda: resume(args.resume, options.get("epochs"), **runtime), lambda: args.resume)
     else:
         if options.get("scale_jitter"):
             options["scale_jitter"] = tuple(options["scale_jitter"])
         config = resolve_config(args.preset, **options)
-        result = _guarded(lambda: train(config))
+        result = _guarded(lambda: train(config), lambda: config.out)
     if result is None:
         return 0  # not rank 0
     if args.json:
@@ -89,14 +95,29 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _guarded(fn):
-    try:
-        result = fn()
-    except Interrupted as stop:
-        import sys
+def _guarded(fn, run_dir):
+    """Run ``fn`` (train or resume); the result on rank 0, None on the other torchrun ranks.
 
-        print(f"vggnet train: {stop}", file=sys.stderr)
-        raise SystemExit(128 + int(stop.signum)) from None
+    A signal leaves with one line (from rank 0) and status 128 + signal; a lost torchrun peer becomes one line
+    naming the cause (:func:`vggnet.distributed.peer_failures`); the process group is left on the way out, except
+    when it is broken.
+    """
+    import sys
+
     from .. import distributed
 
-    return result if distributed.is_main_process() else None
+    broken = False
+    try:
+        with distributed.peer_failures(run_dir):
+            result = fn()
+        return result if distributed.env_rank() == 0 else None
+    except Interrupted as stop:
+        if distributed.env_rank() == 0:
+            print(f"vggnet train: {stop}", file=sys.stderr)
+        raise SystemExit(128 + int(stop.signum)) from None
+    except distributed.PeerLost:
+        broken = True
+        raise
+    finally:
+        if not broken:
+            distributed.teardown()

@@ -1,0 +1,177 @@
+"""Checkpoints: round trips to identical logits, atomic writes, optimizer state, and every way loading can fail."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from vggnet import create_model
+from vggnet.checkpoint import (FORMAT, atomic_write_bytes, load, load_tensors, model_state, optimizer_from_tensors,
+                               optimizer_to_tensors, read_meta, save_model, save_tensors)
+from vggnet.errors import CheckpointError
+
+
+@pytest.fixture
+def run_copy(tmp_path, train_run_one_epoch):
+    """A writable copy of the one-epoch run."""
+    target = tmp_path / "run"
+    shutil.copytree(train_run_one_epoch["dir"], target)
+    return target
+
+
+def test_load_gives_the_in_memory_models_logits(train_run_one_epoch):
+    trained = train_run_one_epoch["model"]  # channels_last, as trained
+    loaded = load(train_run_one_epoch["dir"])
+    assert not loaded.model.training
+    x = train_run_one_epoch["preprocess"](train_run_one_epoch["test_set"].images)
+    with torch.no_grad():
+        expected = trained(x)
+        same_layout = loaded.model.to(memory_format=torch.channels_last)(x)
+        contiguous = loaded.model.to(memory_format=torch.contiguous_format)(x)
+    assert torch.equal(same_layout, expected)
+    torch.testing.assert_close(contiguous, expected, rtol=0, atol=1e-6)
+    assert loaded.classes == train_run_one_epoch["test_set"].classes
+    assert loaded.preprocess == train_run_one_epoch["preprocess"]
+
+
+def test_save_model_then_load_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = create_model("custom", arch=[4, "M", (6, 1), "LRN", "M"], batch_norm=True, num_classes=3, in_channels=2,
+                         input_size=8, head="fitted", hidden=5, dropout=0.0).eval()
+    with torch.no_grad():  # non-default BN statistics, so that buffers are checked too
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-1, 1)
+                module.running_var.uniform_(0.5, 2)
+    meta = {"preprocess": {"image_size": 8, "mean": [0.5, 0.5], "std": [0.25, 0.25], "fit": "auto", "in_size": 8},
+            "classes": ["a", "b", "c"], "metrics": {"test_acc": 0.5}}
+    save_model(tmp_path, model, meta)
+    loaded = load(tmp_path)
+    x = torch.randn(4, 2, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(loaded.model(x), model(x))
+    assert loaded.meta["model"] == model.config and loaded.meta["format"] == FORMAT
+    assert loaded.classes == ["a", "b", "c"] and loaded.meta["metrics"] == {"test_acc": 0.5}
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_model_state_strips_wrapper_prefixes():
+    model = create_model("custom", arch=[2, "M"], num_classes=2, in_channels=1, input_size=4, head="gap")
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, inner, name):
+            super().__init__()
+            self.add_module(name, inner)
+
+    wrapped = Wrapper(Wrapper(model, "_orig_mod"), "module")
+    assert list(model_state(wrapped)) == list(model.state_dict())
+
+
+def test_atomic_write_leaves_the_old_file_when_the_write_fails(tmp_path, monkeypatch):
+    target = tmp_path / "model.safetensors"
+    target.write_bytes(b"old")
+
+    def broken_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", broken_replace)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write_bytes(target, b"new contents")
+    assert target.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]  # the temp file is gone
+
+
+@pytest.mark.parametrize("make", [
+    lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True),
+    lambda params: torch.optim.Adam(params, lr=0.01),
+    lambda params: torch.optim.AdamW(params, lr=0.01, weight_decay=0.1),
+])
+def test_optimizer_state_round_trips_through_safetensors_and_json(make, tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(5, 3)
+
+    def step(model, optimizer):
+        optimizer.zero_grad()
+        model(x).square().sum().backward()
+        optimizer.step()
+
+    a = torch.nn.Linear(3, 2)
+    opt_a = make(a.parameters())
+    step(a, opt_a)
+    restored, fresh = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    restored.load_state_dict(a.state_dict())
+    fresh.load_state_dict(a.state_dict())
+    opt_restored, opt_fresh = make(restored.parameters()), make(fresh.parameters())
+    tensors, rest = optimizer_to_tensors(opt_a)
+    save_tensors(tmp_path / "state.safetensors", tensors)  # through the files, as in a run directory
+    optimizer_from_tensors(opt_restored, load_tensors(tmp_path / "state.safetensors"), json.loads(json.dumps(rest)))
+    for model, optimizer in ((a, opt_a), (restored, opt_restored), (fresh, opt_fresh)):
+        step(model, optimizer)
+    assert all(torch.equal(pa, pr) for pa, pr in zip(a.parameters(), restored.parameters()))
+    assert not all(torch.equal(pa, pf) for pa, pf in zip(a.parameters(), fresh.parameters()))  # the state matters
+
+
+def test_load_rejects_a_missing_directory(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load(tmp_path / "nothing")
+
+
+def test_load_rejects_a_directory_that_is_not_a_run(tmp_path):
+    with pytest.raises(CheckpointError, match="not a vggnet run directory"):
+        load(tmp_path)
+
+
+def test_load_rejects_another_format(run_copy):
+    meta = json.loads((run_copy / "model.json").read_text())
+    (run_copy / "model.json").write_text(json.dumps({**meta, "format": 99}))
+    with pytest.raises(CheckpointError) as err:
+        load(run_copy)
+    assert "format 99" in str(err.value) and f"format {FORMAT}" in str(err.value)
+
+
+@pytest.mark.parametrize("text, match", [("{not json", "corrupt"), ('{"model": {}}', "no format/model"),
+                                          ("[1, 2]", "no format/model")])
+def test_load_rejects_a_corrupt_model_json(run_copy, text, match):
+    (run_copy / "model.json").write_text(text)
+    with pytest.raises(CheckpointError, match=match):
+        read_meta(run_copy)
+
+
+def test_load_rejects_truncated_weights(run_copy):
+    data = (run_copy / "model.safetensors").read_bytes()
+    (run_copy / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load(run_copy)
+    with pytest.raises(CheckpointError, match="missing"):
+        load(run_copy, "nosuch.safetensors")
+
+
+def test_load_rejects_weights_of_another_architecture(run_copy):
+    meta = json.loads((run_copy / "model.json").read_text())
+    meta["model"]["arch"] = [8, "M", 32, "M"]  # same layer names, other shapes
+    (run_copy / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="does not match the architecture") as err:
+        load(run_copy)
+    assert "wrong shape" in str(err.value)
+    meta["model"]["arch"] = [8, "M", 16, 16, "M"]  # one more conv: its weights are missing
+    (run_copy / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="missing"):
+        load(run_copy)
+
+
+def test_load_rejects_an_unbuildable_model_description(run_copy):
+    meta = json.loads((run_copy / "model.json").read_text())
+    meta["model"]["head"] = "nosuch"
+    (run_copy / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="no buildable model"):
+        load(run_copy)
+
+
+def test_state_tensors_restore_the_trainers_model(train_run_one_epoch):
+    tensors = load_tensors(train_run_one_epoch["dir"] / "state.safetensors")
+    model_tensors = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
+    trained = train_run_one_epoch["model"].state_dict()
+    assert sorted(model_tensors) == sorted(trained)
+    assert all(torch.equal(model_tensors[k], trained[k]) for k in trained)
