@@ -63,8 +63,24 @@ def test_rank_shards_disjoint_equal_and_cover_trimmed_order(n, world):
     assert len(set(union)) == usable  # disjoint
     order = loaders[0].epoch_order().tolist()
     assert len(order) == usable and set(union) == set(order)
-    for r, shard in enumerate(shards):
-        assert shard == order[r::world]
+    # Step i of the ranks together is the i-th global batch of the trimmed order, rank r holding its r-th slice.
+    steps = list(zip(*[[labels.tolist() for _, labels in loader] for loader in loaders]))
+    assert [i for step in steps for batch in step for i in batch] == order
+    assert all(len({len(batch) for batch in step}) == 1 for step in steps)
+
+
+@pytest.mark.parametrize("n, world, per_rank", [(103, 2, 8), (100, 4, 5), (64, 2, 16)])
+def test_ranks_together_draw_the_batches_of_one_process_with_the_global_batch(n, world, per_rank):
+    ds = numbered(n)
+    single = BatchLoader(ds, batch_size=per_rank * world, shuffle=True, drop_last=True, seed=2)
+    ranks = [BatchLoader(ds, batch_size=per_rank, shuffle=True, drop_last=True, seed=2, rank=r, world_size=world)
+             for r in range(world)]
+    for loader in [single, *ranks]:
+        loader.set_epoch(3)
+    expected = [labels.tolist() for _, labels in single]
+    assert all(len(loader) == len(expected) for loader in ranks)
+    for i, step in enumerate(zip(*ranks)):
+        assert [j for _, labels in step for j in labels.tolist()] == expected[i]
 
 
 def test_bad_arguments():

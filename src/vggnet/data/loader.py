@@ -2,8 +2,15 @@
 
 Each epoch's order is a permutation drawn from ``(seed, epoch)`` alone, so every rank of a distributed run computes
 the same one without communicating. With ``world_size`` ranks the order is first trimmed to a multiple of
-``world_size`` (dropping at most ``world_size - 1`` samples, a different few each shuffled epoch) and rank ``r``
-takes ``order[r::world_size]``: shards are disjoint, equally long, and give every rank the same number of batches.
+``world_size`` (dropping at most ``world_size - 1`` samples, a different few each shuffled epoch), then cut into
+*global* batches of ``batch_size * world_size`` samples, exactly the batches one process with that batch size would
+draw; rank ``r`` takes the ``r``-th contiguous slice of ``batch_size`` samples of every global batch (and the
+``r``-th equal slice of a last, short global batch). So shards are disjoint, equally long and give every rank the same
+number of batches, their union is the trimmed epoch order, and step ``i`` of a distributed run trains on the same
+samples as step ``i`` of a single process with the global batch: with a mean loss per rank and gradients averaged
+over ranks (DistributedDataParallel), the two take the same optimizer steps, and batch ``i`` means the same samples
+whatever the world size (a mid-epoch resume on a different number of processes continues where it stopped).
+(Interleaving, ``order[r::world_size]``, would also give disjoint equal shards, but different samples per step.)
 Evaluate on a single rank (``world_size=1``) when every sample must count.
 """
 
@@ -74,8 +81,14 @@ class BatchLoader:
         return order[: n - n % self.world_size]
 
     def indices(self) -> torch.Tensor:
-        """This rank's sample indices for the current epoch, in order."""
-        return self.epoch_order()[self.rank::self.world_size]
+        """This rank's sample indices for the current epoch, in order: its slice of every global batch."""
+        order = self.epoch_order()
+        world, per_rank = self.world_size, self.batch_size
+        full = len(order) // (per_rank * world) * per_rank * world  # samples in whole global batches
+        mine = order[:full].view(-1, world, per_rank)[:, self.rank].reshape(-1)
+        tail = order[full:]  # a multiple of world_size, shorter than a global batch: split it equally
+        share = len(tail) // world
+        return torch.cat([mine, tail[self.rank * share:(self.rank + 1) * share]])
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         images, labels = self.ds.images, self.ds.labels
