@@ -35,8 +35,9 @@ demo: install data
 	$(BIN)/vggnet train --out $(DEMO_DIR)
 	$(BIN)/vggnet eval $(DEMO_DIR)
 
+# Reference vs vggnet in one process (docs/BENCHMARKS.md); waits up to 5 minutes for a quiet machine first.
 bench: install data
-	@echo "benchmarks arrive with the performance issue"
+	$(BIN)/vggnet bench --wait-idle 300 --out docs/bench.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache

@@ -103,8 +103,8 @@ def train_cli_args(train_data_dir):
 
 @pytest.fixture(scope="session")
 def train_run(tmp_path_factory, train_options):
-    """Run A: two epochs straight through ``vggnet.train.train``. Read only: copy it before changing anything."""
-    from vggnet.train import resolve_config, train
+    """Run A: two epochs straight through ``vggnet.training.train``. Read only: copy it before changing anything."""
+    from vggnet.training import resolve_config, train
 
     run_dir = tmp_path_factory.mktemp("run-a") / "run"
     config = resolve_config(**train_options(out=str(run_dir)))
@@ -117,7 +117,7 @@ def train_run_one_epoch(tmp_path_factory, train_options):
     """The same run stopped after one epoch (through the Trainer, keeping the in-memory model). Read only."""
     import copy
 
-    from vggnet.train import Trainer, resolve_config
+    from vggnet.training import Trainer, resolve_config
 
     run_dir = tmp_path_factory.mktemp("run-one") / "run"
     config = resolve_config(**train_options(epochs=1, out=str(run_dir)))

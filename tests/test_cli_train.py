@@ -14,8 +14,8 @@ import torch
 import vggnet.cli.train as cli_train
 from vggnet.checkpoint import load, load_tensors
 from vggnet.data import load_dataset
-from vggnet.evaluate import evaluate
-from vggnet.train import resolve_config, train
+from vggnet.evaluation import evaluate
+from vggnet.training import resolve_config, train
 
 TIMEOUT_S = 120
 

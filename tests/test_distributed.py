@@ -58,7 +58,7 @@ if log_dir:
 hook = os.environ.get("VGGNET_TEST_RANK1")
 if hook and rank == "1":
     action, at = hook.split("@")
-    from vggnet import train
+    from vggnet import training as train
 
     step = train.Trainer.train_step
 
@@ -312,7 +312,7 @@ def test_lost_peers_become_one_line_naming_the_cause_and_the_resume(tmp_path, gr
 
 def test_evaluation_in_a_group_equals_the_single_process_one(group_of_one):
     from vggnet.data import ImageDataset, Preprocess
-    from vggnet.evaluate import evaluate
+    from vggnet.evaluation import evaluate
 
     torch.manual_seed(0)
     images = torch.randint(0, 256, (37, 1, 8, 8), dtype=torch.uint8)

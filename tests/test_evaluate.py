@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from vggnet.data import ImageDataset, Preprocess
-from vggnet.evaluate import evaluate, metrics_from_logits
+from vggnet.evaluation import evaluate, metrics_from_logits
 
 # Six samples, three classes. Predictions (argmax): 0, 1, 2, 2, 0, 1.
 LOGITS = [[2.0, 1.0, 0.0],

@@ -16,12 +16,12 @@ import torch.nn.functional as F
 
 import vggnet
 from vggnet import checkpoint
-from vggnet import train as train_module
+from vggnet import training as train_module
 from vggnet.checkpoint import load, load_tensors
 from vggnet.data import DATASETS
 from vggnet.errors import CheckpointError, ConfigError, VggnetError
 from vggnet.schedule import Plateau, lr_factor
-from vggnet.train import PRESETS, Trainer, TrainConfig, TrainingDiverged, resolve_config, resume, train
+from vggnet.training import PRESETS, Trainer, TrainConfig, TrainingDiverged, resolve_config, resume, train
 
 TIMING = ("epoch_seconds", "train_images_per_second")
 RUN_FILES = {"best.json", "best.safetensors", "config.json", "confusion.png", "curves.png", "eval.json", "metrics.csv",
@@ -123,7 +123,7 @@ def test_validate_accepts_the_boundaries():
 
 
 def test_batch_norm_option_builds_batch_norm_layers(train_options):
-    from vggnet.train import build_model
+    from vggnet.training import build_model
 
     dataset = types.SimpleNamespace(classes=list("abc"), images=torch.zeros(1, 1, 28, 28, dtype=torch.uint8))
     plain = build_model(resolve_config(**train_options()), dataset)

@@ -148,10 +148,10 @@ class Dist:
                  channels_last: bool = True, progress: bool = False):
         """Every rank scores a contiguous share of ``dataset`` with rank 0's weights; all get the whole result.
 
-        The same :class:`~vggnet.evaluate.EvalResult` as a single process would compute (every sample counts once),
+        The same :class:`~vggnet.evaluation.EvalResult` as a single process would compute (every sample counts once),
         on every rank, so decisions taken from it (plateau schedule, best checkpoint) agree across ranks.
         """
-        from .evaluate import evaluate, metrics_from_logits, predict_logits
+        from .evaluation import evaluate, metrics_from_logits, predict_logits
 
         if not self.enabled:
             return evaluate(model, dataset, preprocess, self.device, precision, batch_size,

@@ -12,7 +12,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .checkpoint import LoadedModel
 from .errors import DataError
-from .evaluate import predict_logits
+from .evaluation import predict_logits
 from .hardware import pick_precision
 
 

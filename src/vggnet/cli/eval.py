@@ -8,7 +8,7 @@ from pathlib import Path
 from ..checkpoint import atomic_write_json, load
 from ..data import load_dataset
 from ..errors import DataError
-from ..evaluate import evaluate
+from ..evaluation import evaluate
 from ..hardware import pick_device, pick_precision, set_threads
 from ..report import table
 from .common import positive_int, print_json

@@ -6,7 +6,7 @@ import argparse
 
 from ..errors import ConfigError
 from ..schedule import SCHEDULES
-from ..train import (NORMALIZE, OPTIMIZERS, PRECISIONS, PRESETS, RUNTIME_OPTIONS, Interrupted, resolve_config,
+from ..training import (NORMALIZE, OPTIMIZERS, PRECISIONS, PRESETS, RUNTIME_OPTIONS, Interrupted, resolve_config,
                      resume, train)
 from .common import add_model_options, positive_float, positive_int, print_json
 

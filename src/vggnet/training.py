@@ -30,7 +30,8 @@ from .checkpoint import (atomic_write_json, atomic_write_text, load_tensors, opt
                          optimizer_to_tensors, read_json, save_model, save_tensors)
 from .data import Augment, BatchLoader, ImageDataset, Preprocess, channel_stats, load_dataset
 from .errors import CheckpointError, ConfigError, VggnetError
-from .evaluate import EvalResult, evaluate
+from .evaluation import EvalResult, evaluate
+from .speedups import tune_for_cpu_bf16
 from .hardware import autocast, pick_device, pick_precision, set_threads
 from .models import HEADS, MODELS, create_model, list_models
 from .schedule import SCHEDULES, Plateau, lr_factor
@@ -191,8 +192,11 @@ def build_optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() <= 1]
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if config.optimizer == "sgd":
+        # foreach: the whole update in a few multi-tensor kernels, not ~5 per tensor (CPU default: per tensor); 1.7x
+        # faster steps. Not fused=True: torch's fused CPU SGD ignores a momentum buffer whose memory format differs
+        # from its channels_last parameter, as after resuming from a checkpoint, and silently updates wrong values.
         return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum,
-                               nesterov=config.nesterov and config.momentum > 0)
+                               nesterov=config.nesterov and config.momentum > 0, foreach=True)
     if config.optimizer == "adam":
         return torch.optim.Adam(groups, lr=config.lr)
     return torch.optim.AdamW(groups, lr=config.lr)
@@ -251,7 +255,7 @@ class Trainer:
         self.run_dir = run_dir = Path(self.dist.broadcast_object(str(run_dir)))  # rank 0's (timestamped) name
         self.device = self.dist.device if self.dist.enabled else pick_device(config.device)
         self.precision = pick_precision(self.device, config.precision)
-        if self.precision in ("bf16", "fp16") and self.device.type == "cpu" and self.precision == "fp16":
+        if self.precision == "fp16" and self.device.type == "cpu":
             raise ConfigError("--precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
         self.threads = set_threads(config.threads or self.dist.default_threads())  # torchrun: cores / local ranks
         if config.batch_size % self.dist.world_size:
@@ -271,6 +275,8 @@ class Trainer:
         self.model = model.to(self.device)
         if config.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        if self.device.type == "cpu" and self.precision == "bf16":
+            tune_for_cpu_bf16(self.model)  # GEMM small-map convs, pool before ReLU: same numbers (vggnet.speedups)
         self.optimizer = build_optimizer(config, self.model)
         self.net = self.dist.wrap(self.model, config.sync_bn)
         per_rank = config.batch_size // self.dist.world_size
@@ -383,7 +389,7 @@ class Trainer:
         per_rank = self.loader.batch_size
         bar = tqdm(total=len(self.loader) * per_rank * self.dist.world_size, initial=st.seen, unit="img",
                    unit_scale=True, desc=f"epoch {epoch + 1}/{self.config.epochs}", dynamic_ncols=True,
-                   disable=not (self.config.progress and self.dist.is_main), leave=True)
+                   disable=None if self.config.progress and self.dist.is_main else True)  # None: terminals only
         start = time.perf_counter() - st.seconds
         for i, (images, labels) in enumerate(self.loader):
             if i < st.batch:

@@ -58,7 +58,8 @@ def predict_logits(model: torch.nn.Module, images: torch.Tensor, preprocess, dev
 
     model.eval()
     out = []
-    bar = tqdm(total=len(images), unit="img", unit_scale=True, desc="eval", disable=not progress, leave=False)
+    bar = tqdm(total=len(images), unit="img", unit_scale=True, desc="eval", disable=None if progress else True,
+               leave=False)  # None: draw only on a terminal
     for start in range(0, len(images), batch_size):
         x = preprocess(images[start:start + batch_size].to(device, non_blocking=True))
         if channels_last:

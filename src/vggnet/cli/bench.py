@@ -1,0 +1,54 @@
+"""``vggnet bench``: vggnet against the plain PyTorch a user would otherwise write, in one process (issue #4)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ..bench import DEFAULT_SECTIONS, SECTIONS, BenchConfig, render, run
+from .common import positive_int
+
+
+def sections(text: str) -> tuple[str, ...]:
+    names = tuple(s.strip() for s in text.split(",") if s.strip())
+    unknown = [s for s in names if s not in SECTIONS]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"unknown section(s) {', '.join(unknown) or text!r}: choose from "
+                                         f"{', '.join(SECTIONS)}")
+    return names
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmark training, inference and a whole epoch against plain PyTorch",
+                       description="Measures, in one process: peak conv FLOP/s (fp32, bf16), a training step, "
+                                   "inference, one Fashion-MNIST epoch end to end, and the training-memory "
+                                   "estimate against measured memory. See docs/BENCHMARKS.md.")
+    p.add_argument("--only", type=sections, default=DEFAULT_SECTIONS, metavar="LIST",
+                   help=f"comma-separated sections from {','.join(SECTIONS)} (default: "
+                        f"{','.join(DEFAULT_SECTIONS)})")
+    p.add_argument("--quick", action="store_true", help="a small smoke version of every section (seconds)")
+    p.add_argument("--json", action="store_true", help="print the results as one JSON object instead of tables")
+    p.add_argument("--out", metavar="FILE", help="also write the JSON results to FILE")
+    p.add_argument("--data-dir", help="where Fashion-MNIST is (searched before $VGGNET_DATA)")
+    p.add_argument("--threads", type=positive_int, help="intra-op threads (default: every available core)")
+    p.add_argument("--rounds", type=positive_int, help="timed rounds per measurement (default 10, quick 2)")
+    p.add_argument("--subset", type=positive_int, metavar="N",
+                   help="end to end: train on the first N images (default all 60000; quick 1024)")
+    p.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
+                   help="first wait up to SECONDS for other processes to stop using the CPU")
+    p.set_defaults(run=run_bench)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    cfg = BenchConfig(sections=args.only, quick=args.quick, data_dir=args.data_dir, threads=args.threads,
+                      rounds=args.rounds, e2e_subset=args.subset, wait_idle=args.wait_idle,
+                      progress=lambda message: print(f"vggnet bench: {message}", file=sys.stderr, flush=True))
+    results = run(cfg)
+    text = json.dumps(results, indent=2)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n", encoding="utf-8")
+    print(text if args.json else render(results))
+    return 0
