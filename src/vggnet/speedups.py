@@ -34,13 +34,14 @@ import torch.nn.functional as F
 from torch import nn
 
 #: Largest map (H * W pixels) that takes the GEMM path: 4x4. Measured on the 2-core AMX Xeon (forward + backward,
-#: bf16, batch 128-256; docs/BENCHMARKS.md): at 8x8 oneDNN is 2-3x faster than the GEMM; at 4x4 the GEMM wins from
-#: 128->256 channels up (512->512: 2x) and loses below 128->128; at 2x2 it wins at every width (1.5-4x).
+#: bf16, batch 128-256, 2 threads; docs/BENCHMARKS.md): at 8x8 and larger oneDNN is 1.3-4x faster than the GEMM;
+#: at 4x4 the GEMM wins from 128->128 channels up (512->512: 2.2x) and is within noise of oneDNN below; at 2x2 it
+#: wins at every width (2-4.7x).
 DEFAULT_MAX_PIXELS = 16
 #: Maps of at most this many pixels take the GEMM path whatever the width.
 ALWAYS_PIXELS = 4
 #: Between ALWAYS_PIXELS and max_pixels, the GEMM path needs in_channels * out_channels at least this.
-MIN_CHANNEL_PRODUCT = 128 * 256
+MIN_CHANNEL_PRODUCT = 128 * 128
 
 
 def _nhwc(x: torch.Tensor) -> torch.Tensor:
