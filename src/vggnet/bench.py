@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 SECTIONS = ("peak", "train", "infer", "e2e", "memory", "ablation", "profile")
-DEFAULT_SECTIONS = ("peak", "train", "infer", "e2e", "memory", "ablation")
+DEFAULT_SECTIONS = ("peak", "train", "infer", "e2e", "memory", "ablation", "profile")
 TARGETS = {"train_ratio": 2.5, "train_peak_share": 0.70, "infer_ratio": 3.0, "e2e_ratio": 3.0,
            "memory_error": 0.15}
 SCHEMA = 1
