@@ -115,3 +115,53 @@ def test_flip_tta_averages_the_probabilities_of_the_image_and_its_mirror():
     assert tta.per_class[:2] == [0.5, 1.0] and math.isnan(tta.per_class[2])
     expected = -sum(math.log(average[i][y]) for i, y in enumerate(labels)) / 4
     assert tta.loss == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize("size, batch", [(4, 256), (28, 256), (32, 256), (64, 196), (224, 16), (2000, 1)])
+def test_default_batch_follows_the_image_size(size, batch):
+    from vggnet.evaluation import EVAL_PIXELS, MAX_EVAL_BATCH, auto_batch_size
+
+    assert auto_batch_size(torch.zeros(1, 3, size, size, dtype=torch.uint8)) == batch
+    assert batch == max(1, min(MAX_EVAL_BATCH, EVAL_PIXELS // (size * size)))  # 16 * 224 * 224 pixels, at most 256
+
+
+def _small_bn_vgg():
+    from vggnet.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("vgg11_bn", num_classes=10, in_channels=1, width=0.25, head="gap", input_size=32)
+    for m in model.modules():  # running statistics far from the (0, 1) defaults, so folding them matters
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    return model.eval()
+
+
+def test_bf16_evaluation_runs_the_fast_path_without_touching_the_model(monkeypatch):
+    import vggnet.inference
+    from vggnet.evaluation import predict_logits
+    from vggnet.inference import BF16_RTOL
+
+    built = []
+    real = vggnet.inference.optimize_for_inference
+    monkeypatch.setattr(vggnet.inference, "optimize_for_inference", lambda *a, **k: built.append(a[1:]) or real(*a, **k))
+
+    model = _small_bn_vgg()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    images = torch.randint(0, 256, (40, 1, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    prep = Preprocess(32, (0.3,), (0.3,), fit="auto", in_size=32)
+    fp32 = predict_logits(model, images, prep, torch.device("cpu"), "fp32", batch_size=7)
+    fp32_one_batch = predict_logits(model, images, prep, torch.device("cpu"), "fp32")
+    assert built == []  # fp32: the model itself
+    bf16 = predict_logits(model, images, prep, torch.device("cpu"), "bf16")
+    assert built == [("bf16", True)]  # one folded bf16 channels_last copy for the whole pass
+    assert torch.allclose(fp32, fp32_one_batch, atol=1e-5)  # the batch size does not change the numbers
+    assert bf16.dtype == torch.float32 and bf16.shape == (40, 10)
+    error = ((bf16 - fp32).norm() / fp32.norm()).item()
+    assert 0 < error < BF16_RTOL  # bf16 rounding, not an exact copy and not a different model
+    # The model evaluated is a folded copy: the caller's model keeps its BNs, weights and dtype.
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) == 8
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)

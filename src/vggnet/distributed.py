@@ -144,7 +144,7 @@ class Dist:
             for buffer in model.buffers():
                 torch.distributed.broadcast(buffer, src=0)
 
-    def evaluate(self, model: torch.nn.Module, dataset, preprocess, precision: str, batch_size: int,
+    def evaluate(self, model: torch.nn.Module, dataset, preprocess, precision: str, batch_size: int | None,
                  channels_last: bool = True, progress: bool = False):
         """Every rank scores a contiguous share of ``dataset`` with rank 0's weights; all get the whole result.
 

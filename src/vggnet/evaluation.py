@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,14 +50,39 @@ def metrics_from_logits(logits: torch.Tensor, labels: torch.Tensor, num_classes:
                       list(classes or [str(c) for c in range(num_classes)]))
 
 
+#: Pixels per evaluation batch when no batch size is given: 16 images at 224x224 (about 400 MiB of fp32
+#: activations for VGG-16), capped at :data:`MAX_EVAL_BATCH` images for small ones.
+EVAL_PIXELS = 16 * 224 * 224
+#: On the default model at 32x32 batches of 256-512 evaluate fastest on the CPU (1024: 1.6x slower).
+MAX_EVAL_BATCH = 256
+
+
+def auto_batch_size(images: torch.Tensor) -> int:
+    """Evaluation batch for ``images`` (N, C, H, W): 256 at 32x32, 196 at 64x64, 16 at 224x224."""
+    h, w = images.shape[-2:]
+    return max(1, min(MAX_EVAL_BATCH, EVAL_PIXELS // max(1, h * w)))
+
+
 @torch.no_grad()
 def predict_logits(model: torch.nn.Module, images: torch.Tensor, preprocess, device: torch.device,
-                   precision: str = "fp32", batch_size: int = 1024, tta: str | None = None,
+                   precision: str = "fp32", batch_size: int | None = None, tta: str | None = None,
                    channels_last: bool = True, progress: bool = False) -> torch.Tensor:
-    """Float32 logits for uint8 ``images`` (N, C, H, W), in batches; ``tta="flip"`` averages with the mirror."""
+    """Float32 logits for uint8 ``images`` (N, C, H, W), in batches (default :func:`auto_batch_size`);
+    ``tta="flip"`` averages with the mirror.
+
+    In bf16 on the CPU the batches run through :func:`vggnet.inference.optimize_for_inference` (a folded, fused
+    bf16 copy of ``model``; about 2x faster than autocast on the default model and 6x on VGG-16) instead of under
+    autocast; the logits agree with autocast's to bf16 rounding.
+    """
     from tqdm.auto import tqdm
 
     model.eval()
+    batch_size = batch_size or auto_batch_size(images)
+    mixed = autocast(device, precision)
+    if precision == "bf16" and device.type == "cpu":
+        from .inference import optimize_for_inference
+
+        model, mixed = optimize_for_inference(model, "bf16", channels_last), contextlib.nullcontext()
     out = []
     bar = tqdm(total=len(images), unit="img", unit_scale=True, desc="eval", disable=None if progress else True,
                leave=False)  # None: draw only on a terminal
@@ -64,7 +90,7 @@ def predict_logits(model: torch.nn.Module, images: torch.Tensor, preprocess, dev
         x = preprocess(images[start:start + batch_size].to(device, non_blocking=True))
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(device, precision):
+        with mixed:
             logits = model(x).float()
             if tta == "flip":
                 logits = (logits.softmax(1) + model(x.flip(3)).float().softmax(1)).div_(2).log_()
@@ -75,7 +101,7 @@ def predict_logits(model: torch.nn.Module, images: torch.Tensor, preprocess, dev
 
 
 def evaluate(model: torch.nn.Module, dataset, preprocess, device: torch.device | str = "cpu",
-             precision: str = "fp32", batch_size: int = 1024, tta: str | None = None,
+             precision: str = "fp32", batch_size: int | None = None, tta: str | None = None,
              channels_last: bool = True, progress: bool = False) -> EvalResult:
     """Evaluate ``model`` on a whole :class:`~vggnet.data.ImageDataset`."""
     device = torch.device(device)

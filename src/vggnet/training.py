@@ -83,7 +83,7 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 where native, else fp32) | fp32 | bf16 | fp16
     channels_last: bool = True
     threads: int | None = None  # intra-op threads (default: every available core)
-    eval_batch_size: int = 1024
+    eval_batch_size: int | None = None  # None: by image size (vggnet.evaluation.auto_batch_size)
     sync_bn: bool = False  # SyncBatchNorm under DDP
     progress: bool = True
     preset: str | None = None  # the preset these values started from
@@ -104,7 +104,7 @@ class TrainConfig:
             (self.grad_clip is None or self.grad_clip > 0, f"--grad-clip must be > 0, got {self.grad_clip}"),
             (self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
             (self.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {self.warmup_epochs}"),
-            (self.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {self.eval_batch_size}"),
+            (self.eval_batch_size is None or self.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {self.eval_batch_size}"),
             (0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}"),
             (self.crop_padding >= 0, f"--crop-padding must be >= 0 pixels, got {self.crop_padding}"),
             (0 <= self.erasing <= 1, f"--erasing must be a probability in [0, 1], got {self.erasing}"),

@@ -21,7 +21,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", help="dataset to evaluate on (default: the run's own)")
     p.add_argument("--data-dir", help="where the dataset files are")
     p.add_argument("--tta", choices=("flip",), help="average with horizontally flipped images")
-    p.add_argument("--batch-size", type=positive_int, default=1024)
+    p.add_argument("--batch-size", type=positive_int, help="images per batch (default: by image size: 256 at 32x32, "
+                   "16 at 224x224)")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="fp32")
     p.add_argument("--out", metavar="DIR", help="where eval.json and confusion.png go (default: the run directory)")
