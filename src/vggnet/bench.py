@@ -503,6 +503,7 @@ def reference_epoch(data_dir: str | None, model_config: dict[str, Any], train_co
                     subset: int | None, workers: int = 2, seed: int = 0) -> dict[str, Any]:
     """One epoch + test evaluation the way a typical PyTorch user writes it; seconds for each phase."""
     from .data import find_fashion_mnist
+    from .evaluation import auto_batch_size
 
     start = time.perf_counter()
     torch.manual_seed(seed)
@@ -515,10 +516,12 @@ def reference_epoch(data_dir: str | None, model_config: dict[str, Any], train_co
     if subset:
         train_x, train_y = train_x[:subset], train_y[:subset]
     batch = min(train_config["batch_size"], len(train_y))
+    size = model_config["input_size"][0]
+    eval_batch = train_config["eval_batch_size"] or auto_batch_size(torch.empty(0, 1, size, size))  # vggnet's
     train_loader = torch.utils.data.DataLoader(ReferenceFashionMNIST(train_x, train_y, True), batch_size=batch,
                                                shuffle=True, num_workers=workers, drop_last=True)
     test_loader = torch.utils.data.DataLoader(ReferenceFashionMNIST(test_x, test_y, False),
-                                              batch_size=train_config["eval_batch_size"], num_workers=workers)
+                                              batch_size=eval_batch, num_workers=workers)
     model = ReferenceVGG(model_config["name"], num_classes=model_config["num_classes"], in_channels=1,
                          width=model_config["width"], head=model_config["head"],
                          input_size=model_config["input_size"][0], dropout=model_config["dropout"])
