@@ -129,6 +129,16 @@ def train_run_one_epoch(tmp_path_factory, train_options):
 
 
 @pytest.fixture
+def train_run_copy(tmp_path, train_run_one_epoch):
+    """A writable copy of the one-epoch run's directory."""
+    import shutil
+
+    target = tmp_path / "run"
+    shutil.copytree(train_run_one_epoch["dir"], target)
+    return target
+
+
+@pytest.fixture
 def train_cli(capsys):
     """Run the ``vggnet`` CLI in-process: ``train_cli([...]) -> (exit code, stdout, stderr)``."""
     from vggnet.cli import main

@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 
 import pytest
 import torch
@@ -11,14 +10,6 @@ from vggnet import create_model
 from vggnet.checkpoint import (FORMAT, atomic_write_bytes, load, load_tensors, model_state, optimizer_from_tensors,
                                optimizer_to_tensors, read_meta, save_model, save_tensors)
 from vggnet.errors import CheckpointError
-
-
-@pytest.fixture
-def run_copy(tmp_path, train_run_one_epoch):
-    """A writable copy of the one-epoch run."""
-    target = tmp_path / "run"
-    shutil.copytree(train_run_one_epoch["dir"], target)
-    return target
 
 
 def test_load_gives_the_in_memory_models_logits(train_run_one_epoch):
@@ -123,50 +114,50 @@ def test_load_rejects_a_directory_that_is_not_a_run(tmp_path):
         load(tmp_path)
 
 
-def test_load_rejects_another_format(run_copy):
-    meta = json.loads((run_copy / "model.json").read_text())
-    (run_copy / "model.json").write_text(json.dumps({**meta, "format": 99}))
+def test_load_rejects_another_format(train_run_copy):
+    meta = json.loads((train_run_copy / "model.json").read_text())
+    (train_run_copy / "model.json").write_text(json.dumps({**meta, "format": 99}))
     with pytest.raises(CheckpointError) as err:
-        load(run_copy)
+        load(train_run_copy)
     assert "format 99" in str(err.value) and f"format {FORMAT}" in str(err.value)
 
 
 @pytest.mark.parametrize("text, match", [("{not json", "corrupt"), ('{"model": {}}', "no format/model"),
                                           ("[1, 2]", "no format/model")])
-def test_load_rejects_a_corrupt_model_json(run_copy, text, match):
-    (run_copy / "model.json").write_text(text)
+def test_load_rejects_a_corrupt_model_json(train_run_copy, text, match):
+    (train_run_copy / "model.json").write_text(text)
     with pytest.raises(CheckpointError, match=match):
-        read_meta(run_copy)
+        read_meta(train_run_copy)
 
 
-def test_load_rejects_truncated_weights(run_copy):
-    data = (run_copy / "model.safetensors").read_bytes()
-    (run_copy / "model.safetensors").write_bytes(data[: len(data) // 2])
+def test_load_rejects_truncated_weights(train_run_copy):
+    data = (train_run_copy / "model.safetensors").read_bytes()
+    (train_run_copy / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="truncated"):
-        load(run_copy)
+        load(train_run_copy)
     with pytest.raises(CheckpointError, match="missing"):
-        load(run_copy, "nosuch.safetensors")
+        load(train_run_copy, "nosuch.safetensors")
 
 
-def test_load_rejects_weights_of_another_architecture(run_copy):
-    meta = json.loads((run_copy / "model.json").read_text())
+def test_load_rejects_weights_of_another_architecture(train_run_copy):
+    meta = json.loads((train_run_copy / "model.json").read_text())
     meta["model"]["arch"] = [8, "M", 32, "M"]  # same layer names, other shapes
-    (run_copy / "model.json").write_text(json.dumps(meta))
+    (train_run_copy / "model.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="does not match the architecture") as err:
-        load(run_copy)
+        load(train_run_copy)
     assert "wrong shape" in str(err.value)
     meta["model"]["arch"] = [8, "M", 16, 16, "M"]  # one more conv: its weights are missing
-    (run_copy / "model.json").write_text(json.dumps(meta))
+    (train_run_copy / "model.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="missing"):
-        load(run_copy)
+        load(train_run_copy)
 
 
-def test_load_rejects_an_unbuildable_model_description(run_copy):
-    meta = json.loads((run_copy / "model.json").read_text())
+def test_load_rejects_an_unbuildable_model_description(train_run_copy):
+    meta = json.loads((train_run_copy / "model.json").read_text())
     meta["model"]["head"] = "nosuch"
-    (run_copy / "model.json").write_text(json.dumps(meta))
+    (train_run_copy / "model.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="no buildable model"):
-        load(run_copy)
+        load(train_run_copy)
 
 
 def test_state_tensors_restore_the_trainers_model(train_run_one_epoch):

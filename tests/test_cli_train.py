@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -26,13 +25,6 @@ def assert_one_line_error(code, err, *fragments):
     assert len(lines) == 1 and "Traceback" not in err, err
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
-
-
-@pytest.fixture
-def run_copy(tmp_path, train_run_one_epoch):
-    target = tmp_path / "run"
-    shutil.copytree(train_run_one_epoch["dir"], target)
-    return target
 
 
 def read_history(run_dir):
@@ -119,17 +111,17 @@ def test_missing_dataset_names_the_places_searched(dataset, fragments, data_env,
     assert not (data_env / "run").exists()
 
 
-def test_resume_errors_leave_the_run_untouched(run_copy, tmp_path, train_cli, train_snapshot):
-    before = train_snapshot(run_copy)
+def test_resume_errors_leave_the_run_untouched(train_run_copy, tmp_path, train_cli, train_snapshot):
+    before = train_snapshot(train_run_copy)
     code, out, err = train_cli(["train", "--resume", tmp_path / "nothing"])
     assert_one_line_error(code, err, "not a vggnet run directory")
-    code, out, err = train_cli(["train", "--resume", run_copy, "--lr", "0.1"])
+    code, out, err = train_cli(["train", "--resume", train_run_copy, "--lr", "0.1"])
     assert_one_line_error(code, err, "--lr cannot change", "only --epochs")
-    code, out, err = train_cli(["train", "--resume", run_copy, "--preset", "paper", "--no-flip"])
+    code, out, err = train_cli(["train", "--resume", train_run_copy, "--preset", "paper", "--no-flip"])
     assert_one_line_error(code, err, "--flip, --preset cannot change")
-    code, out, err = train_cli(["train", "--out", run_copy, "--epochs", "1"])
-    assert_one_line_error(code, err, "already holds a run", f"--resume {run_copy}")
-    assert train_snapshot(run_copy) == before
+    code, out, err = train_cli(["train", "--out", train_run_copy, "--epochs", "1"])
+    assert_one_line_error(code, err, "already holds a run", f"--resume {train_run_copy}")
+    assert train_snapshot(train_run_copy) == before
 
 
 # ------------------------------------------------------------------------------------------------ eval
@@ -176,13 +168,13 @@ def other_architecture(run_dir):
     (truncate_weights, ["model.safetensors", "truncated"]),
     (other_architecture, ["does not match the architecture", "wrong shape"]),
 ])
-def test_eval_errors_are_one_line_and_damage_nothing(damage, fragments, run_copy, train_data_dir, train_cli,
+def test_eval_errors_are_one_line_and_damage_nothing(damage, fragments, train_run_copy, train_data_dir, train_cli,
                                                      train_snapshot):
-    damage(run_copy)
-    before = train_snapshot(run_copy)
-    code, out, err = train_cli(["eval", run_copy, "--data-dir", train_data_dir])
+    damage(train_run_copy)
+    before = train_snapshot(train_run_copy)
+    code, out, err = train_cli(["eval", train_run_copy, "--data-dir", train_data_dir])
     assert_one_line_error(code, err, *fragments)
-    assert train_snapshot(run_copy) == before
+    assert train_snapshot(train_run_copy) == before
 
 
 def test_eval_of_a_directory_that_is_not_a_run(tmp_path, train_cli):
@@ -201,9 +193,9 @@ def test_fetch_with_wrong_checksums_saves_nothing(data_env, data_fake_fashion_mn
 
 
 # ------------------------------------------------------------------------------------------------ subprocesses
-def test_errors_through_python_m_vggnet(run_copy, tmp_path, train_data_dir):
+def test_errors_through_python_m_vggnet(train_run_copy, tmp_path, train_data_dir):
     env = subprocess_env(tmp_path, train_data_dir)
-    for argv, fragment in ((["train", "--resume", str(run_copy), "--lr", "0.1"], "--lr cannot change"),
+    for argv, fragment in ((["train", "--resume", str(train_run_copy), "--lr", "0.1"], "--lr cannot change"),
                            (["eval", str(tmp_path / "nothing")], "does not exist")):
         proc = subprocess.run([sys.executable, "-m", "vggnet", *argv], env=env, capture_output=True, text=True,
                               timeout=TIMEOUT_S)
