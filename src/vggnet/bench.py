@@ -517,14 +517,14 @@ def reference_epoch(data_dir: str | None, model_config: dict[str, Any], train_co
         train_x, train_y = train_x[:subset], train_y[:subset]
     batch = min(train_config["batch_size"], len(train_y))
     size = model_config["input_size"][0]
-    eval_batch = train_config["eval_batch_size"] or auto_batch_size(torch.empty(0, 1, size, size))  # vggnet's
+    eval_batch = train_config["eval_batch_size"] or auto_batch_size(size, size)  # what vggnet's run uses
     train_loader = torch.utils.data.DataLoader(ReferenceFashionMNIST(train_x, train_y, True), batch_size=batch,
                                                shuffle=True, num_workers=workers, drop_last=True)
     test_loader = torch.utils.data.DataLoader(ReferenceFashionMNIST(test_x, test_y, False),
                                               batch_size=eval_batch, num_workers=workers)
     model = ReferenceVGG(model_config["name"], num_classes=model_config["num_classes"], in_channels=1,
                          width=model_config["width"], head=model_config["head"],
-                         input_size=model_config["input_size"][0], dropout=model_config["dropout"])
+                         input_size=size, dropout=model_config["dropout"])
     optimizer = torch.optim.SGD(model.parameters(), lr=train_config["lr"], momentum=train_config["momentum"],
                                 nesterov=train_config["nesterov"], weight_decay=train_config["weight_decay"])
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=train_config["lr"],

@@ -57,10 +57,9 @@ EVAL_PIXELS = 16 * 224 * 224
 MAX_EVAL_BATCH = 256
 
 
-def auto_batch_size(images: torch.Tensor) -> int:
-    """Evaluation batch for ``images`` (N, C, H, W): 256 at 32x32, 196 at 64x64, 16 at 224x224."""
-    h, w = images.shape[-2:]
-    return max(1, min(MAX_EVAL_BATCH, EVAL_PIXELS // max(1, h * w)))
+def auto_batch_size(height: int, width: int) -> int:
+    """Evaluation batch for images of ``height`` x ``width``: 256 at 32x32, 196 at 64x64, 16 at 224x224."""
+    return max(1, min(MAX_EVAL_BATCH, EVAL_PIXELS // max(1, height * width)))
 
 
 @torch.no_grad()
@@ -77,7 +76,7 @@ def predict_logits(model: torch.nn.Module, images: torch.Tensor, preprocess, dev
     from tqdm.auto import tqdm
 
     model.eval()
-    batch_size = batch_size or auto_batch_size(images)
+    batch_size = batch_size or auto_batch_size(*images.shape[-2:])
     mixed = autocast(device, precision)
     if precision == "bf16" and device.type == "cpu":
         from .inference import optimize_for_inference
