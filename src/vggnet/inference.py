@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError
-from .speedups import DEFAULT_MAX_PIXELS, SmallMapConv2d, use_small_map_convs
-from .hardware import cpu_has_bf16
+from .speedups import DEFAULT_MAX_PIXELS, SmallMapConv2d, rewrite_pairs, use_small_map_convs
+from .hardware import pick_precision
 
 PRECISIONS = ("auto", "fp32", "bf16")
 #: Documented tolerance of the bf16 path: ||logits_bf16 - logits_fp32|| / ||logits_fp32|| below this.
@@ -43,12 +43,8 @@ def resolve_precision(precision: str = "auto", device: torch.device | str = "cpu
     """``auto`` -> ``bf16`` on CPUs with native bf16 (and on CUDA), else ``fp32``."""
     if precision not in PRECISIONS:
         raise ConfigError(f"inference precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if precision != "auto":
-        return precision
-    device = torch.device(device)
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if cpu_has_bf16() else "fp32"
+    chosen = pick_precision(torch.device(device), precision)
+    return "fp32" if chosen == "fp16" else chosen  # no fp16 inference path: GPUs without bf16 run fp32
 
 
 @torch.no_grad()
@@ -81,16 +77,10 @@ def fold_batch_norms(model: nn.Module) -> int:
     if model.training:
         raise ConfigError("fold_batch_norms needs an eval-mode model (call model.eval()): training-mode BN uses "
                           "batch statistics, which cannot be folded")
-    folded = 0
-    for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
-        for i in range(len(seq) - 1):
-            conv, bn = seq[i], seq[i + 1]
-            if (isinstance(conv, nn.Conv2d) and type(bn) is nn.BatchNorm2d and bn.track_running_stats
-                    and bn.running_mean is not None):
-                seq[i] = fold_conv_bn(conv, bn)
-                seq[i + 1] = nn.Identity()
-                folded += 1
-    return folded
+    return rewrite_pairs(
+        model, lambda conv, bn: (isinstance(conv, nn.Conv2d) and type(bn) is nn.BatchNorm2d
+                                 and bn.track_running_stats and bn.running_mean is not None),
+        lambda conv, bn: (fold_conv_bn(conv, bn), nn.Identity()))
 
 
 def _has_pointwise_conv() -> bool:
@@ -118,19 +108,9 @@ class ConvReLU(SmallMapConv2d):
 def fuse_conv_relu(model: nn.Module, max_pixels: int = DEFAULT_MAX_PIXELS) -> int:
     """In every ``nn.Sequential``: ``Conv2d`` [``Identity``...] ``ReLU`` -> ``ConvReLU`` [``Identity``...]
     ``Identity``, in place; returns the number of fused pairs. ``max_pixels`` as for the small-map GEMM path."""
-    fused = 0
-    for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
-        for i, conv in enumerate(seq):
-            if type(conv) not in (nn.Conv2d, SmallMapConv2d):
-                continue
-            j = i + 1
-            while j < len(seq) and isinstance(seq[j], nn.Identity):
-                j += 1
-            if j < len(seq) and type(seq[j]) is nn.ReLU:
-                seq[i] = ConvReLU.from_conv(conv, max_pixels)
-                seq[j] = nn.Identity()
-                fused += 1
-    return fused
+    return rewrite_pairs(
+        model, lambda conv, relu: type(conv) in (nn.Conv2d, SmallMapConv2d) and type(relu) is nn.ReLU,
+        lambda conv, relu: (ConvReLU.from_conv(conv, max_pixels), nn.Identity()), skip=(nn.Identity,))
 
 
 class InferenceModel(nn.Module):

@@ -59,6 +59,12 @@ def im2col3x3(x: torch.Tensor) -> torch.Tensor:
     return windows.reshape(b * h * w, 9 * c)
 
 
+def is_plain_3x3(conv: nn.Conv2d) -> bool:
+    """A 3x3 conv with stride 1, zero padding 1, dilation 1 and one group: the convs the GEMM path computes."""
+    return (conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
+            and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros")
+
+
 class _GemmConv3x3(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -100,8 +106,7 @@ class SmallMapConv2d(nn.Conv2d):
         pixels = x.shape[-2] * x.shape[-1] if x.dim() == 4 else self.max_pixels + 1
         if (x.device.type != "cpu" or pixels > self.max_pixels
                 or (pixels > ALWAYS_PIXELS and self.in_channels * self.out_channels < MIN_CHANNEL_PRODUCT)
-                or self.kernel_size != (3, 3) or self.stride != (1, 1) or self.padding != (1, 1)
-                or self.dilation != (1, 1) or self.groups != 1 or self.padding_mode != "zeros"):
+                or not is_plain_3x3(self)):
             return None
         if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16:
             return torch.bfloat16
@@ -129,6 +134,22 @@ class SmallMapConv2d(nn.Conv2d):
         return new
 
 
+def rewrite_pairs(model: nn.Module, match, replace, skip: tuple[type, ...] = ()) -> int:
+    """In every ``nn.Sequential`` of ``model``, in place: for each layer ``a`` and the next layer ``b`` after any
+    layers of the types in ``skip``, where ``match(a, b)``, put ``replace(a, b)`` (a new pair) in their places.
+    Returns the number of rewritten pairs."""
+    rewritten = 0
+    for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
+        for i in range(len(seq) - 1):
+            j = i + 1
+            while j < len(seq) and isinstance(seq[j], skip):
+                j += 1
+            if j < len(seq) and match(seq[i], seq[j]):
+                seq[i], seq[j] = replace(seq[i], seq[j])
+                rewritten += 1
+    return rewritten
+
+
 class MaxPoolReLU(nn.MaxPool2d):
     """``relu(max_pool2d(x))``: equal to ``max_pool2d(relu(x))`` in value and gradient, on 1/4 of the values."""
 
@@ -147,15 +168,9 @@ def pool_before_relu(model: nn.Module) -> int:
     replaced ReLU position (e.g. ``forward_named(["relu1_1"])``) becomes the pre-ReLU values, so use this on a
     model being trained, not on one whose intermediate maps are read.
     """
-    rewritten = 0
-    for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
-        for i in range(len(seq) - 1):
-            relu, pool = seq[i], seq[i + 1]
-            if type(relu) is nn.ReLU and type(pool) is nn.MaxPool2d and not pool.return_indices:
-                seq[i] = nn.Identity()
-                seq[i + 1] = MaxPoolReLU.from_pool(pool)
-                rewritten += 1
-    return rewritten
+    return rewrite_pairs(
+        model, lambda relu, pool: type(relu) is nn.ReLU and type(pool) is nn.MaxPool2d and not pool.return_indices,
+        lambda relu, pool: (nn.Identity(), MaxPoolReLU.from_pool(pool)))
 
 
 def out_of_place_relus(model: nn.Module) -> int:
@@ -189,9 +204,7 @@ def use_small_map_convs(model: nn.Module, max_pixels: int = DEFAULT_MAX_PIXELS) 
     swapped = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if (type(child) is nn.Conv2d and child.kernel_size == (3, 3) and child.stride == (1, 1)
-                    and child.padding == (1, 1) and child.dilation == (1, 1) and child.groups == 1
-                    and child.padding_mode == "zeros"):
+            if type(child) is nn.Conv2d and is_plain_3x3(child):
                 setattr(parent, name, SmallMapConv2d.from_conv(child, max_pixels))
                 swapped += 1
     return swapped
