@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
+from .models import size_pair
 
 # Optimizer name -> fp32 state buffers per trainable parameter.
 OPTIMIZER_STATE = {"sgd": 1, "sgd-nomomentum": 0, "adam": 2, "adamw": 2}
@@ -92,7 +93,6 @@ class Summary:
     input_shape: list[int]
     dtype: str
     layers: list[LayerRecord]
-    frozen_params: int = 0
     unsupported: list[str] = field(default_factory=list)
     uncalled: list[str] = field(default_factory=list)
     # Per image, training mode only: max-pool indices (int64) and dropout outputs + masks.
@@ -101,14 +101,20 @@ class Summary:
     @property
     def totals(self) -> dict[str, int]:
         params = sum(r.params for r in self.layers)
+        trainable = sum(r.trainable_params for r in self.layers)
         return {
             "params": params,
-            "trainable_params": sum(r.trainable_params for r in self.layers),
-            "frozen_params": params - sum(r.trainable_params for r in self.layers),
+            "trainable_params": trainable,
+            "frozen_params": params - trainable,
             "macs": sum(r.macs for r in self.layers),
             "activations": sum(r.activations for r in self.layers),
             "activation_bytes": sum(r.activation_bytes for r in self.layers),
         }
+
+    @property
+    def frozen_params(self) -> int:
+        """Parameters with ``requires_grad=False``."""
+        return self.totals["frozen_params"]
 
     def training_memory(self, batch_size: int = 1, optimizer: str = "sgd") -> TrainingMemory:
         if optimizer not in OPTIMIZER_STATE:
@@ -170,7 +176,7 @@ def _friendly_names(model: nn.Module) -> dict[str, str]:
     return names
 
 
-def _macs(module: nn.Module, inputs: tuple, output: torch.Tensor) -> int | None:
+def _macs(module: nn.Module, output: torch.Tensor) -> int | None:
     if isinstance(module, nn.Conv2d):
         kh, kw = module.kernel_size
         return output[0].numel() * (module.in_channels // module.groups) * kh * kw
@@ -211,7 +217,7 @@ def summarize(
     """
     if input_size is None:
         input_size = getattr(model, "input_size", 224)
-    h, w = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
+    h, w = size_pair(input_size)
     channels = in_channels or getattr(model, "in_channels", 3)
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
@@ -227,7 +233,7 @@ def summarize(
     def hook(path: str):
         def record(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
             called.add(path)
-            macs = _macs(module, inputs, output)
+            macs = _macs(module, output)
             if macs is None:
                 summary.unsupported.append(f"{path} ({type(module).__name__})")
                 macs = 0
@@ -265,7 +271,6 @@ def summarize(
     total = sum(p.numel() for p in model.parameters())
     if counted != total:
         summary.unsupported.append(f"{total - counted} parameters outside the recorded layers")
-    summary.frozen_params = summary.totals["frozen_params"]
     return summary
 
 

@@ -58,11 +58,13 @@ Layer = Conv | Pool | LRN
 _CONV_WORD = re.compile(r"^conv(\d+)-(\d+)$")
 
 
+def _is_int_pair(item: Any) -> bool:
+    return isinstance(item, (tuple, list)) and len(item) == 2 and all(isinstance(v, int) for v in item)
+
+
 def _is_block_spec(arch: Sequence[Any]) -> bool:
     """True for the d2l form: every item a pair of ints and no pool marker."""
-    return len(arch) > 0 and all(
-        isinstance(item, (tuple, list)) and len(item) == 2 and all(isinstance(v, int) for v in item) for item in arch
-    )
+    return len(arch) > 0 and all(_is_int_pair(item) for item in arch)
 
 
 def blocks_to_arch(blocks: Sequence[Sequence[int]]) -> list[Any]:
@@ -80,7 +82,7 @@ def _parse_token(token: Any) -> Layer:
         raise ConfigError(f"architecture token {token!r} is not a layer: use a channel count, (channels, kernel), 'M' or 'LRN'")
     if isinstance(token, int):
         return Conv(token)
-    if isinstance(token, (tuple, list)) and len(token) == 2 and all(isinstance(v, int) for v in token):
+    if _is_int_pair(token):
         return Conv(token[0], token[1])
     if isinstance(token, str):
         word = token.strip()

@@ -35,7 +35,8 @@ for _name, _letter in _BASE_NAMES.items():
     MODELS[_name + "_bn"] = (_letter, True)
 
 
-def _pair(size: int | Sequence[int]) -> tuple[int, int]:
+def size_pair(size: int | Sequence[int]) -> tuple[int, int]:
+    """``32`` -> ``(32, 32)``; ``(h, w)`` -> ``(h, w)``."""
     if isinstance(size, int):
         return (size, size)
     if len(size) != 2:
@@ -124,7 +125,7 @@ class VGG(nn.Module):
         self.head = head
         self.in_channels = in_channels
         self.num_classes = num_classes
-        self.input_size = _pair(input_size)
+        self.input_size = size_pair(input_size)
         self.num_pools = num_pools(layers)
         self.min_size = 2**self.num_pools
         self._check_size(self.input_size, "input_size", self.min_size)
@@ -146,7 +147,7 @@ class VGG(nn.Module):
         self.features, self.layer_names = make_layers(layers, in_channels, norm_layer if batch_norm else None)
         channels = [layer.channels for layer in layers if isinstance(layer, Conv)][-1]
         self.feature_info = self._feature_info(layers, in_channels)
-        fh, fw = (s // 2**self.num_pools for s in self.input_size)
+        fh, fw = (s // self.min_size for s in self.input_size)
         self.feature_map_size = (fh, fw)
         if head == "gap":
             self.avgpool: nn.Module = nn.AdaptiveAvgPool2d(1)
@@ -183,7 +184,7 @@ class VGG(nn.Module):
 
     # ----------------------------------------------------------------------------------------------- input checks
     def _check_size(self, size: tuple[int, int], what: str, minimum: int | tuple[int, int]) -> None:
-        mh, mw = _pair(minimum)
+        mh, mw = size_pair(minimum)
         if size[0] < mh or size[1] < mw:
             reason = (
                 f"its {self.num_pools} max-pools halve the size {self.num_pools} times"
@@ -215,9 +216,13 @@ class VGG(nn.Module):
         self._check_size(size, "input", self.input_size if self.head == "dense" else self.min_size)
 
     # -------------------------------------------------------------------------------------------------- forward
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    def _check_eager_input(self, x: torch.Tensor) -> None:
+        """:meth:`check_input`, skipped while tracing or compiling (the checks read shapes as Python ints)."""
         if not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
             self.check_input(x)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_eager_input(x)
         return self.features(x)
 
     def forward_score_map(self, x: torch.Tensor) -> torch.Tensor:
@@ -248,8 +253,7 @@ class VGG(nn.Module):
         if unknown:
             raise ConfigError(f"unknown layer name(s) {unknown}: this model has {', '.join(self.layer_names)}")
         wanted = {self.layer_names[n]: n for n in names}
-        if not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
-            self.check_input(x)
+        self._check_eager_input(x)
         out: dict[str, torch.Tensor] = {}
         modules = list(self.features)
         for i in range(max(wanted) + 1):

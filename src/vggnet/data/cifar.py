@@ -198,14 +198,15 @@ def load_cifar(name: str, data_dir: str | os.PathLike | None = None) -> tuple[Im
     info = DATASETS[name]
     source = find_cifar(name, data_dir)
     names = info["train_members"] + info["test_members"] + [info["meta_member"]]
-    if source.is_dir():
+    in_folder = source.is_dir()
+    if in_folder:
         members = read_folder_members(source, names)
     else:
         members = read_archive_members(source, info["folder"], names)
 
     def where(member: str) -> str:
         """How error messages name a member: its file, or ``archive:folder/member``."""
-        return str(source / member) if source.is_dir() else f"{source}:{info['folder']}/{member}"
+        return str(source / member) if in_folder else f"{source}:{info['folder']}/{member}"
 
     num_classes = len(info["classes"])
     meta = info["meta_member"]

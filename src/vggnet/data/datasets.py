@@ -165,10 +165,15 @@ def canonical_name(name: str) -> str:
     return key
 
 
+def cache_root() -> pathlib.Path:
+    """vggnet's cache directory: ``$XDG_CACHE_HOME/vggnet``, or ``~/.cache/vggnet``."""
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return pathlib.Path(cache) / "vggnet"
+
+
 def download_root() -> pathlib.Path:
     """Where ``vggnet data fetch`` stores datasets by default: ``$XDG_CACHE_HOME/vggnet/data`` (``~/.cache/...``)."""
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return pathlib.Path(cache) / "vggnet" / "data"
+    return cache_root() / "data"
 
 
 def search_dirs(name: str, data_dir: str | os.PathLike | None = None) -> list[pathlib.Path]:

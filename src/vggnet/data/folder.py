@@ -38,7 +38,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from vggnet.data.datasets import ImageDataset
+from vggnet.data.datasets import ImageDataset, cache_root
 from vggnet.errors import ConfigError, DataError
 
 CACHE_DIR_NAME = ".vggnet-cache"
@@ -133,8 +133,7 @@ def _fingerprint(root: pathlib.Path, image_size: int, test_fraction: float,
 
 
 def _cache_dirs(root: pathlib.Path) -> list[pathlib.Path]:
-    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return [root / CACHE_DIR_NAME, pathlib.Path(xdg) / "vggnet" / "folders" / _hash(str(root))[:16]]
+    return [root / CACHE_DIR_NAME, cache_root() / "folders" / _hash(str(root))[:16]]
 
 
 def _read_cache(root: pathlib.Path, filename: str, classes: list[str],
