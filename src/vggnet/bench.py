@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 SECTIONS = ("peak", "train", "infer", "e2e", "memory", "ablation", "profile")
-DEFAULT_SECTIONS = ("peak", "train", "infer", "e2e", "memory", "ablation", "profile")
+DEFAULT_SECTIONS = SECTIONS
 TARGETS = {"train_ratio": 2.5, "train_peak_share": 0.70, "infer_ratio": 3.0, "e2e_ratio": 3.0,
            "memory_error": 0.15}
 SCHEMA = 1
@@ -151,14 +151,12 @@ def machine_info(threads: int) -> dict[str, Any]:
 
     model = platform.processor() or platform.machine()
     try:
-        for line in open("/proc/cpuinfo", encoding="ascii", errors="ignore"):
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-        flags = open("/proc/cpuinfo", encoding="ascii", errors="ignore").read()
-        isa = [f for f in ("avx512f", "avx512_bf16", "amx_bf16") if re.search(rf"\b{f}\b", flags)]
+        cpuinfo = open("/proc/cpuinfo", encoding="ascii", errors="ignore").read()
     except OSError:
-        isa = []
+        cpuinfo = ""
+    name = re.search(r"^model name\s*:\s*(.*?)\s*$", cpuinfo, re.M)
+    model = name.group(1) if name else model
+    isa = [f for f in ("avx512f", "avx512_bf16", "amx_bf16") if re.search(rf"\b{f}\b", cpuinfo)]
     return {"cpu": model, "cores": available_cores(), "threads": threads, "isa": isa, "bf16_native": cpu_has_bf16(),
             "torch": torch.__version__, "vggnet": __version__, "python": platform.python_version(),
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
@@ -307,11 +305,6 @@ def bench_peak(cfg: BenchConfig) -> dict[str, Any]:
     return out
 
 
-def peak_flops(results: dict[str, Any], precision: str) -> float | None:
-    peak = results.get("peak")
-    return peak[precision]["flop_per_second"] if peak and precision in peak else None
-
-
 # ----------------------------------------------------------------------------------------------------- train
 @contextlib.contextmanager
 def _quiet_stdout():
@@ -335,14 +328,14 @@ def _train_setup(cfg: BenchConfig, run_dir: Path, **overrides: Any):
     """Trainer for the training-step benchmark and a few real batches from its loader."""
     batch = cfg.pick(128, 16)
     trainer = make_trainer(cfg, run_dir, width=1.0, batch_size=batch, head="gap", dropout=0.0, **overrides)
+    return trainer, _first_batches(trainer)
+
+
+def _first_batches(trainer, n: int = 4) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Put ``trainer`` in training mode at epoch 0 and take the first ``n`` (images, labels) batches of its loader."""
     trainer.net.train()
     trainer.start_epoch(0)
-    batches = []
-    for images, labels in trainer.loader:
-        batches.append((images, labels))
-        if len(batches) == 4:
-            break
-    return trainer, batches
+    return [batch for _, batch in zip(range(n), trainer.loader)]
 
 
 def _vggnet_step(trainer, batches) -> Callable[[], float]:
@@ -357,7 +350,7 @@ def _vggnet_step(trainer, batches) -> Callable[[], float]:
     return step
 
 
-def _reference_train_step(trainer, batches) -> tuple[Callable[[], float], nn.Module]:
+def _reference_train_step(trainer, batches) -> Callable[[], float]:
     """The same architecture as ``trainer.model`` in eager fp32 NCHW, on the same batches, preprocessed once."""
     config = trainer.model.config
     torch.manual_seed(0)
@@ -378,7 +371,7 @@ def _reference_train_step(trainer, batches) -> tuple[Callable[[], float], nn.Mod
         optimizer.step()
         return loss.item()
 
-    return step, model
+    return step
 
 
 def bench_train(cfg: BenchConfig, results: dict[str, Any]) -> dict[str, Any]:
@@ -387,14 +380,13 @@ def bench_train(cfg: BenchConfig, results: dict[str, Any]) -> dict[str, Any]:
         batch = trainer.loader.batch_size
         config = trainer.model.config
         flops = 3 * 2 * forward_macs(config, config["input_size"][0]) * batch
-        ref_step, _ = _reference_train_step(trainer, batches)
+        ref_step = _reference_train_step(trainer, batches)
         times = interleaved({"reference": ref_step, "vggnet": _vggnet_step(trainer, batches)}, cfg.n_rounds,
                             warmup=cfg.pick(3, 1))
-        reference = Timing("reference: eager fp32 NCHW nn.Sequential", "fp32", batch, times["reference"], flops,
-                           peak_flops(results, "fp32"))
+        reference = Timing("reference: eager fp32 NCHW nn.Sequential", "fp32", batch, times["reference"], flops)
         fast = Timing(f"vggnet: Trainer.train_step ({trainer.precision}, "
                       f"{'channels_last' if trainer.config.channels_last else 'NCHW'})", trainer.precision, batch,
-                      times["vggnet"], flops, peak_flops(results, trainer.precision))
+                      times["vggnet"], flops)
         return comparison(reference, fast, model=config["name"], head=config["head"], width=config["width"],
                           input_size=config["input_size"], in_channels=config["in_channels"], batch=batch,
                           flops_per_step=flops, flop_convention="3 x forward; 2 FLOPs per MAC",
@@ -450,10 +442,9 @@ def bench_infer(cfg: BenchConfig, results: dict[str, Any]) -> dict[str, Any]:
             fast(x)
 
     times = interleaved({"reference": ref_fn, "vggnet": fast_fn}, rounds=cfg.pick(6, 2), warmup=cfg.pick(2, 1))
-    ref_t = Timing("reference: eager fp32 NCHW, torch.no_grad", "fp32", batch, times["reference"], flops,
-                   peak_flops(results, "fp32"))
+    ref_t = Timing("reference: eager fp32 NCHW, torch.no_grad", "fp32", batch, times["reference"], flops)
     fast_t = Timing(f"vggnet: optimize_for_inference ({', '.join(fast.steps)})", fast.precision, batch,
-                    times["vggnet"], flops, peak_flops(results, fast.precision))
+                    times["vggnet"], flops)
     return comparison(ref_t, fast_t, model=name, head=head, input_size=size, batch=batch, flops_per_batch=flops,
                       steps=fast.steps, tolerance={"rel_l2_error_max": BF16_RTOL if fast.precision == "bf16" else 1e-5},
                       **_logit_error(ref_out, fast_out), target_ratio=TARGETS["infer_ratio"])
@@ -665,12 +656,11 @@ def memory_child(name: str, size: int, head: str, batch: int, threads: int) -> d
 
 def bench_memory(cfg: BenchConfig, results: dict[str, Any]) -> dict[str, Any]:
     from .analysis import summarize
-    from .hardware import set_threads
     from .models import create_model
 
     cases = cfg.pick(MEMORY_CASES, MEMORY_CASES[:1])
     batches = cfg.pick(MEMORY_BATCHES, (8,))
-    threads = cfg.threads or set_threads(None)
+    threads = results["conditions"]["threads"]  # what run() set
     rows = []
     for name, size, head in cases:
         with torch.device("meta"):
@@ -707,26 +697,23 @@ def bench_ablation(cfg: BenchConfig, results: dict[str, Any]) -> dict[str, Any]:
                     ("+ channels_last", dict(precision="fp32"), True),
                     ("+ bf16 autocast", {}, False),
                     ("+ small-map GEMM convs (vggnet default)", {}, True)]
-        steps: dict[str, Callable[[], Any]] = {}
-        precisions: dict[str, str] = {}
-        reference_step = None
-        for i, (label, overrides, small_maps) in enumerate(variants):
-            trainer, batches = _train_setup(cfg, Path(tmp) / f"run{i}", **overrides)
+        setups = [(label, small_maps, *_train_setup(cfg, Path(tmp) / f"run{i}", **overrides))
+                  for i, (label, overrides, small_maps) in enumerate(variants)]
+        first, batches = setups[0][2:]
+        steps: dict[str, Callable[[], Any]] = {"reference: eager fp32 NCHW": _reference_train_step(first, batches)}
+        precisions = {"reference: eager fp32 NCHW": "fp32"}
+        batch = first.loader.batch_size
+        flops = 3 * 2 * forward_macs(first.model.config, 32) * batch
+        for label, small_maps, trainer, batches in setups:
             if not small_maps:
                 for m in trainer.model.modules():
                     if isinstance(m, SmallMapConv2d):
                         m.max_pixels = 0
-            if reference_step is None:
-                reference_step, _ = _reference_train_step(trainer, batches)
-                steps["reference: eager fp32 NCHW"] = reference_step
-                precisions["reference: eager fp32 NCHW"] = "fp32"
-                batch = trainer.loader.batch_size
-                flops = 3 * 2 * forward_macs(trainer.model.config, 32) * batch
             steps[label] = _vggnet_step(trainer, batches)
             precisions[label] = trainer.precision
         times = interleaved(steps, rounds=cfg.pick(5, 1), warmup=cfg.pick(2, 1))
         ref_ips = batch / statistics.median(times["reference: eager fp32 NCHW"])
-        out["train"] = [dict(Timing(k, precisions[k], batch, v, flops, peak_flops(results, precisions[k])).to_dict(),
+        out["train"] = [dict(Timing(k, precisions[k], batch, v, flops).to_dict(),
                              ratio=batch / statistics.median(v) / ref_ips) for k, v in times.items()]
     # Inference: VGG-16-BN, so that folding BN has something to do.
     name, size, batch, head = cfg.pick(("vgg16_bn", 224, 8, "classic"), ("vgg11_bn", 32, 2, "gap"))
@@ -761,7 +748,7 @@ def bench_ablation(cfg: BenchConfig, results: dict[str, Any]) -> dict[str, Any]:
         fns[label] = call
     times = interleaved(fns, rounds=cfg.pick(4, 1), warmup=1)
     ref_ips = batch / statistics.median(times[rows[0][0]])
-    out["infer"] = [dict(Timing(label, prec, batch, times[label], flops, peak_flops(results, prec)).to_dict(),
+    out["infer"] = [dict(Timing(label, prec, batch, times[label], flops).to_dict(),
                          ratio=batch / statistics.median(times[label]) / ref_ips, **errors[label])
                     for label, _, prec in rows]
     out["infer_model"] = {"model": name, "input_size": size, "batch": batch}
@@ -825,14 +812,11 @@ def bench_profile(cfg: BenchConfig, results: dict[str, Any]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="vggnet-bench-") as tmp:
         trainer, batches = _train_setup(cfg, Path(tmp) / "run")
         out["train"] = profile_table(_vggnet_step(trainer, batches))
-        ref_step, _ = _reference_train_step(trainer, batches)
+        ref_step = _reference_train_step(trainer, batches)
         out["train_reference"] = profile_table(ref_step)
         # The e2e model: `vggnet train`'s defaults (quarter width, batch 256).
         trainer = make_trainer(cfg, Path(tmp) / "default", batch_size=cfg.pick(None, 16))
-        trainer.net.train()
-        trainer.start_epoch(0)
-        default_batches = [batch for _, batch in zip(range(4), trainer.loader)]
-        out["train_default_model"] = profile_table(_vggnet_step(trainer, default_batches))
+        out["train_default_model"] = profile_table(_vggnet_step(trainer, _first_batches(trainer)))
     name, size, batch, head = cfg.pick(("vgg16", 224, 8, "classic"), ("vgg11", 32, 2, "gap"))
     _, model = _infer_models(name, size, head)
     fast = optimize_for_inference(model)
@@ -848,7 +832,7 @@ def bench_profile(cfg: BenchConfig, results: dict[str, Any]) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------------------ run
 RUNNERS: dict[str, Callable[[BenchConfig, dict[str, Any]], dict[str, Any]]] = {
-    "train": bench_train, "infer": bench_infer, "e2e": bench_e2e, "memory": bench_memory,
+    "peak": lambda cfg, results: bench_peak(cfg), "train": bench_train, "infer": bench_infer, "e2e": bench_e2e, "memory": bench_memory,
     "ablation": bench_ablation, "profile": bench_profile,
 }
 
@@ -874,7 +858,7 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
         cfg.log(f"{section} ...")
         start = time.perf_counter()
         with CpuMonitor() as mon:
-            results[section] = bench_peak(cfg) if section == "peak" else RUNNERS[section](cfg, results)
+            results[section] = RUNNERS[section](cfg, results)
         results[section]["section_seconds"] = time.perf_counter() - start
         loads[section] = mon.other_cores
         if mon.other_cores is not None and mon.other_cores > 0.2:
@@ -887,7 +871,7 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
         for precision in ("fp32", "bf16"):
             if again[precision]["flop_per_second"] > results["peak"][precision]["flop_per_second"]:
                 results["peak"][precision] = again[precision]
-        _apply_peak(results, results["peak"])
+        _apply_peak(results, results["peak"])  # the one place every share of peak is set
     results["conditions"]["other_load_cores"] = loads
     results["summary"] = summarize_targets(results)
     return results

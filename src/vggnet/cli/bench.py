@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from ..bench import DEFAULT_SECTIONS, SECTIONS, BenchConfig, render, run
-from .common import positive_int
+from ..checkpoint import atomic_write_json
+from .common import positive_int, print_json
 
 
 def sections(text: str) -> tuple[str, ...]:
@@ -46,9 +46,11 @@ def run_bench(args: argparse.Namespace) -> int:
                       rounds=args.rounds, e2e_subset=args.subset, wait_idle=args.wait_idle,
                       progress=lambda message: print(f"vggnet bench: {message}", file=sys.stderr, flush=True))
     results = run(cfg)
-    text = json.dumps(results, indent=2)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n", encoding="utf-8")
-    print(text if args.json else render(results))
+        atomic_write_json(args.out, results)
+    if args.json:
+        print_json(results)
+    else:
+        print(render(results))
     return 0
