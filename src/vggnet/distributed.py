@@ -153,8 +153,9 @@ class Dist:
         """
         from .evaluation import evaluate, metrics_from_logits, predict_logits
 
-        if not self.enabled:
-            return evaluate(model, dataset, preprocess, self.device, precision, batch_size,
+        if not self.enabled:  # on the model's own device (a single process may use any one)
+            device = next(model.parameters()).device
+            return evaluate(model, dataset, preprocess, device, precision, batch_size,
                             channels_last=channels_last, progress=progress)
         self.sync_buffers(model)
         n, k = len(dataset), len(dataset.classes)
@@ -213,12 +214,6 @@ def teardown() -> None:
 
     if tdist.is_available() and tdist.is_initialized():
         tdist.destroy_process_group()
-
-
-def is_main_process() -> bool:
-    import torch.distributed as tdist
-
-    return not (tdist.is_available() and tdist.is_initialized()) or tdist.get_rank() == 0
 
 
 # What gloo and NCCL say when a peer is gone: "Connection reset by peer", "Connection closed by peer", "Timed out

@@ -13,7 +13,6 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .checkpoint import LoadedModel
 from .errors import DataError
 from .evaluation import predict_logits
-from .hardware import pick_precision
 
 
 def read_image(path: str | os.PathLike, channels: int) -> torch.Tensor:
@@ -79,7 +78,7 @@ def predict_files(loaded: LoadedModel, files: Sequence[str], top_k: int = 5, dev
             results.append(Prediction(str(path), error=str(err)))
     if images:
         dev = torch.device(device)
-        logits = predict_logits(loaded.model.to(dev), torch.stack(images), prep, dev, pick_precision(dev, "fp32"),
+        logits = predict_logits(loaded.model.to(dev), torch.stack(images), prep, dev, "fp32",
                                 tta=tta)
         probs = logits.softmax(1)
         values, indices = probs.topk(k, dim=1)

@@ -6,7 +6,8 @@
 - ``onecycle``: linear warmup to the peak over ``warmup_steps`` (30% of training when not given), then linear decay
   to 0 (the "one-cycle" shape airbench and fast.ai use);
 - ``step``: warmup, then /10 at 50% and 75% of training;
-- ``plateau``: warmup, then the :class:`Plateau` state divides by 10 when test accuracy stops improving (the paper).
+- ``plateau``: warmup, then the :class:`Plateau` state divides by 10 when test accuracy stops improving (the paper);
+- ``constant``: warmup, then the base rate.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-SCHEDULES = ("cosine", "onecycle", "step", "plateau")
+SCHEDULES = ("cosine", "onecycle", "step", "plateau", "constant")
 
 
 def lr_factor(schedule: str, step: int, total_steps: int, warmup_steps: int) -> float:
@@ -29,7 +30,7 @@ def lr_factor(schedule: str, step: int, total_steps: int, warmup_steps: int) -> 
         return max(0.0, 1.0 - progress)
     if schedule == "step":
         return 0.1 ** ((progress >= 0.5) + (progress >= 0.75))
-    if schedule == "plateau":
+    if schedule in ("plateau", "constant"):
         return 1.0
     raise ValueError(f"unknown schedule {schedule!r}")
 

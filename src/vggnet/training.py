@@ -30,7 +30,7 @@ from .checkpoint import (atomic_write_json, atomic_write_text, load_tensors, opt
                          optimizer_to_tensors, read_json, save_model, save_tensors)
 from .data import Augment, BatchLoader, ImageDataset, Preprocess, channel_stats, load_dataset
 from .errors import CheckpointError, ConfigError, VggnetError
-from .evaluation import EvalResult, evaluate
+from .evaluation import EvalResult
 from .speedups import tune_for_cpu_bf16
 from .hardware import autocast, pick_device, pick_precision, set_threads
 from .models import HEADS, MODELS, create_model, list_models
@@ -92,7 +92,7 @@ class TrainConfig:
         checks = [
             (self.head in HEADS, f"--head must be one of {', '.join(HEADS)}, got {self.head!r}"),
             (self.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}"),
-            (self.schedule in SCHEDULES + ("constant",), f"--schedule must be one of {', '.join(SCHEDULES)}, constant"),
+            (self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}"),
             (self.normalize in NORMALIZE, f"--normalize must be one of {', '.join(NORMALIZE)}"),
             (self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}"),
             (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
@@ -251,14 +251,13 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, run_dir: Path, resume: bool = False) -> None:
         self.config = config
-        self.run_dir = run_dir
         self.dist = distributed.setup(config.device)
         self.run_dir = run_dir = Path(self.dist.broadcast_object(str(run_dir)))  # rank 0's (timestamped) name
         self.device = self.dist.device if self.dist.enabled else pick_device(config.device)
         self.precision = pick_precision(self.device, config.precision)
         if self.precision == "fp16" and self.device.type == "cpu":
             raise ConfigError("--precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
-        self.threads = set_threads(config.threads or self.dist.default_threads())  # torchrun: cores / local ranks
+        set_threads(config.threads or self.dist.default_threads())  # torchrun: cores / local ranks
         if config.batch_size % self.dist.world_size:
             raise ConfigError(f"--batch-size {config.batch_size} (global) does not divide among "
                               f"{self.dist.world_size} processes: use a multiple of {self.dist.world_size}")
@@ -292,6 +291,7 @@ class Trainer:
         self.state = RunState()
         self.history: list[dict[str, Any]] = []
         self.writer = None
+        self.resume_rng = None  # the saved random states, when resuming mid-epoch (load_state)
         if resume:
             self.load_state()
         elif self.dist.is_main:
@@ -344,7 +344,7 @@ class Trainer:
     def start_epoch(self, epoch: int) -> None:
         """Seed every random source from (seed, epoch), or restore the saved ones when resuming mid-epoch."""
         self.loader.set_epoch(epoch)
-        if getattr(self, "resume_rng", None) is not None and self.state.batch > 0:
+        if self.resume_rng is not None and self.state.batch > 0:
             cpu_rng, aug_rng, cuda_rng = self.resume_rng
             torch.set_rng_state(cpu_rng)
             self.generator.set_state(aug_rng)
@@ -357,10 +357,7 @@ class Trainer:
         self.resume_rng = None
 
     def learning_rate(self) -> float:
-        if self.config.schedule == "constant":
-            factor = 1.0 if self.state.step >= self.warmup_steps else (self.state.step + 1) / self.warmup_steps
-        else:
-            factor = lr_factor(self.config.schedule, self.state.step, self.total_steps, self.warmup_steps)
+        factor = lr_factor(self.config.schedule, self.state.step, self.total_steps, self.warmup_steps)
         return self.config.lr * factor * self.state.plateau["scale"]
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -461,12 +458,9 @@ class Trainer:
         return record
 
     def evaluate(self) -> EvalResult:
-        if self.dist.enabled:  # every rank scores its share of the test set and gets the whole result
-            return self.dist.evaluate(self.model, self.test_set, self.preprocess, self.precision,
-                                      self.config.eval_batch_size, self.config.channels_last, self.config.progress)
-        return evaluate(self.model, self.test_set, self.preprocess, self.device, self.precision,
-                        self.config.eval_batch_size, channels_last=self.config.channels_last,
-                        progress=self.config.progress and self.dist.is_main)
+        # Under torchrun every rank scores its share of the test set and gets the whole result.
+        return self.dist.evaluate(self.model, self.test_set, self.preprocess, self.precision,
+                                  self.config.eval_batch_size, self.config.channels_last, self.config.progress)
 
     # ---------------------------------------------------------------------------------------------- files
     def write_epoch(self, record: dict[str, Any], test: EvalResult, best: bool) -> None:
@@ -506,7 +500,7 @@ class Trainer:
         with stop_on_signals() as stop:
             for epoch in range(self.state.epoch, self.config.epochs):
                 self.train_epoch(epoch, stop)
-                record = self.finish_epoch(epoch)
+                self.finish_epoch(epoch)
                 if self.dist.stop_requested(stop["signum"]):  # a collective, like the one after every step
                     signum = stop["signum"] or signal.SIGTERM
                     raise Interrupted(f"stopped by {signal.Signals(signum).name} after epoch {epoch + 1}; "

@@ -38,7 +38,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=positive_float, help="peak learning rate for the global batch")
     p.add_argument("--momentum", type=fraction)
     p.add_argument("--weight-decay", type=float)
-    p.add_argument("--schedule", choices=SCHEDULES + ("constant",))
+    p.add_argument("--schedule", choices=SCHEDULES)
     p.add_argument("--warmup-epochs", type=float)
     p.add_argument("--label-smoothing", type=fraction)
     p.add_argument("--grad-clip", type=positive_float, metavar="NORM")
@@ -62,7 +62,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
-_NOT_CONFIG = {"verb", "run", "resume", "json", "preset", "input_size", "num_classes", "in_channels"}
+_NOT_CONFIG = {"verb", "run", "resume", "json", "preset", "num_classes", "in_channels"}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -81,8 +81,6 @@ def run(args: argparse.Namespace) -> int:
         runtime = {k: v for k, v in options.items() if k in RUNTIME_OPTIONS}
         result = _guarded(lambda: resume(args.resume, options.get("epochs"), **runtime), lambda: args.resume)
     else:
-        if options.get("scale_jitter"):
-            options["scale_jitter"] = tuple(options["scale_jitter"])
         config = resolve_config(args.preset, **options)
         result = _guarded(lambda: train(config), lambda: config.out)
     if result is None:
