@@ -161,6 +161,11 @@ def test_plateau_divides_after_patience_epochs_without_improvement():
     assert scales == pytest.approx([1, 1, 1, 1, 0.1, 0.1, 0.1, 0.01])
 
 
+def test_the_plateau_schedule_uses_the_configured_patience(tmp_path, train_options):
+    config = resolve_config(**train_options(schedule="plateau", plateau_patience=5, out=str(tmp_path / "run")))
+    assert Trainer(config, tmp_path / "run").state.plateau == Plateau(patience=5).to_dict()
+
+
 # ------------------------------------------------------------------------------------------------ the loop
 def test_a_few_steps_lower_the_loss_on_a_fixed_batch(tmp_path, train_options):
     config = resolve_config(**train_options(flip=False, crop_padding=0, dropout=0.0, out=str(tmp_path / "run")))

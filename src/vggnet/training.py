@@ -288,7 +288,7 @@ class Trainer:
         self.total_steps = config.epochs * len(self.loader)
         self.warmup_steps = int(config.warmup_epochs * len(self.loader))
         self.generator = torch.Generator(self.device)
-        self.state = RunState()
+        self.state = RunState(plateau=Plateau(patience=config.plateau_patience).to_dict())
         self.history: list[dict[str, Any]] = []
         self.writer = None
         self.resume_rng = None  # the saved random states, when resuming mid-epoch (load_state)
