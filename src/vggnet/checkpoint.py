@@ -18,7 +18,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from safetensors import SafetensorError
@@ -56,9 +56,12 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
+def _safetensors_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
+    return st_save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()})
+
+
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> None:
-    cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    atomic_write_bytes(path, st_save(cpu))
+    atomic_write_bytes(path, _safetensors_bytes(tensors))
 
 
 def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -94,17 +97,19 @@ def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_model(run_dir: str | os.PathLike, model: torch.nn.Module, meta: dict[str, Any],
-               weights_name: str = "model.safetensors", write_json: bool = True) -> None:
-    """Write the weights (and ``model.json`` with ``meta`` plus the model config and format)."""
+               weights_names: Sequence[str] = ("model.safetensors",)) -> None:
+    """Write the weights (serialised once, into each of ``weights_names`` in turn) and ``model.json`` with
+    ``meta`` plus the model config and format."""
     run_dir = Path(run_dir)
-    save_tensors(run_dir / weights_name, model_state(model))
-    if write_json:
-        from . import __version__
+    data = _safetensors_bytes(model_state(model))
+    for name in weights_names:
+        atomic_write_bytes(run_dir / name, data)
+    from . import __version__
 
-        bare = getattr(model, "module", model)
-        bare = getattr(bare, "_orig_mod", bare)
-        atomic_write_json(run_dir / "model.json", {"format": FORMAT, "vggnet_version": __version__,
-                                                   "model": bare.config, **meta})
+    bare = getattr(model, "module", model)
+    bare = getattr(bare, "_orig_mod", bare)
+    atomic_write_json(run_dir / "model.json", {"format": FORMAT, "vggnet_version": __version__,
+                                               "model": bare.config, **meta})
 
 
 @dataclass

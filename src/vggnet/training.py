@@ -468,10 +468,11 @@ class Trainer:
 
         metrics = {"test_acc": record["test_acc"], "test_top5": record["test_top5"], "test_loss": record["test_loss"],
                    "epoch": record["epoch"], "best_test_acc": self.state.best_acc}
+        # The weights are serialised once; on a best epoch they go to best.safetensors too.
+        save_model(self.run_dir, self.model, self.meta(metrics),
+                   ("best.safetensors", "model.safetensors") if best else ("model.safetensors",))
         if best:
-            save_model(self.run_dir, self.model, self.meta(metrics), weights_name="best.safetensors", write_json=False)
             atomic_write_json(self.run_dir / "best.json", {"epoch": record["epoch"], "test_acc": record["test_acc"]})
-        save_model(self.run_dir, self.model, self.meta(metrics))
         self.save_state()
         atomic_write_text(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history))
         atomic_write_text(self.run_dir / "metrics.csv", _to_csv(self.history))
