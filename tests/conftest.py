@@ -1,4 +1,8 @@
-"""Shared fixtures. Fixtures of the data tests are prefixed ``data_``."""
+"""Shared fixtures. Fixtures of the data tests are prefixed ``data_``.
+
+Markers: ``cpu_bf16`` marks a test that runs bf16 convolutions on the CPU; it is skipped where oneDNN cannot
+(an AVX2-only CPU: :func:`vggnet.runtime.cpu_runs_bf16`). ``cuda`` marks a test that needs a CUDA device.
+"""
 
 import gzip
 import struct
@@ -114,18 +118,17 @@ def train_run(tmp_path_factory, train_options):
 
 @pytest.fixture(scope="session")
 def train_run_one_epoch(tmp_path_factory, train_options):
-    """The same run stopped after one epoch (through the Trainer, keeping the in-memory model). Read only."""
+    """The same run stopped after one epoch (built and fitted in steps, keeping the in-memory model). Read only."""
     import copy
 
-    from vggnet.training import Trainer, resolve_config
+    from vggnet.training import build_run, fit, resolve_config
 
     run_dir = tmp_path_factory.mktemp("run-one") / "run"
     config = resolve_config(**train_options(epochs=1, out=str(run_dir)))
-    trainer = Trainer(config, run_dir)
-    result = trainer.run()
+    run = build_run(config)
+    result = fit(run)
     return {"dir": run_dir, "config": config, "result": result,
-            "model": copy.deepcopy(trainer.model).eval(), "preprocess": trainer.preprocess,
-            "test_set": trainer.test_set}
+            "model": copy.deepcopy(run.model).eval(), "preprocess": run.preprocess, "test_set": run.test_set}
 
 
 @pytest.fixture
@@ -163,3 +166,22 @@ def train_snapshot():
         return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
     return snap
+
+
+# ------------------------------------------------------------------------------------------------ device markers
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cpu_bf16: runs bf16 convolutions on the CPU (skipped where they cannot run)")
+    config.addinivalue_line("markers", "cuda: needs a CUDA device (skipped without one)")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    from vggnet.runtime import cpu_runs_bf16
+
+    skips = {"cpu_bf16": (cpu_runs_bf16(), "this CPU cannot run bf16 convolutions (oneDNN needs AVX512 or AMX)"),
+             "cuda": (torch.cuda.is_available(), "no CUDA device")}
+    for item in items:
+        for marker, (available, reason) in skips.items():
+            if marker in item.keywords and not available:
+                item.add_marker(pytest.mark.skip(reason=reason))

@@ -3,7 +3,7 @@
 import torch
 
 import vggnet
-from vggnet import checkpoint, evaluation, training
+from vggnet import evaluation, rundir, training
 
 
 def test_package_level_names_are_the_module_functions():
@@ -11,9 +11,10 @@ def test_package_level_names_are_the_module_functions():
     assert vggnet.resume is training.resume
     assert vggnet.TrainConfig is training.TrainConfig
     assert vggnet.evaluate is evaluation.evaluate
-    assert vggnet.load is checkpoint.load
+    assert vggnet.load is rundir.load
+    assert vggnet.ModelCard is rundir.ModelCard
     # The modules stay reachable under their own names.
-    assert vggnet.training.Trainer is training.Trainer
+    assert vggnet.training.build_run is training.build_run
 
 
 def test_train_load_evaluate_round_trip(tmp_path, train_data_dir):

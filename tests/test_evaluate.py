@@ -139,6 +139,7 @@ def _small_bn_vgg():
     return model.eval()
 
 
+@pytest.mark.cpu_bf16
 def test_bf16_evaluation_runs_the_fast_path_without_touching_the_model(monkeypatch):
     import vggnet.inference
     from vggnet.evaluation import predict_logits

@@ -12,7 +12,8 @@ from torch import nn
 
 from vggnet import create_model
 from vggnet.errors import ConfigError
-from vggnet.speedups import (SmallMapConv2d, _GemmConv3x3, im2col3x3, pool_before_relu, tune_for_cpu_bf16,
+from vggnet.runtime import cpu_has_bf16
+from vggnet.cpu_bf16 import (SmallMapConv2d, _GemmConv3x3, im2col3x3, pool_before_relu, tune_for_cpu_bf16,
                              use_small_map_convs)
 from vggnet.inference import (BF16_RTOL, ConvReLU, InferenceModel, fold_batch_norms, fold_conv_bn,
                               fuse_conv_relu, optimize_for_inference, resolve_precision)
@@ -84,7 +85,7 @@ def test_folding_needs_eval_mode_and_running_stats(small_bn_model):
         fold_conv_bn(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.cpu_bf16)])
 def test_conv_relu_fusion_equals_conv_then_relu(dtype):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Identity(), nn.ReLU(inplace=True),
@@ -105,6 +106,7 @@ def test_conv_relu_fusion_equals_conv_then_relu(dtype):
     assert (got >= 0).all()
 
 
+@pytest.mark.cpu_bf16
 def test_optimize_for_inference_leaves_the_input_model_alone(small_bn_model):
     before = {k: v.clone() for k, v in small_bn_model.state_dict().items()}
     optimize_for_inference(small_bn_model, precision="bf16")
@@ -123,13 +125,28 @@ def test_inference_model_refuses_training(small_bn_model):
 
 def test_resolve_precision():
     assert resolve_precision("fp32") == "fp32"
-    assert resolve_precision("bf16") == "bf16"
-    assert resolve_precision("auto", "cpu") in ("fp32", "bf16")
+    assert resolve_precision("auto", "cpu") == ("bf16" if cpu_has_bf16() else "fp32")
     with pytest.raises(ConfigError, match="precision"):
         resolve_precision("fp16")
+    with pytest.raises(ConfigError, match="precision"):
+        resolve_precision("int4")
+
+
+@pytest.mark.cpu_bf16
+def test_resolve_precision_bf16():
+    assert resolve_precision("bf16") == "bf16"
+
+
+def test_bf16_is_refused_in_one_line_where_the_cpu_cannot_run_it(monkeypatch):
+    from vggnet import runtime
+
+    monkeypatch.setattr(runtime, "cpu_runs_bf16", lambda: False)
+    with pytest.raises(ConfigError, match="cannot run bf16 convolutions.*--precision fp32"):
+        resolve_precision("bf16")
 
 
 # ----------------------------------------------------------------------------------------------------- bf16
+@pytest.mark.cpu_bf16
 def test_bf16_path_within_stated_tolerance_of_fp32(small_bn_model):
     x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     fast = optimize_for_inference(small_bn_model, precision="bf16")

@@ -1,4 +1,6 @@
-"""Prediction on image files: decoding any mode, fitting any size, top-k equal to the model's softmax, errors."""
+"""Prediction on image files: top-k equal to the model's softmax on the shared decoder's pixels, errors.
+
+The decoder itself (modes, transparency, resizing, errors) is tested in tests/data/test_images.py."""
 
 import json
 import shutil
@@ -8,13 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from vggnet.checkpoint import load
-from vggnet.errors import DataError
-from vggnet.predict import fit_image, predict_files, read_image
+from vggnet.rundir import load
+from vggnet.data import decode_image
+from vggnet.predict import predict_files
 
 ORANGE, BLUE = (200, 100, 50), (10, 20, 250)
-# Luminance by hand (ITU-R 601-2, as Pillow's "L" conversion): 0.299 R + 0.587 G + 0.114 B, rounded down.
-ORANGE_L, BLUE_L = 124, 43  # 124.2 and 43.23
 
 
 def halves(left, right, mode="RGB", size=(28, 28)):
@@ -22,12 +22,6 @@ def halves(left, right, mode="RGB", size=(28, 28)):
     image = Image.new(mode, size, left)
     image.paste(right, (size[0] // 2, 0, size[0], size[1]))
     return image
-
-
-def expected_halves(left, right, size=(28, 28)):
-    out = torch.full((1, size[1], size[0]), left, dtype=torch.uint8)
-    out[:, :, size[0] // 2:] = right
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -54,48 +48,10 @@ def images(tmp_path):
     return files
 
 
-# ------------------------------------------------------------------------------------------------ decoding
-def test_read_image_colour_into_grayscale_and_rgb(images):
-    assert torch.equal(read_image(images["rgb"], 1), expected_halves(ORANGE_L, BLUE_L))
-    rgb = read_image(images["rgb"], 3)
-    assert rgb.shape == (3, 28, 28) and rgb.dtype == torch.uint8
-    assert rgb[:, 0, 0].tolist() == list(ORANGE) and rgb[:, 0, 27].tolist() == list(BLUE)
-
-
-def test_read_image_composites_transparency_onto_black(images, tmp_path):
-    assert torch.equal(read_image(images["rgba"], 1), expected_halves(ORANGE_L, 0))
-    assert torch.equal(read_image(images["palette"], 1), expected_halves(ORANGE_L, 0))  # palette index 1: clear
-    halves((77, 255), (77, 0), "LA").save(tmp_path / "la.png")
-    assert torch.equal(read_image(tmp_path / "la.png", 1), expected_halves(77, 0))
-    gray = read_image(tmp_path / "la.png", 3)
-    assert gray[:, 0, 0].tolist() == [77, 77, 77] and gray[:, 0, 27].tolist() == [0, 0, 0]
-
-
-def test_read_image_errors_name_the_file(tmp_path):
-    (tmp_path / "text.png").write_text("not an image")
-    with pytest.raises(DataError, match="text.png: not a readable image"):
-        read_image(tmp_path / "text.png", 1)
-    with pytest.raises(DataError, match="missing.png: no such file"):
-        read_image(tmp_path / "missing.png", 1)
-    with pytest.raises(DataError, match="is a directory"):
-        read_image(tmp_path, 1)
-
-
-def test_fit_image_crops_the_centre_and_keeps_native_sizes():
-    image = torch.arange(28 * 42, dtype=torch.int64).remainder(256).to(torch.uint8).view(1, 28, 42)
-    assert torch.equal(fit_image(image, 28), image[:, :, 7:35])  # shorter side already 28: centre crop only
-    assert torch.equal(fit_image(image.transpose(1, 2), 28), image.transpose(1, 2)[:, 7:35, :])
-    square = image[:, :, :28]
-    assert fit_image(square, 28) is square
-    for h, w in ((200, 300), (10, 10), (5, 90)):
-        out = fit_image(torch.full((1, h, w), 99, dtype=torch.uint8), 28)
-        assert out.shape == (1, 28, 28) and out.dtype == torch.uint8 and bool((out == 99).all())
-
-
 # ------------------------------------------------------------------------------------------------ predicting
 def by_hand(loaded, path, flip=False):
-    """Softmax of the model on the file, computed step by step: decode, fit to 28, preprocess, forward."""
-    x = loaded.preprocess(fit_image(read_image(path, 1), 28)[None])
+    """Softmax of the model on the file, computed step by step: decode and fit to 28, preprocess, forward."""
+    x = loaded.preprocess(torch.from_numpy(decode_image(path, 28, 1)).permute(2, 0, 1)[None])
     with torch.no_grad():
         probs = loaded.model(x).softmax(1)[0]
         if flip:

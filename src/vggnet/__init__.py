@@ -9,7 +9,7 @@ Train, load, evaluate (the Python side of ``vggnet train``, ``vggnet eval``)::
 
     result = vggnet.train(epochs=5, out="runs/quick")        # keyword options as on the command line
     loaded = vggnet.load("runs/quick")                       # model + preprocessing + class names
-    train_set, test_set = vggnet.load_dataset("fashion-mnist")
+    train_set, test_set = vggnet.load_dataset("fashion-mnist")   # in-memory uint8 images and labels
     metrics = vggnet.evaluate(loaded.model, test_set, loaded.preprocess)
 """
 
@@ -30,8 +30,10 @@ _LAZY = {
     "resolve_config": ".training",
     "evaluate": ".evaluation",
     "EvalResult": ".evaluation",
-    "load": ".checkpoint",
-    "LoadedModel": ".checkpoint",
+    "load": ".rundir",
+    "LoadedModel": ".rundir",
+    "ModelCard": ".rundir",
+    "RunDir": ".rundir",
     "load_dataset": ".data",
     "optimize_for_inference": ".inference",
 }

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from .errors import ConfigError, VggnetError
-from .hardware import available_cores
+from .runtime import available_cores
 
 # Seconds a collective waits for a missing rank before the job fails instead of hanging. It must be longer than
 # the longest stretch one rank works alone while the others wait: rank 0 writing checkpoints and plots at the end

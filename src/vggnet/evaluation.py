@@ -9,7 +9,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .hardware import autocast
+from .runtime import autocast, uses_cpu_bf16_path
 
 
 @dataclass
@@ -67,21 +67,30 @@ def predict_logits(model: torch.nn.Module, images: torch.Tensor, preprocess, dev
                    precision: str = "fp32", batch_size: int | None = None, tta: str | None = None,
                    channels_last: bool = True, progress: bool = False) -> torch.Tensor:
     """Float32 logits for uint8 ``images`` (N, C, H, W), in batches (default :func:`auto_batch_size`);
-    ``tta="flip"`` averages with the mirror.
+    ``tta="flip"`` averages with the mirror. ``model`` runs in eval mode and is put back in its own mode after.
 
     In bf16 on the CPU the batches run through :func:`vggnet.inference.optimize_for_inference` (a folded, fused
     bf16 copy of ``model``; about 2x faster than autocast on the default model and 6x on VGG-16) instead of under
     autocast; the logits agree with autocast's to bf16 rounding.
     """
-    from tqdm.auto import tqdm
-
+    was_training = model.training
     model.eval()
     batch_size = batch_size or auto_batch_size(*images.shape[-2:])
     mixed = autocast(device, precision)
-    if precision == "bf16" and device.type == "cpu":
+    net = model
+    if uses_cpu_bf16_path(device, precision):
         from .inference import optimize_for_inference
 
-        model, mixed = optimize_for_inference(model, "bf16", channels_last), contextlib.nullcontext()
+        net, mixed = optimize_for_inference(model, "bf16", channels_last), contextlib.nullcontext()
+    try:
+        return _logits(net, images, preprocess, device, batch_size, mixed, tta, channels_last, progress)
+    finally:
+        model.train(was_training)  # the caller's model leaves in the mode it came in
+
+
+def _logits(model, images, preprocess, device, batch_size, mixed, tta, channels_last, progress) -> torch.Tensor:
+    from tqdm.auto import tqdm
+
     out = []
     bar = tqdm(total=len(images), unit="img", unit_scale=True, desc="eval", disable=None if progress else True,
                leave=False)  # None: draw only on a terminal

@@ -13,10 +13,10 @@ same float32 NCHW batches and returns float32 logits. What it does, each step op
    apply (GPU, other dtypes), it computes ``relu(conv(x))``. State-dict keys do not change.
 3. ``channels_last``: weights and input in NHWC, the layout oneDNN's convolution and pooling kernels run natively.
 4. ``precision``: ``"bf16"`` converts the weights to bfloat16 once (no per-call casts as under autocast) and runs
-   the input in bf16; ``"auto"`` picks bf16 where the CPU has AVX512_BF16/AMX (:func:`vggnet.hardware.cpu_has_bf16`)
+   the input in bf16; ``"auto"`` picks bf16 where the CPU has AVX512_BF16/AMX (:func:`vggnet.runtime.cpu_has_bf16`)
    and fp32 elsewhere. Tolerance of bf16 against fp32: relative L2 error of the logits below 3% (``BF16_RTOL``;
    typically about 0.5-1%) and the same top-1 class on all but near-tied inputs.
-5. ``small_maps``: 3x3 convs on maps of at most 16 pixels run as one GEMM in bf16 (:mod:`vggnet.speedups`).
+5. ``small_maps``: 3x3 convs on maps of at most 16 pixels run as one GEMM in bf16 (:mod:`vggnet.cpu_bf16`).
 6. ``compile``: ``torch.compile`` of the result (off by default: it costs tens of seconds of compilation; see
    docs/BENCHMARKS.md for when it pays).
 """
@@ -30,21 +30,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError
-from .speedups import DEFAULT_MAX_PIXELS, SmallMapConv2d, rewrite_pairs, use_small_map_convs
-from .hardware import pick_precision
-
-PRECISIONS = ("auto", "fp32", "bf16")
+from .cpu_bf16 import DEFAULT_MAX_PIXELS, SmallMapConv2d, rewrite_pairs, use_small_map_convs
+from .runtime import pick_precision, uses_cpu_bf16_path
 #: Documented tolerance of the bf16 path: ||logits_bf16 - logits_fp32|| / ||logits_fp32|| below this.
 BF16_RTOL = 3e-2
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def resolve_precision(precision: str = "auto", device: torch.device | str = "cpu") -> str:
-    """``auto`` -> ``bf16`` on CPUs with native bf16 (and on CUDA), else ``fp32``."""
-    if precision not in PRECISIONS:
-        raise ConfigError(f"inference precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    """The precision of the inference copy: :func:`vggnet.runtime.pick_precision`'s choice, except that there is no
+    fp16 inference path (``auto`` on a GPU without bf16 runs fp32; fp16 stays refused on the CPU)."""
     chosen = pick_precision(torch.device(device), precision)
-    return "fp32" if chosen == "fp16" else chosen  # no fp16 inference path: GPUs without bf16 run fp32
+    return "fp32" if chosen == "fp16" else chosen
 
 
 @torch.no_grad()
@@ -90,7 +87,7 @@ def _has_pointwise_conv() -> bool:
 class ConvReLU(SmallMapConv2d):
     """``relu(conv(x))`` in one oneDNN call on the CPU (inference only: the fused op has no backward).
 
-    Small bf16 maps still take the GEMM path of :class:`~vggnet.speedups.SmallMapConv2d` (then a ReLU).
+    Small bf16 maps still take the GEMM path of :class:`~vggnet.cpu_bf16.SmallMapConv2d` (then a ReLU).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -150,7 +147,7 @@ def optimize_for_inference(model: nn.Module, precision: str = "auto", channels_l
     steps: list[str] = []
     if fold_bn and fold_batch_norms(fast):
         steps.append("fold_bn")
-    gemm_pixels = DEFAULT_MAX_PIXELS if small_maps and precision == "bf16" and device.type == "cpu" else 0
+    gemm_pixels = DEFAULT_MAX_PIXELS if small_maps and uses_cpu_bf16_path(device, precision) else 0
     if fuse_relu and fuse_conv_relu(fast, gemm_pixels):
         steps.append("fuse_conv_relu")
     if channels_last:

@@ -6,7 +6,7 @@ import io
 import os
 from typing import Sequence
 
-from .checkpoint import atomic_write_bytes
+from .files import atomic_write_bytes
 
 
 def _figure():
@@ -25,18 +25,24 @@ def _save(fig, path: str | os.PathLike) -> None:
 
 
 def plot_curves(records: Sequence[dict], path: str | os.PathLike, title: str = "") -> None:
-    """Loss and accuracy per epoch, train against test."""
+    """Loss and accuracy per epoch: train, validation (when the run holds one out) and test. The accuracy panel
+    marks the final test accuracy (and the best validation accuracy: what selects the best checkpoint)."""
     plt = _figure()
     epochs = [r["epoch"] for r in records]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_loss.plot(epochs, [r["train_loss"] for r in records], "o-", label="train")
-    ax_loss.plot(epochs, [r["test_loss"] for r in records], "s-", label="test")
+    splits = [("train", "o-"), ("val", "^-"), ("test", "s-")]
+    for split, style in splits:
+        if f"{split}_loss" in records[-1]:
+            ax_loss.plot(epochs, [r[f"{split}_loss"] for r in records], style, label=split)
+            ax_acc.plot(epochs, [100 * r[f"{split}_acc"] for r in records], style, label=split)
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy loss", title="loss")
-    ax_acc.plot(epochs, [100 * r["train_acc"] for r in records], "o-", label="train")
-    ax_acc.plot(epochs, [100 * r["test_acc"] for r in records], "s-", label="test")
-    best = max(records, key=lambda r: r["test_acc"])
-    ax_acc.annotate(f"{100 * best['test_acc']:.2f}%", (best["epoch"], 100 * best["test_acc"]),
+    final = records[-1]
+    ax_acc.annotate(f"test {100 * final['test_acc']:.2f}%", (final["epoch"], 100 * final["test_acc"]),
                     textcoords="offset points", xytext=(0, -14), ha="center")
+    if "val_acc" in final:
+        best = max(records, key=lambda r: r["val_acc"])
+        ax_acc.annotate(f"best val {100 * best['val_acc']:.2f}%", (best["epoch"], 100 * best["val_acc"]),
+                        textcoords="offset points", xytext=(0, 8), ha="center")
     ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from ..bench import DEFAULT_SECTIONS, SECTIONS, BenchConfig, render, run
-from ..checkpoint import atomic_write_json
+from ..files import atomic_write_json
 from .common import positive_int, print_json
 
 

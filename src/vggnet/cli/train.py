@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 
 from ..errors import ConfigError
+from ..models import INITS
+from ..runtime import PRECISIONS
 from ..schedule import SCHEDULES
-from ..training import (NORMALIZE, OPTIMIZERS, PRECISIONS, PRESETS, RUNTIME_OPTIONS, Interrupted, resolve_config,
-                     resume, train)
+from ..training import (DECAYING, NORMALIZE, OPTIMIZERS, PRESETS, RUNTIME_OPTIONS, Interrupted, resolve_config,
+                        resume, train)
 from .common import add_model_options, positive_float, positive_int, print_json
 
 
@@ -23,11 +25,15 @@ def fraction(text: str) -> float:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train on Fashion-MNIST, CIFAR-10/100 or an image folder",
-                       description="Options left out come from --preset (default 'fast'), then the built-in defaults.")
-    p.add_argument("--model", help="model name (default vgg11_bn) or 'custom' with --arch")
-    add_model_options(p, with_input_size=False)
-    p.add_argument("--dropout", type=fraction, help="dropout probability on the head's FC layers")
-    p.add_argument("--init", choices=("torchvision", "paper", "xavier"))
+                       description="Options left out come from --preset (default 'fast'), then the built-in defaults. "
+                                   "The model: without --model, the preset's (default: quarter-width vgg11_bn with a "
+                                   "GAP head, no dropout); a named --model is that model's own architecture (full "
+                                   "width, classic head, dropout 0.5) unless --width/--head/--dropout are given.")
+    p.add_argument("--model", help="model name or 'custom' with --arch (default: the preset's, vgg11_bn)")
+    add_model_options(p, training=True)
+    p.add_argument("--dropout", type=fraction, help="dropout probability on the head's FC layers (default: the named "
+                   "model's 0.5; without --model, the default recipe's 0)")
+    p.add_argument("--init", choices=INITS, help="weight initialisation (default torchvision)")
     p.add_argument("--dataset", help="fashion-mnist (default), cifar10, cifar100 or folder:PATH")
     p.add_argument("--data-dir", help="where the dataset files are (searched before $VGGNET_DATA)")
     p.add_argument("--image-size", type=positive_int, metavar="N", help="input size in pixels (default 32)")
@@ -48,26 +54,34 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scale-jitter", type=positive_float, nargs=2, metavar=("LO", "HI"),
                    help="zoom window as fractions of the side, e.g. 0.44 0.88")
     p.add_argument("--preset", choices=sorted(PRESETS))
+    p.add_argument("--val-split", type=positive_int, metavar="N",
+                   help="hold out N training images (stratified, the same for every seed) for validation: the best "
+                        "checkpoint and --schedule plateau follow the validation accuracy; without it there is no "
+                        "best checkpoint (the test set is only reported, never used to select)")
     p.add_argument("--subset", type=positive_int, metavar="N", help="train on the first N training images only")
     p.add_argument("--seed", type=int)
     p.add_argument("--out", metavar="RUN_DIR", help="run directory (default runs/MODEL-DATASET-TIME)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run exactly (with --epochs: to a new total)")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue a stopped run exactly; with --epochs N, extend it to N epochs in total: the learning-"
+                        "rate schedule keeps its length (constant, step and plateau go on at their final rate; runs "
+                        f"on {'/'.join(DECAYING)}, which end at 0, cannot be extended); config.json records the new "
+                        "total at the first checkpoint")
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
     p.add_argument("--precision", choices=PRECISIONS, help="auto: bf16 where the hardware runs it natively")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false", default=None)
     p.add_argument("--threads", type=positive_int)
     p.add_argument("--sync-bn", action="store_true", default=None, help="SyncBatchNorm under torchrun")
+    p.add_argument("--tensorboard", action="store_true", default=None,
+                   help="also write TensorBoard logs to RUN_DIR/tensorboard (pip install 'vggnet[tensorboard]')")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(run=run)
 
 
-_NOT_CONFIG = {"verb", "run", "resume", "json", "preset", "num_classes", "in_channels"}
+_NOT_CONFIG = {"verb", "run", "resume", "json", "preset"}
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.num_classes or args.in_channels:
-        raise ConfigError("--num-classes and --in-channels come from the dataset; leave them out")
     options = {k: v for k, v in vars(args).items() if k not in _NOT_CONFIG and v is not None}
     if args.json:
         options.setdefault("progress", False)  # stdout carries only the JSON result
@@ -88,9 +102,15 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print_json({k: v for k, v in result.items() if k != "history"})
     else:
-        print(f"test accuracy {100 * result['test_acc']:.2f}% (best {100 * result['best_test_acc']:.2f}%) after "
-              f"{result['epochs']} epochs; run directory {result['run_dir']}")
+        print(summary_line(result))
     return 0
+
+
+def summary_line(result: dict) -> str:
+    val = (f", validation {100 * result['val_acc']:.2f}% (best {100 * result['best_val_acc']:.2f}%)"
+           if result.get("best_val_acc") is not None else "")
+    return (f"test accuracy {100 * result['test_acc']:.2f}%{val} after {result['epochs']} epochs; run directory "
+            f"{result['run_dir']}")
 
 
 def _guarded(fn, run_dir):

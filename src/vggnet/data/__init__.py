@@ -16,11 +16,14 @@ with a one-line message naming the file, what is wrong and the fix.
 """
 
 from vggnet.data.augment import Augment, Preprocess, channel_stats
+from vggnet.data.catalogue import DATASETS, search_dirs
 from vggnet.data.cifar import find_cifar, load_cifar
-from vggnet.data.datasets import DATASETS, ImageDataset, load_dataset, search_dirs
+from vggnet.data.dataset import ImageDataset
 from vggnet.data.fetch import fetch
-from vggnet.data.folder import decode_image, load_folder
+from vggnet.data.folder import load_folder
 from vggnet.data.idx import find_fashion_mnist, load_fashion_mnist, read_idx
+from vggnet.data.images import decode_image
+from vggnet.data.load import load_dataset
 from vggnet.data.loader import BatchLoader
 
 __all__ = [

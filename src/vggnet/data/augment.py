@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn.functional as F
 
-from vggnet.data.datasets import ImageDataset
+from vggnet.data.dataset import ImageDataset
 from vggnet.errors import ConfigError, DataError, InputSizeError
 
 FITS = ("auto", "pad", "resize")

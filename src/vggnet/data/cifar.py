@@ -26,7 +26,8 @@ import zlib
 import numpy as np
 import torch
 
-from vggnet.data.datasets import DATASETS, ImageDataset, canonical_name, search_dirs
+from vggnet.data.catalogue import DATASETS, canonical_name, search_dirs
+from vggnet.data.dataset import ImageDataset
 from vggnet.errors import DataError
 
 CIFAR_IMAGE_SHAPE = (3, 32, 32)

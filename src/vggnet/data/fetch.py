@@ -18,7 +18,7 @@ import urllib.request
 
 from tqdm import tqdm
 
-from vggnet.data.datasets import DATASETS, canonical_name, download_root
+from vggnet.data.catalogue import DATASETS, canonical_name, download_root
 from vggnet.errors import DataError
 
 CHUNK_BYTES = 1 << 20

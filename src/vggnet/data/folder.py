@@ -14,12 +14,15 @@
   The split depends only on the file names, so it is the same on every machine and every run.
 * Within a split, samples are ordered by that same hash, which interleaves the classes: ``subset(n)`` draws from
   all of them.
-* Every image is decoded with Pillow, turned upright (EXIF orientation), converted to RGB, resized so its shorter
-  side is ``image_size`` and centre-cropped to ``image_size`` squared. Images that cannot be decoded are collected
-  and reported together, by path; none is skipped silently.
+* Every image is decoded by :func:`vggnet.data.images.decode_image`, the decoder ``vggnet predict`` uses too:
+  upright (EXIF orientation), transparency composited over black, RGB, shorter side resized to ``image_size`` and
+  centre-cropped to ``image_size`` squared. Images that cannot be decoded are collected and reported together, by
+  path; none is skipped silently.
 * The decoded tensors are cached in ``PATH/.vggnet-cache/`` (or ``$XDG_CACHE_HOME/vggnet/folders/`` when ``PATH`` is
-  read-only) as safetensors, keyed by ``image_size``, the split rule and a fingerprint of every file's path, size and
-  modification time; any change to the files means a fresh decode. Cache files are written atomically.
+  read-only) as safetensors, keyed by ``image_size``, the decoder's version
+  (:data:`vggnet.data.images.DECODER_VERSION`), the split rule and a fingerprint of every file's path, size and
+  modification time; any change to the files or to the decoder means a fresh decode. Cache files are written
+  atomically, and replace the earlier cache files of the same ``image_size``.
 """
 
 from __future__ import annotations
@@ -33,12 +36,14 @@ import warnings
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from vggnet.data.datasets import ImageDataset, cache_root
+from vggnet.data.catalogue import cache_root
+from vggnet.data.dataset import ImageDataset
+from vggnet.data.images import DECODER_VERSION, ImageFileError, decode_image
 from vggnet.errors import ConfigError, DataError
 
 CACHE_DIR_NAME = ".vggnet-cache"
@@ -122,13 +127,13 @@ def plan_split(root: pathlib.Path, test_fraction: float) -> tuple[list[str], dic
 
 def _fingerprint(root: pathlib.Path, image_size: int, test_fraction: float,
                  splits: dict[str, list[tuple[str, int]]]) -> str:
-    """Digest of everything the cached tensors depend on: sizes, split rule, every file's name/size/mtime."""
+    """Digest of everything the cached tensors depend on: sizes, decoder, split rule, every file's name/size/mtime."""
     files = []
     for split in ("train", "test"):
         for rel, label in splits[split]:
             stat = (root / rel).stat()
             files.append([split, rel, label, stat.st_size, stat.st_mtime_ns])
-    key = json.dumps([CACHE_VERSION, image_size, test_fraction, files])
+    key = json.dumps([CACHE_VERSION, DECODER_VERSION, image_size, test_fraction, files])
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
@@ -156,8 +161,19 @@ def _read_cache(root: pathlib.Path, filename: str, classes: list[str],
     return None
 
 
-def _write_cache(root: pathlib.Path, filename: str, tensors: dict[str, torch.Tensor], classes: list[str]) -> None:
-    """Write atomically (temp file + os.replace) to the first writable cache dir; drop stale files of this size."""
+def _cache_prefix(image_size: int) -> str:
+    """What every cache file of this size starts with, whatever decoder or files it was made from."""
+    return f"folder-{image_size}px-"
+
+
+def _cache_filename(image_size: int, fingerprint: str) -> str:
+    return f"{_cache_prefix(image_size)}dec{DECODER_VERSION}-{fingerprint[:20]}.safetensors"
+
+
+def _write_cache(root: pathlib.Path, filename: str, tensors: dict[str, torch.Tensor], classes: list[str],
+                 image_size: int) -> None:
+    """Write atomically (temp file + os.replace) to the first writable cache dir; drop stale files of this size
+    (older file sets or older decoders)."""
     for directory in _cache_dirs(root):
         tmp = None
         try:
@@ -170,24 +186,11 @@ def _write_cache(root: pathlib.Path, filename: str, tensors: dict[str, torch.Ten
             if tmp is not None and os.path.exists(tmp):
                 os.unlink(tmp)
             continue
-        prefix = filename.rsplit("-", 1)[0]
-        for stale in directory.glob(f"{prefix}-*.safetensors"):
+        for stale in directory.glob(f"{_cache_prefix(image_size)}*.safetensors"):
             if stale.name != filename:
                 stale.unlink(missing_ok=True)
         return
     warnings.warn(f"could not write a decode cache for {root}; the next load decodes the images again", stacklevel=3)
-
-
-def decode_image(path: str | os.PathLike, image_size: int, channels: int = 3) -> np.ndarray:
-    """One image as uint8 ``(S, S, channels)``: upright, RGB (or L when ``channels=1``), shorter side resized to
-    ``S = image_size`` and centre-cropped. Pillow's exceptions pass through (callers decide how to report them)."""
-    with Image.open(path) as image:
-        image = ImageOps.exif_transpose(image)
-        if image.mode == "P" and "transparency" in image.info:
-            image = image.convert("RGBA")  # what Pillow asks for before dropping a palette's transparency
-        image = image.convert("RGB" if channels == 3 else "L")
-        image = ImageOps.fit(image, (image_size, image_size), method=Image.Resampling.BILINEAR)
-        return np.asarray(image, dtype=np.uint8).reshape(image_size, image_size, channels)
 
 
 def _decode_all(root: pathlib.Path, splits: dict[str, list[tuple[str, int]]],
@@ -202,8 +205,8 @@ def _decode_all(root: pathlib.Path, splits: dict[str, list[tuple[str, int]]],
             for i, (rel, _) in enumerate(items):
                 try:
                     pixels[i] = decode_image(root / rel, image_size)
-                except Exception as exc:  # Pillow raises many types for bad files; report them all by path
-                    failures.append(f"{rel} ({' '.join(str(exc).split()) or type(exc).__name__})")
+                except ImageFileError as exc:  # collected, reported together by relative path
+                    failures.append(f"{rel} ({exc.reason})")
                 bar.update(1)
             out[f"{split}_images"] = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()
             out[f"{split}_labels"] = torch.tensor([label for _, label in items], dtype=torch.int64)
@@ -229,11 +232,11 @@ def load_folder(path: str | os.PathLike, image_size: int = 64, test_fraction: fl
     if not 0.0 < test_fraction < 1.0:
         raise ConfigError(f"test_fraction must be in (0, 1), got {test_fraction}")
     classes, splits = plan_split(root, test_fraction)
-    filename = f"folder-{image_size}px-{_fingerprint(root, image_size, test_fraction, splits)[:20]}.safetensors"
+    filename = _cache_filename(image_size, _fingerprint(root, image_size, test_fraction, splits))
     tensors = _read_cache(root, filename, classes, splits) if cache else None
     if tensors is None:
         tensors = _decode_all(root, splits, image_size)
         if cache:
-            _write_cache(root, filename, tensors, classes)
+            _write_cache(root, filename, tensors, classes, image_size)
     return (ImageDataset(tensors["train_images"], tensors["train_labels"], classes, root.name),
             ImageDataset(tensors["test_images"], tensors["test_labels"], classes, root.name))

@@ -18,7 +18,8 @@ import zlib
 import numpy as np
 import torch
 
-from vggnet.data.datasets import DATASETS, ImageDataset, search_dirs
+from vggnet.data.catalogue import DATASETS, search_dirs
+from vggnet.data.dataset import ImageDataset
 from vggnet.errors import DataError
 
 IDX_UBYTE = 0x08

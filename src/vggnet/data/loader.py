@@ -22,7 +22,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from vggnet.data.datasets import ImageDataset
+from vggnet.data.dataset import ImageDataset
 from vggnet.errors import ConfigError
 
 

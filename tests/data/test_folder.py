@@ -1,14 +1,18 @@
-"""Image-folder datasets: layout, decoding, deterministic split, cache, error reporting."""
+"""Image-folder datasets: layout, decoding, deterministic split, cache (and its decoder version), error reporting."""
 
+import hashlib
+import json
 import os
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 
-from vggnet.data import load_dataset, load_folder
+from vggnet.data import decode_image, load_dataset, load_folder
 from vggnet.data.folder import CACHE_DIR_NAME, plan_split
+from vggnet.data.images import DECODER_VERSION
 from vggnet.errors import DataError
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
@@ -103,6 +107,42 @@ def test_cache_hit_and_invalidation(tree, data_env, monkeypatch):
         load_folder(tree, image_size=12)
 
 
+def old_decoder_cache_name(root, image_size, test_fraction=0.2):
+    """The cache file name the loader used before the shared decoder (fingerprint without a decoder version)."""
+    _, splits = plan_split(root, test_fraction)
+    files = [[split, rel, label, (root / rel).stat().st_size, (root / rel).stat().st_mtime_ns]
+             for split in ("train", "test") for rel, label in splits[split]]
+    digest = hashlib.sha256(json.dumps([1, image_size, test_fraction, files]).encode("utf-8")).hexdigest()
+    return f"folder-{image_size}px-{digest[:20]}.safetensors", splits
+
+
+def test_cache_of_the_old_decoder_is_not_served(tree, data_env):
+    """A cache written by the old decoder (file name and fingerprint without the decoder version) is ignored
+    and replaced, even though it matches the files and classes."""
+    name, splits = old_decoder_cache_name(tree, 12)
+    (tree / CACHE_DIR_NAME).mkdir()
+    stale = {f"{split}_{kind}": tensor for split in ("train", "test") for kind, tensor in (
+        ("images", torch.full((len(splits[split]), 3, 12, 12), 123, dtype=torch.uint8)),
+        ("labels", torch.tensor([label for _, label in splits[split]])))}
+    save_file(stale, str(tree / CACHE_DIR_NAME / name), metadata={"classes": json.dumps(["cat", "dog", "eel"])})
+    train, test = load_folder(tree, image_size=12)
+    assert not (train.images == 123).all() and torch.equal(train.images, load_folder(tree, 12, cache=False)[0].images)
+    cached = [p.name for p in (tree / CACHE_DIR_NAME).glob("*.safetensors")]
+    assert cached == [p for p in cached if p.startswith(f"folder-12px-dec{DECODER_VERSION}-")] and len(cached) == 1
+
+
+def test_cache_is_keyed_by_the_decoder_version(tree, data_env, monkeypatch):
+    load_folder(tree, image_size=12)
+    (first,) = (tree / CACHE_DIR_NAME).glob("folder-12px-*.safetensors")
+    decoded = []
+    monkeypatch.setattr("vggnet.data.folder.DECODER_VERSION", DECODER_VERSION + 1)
+    monkeypatch.setattr("vggnet.data.folder.decode_image", lambda *a, **k: decoded.append(a) or decode_image(*a, **k))
+    load_folder(tree, image_size=12)
+    assert len(decoded) == 8  # another decoder: every image decoded again, not served from the first cache
+    (second,) = (tree / CACHE_DIR_NAME).glob("folder-12px-*.safetensors")
+    assert second.name != first.name and f"-dec{DECODER_VERSION + 1}-" in second.name
+
+
 def test_unreadable_images_reported_by_path(tree, data_env):
     (tree / "cat" / "broken.jpg").write_bytes(b"this is not a jpeg")
     png = (tree / "dog" / "cut.png")
@@ -154,8 +194,6 @@ def test_missing_folder(tmp_path):
 
 
 def test_grayscale_decode_option(tmp_path):
-    from vggnet.data import decode_image
-
     solid("RGB", (30, 20), (10, 200, 30)).save(tmp_path / "x.png")
     gray = decode_image(tmp_path / "x.png", 8, channels=1)
     rgb = decode_image(tmp_path / "x.png", 8)

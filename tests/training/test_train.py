@@ -15,17 +15,19 @@ import torch
 import torch.nn.functional as F
 
 import vggnet
-from vggnet import checkpoint
-from vggnet import training as train_module
-from vggnet.checkpoint import load, load_tensors
+from vggnet import rundir
 from vggnet.data import DATASETS
 from vggnet.errors import CheckpointError, ConfigError, VggnetError
+from vggnet.files import load_tensors
+from vggnet.rundir import load
 from vggnet.schedule import Plateau, lr_factor
-from vggnet.training import PRESETS, Trainer, TrainConfig, TrainingDiverged, resolve_config, resume, train
+from vggnet.training import (PRESETS, TrainConfig, TrainingDiverged, build_run, loop, resolve_config, resume,
+                             seed_epoch, train, train_step)
 
 TIMING = ("epoch_seconds", "train_images_per_second")
-RUN_FILES = {"best.json", "best.safetensors", "config.json", "confusion.png", "curves.png", "eval.json", "metrics.csv",
-             "metrics.jsonl", "model.json", "model.safetensors", "state.json", "state.safetensors"}
+# Without a validation split there is no best checkpoint (the test set selects nothing).
+RUN_FILES = {"config.json", "confusion.png", "curves.png", "eval.json", "metrics.csv", "metrics.jsonl", "model.json",
+             "model.safetensors", "state.json", "state.safetensors"}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -51,8 +53,8 @@ def count_bn(model):
 # ------------------------------------------------------------------------------------------------ configuration
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_preset_values_override_the_defaults(name):
-    expected = {**TrainConfig().to_dict(), **PRESETS[name], "preset": name}
-    assert resolve_config(name).to_dict() == expected
+    expected = TrainConfig.from_dict({**TrainConfig().to_dict(), **PRESETS[name], "preset": name}).complete()
+    assert resolve_config(name).to_dict() == expected.to_dict()
 
 
 def test_no_preset_is_the_fast_preset():
@@ -123,7 +125,7 @@ def test_validate_accepts_the_boundaries():
 
 
 def test_batch_norm_option_builds_batch_norm_layers(train_options):
-    from vggnet.training import build_model
+    from vggnet.training.build import build_model
 
     dataset = types.SimpleNamespace(classes=list("abc"), images=torch.zeros(1, 1, 28, 28, dtype=torch.uint8))
     plain = build_model(resolve_config(**train_options()), dataset)
@@ -162,27 +164,33 @@ def test_plateau_divides_after_patience_epochs_without_improvement():
 
 
 def test_the_plateau_schedule_uses_the_configured_patience(tmp_path, train_options):
-    config = resolve_config(**train_options(schedule="plateau", plateau_patience=5, out=str(tmp_path / "run")))
-    assert Trainer(config, tmp_path / "run").state.plateau == Plateau(patience=5).to_dict()
+    config = resolve_config(**train_options(schedule="plateau", plateau_patience=5, val_split=32, epochs=1,
+                                            out=str(tmp_path / "run")))
+    train(config)
+    plateau = json.loads((tmp_path / "run" / "state.json").read_text())["run"]["plateau"]
+    expected = Plateau(patience=5)
+    expected.update(plateau["best"])  # the one epoch's validation accuracy
+    assert plateau == expected.to_dict()
 
 
 # ------------------------------------------------------------------------------------------------ the loop
 def test_a_few_steps_lower_the_loss_on_a_fixed_batch(tmp_path, train_options):
     config = resolve_config(**train_options(flip=False, crop_padding=0, dropout=0.0, out=str(tmp_path / "run")))
-    trainer = Trainer(config, tmp_path / "run")
-    images, labels = trainer.train_set.images[:32], trainer.train_set.labels[:32]
+    run = build_run(config)
+    images, labels = run.train_set.images[:32], run.train_set.labels[:32]
 
     def loss_now():
         with torch.no_grad():
-            return F.cross_entropy(trainer.model(trainer.preprocess(images)), labels).item()
+            return F.cross_entropy(run.model(run.preprocess(images)), labels).item()
 
     before = loss_now()
-    first, _ = trainer.train_step(images, labels)
+    seed_epoch(run, 0)
+    run.net.train()
+    first, _ = train_step(run, images, labels, config.lr)
     assert first.item() == pytest.approx(before, abs=1e-5)  # the step's loss is the batch's cross-entropy
     for _ in range(9):
-        trainer.train_step(images, labels)
+        train_step(run, images, labels, config.lr)
     after = loss_now()
-    assert trainer.state.step == 10
     assert after < before - 0.05, (before, after)
 
 
@@ -221,33 +229,28 @@ def test_run_directory_contents(train_run, train_data_dir):
     assert sum(eval_json["confusion"][i][i] for i in range(10)) / 64 == history[-1]["test_acc"]
 
     meta = json.loads((run_dir / "model.json").read_text())
-    assert meta["format"] == checkpoint.FORMAT and meta["vggnet_version"] == vggnet.__version__
+    assert meta["format"] == rundir.FORMAT and meta["vggnet_version"] == vggnet.__version__
     assert meta["model"] == {"name": "custom", "arch": [8, "M", 16, "M"], "batch_norm": False, "num_classes": 10,
                              "in_channels": 1, "dropout": 0.1, "width": 1.0, "head": "gap", "input_size": [32, 32],
                              "hidden": 4096, "init": config.init}
     assert meta["classes"] == DATASETS["fashion-mnist"]["classes"]
     assert meta["dataset"] == "fashion-mnist" and meta["image_size"] == 32 and meta["train_config"] == config.to_dict()
-    best_epoch = max(history, key=lambda r: r["test_acc"])["epoch"]  # the first of equal maxima
     assert meta["metrics"] == {"test_acc": history[-1]["test_acc"], "test_top5": history[-1]["test_top5"],
-                               "test_loss": history[-1]["test_loss"], "epoch": 2,
-                               "best_test_acc": max(r["test_acc"] for r in history)}
+                               "test_loss": history[-1]["test_loss"], "epoch": 2}
     # The preprocessing is the training set's own statistics, by hand: population mean and std of pixels / 255.
     train_images = _train_images(train_data_dir).numpy().astype(np.float64) / 255
     assert meta["preprocess"]["image_size"] == 32 and meta["preprocess"]["in_size"] == 28
     assert meta["preprocess"]["mean"] == pytest.approx([train_images.mean()], abs=1e-9)
     assert meta["preprocess"]["std"] == pytest.approx([train_images.std()], abs=1e-9)
 
-    assert json.loads((run_dir / "best.json").read_text()) == {"epoch": best_epoch,
-                                                                "test_acc": history[best_epoch - 1]["test_acc"]}
-    model, best = load_tensors(run_dir / "model.safetensors"), load_tensors(run_dir / "best.safetensors")
-    same = all(torch.equal(model[k], best[k]) for k in model)
-    assert same == (best_epoch == 2)
-    assert load(run_dir, "best.safetensors").model.num_classes == 10
+    model = load_tensors(run_dir / "model.safetensors")
+    with pytest.raises(CheckpointError, match="--val-split"):
+        load(run_dir, "best")  # no validation split: no best weights
 
     state = json.loads((run_dir / "state.json").read_text())
     assert {k: state["run"][k] for k in ("epoch", "batch", "step", "seen", "correct")} == \
         {"epoch": 2, "batch": 0, "step": 8, "seen": 0, "correct": 0}
-    assert state["run"]["best_acc"] == max(r["test_acc"] for r in history)
+    assert state["run"]["best_acc"] == -1.0  # nothing selected by the test set
     assert state["history"] == history
     tensors = load_tensors(run_dir / "state.safetensors")
     assert {"rng/torch", "rng/augment"} <= set(tensors)
@@ -256,7 +259,7 @@ def test_run_directory_contents(train_run, train_data_dir):
     assert len(momentum) == len(model) == 6  # one buffer per parameter (2 convs + 1 linear, no BN buffers)
 
     assert result["run_dir"] == str(run_dir) and result["epochs"] == 2
-    assert result["test_acc"] == history[-1]["test_acc"] and result["best_test_acc"] == state["run"]["best_acc"]
+    assert result["test_acc"] == history[-1]["test_acc"] and "best_val_acc" not in result
 
 
 def _train_images(directory):
@@ -318,15 +321,17 @@ def test_sigterm_mid_epoch_saves_state_and_resume_finishes_identically(tmp_path,
                                                                        train_run, monkeypatch):
     """The signal lands after step 6 (epoch 2, batch 2 of 4): RNG and batch position must be restored exactly."""
     run_dir = tmp_path / "run"
-    original = Trainer.train_step
+    original = loop.train_step
+    steps = []
 
-    def step_then_signal(self, images, labels):
-        out = original(self, images, labels)
-        if self.state.step == 6:
-            os.kill(os.getpid(), signal.SIGTERM)  # through the real handler the trainer installed
+    def step_then_signal(run, images, labels, lr):
+        out = original(run, images, labels, lr)
+        steps.append(1)
+        if len(steps) == 6:
+            os.kill(os.getpid(), signal.SIGTERM)  # through the real handler the loop installed
         return out
 
-    monkeypatch.setattr(Trainer, "train_step", step_then_signal)
+    monkeypatch.setattr(loop, "train_step", step_then_signal)
     code, out, err = train_cli(train_cli_args("--out", run_dir))
     assert code == 128 + signal.SIGTERM
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
@@ -335,10 +340,10 @@ def test_sigterm_mid_epoch_saves_state_and_resume_finishes_identically(tmp_path,
     assert {k: state["run"][k] for k in ("epoch", "batch", "step", "seen")} == \
         {"epoch": 1, "batch": 2, "step": 6, "seen": 64}
     assert len(read_history(run_dir)) == 1
-    assert load(run_dir).meta["metrics"]["epoch"] == 1  # the epoch-1 checkpoint is intact
+    assert load(run_dir).card.metrics["epoch"] == 1  # the epoch-1 checkpoint is intact
     assert not [p.name for p in run_dir.iterdir() if p.name.startswith(".")]
 
-    monkeypatch.setattr(Trainer, "train_step", original)
+    monkeypatch.setattr(loop, "train_step", original)
     code, out, err = train_cli(["train", "--resume", run_dir])
     assert code == 0, err
     assert_same_tensors(load_tensors(run_dir / "model.safetensors"),
@@ -347,7 +352,7 @@ def test_sigterm_mid_epoch_saves_state_and_resume_finishes_identically(tmp_path,
     # The CLI's flags gave exactly run A's configuration (--arch stays the string the user typed).
     config = json.loads((run_dir / "config.json").read_text())
     assert {**config, "out": None, "arch": None} == {**train_run["config"].to_dict(), "out": None, "arch": None}
-    assert config["arch"] == "8,M,16,M" and load(run_dir).meta["model"]["arch"] == [8, "M", 16, "M"]
+    assert config["arch"] == "8,M,16,M" and load(run_dir).card.model["arch"] == [8, "M", 16, "M"]
 
 
 # ------------------------------------------------------------------------------------------------ divergence
@@ -359,16 +364,14 @@ def test_nan_loss_stops_with_the_previous_checkpoint_intact(tmp_path, train_run_
     def nan_loss(*args, **kwargs):
         return F.cross_entropy(*args, **kwargs) * float("nan")
 
-    monkeypatch.setattr(train_module, "F", types.SimpleNamespace(cross_entropy=nan_loss))
+    monkeypatch.setattr(loop, "F", types.SimpleNamespace(cross_entropy=nan_loss))
     with pytest.raises(TrainingDiverged) as err:
         resume(run_dir, epochs=2)
     message = str(err.value)
     assert isinstance(err.value, VggnetError)
     assert "epoch 2" in message and "--lr" in message and "(epoch 1)" in message and str(run_dir) in message
     after = train_snapshot(run_dir)
-    assert json.loads(after.pop("config.json"))["epochs"] == 2  # resume(epochs=2) records the new total
-    before.pop("config.json")
-    assert after == before  # every checkpoint file byte-identical
+    assert after == before  # every file byte-identical: a failed resume leaves even config.json untouched
     x = train_run_one_epoch["preprocess"](train_run_one_epoch["test_set"].images[:8])
     with torch.no_grad():  # (the trainer's model is channels_last: equal up to float summation order)
         torch.testing.assert_close(load(run_dir).model(x), train_run_one_epoch["model"](x), rtol=0, atol=1e-6)

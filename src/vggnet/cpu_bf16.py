@@ -1,5 +1,6 @@
-"""CPU speed-ups that keep the numbers: what :class:`vggnet.training.Trainer` applies to a model trained in bf16 on
-the CPU (:func:`tune_for_cpu_bf16`), and what :func:`vggnet.inference.optimize_for_inference` builds on.
+"""CPU-bf16 speed-ups that keep the numbers: what training applies to a model trained in bf16 on the CPU
+(:func:`tune_for_cpu_bf16`, called by :func:`vggnet.training.build_run` where :func:`vggnet.runtime.uses_cpu_bf16_path`
+says so), and what :func:`vggnet.inference.optimize_for_inference` builds on.
 
 1. **Small-map convolutions as one GEMM** (:class:`SmallMapConv2d`). oneDNN's bf16 convolution kernels
    (AMX/AVX512-BF16) are fast on large maps but lose most of their speed on maps of a few pixels, where VGG spends a
@@ -97,6 +98,12 @@ class _GemmConv3x3(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
+def gemm_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A plain 3x3 convolution (stride 1, zero padding 1) as one GEMM, with its explicit backward, whatever the map
+    size (:class:`SmallMapConv2d` decides when to use it; the bench's sweep calls it directly)."""
+    return _GemmConv3x3.apply(x, weight, bias)
+
+
 class SmallMapConv2d(nn.Conv2d):
     """``nn.Conv2d`` that runs 3x3 bf16 convolutions on maps of at most ``max_pixels`` pixels as one GEMM."""
 
@@ -189,7 +196,7 @@ def out_of_place_relus(model: nn.Module) -> int:
 
 
 def tune_for_cpu_bf16(model: nn.Module) -> dict[str, int]:
-    """What :class:`vggnet.training.Trainer` does to a model that trains in bf16 on the CPU, in place: the same
+    """What training does to a model that trains in bf16 on the CPU, in place: the same
     parameters, state-dict keys, outputs and gradients (up to bf16 rounding in the GEMM convs). Returns counts."""
     return {"small_map_convs": use_small_map_convs(model), "pool_before_relu": pool_before_relu(model),
             "out_of_place_relus": out_of_place_relus(model)}

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from vggnet import create_model
-from vggnet.checkpoint import (FORMAT, atomic_write_bytes, load, load_tensors, model_state, optimizer_from_tensors,
-                               optimizer_to_tensors, read_meta, save_model, save_tensors)
+from vggnet.files import (atomic_write_bytes, load_tensors, model_state, optimizer_from_tensors, optimizer_to_tensors,
+                          save_tensors)
+from vggnet.rundir import FORMAT, ModelCard, RunDir, load, save_model
 from vggnet.errors import CheckpointError
 
 
@@ -36,15 +37,15 @@ def test_save_model_then_load_round_trip(tmp_path):
             if isinstance(module, torch.nn.BatchNorm2d):
                 module.running_mean.uniform_(-1, 1)
                 module.running_var.uniform_(0.5, 2)
-    meta = {"preprocess": {"image_size": 8, "mean": [0.5, 0.5], "std": [0.25, 0.25], "fit": "auto", "in_size": 8},
-            "classes": ["a", "b", "c"], "metrics": {"test_acc": 0.5}}
-    save_model(tmp_path, model, meta)
+    card = ModelCard(model={}, preprocess={"image_size": 8, "mean": [0.5, 0.5], "std": [0.25, 0.25], "fit": "auto",
+                                           "in_size": 8}, classes=["a", "b", "c"], metrics={"test_acc": 0.5})
+    save_model(tmp_path, model, card)
     loaded = load(tmp_path)
     x = torch.randn(4, 2, 8, 8)
     with torch.no_grad():
         assert torch.equal(loaded.model(x), model(x))
-    assert loaded.meta["model"] == model.config and loaded.meta["format"] == FORMAT
-    assert loaded.classes == ["a", "b", "c"] and loaded.meta["metrics"] == {"test_acc": 0.5}
+    assert loaded.card.model == model.config and loaded.card.format == FORMAT
+    assert loaded.classes == ["a", "b", "c"] and loaded.card.metrics == {"test_acc": 0.5}
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
@@ -127,7 +128,7 @@ def test_load_rejects_another_format(train_run_copy):
 def test_load_rejects_a_corrupt_model_json(train_run_copy, text, match):
     (train_run_copy / "model.json").write_text(text)
     with pytest.raises(CheckpointError, match=match):
-        read_meta(train_run_copy)
+        RunDir(train_run_copy).read_card()
 
 
 def test_load_rejects_truncated_weights(train_run_copy):
@@ -135,8 +136,11 @@ def test_load_rejects_truncated_weights(train_run_copy):
     (train_run_copy / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="truncated"):
         load(train_run_copy)
+    (train_run_copy / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="missing"):
-        load(train_run_copy, "nosuch.safetensors")
+        load(train_run_copy)
+    with pytest.raises(CheckpointError, match="weights must be one of model, best"):
+        load(train_run_copy, "nosuch")
 
 
 def test_load_rejects_weights_of_another_architecture(train_run_copy):

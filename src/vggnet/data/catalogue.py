@@ -1,7 +1,4 @@
-"""The dataset record, the catalogue of known datasets, where they are looked for, and the dispatcher.
-
-Every loader returns :class:`ImageDataset` pairs (train, test) held entirely in memory as uint8 tensors, so training
-indexes batches straight out of one tensor (see :mod:`vggnet.data.loader`) and never decodes per sample.
+"""The catalogue of known datasets -- what is known about each one -- and where datasets are looked for.
 
 Where data is looked for, in order (first hit wins):
 
@@ -17,9 +14,6 @@ from __future__ import annotations
 
 import os
 import pathlib
-from dataclasses import dataclass
-
-import torch
 
 from vggnet.errors import DataError
 
@@ -106,56 +100,6 @@ _ALIASES = {
 }
 
 
-@dataclass(repr=False)
-class ImageDataset:
-    """A labelled image dataset held in memory.
-
-    ``images`` is uint8 ``(N, C, H, W)`` and contiguous, ``labels`` int64 ``(N,)`` with values in
-    ``[0, len(classes))``; ``classes[i]`` names label ``i``. Constructing one validates all of that.
-    """
-
-    images: torch.Tensor
-    labels: torch.Tensor
-    classes: list[str]
-    name: str
-
-    def __post_init__(self) -> None:
-        if self.images.dtype != torch.uint8 or self.images.dim() != 4:
-            raise DataError(f"{self.name}: images must be uint8 (N, C, H, W), got {self.images.dtype} "
-                            f"{tuple(self.images.shape)}; convert them before building an ImageDataset")
-        if self.labels.dim() != 1 or len(self.labels) != len(self.images):
-            raise DataError(f"{self.name}: {len(self.images)} images but labels of shape {tuple(self.labels.shape)}; "
-                            "there must be one label per image")
-        self.images = self.images.contiguous()
-        self.labels = self.labels.to(torch.int64).contiguous()
-        self.classes = [str(c) for c in self.classes]
-        if len(self.labels) and (int(self.labels.min()) < 0 or int(self.labels.max()) >= len(self.classes)):
-            raise DataError(f"{self.name}: labels span [{int(self.labels.min())}, {int(self.labels.max())}] but there "
-                            f"are {len(self.classes)} classes; the label and class lists do not belong together")
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __repr__(self) -> str:
-        return (f"ImageDataset(name={self.name!r}, n={len(self)}, image_shape={self.image_shape}, "
-                f"classes={len(self.classes)})")
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        """``(C, H, W)`` of every image."""
-        return tuple(self.images.shape[1:])
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    def subset(self, n: int) -> ImageDataset:
-        """The first ``n`` samples (all of them when ``n >= len(self)``); shares memory with ``self``."""
-        if n < 0:
-            raise DataError(f"{self.name}: subset size must be >= 0, got {n}")
-        return ImageDataset(self.images[:n], self.labels[:n], list(self.classes), self.name)
-
-
 def canonical_name(name: str) -> str:
     """The catalogue key for ``name`` (accepts aliases such as ``cifar-10``); DataError listing the known names."""
     key = name.strip().lower()
@@ -191,28 +135,3 @@ def search_dirs(name: str, data_dir: str | os.PathLike | None = None) -> list[pa
         if d not in unique:
             unique.append(d)
     return unique
-
-
-def load_dataset(spec: str, data_dir: str | os.PathLike | None = None,
-                 image_size: int | None = None) -> tuple[ImageDataset, ImageDataset]:
-    """Load ``(train, test)`` for ``spec``: ``fashion-mnist``, ``cifar10``, ``cifar100`` or ``folder:PATH``.
-
-    ``data_dir`` is searched first (see the module docstring). ``image_size`` only matters for ``folder:``, whose
-    images are decoded, resized (shorter side) and centre-cropped to ``image_size`` squared (default 64); the other
-    datasets keep their native size and :class:`vggnet.data.Preprocess` adapts them to the model.
-    """
-    # Imported here: the loader modules import ImageDataset and DATASETS from this module.
-    from vggnet.data.cifar import load_cifar
-    from vggnet.data.folder import load_folder
-    from vggnet.data.idx import load_fashion_mnist
-
-    spec = spec.strip()
-    if spec.lower().startswith("folder:"):
-        path = spec[len("folder:"):]
-        if not path:
-            raise DataError("dataset spec 'folder:' has no path; use folder:PATH with one subfolder per class")
-        return load_folder(path, image_size=64 if image_size is None else image_size)
-    key = canonical_name(spec)
-    if key == "fashion-mnist":
-        return load_fashion_mnist(data_dir)
-    return load_cifar(key, data_dir)

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import vggnet.cli.train as cli_train
-from vggnet.checkpoint import load, load_tensors
+from vggnet.files import load_tensors
+from vggnet.rundir import load
 from vggnet.data import load_dataset
 from vggnet.evaluation import evaluate
 from vggnet.training import resolve_config, train
@@ -48,7 +49,8 @@ def test_flags_become_the_configuration(monkeypatch, train_cli):
 
     def fake_train(config):
         captured.append(config)
-        return {"run_dir": "runs/x", "test_acc": 0.5, "best_test_acc": 0.75, "epochs": 3, "history": [{}]}
+        return {"run_dir": "runs/x", "test_acc": 0.5, "val_acc": 0.625, "best_val_acc": 0.75, "epochs": 3,
+                "history": [{}]}
 
     monkeypatch.setattr(cli_train, "train", fake_train)
     argv = ["train", "--preset", "paper", "--model", "custom", "--arch", "8,M", "--batch-norm", "--lr", "0.3",
@@ -58,15 +60,16 @@ def test_flags_become_the_configuration(monkeypatch, train_cli):
     assert captured == [resolve_config("paper", model="custom", arch="8,M", batch_norm=True, lr=0.3, flip=False,
                                        scale_jitter=(0.4, 0.9), epochs=3, channels_last=False, out="runs/x",
                                        progress=False)]  # --json: stdout carries only the result
-    assert json.loads(out) == {"run_dir": "runs/x", "test_acc": 0.5, "best_test_acc": 0.75, "epochs": 3}
+    assert json.loads(out) == {"run_dir": "runs/x", "test_acc": 0.5, "val_acc": 0.625, "best_val_acc": 0.75,
+                               "epochs": 3}
     code, out, err = train_cli(argv)
-    assert out == "test accuracy 50.00% (best 75.00%) after 3 epochs; run directory runs/x\n"
+    assert out == "test accuracy 50.00%, validation 62.50% (best 75.00%) after 3 epochs; run directory runs/x\n"
 
 
 def test_resume_flag_passes_only_the_new_epoch_total(monkeypatch, train_cli, tmp_path):
     captured = []
     monkeypatch.setattr(cli_train, "resume", lambda run_dir, epochs, **rt: captured.append((run_dir, epochs, rt)) or
-                        {"run_dir": run_dir, "test_acc": 0.25, "best_test_acc": 0.5, "epochs": 5, "history": []})
+                        {"run_dir": run_dir, "test_acc": 0.25, "epochs": 5, "history": []})
     assert train_cli(["train", "--resume", tmp_path, "--epochs", "5"])[0] == 0
     assert train_cli(["train", "--resume", tmp_path])[0] == 0
     assert train_cli(["train", "--resume", tmp_path, "--threads", "1", "--no-progress"])[0] == 0
@@ -82,7 +85,8 @@ def test_resume_flag_passes_only_the_new_epoch_total(monkeypatch, train_cli, tmp
     (["--dropout", "1.5"], ["--dropout", "must be in [0, 1)"]),
     (["--schedule", "linear"], ["--schedule", "invalid choice"]),
     (["--preset", "nosuch"], ["--preset", "invalid choice"]),
-    (["--num-classes", "3"], ["--num-classes", "come from the dataset"]),
+    (["--num-classes", "3"], ["unrecognized arguments: --num-classes"]),  # from the dataset: not offered
+    (["--in-channels", "3"], ["unrecognized arguments: --in-channels"]),
     (["--warmup-epochs", "-1"], ["--warmup-epochs must be >= 0, got -1.0"]),
     (["--dataset", "nosuch"], ["unknown dataset 'nosuch'", "fashion-mnist"]),
     (["--dataset", "folder:/nonexistent"], ["/nonexistent", "no such directory"]),
@@ -228,7 +232,7 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(tmp_path, train_data_di
 
     state = json.loads((run_dir / "state.json").read_text())["run"]
     assert state["epoch"] >= 1 and len(read_history(run_dir)) == state["epoch"]
-    assert load(run_dir).meta["metrics"]["epoch"] == state["epoch"]  # the saved model is readable and current
+    assert load(run_dir).card.metrics["epoch"] == state["epoch"]  # the saved model is readable and current
     print(f"SIGTERM landed at epoch {state['epoch'] + 1}, batch {state['batch']}")
     epochs = state["epoch"] + 1  # finishes the interrupted epoch, or trains one more after a completed one
 

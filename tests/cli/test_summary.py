@@ -145,7 +145,7 @@ def test_summary_golden_table(capsys):
 
     After an intended change to the table, regenerate the file with
 
-        VGGNET_REGEN_GOLDEN=1 .venv/bin/pytest tests/test_cli_summary.py -k golden
+        VGGNET_REGEN_GOLDEN=1 .venv/bin/pytest tests/cli/test_summary.py -k golden
 
     and review the diff by hand. The hand-checked numbers asserted below guard against accepting a wrong table.
     """

@@ -1,0 +1,194 @@
+"""Text tables of :func:`vggnet.bench.run`'s results, and the targets of issue #4 against the measured values."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .config import TARGETS
+
+
+def summarize_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each target of issue #4 with the measured value and whether it is met."""
+    rows = []
+
+    def add(target: str, measured: float | None, goal: float, higher_is_better: bool = True) -> None:
+        if measured is None:
+            return
+        met = measured >= goal if higher_is_better else measured <= goal
+        rows.append({"target": target, "measured": measured, "goal": goal, "met": bool(met)})
+
+    if "train" in results:
+        add("training step, images/s vs reference", results["train"]["ratio"], TARGETS["train_ratio"])
+        add("training step, share of same-precision peak", results["train"]["vggnet"]["peak_share"],
+            TARGETS["train_peak_share"])
+    if "infer" in results:
+        add("inference, images/s vs reference", results["infer"]["ratio"], TARGETS["infer_ratio"])
+    if "e2e" in results:
+        add("end-to-end epoch, wall time vs reference", results["e2e"]["ratio"], TARGETS["e2e_ratio"])
+    if "memory" in results:
+        for key, label in (("tensor_error", "profiler tensor peak"), ("rss_error", "peak RSS growth")):
+            errors = [abs(r[key]) for r in results["memory"]["rows"] if key in r]
+            if errors:
+                add(f"memory estimate, largest error vs {label}", max(errors), TARGETS["memory_error"], False)
+    return rows
+
+
+def _fmt(value: float | None, spec: str = ".0f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _gflops(value: float | None) -> str:
+    return "-" if value is None else f"{value / 1e9:.0f}"
+
+
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.0f}%"
+
+
+def _peak(p: dict[str, Any]) -> str:
+    return f"not measured ({p['skipped']})" if "skipped" in p else f"{_gflops(p['flop_per_second'])} GFLOP/s"
+
+
+def render_header(results: dict[str, Any]) -> list[str]:
+    c = results["conditions"]
+    lines = [f"vggnet bench on {c['cpu']}, {c['threads']} threads of {c['cores']} cores, torch {c['torch']}, "
+             f"bf16 native: {c['bf16_native']}{' (quick)' if results.get('quick') else ''}"]
+    loads = {k: v for k, v in c.get("other_load_cores", {}).items() if v is not None}
+    if loads:
+        lines.append("other processes' CPU use during each section (cores): "
+                     + ", ".join(f"{k} {v:.2f}" for k, v in loads.items()))
+    if "peak" in results:
+        p = results["peak"]
+        lines += ["", f"peak: 3x3 conv {'x'.join(map(str, p['shape']))}, channels_last: "
+                  f"fp32 {_peak(p['fp32'])}, bf16 {_peak(p['bf16'])}"]
+    return lines
+
+
+def render_comparisons(results: dict[str, Any]) -> list[str]:
+    """The training step and inference against their references."""
+    from ..report import table
+
+    lines: list[str] = []
+    rows = []
+    for key, label in (("train", "training step"), ("infer", "inference")):
+        if key not in results:
+            continue
+        r = results[key]
+        for side in ("reference", "vggnet"):
+            t = r[side]
+            rows.append([label if side == "reference" else "", t["name"], t["precision"],
+                         _fmt(t["images_per_second"]), _gflops(t["flop_per_second"]), _share(t["peak_share"]),
+                         f"{r['ratio']:.2f}x" if side == "vggnet" else ""])
+    if rows:
+        lines += ["", table(["benchmark", "implementation", "prec", "images/s", "GFLOP/s", "of peak", "ratio"],
+                            rows, "lllrrrr")]
+    if "train" in results:
+        r = results["train"]
+        lines.append(f"training: {r['model']} ({r['head']} head, width {r['width']}), "
+                     f"{r['input_size'][0]}x{r['input_size'][1]}x{r['in_channels']}, batch {r['batch']}, "
+                     f"{r['flops_per_step'] / 1e9:.1f} GFLOP per step ({r['flop_convention']})")
+    if "infer" in results:
+        r = results["infer"]
+        lines.append(f"inference: {r['model']} ({r['head']} head), {r['input_size']}x{r['input_size']}, batch "
+                     f"{r['batch']}; logits vs reference: relative L2 error {r['rel_l2_error']:.2e} (tolerance "
+                     f"{r['tolerance']['rel_l2_error_max']:g}), top-1 agreement {100 * r['top1_agreement']:.0f}%")
+    return lines
+
+
+def render_e2e(r: dict[str, Any]) -> list[str]:
+    from ..report import table
+
+    rows = []
+    for side in ("reference", "vggnet"):
+        t = r[side]
+        rows.append([side, f"{t['seconds']:.1f}", f"{t['train_seconds']:.1f}", _fmt(t["images_per_second"]),
+                     _fmt(t["train_images_per_second"]), f"{100 * t['test_acc']:.2f}%",
+                     f"{r['ratio']:.2f}x" if side == "vggnet" else ""])
+    m = r["model"]
+    return ["", f"end to end: one Fashion-MNIST epoch ({r['subset'] or 'all'} training images, batch "
+            f"{r['batch_size']}) + test set, {m['name']} width {m['width']} {m['head']} head",
+            table(["pipeline", "wall s", "train s", "images/s", "train img/s", "test acc", "ratio"], rows,
+                  "lrrrrrr"),
+            f"vggnet train recorded train_images_per_second = "
+            f"{r['vggnet']['recorded_train_images_per_second']:.0f} "
+            f"(train phase {r['train_phase_ratio']:.2f}x the reference's)"]
+
+
+def render_memory(memory: dict[str, Any]) -> list[str]:
+    from ..report import human_bytes, table
+
+    rows = []
+    for row in memory["rows"]:
+        rows.append([row["model"], row["head"], str(row["input_size"]), str(row["batch"]),
+                     human_bytes(row["estimate_bytes"]),
+                     human_bytes(row["tensor_peak_bytes"]) if row.get("tensor_peak_bytes") else "-",
+                     _fmt(100 * row["tensor_error"], "+.1f") + "%" if "tensor_error" in row else "-",
+                     human_bytes(row["rss_peak_bytes"]),
+                     _fmt(100 * row["rss_error"], "+.1f") + "%" if "rss_error" in row else "-"])
+    return ["", "training memory, fp32 eager NCHW, SGD with momentum: estimate vs measured peak",
+            table(["model", "head", "size", "batch", "estimate", "tensors (profiler)", "error", "RSS growth",
+                   "error"], rows, "lllrrrrrr")]
+
+
+def render_ablation(a: dict[str, Any]) -> list[str]:
+    from ..report import table
+
+    lines: list[str] = []
+    for key, title in (("train", "ablation, training step"), ("infer", "ablation, inference")):
+        if key not in a:
+            continue
+        rows = [[r["name"], r["precision"], "-", "-", "-", "skipped"] if "skipped" in r else
+                [r["name"], r["precision"], _fmt(r["images_per_second"]), _gflops(r["flop_per_second"]),
+                 _share(r["peak_share"]), f"{r['ratio']:.2f}x"] for r in a[key]]
+        if key == "infer":
+            extra = f" ({a['infer_model']['model']}, {a['infer_model']['input_size']}px, batch " \
+                    f"{a['infer_model']['batch']})"
+        else:
+            extra = ""
+        lines += ["", title + extra, table(["variant", "prec", "images/s", "GFLOP/s", "of peak", "vs ref"],
+                                           rows, "llrrrr")]
+        lines += sorted({f"skipped: {r['skipped']}" for r in a[key] if "skipped" in r})
+    return lines
+
+
+def render_profile(profile: dict[str, Any]) -> list[str]:
+    from ..report import table
+
+    lines: list[str] = []
+    sweep = profile.get("small_map_sweep", [])
+    title = "3x3 conv forward + backward, bf16 channels_last{}: oneDNN vs im2col + GEMM"
+    if isinstance(sweep, dict) and "skipped" in sweep:
+        lines += ["", f"{title.format('')}: not measured ({sweep['skipped']})"]
+    elif sweep:
+        rows = [[f"{r['in_channels']}->{r['out_channels']}", f"{r['size']}x{r['size']}", f"{r['onednn_ms']:.1f}",
+                 f"{r['gemm_ms']:.1f}", _gflops(r["onednn_flop_per_second"]), _gflops(r["gemm_flop_per_second"]),
+                 f"{r['gemm_speedup']:.2f}x"] for r in sweep]
+        lines += ["", title.format(f", batch {sweep[0]['batch']}"),
+                  table(["channels", "map", "oneDNN ms", "GEMM ms", "oneDNN GF/s", "GEMM GF/s", "GEMM speed-up"],
+                        rows, "llrrrrr")]
+    for key, rows_ in profile.items():
+        if not isinstance(rows_, list) or key == "small_map_sweep":
+            continue
+        rows = [[r["op"][:48], f"{r['self_ms_per_call']:.1f}", _share(r["share"])] for r in rows_]
+        lines += ["", f"profile: {key} (self CPU time per call)", table(["op", "ms", "share"], rows, "lrr")]
+    return lines
+
+
+def render(results: dict[str, Any]) -> str:
+    """Text tables of :func:`vggnet.bench.run`'s results."""
+    from ..report import table
+
+    lines = render_header(results) + render_comparisons(results)
+    if "e2e" in results:
+        lines += render_e2e(results["e2e"])
+    if "memory" in results:
+        lines += render_memory(results["memory"])
+    if "ablation" in results:
+        lines += render_ablation(results["ablation"])
+    if "profile" in results:
+        lines += render_profile(results["profile"])
+    if results.get("summary"):
+        rows = [[s["target"], f"{s['measured']:.3g}", f"{s['goal']:g}", "met" if s["met"] else "NOT met"]
+                for s in results["summary"]]
+        lines += ["", table(["target", "measured", "goal", ""], rows, "lrrl")]
+    return "\n".join(lines)

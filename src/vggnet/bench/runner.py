@@ -1,0 +1,63 @@
+""":func:`run`: the chosen sections in order under a CPU-load monitor, then the peak again and every share of it."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+from .ablation import bench_ablation, bench_profile
+from .conditions import CpuMonitor, machine_info, other_load, wait_for_quiet
+from .config import SCHEMA, SECTIONS, TARGETS, BenchConfig
+from .e2e import bench_e2e
+from .infer import bench_infer
+from .memory import bench_memory
+from .peak import apply_peak, bench_peak, keep_best
+from .render import summarize_targets
+from .runs import fashion_mnist
+from .train import bench_train
+
+RUNNERS: dict[str, Callable[[BenchConfig, dict[str, Any]], dict[str, Any]]] = {
+    "peak": bench_peak, "train": bench_train, "infer": bench_infer, "e2e": bench_e2e, "memory": bench_memory,
+    "ablation": bench_ablation, "profile": bench_profile,
+}
+assert tuple(RUNNERS) == SECTIONS
+
+
+def run(cfg: BenchConfig) -> dict[str, Any]:
+    """Run the chosen sections; returns one JSON-able dict (see docs/BENCHMARKS.md for the keys)."""
+    from ..runtime import set_threads
+
+    unknown = [s for s in cfg.sections if s not in SECTIONS]
+    if unknown:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"unknown bench section(s) {', '.join(unknown)}: choose from {', '.join(SECTIONS)}")
+    threads = set_threads(cfg.threads)
+    load_before = wait_for_quiet(cfg.wait_idle, log=cfg.log) if cfg.wait_idle else other_load(cfg.pick(1.0, 0.2))
+    results: dict[str, Any] = {"schema": SCHEMA, "quick": cfg.quick, "targets": TARGETS,
+                               "conditions": {**machine_info(threads), "other_load_cores_before": load_before}}
+    loads: dict[str, float | None] = {}
+    sections = list(cfg.sections)
+    if "peak" not in sections and any(s in sections for s in ("train", "infer", "ablation")):
+        sections.insert(0, "peak")  # every share of peak needs it
+    try:
+        for section in sections:
+            cfg.log(f"{section} ...")
+            start = time.perf_counter()
+            with CpuMonitor() as mon:
+                results[section] = RUNNERS[section](cfg, results)
+            results[section]["section_seconds"] = time.perf_counter() - start
+            loads[section] = mon.other_cores
+            if mon.other_cores is not None and mon.other_cores > 0.2:
+                cfg.log(f"warning: other processes used {mon.other_cores:.2f} cores during {section}; "
+                        "its timings are not reliable")
+    finally:
+        fashion_mnist.cache_clear()  # the data set the sections' runs shared
+    if "peak" in results and len(sections) > 1:
+        # Measured again at the end, keeping the best: a peak taken during a moment of contention would flatter
+        # every share of it.
+        keep_best(results["peak"], bench_peak(cfg))
+        apply_peak(results, results["peak"])  # the one place every share of peak is set
+    results["conditions"]["other_load_cores"] = loads
+    results["summary"] = summarize_targets(results)
+    return results

@@ -1,0 +1,63 @@
+"""The dataset record every loader returns.
+
+Every loader returns :class:`ImageDataset` pairs (train, test) held entirely in memory as uint8 tensors, so training
+indexes batches straight out of one tensor (see :mod:`vggnet.data.loader`) and never decodes per sample.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vggnet.errors import DataError
+
+
+@dataclass(repr=False)
+class ImageDataset:
+    """A labelled image dataset held in memory.
+
+    ``images`` is uint8 ``(N, C, H, W)`` and contiguous, ``labels`` int64 ``(N,)`` with values in
+    ``[0, len(classes))``; ``classes[i]`` names label ``i``. Constructing one validates all of that.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: list[str]
+    name: str
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.dim() != 4:
+            raise DataError(f"{self.name}: images must be uint8 (N, C, H, W), got {self.images.dtype} "
+                            f"{tuple(self.images.shape)}; convert them before building an ImageDataset")
+        if self.labels.dim() != 1 or len(self.labels) != len(self.images):
+            raise DataError(f"{self.name}: {len(self.images)} images but labels of shape {tuple(self.labels.shape)}; "
+                            "there must be one label per image")
+        self.images = self.images.contiguous()
+        self.labels = self.labels.to(torch.int64).contiguous()
+        self.classes = [str(c) for c in self.classes]
+        if len(self.labels) and (int(self.labels.min()) < 0 or int(self.labels.max()) >= len(self.classes)):
+            raise DataError(f"{self.name}: labels span [{int(self.labels.min())}, {int(self.labels.max())}] but there "
+                            f"are {len(self.classes)} classes; the label and class lists do not belong together")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __repr__(self) -> str:
+        return (f"ImageDataset(name={self.name!r}, n={len(self)}, image_shape={self.image_shape}, "
+                f"classes={len(self.classes)})")
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of every image."""
+        return tuple(self.images.shape[1:])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def subset(self, n: int) -> ImageDataset:
+        """The first ``n`` samples (all of them when ``n >= len(self)``); shares memory with ``self``."""
+        if n < 0:
+            raise DataError(f"{self.name}: subset size must be >= 0, got {n}")
+        return ImageDataset(self.images[:n], self.labels[:n], list(self.classes), self.name)

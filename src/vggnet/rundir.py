@@ -1,0 +1,259 @@
+"""The run directory: the only code that knows its file names and formats.
+
+A run directory written by ``vggnet train`` holds:
+
+- ``config.json``: the resolved :class:`~vggnet.train.config.TrainConfig` (what the run computes);
+- ``model.safetensors`` + ``model.json``: the final weights and their :class:`ModelCard` (architecture,
+  preprocessing, class names, metrics, vggnet version, schema version);
+- ``best.safetensors`` + ``best.json``: the weights of the epoch with the best *validation* accuracy and that
+  epoch's metrics; only with a validation split (``--val-split``): the test set never selects anything;
+- ``state.safetensors`` + ``state.json``: model, optimizer and RNG tensors, and the loop's counters, for resume;
+- ``metrics.jsonl`` / ``metrics.csv``: one record per epoch; ``eval.json``: the last test evaluation;
+- ``curves.png``, ``confusion.png``; ``tensorboard/`` with ``--tensorboard``.
+
+Every file is written atomically (:mod:`vggnet.files`). Training, resume, ``vggnet.load``, eval and predict all
+read and write through :class:`RunDir` and :class:`ModelCard`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import CheckpointError, VggnetError
+from .files import (atomic_write_bytes, atomic_write_json, atomic_write_text, load_tensors, model_state, read_json,
+                    safetensors_bytes, save_tensors)
+from .models import VGG, model_from_config
+
+#: Schema version of model.json (the ModelCard) and the state files; bump when they change incompatibly.
+FORMAT = 1
+WEIGHTS = {"model": "model.safetensors", "best": "best.safetensors"}
+
+
+@dataclass
+class ModelCard:
+    """What ``model.json`` says about a set of weights: enough to rebuild the model and use it."""
+
+    model: dict[str, Any]  # the architecture: VGG.config, rebuilt by vggnet.model_from_config
+    classes: list[str]  # classes[i] names output i
+    preprocess: dict[str, Any]  # vggnet.data.Preprocess.to_dict()
+    dataset: str | None = None  # what it was trained on
+    image_size: int | None = None  # the training input size in pixels
+    metrics: dict[str, Any] = field(default_factory=dict)  # of the epoch these weights come from
+    train_config: dict[str, Any] | None = None  # the TrainConfig, as in config.json
+    vggnet_version: str = ""
+    format: int = FORMAT
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str | os.PathLike = "model.json") -> "ModelCard":
+        if not isinstance(d, dict) or "format" not in d or "model" not in d:
+            raise CheckpointError(f"{where} is not a vggnet model description (no format/model)")
+        if d["format"] != FORMAT:
+            raise CheckpointError(f"{where} was written in checkpoint format {d['format']} (vggnet "
+                                  f"{d.get('vggnet_version', '?')}); this vggnet reads format {FORMAT}: use a matching "
+                                  "vggnet version")
+        known = {f.name for f in fields(cls)}
+        card = cls(**{k: v for k, v in d.items() if k in known})
+        checks = [(isinstance(card.model, dict), "model must be an object"),
+                  (isinstance(card.classes, list) and all(isinstance(c, str) for c in card.classes),
+                   "classes must be a list of names"),
+                  (isinstance(card.preprocess, dict), "preprocess must be an object"),
+                  (isinstance(card.metrics, dict), "metrics must be an object")]
+        for ok, message in checks:
+            if not ok:
+                raise CheckpointError(f"{where} is corrupt: {message}")
+        return card
+
+    def build(self, where: str | os.PathLike = "model.json") -> VGG:
+        """The (randomly initialised) model this card describes."""
+        try:
+            return model_from_config(self.model)
+        except (VggnetError, TypeError, ValueError) as err:
+            raise CheckpointError(f"{where} describes no buildable model: {err}") from None
+
+    def preprocessing(self):
+        from .data import Preprocess
+
+        try:
+            return Preprocess.from_dict(self.preprocess)
+        except (VggnetError, TypeError, ValueError) as err:
+            raise CheckpointError(f"model.json's preprocessing is invalid: {err}") from None
+
+
+@dataclass
+class LoadedModel:
+    """A model rebuilt from a run directory, with what is needed to use it."""
+
+    model: VGG
+    card: ModelCard
+    run_dir: Path
+    weights: str = "model"  # which weights: model (final) or best
+
+    @property
+    def classes(self) -> list[str]:
+        return self.card.classes
+
+    @property
+    def preprocess(self):
+        return self.card.preprocessing()
+
+
+def _to_csv(records: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(records[0]))
+    writer.writeheader()
+    writer.writerows(records)
+    return buf.getvalue()
+
+
+class RunDir:
+    """One run directory (see the module docstring). Paths are attributes; methods read and write whole files."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.config = self.path / "config.json"
+        self.card = self.path / "model.json"
+        self.best_card = self.path / "best.json"
+        self.state_tensors = self.path / "state.safetensors"
+        self.state = self.path / "state.json"
+        self.metrics_jsonl = self.path / "metrics.jsonl"
+        self.metrics_csv = self.path / "metrics.csv"
+        self.eval = self.path / "eval.json"
+        self.curves = self.path / "curves.png"
+        self.confusion = self.path / "confusion.png"
+        self.tensorboard = self.path / "tensorboard"
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def weights(self, which: str = "model") -> Path:
+        if which not in WEIGHTS:
+            raise CheckpointError(f"weights must be one of {', '.join(WEIGHTS)}, got {which!r}")
+        return self.path / WEIGHTS[which]
+
+    # ---------------------------------------------------------------------------------------------- training
+    def has_state(self) -> bool:
+        return self.state.is_file()
+
+    def create(self, config: dict[str, Any]) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.write_config(config)
+
+    def read_config(self) -> dict[str, Any]:
+        if not self.config.is_file():
+            raise CheckpointError(f"{self.path} is not a vggnet run directory to resume (no config.json)")
+        return read_json(self.config)
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        atomic_write_json(self.config, config)
+
+    def save_weights(self, model: torch.nn.Module, card: ModelCard, best: dict[str, Any] | None = None) -> None:
+        """The final weights and ``model.json``; with ``best`` (that epoch's metrics) also ``best.safetensors`` and
+        ``best.json``. The weights are serialised once."""
+        from . import __version__
+
+        data = safetensors_bytes(model_state(model))
+        card.vggnet_version = __version__
+        atomic_write_bytes(self.weights("model"), data)
+        atomic_write_json(self.card, card.to_dict())
+        if best is not None:
+            atomic_write_bytes(self.weights("best"), data)
+            atomic_write_json(self.best_card, best)
+
+    def save_state(self, tensors: dict[str, torch.Tensor], record: dict[str, Any]) -> None:
+        save_tensors(self.state_tensors, tensors)
+        atomic_write_json(self.state, record)
+
+    def read_state_record(self) -> dict[str, Any]:
+        """``state.json``: the loop's counters (``run``), the optimizer's non-tensor state and the history."""
+        if not self.has_state():
+            raise CheckpointError(f"{self.path} has no saved training state (state.json): it stopped before its "
+                                  "first checkpoint; start it again")
+        record = read_json(self.state)
+        if not isinstance(record, dict) or not isinstance(record.get("run"), dict):
+            raise CheckpointError(f"{self.state} is corrupt (no run counters)")
+        return record
+
+    def read_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        return self.read_state_record(), load_tensors(self.state_tensors)
+
+    def write_metrics(self, history: list[dict[str, Any]]) -> None:
+        atomic_write_text(self.metrics_jsonl, "".join(json.dumps(r) + "\n" for r in history))
+        atomic_write_text(self.metrics_csv, _to_csv(history))
+
+    def write_eval(self, result: dict[str, Any], title: str, out: str | os.PathLike | None = None) -> Path:
+        """``eval.json`` and ``confusion.png`` (titled ``title``) in this directory or in ``out``; returns where."""
+        from .plots import plot_confusion
+
+        where = Path(out) if out is not None else self.path
+        where.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(where / self.eval.name, result)
+        plot_confusion(result["confusion"], result["classes"], where / self.confusion.name, title)
+        return where
+
+    def write_curves(self, history: list[dict[str, Any]], title: str) -> None:
+        from .plots import plot_curves
+
+        plot_curves(history, self.curves, title)
+
+    # ---------------------------------------------------------------------------------------------- using
+    def read_card(self, weights: str = "model") -> ModelCard:
+        """The card of ``weights``: model.json, with the best epoch's metrics (best.json) for ``best``."""
+        if not self.path.is_dir():
+            raise CheckpointError(f"run directory {self.path} does not exist")
+        if not self.card.is_file():
+            raise CheckpointError(f"{self.path} is not a vggnet run directory (no model.json): train one with "
+                                  "vggnet train")
+        card = ModelCard.from_dict(read_json(self.card), self.card)
+        if weights == "best":
+            if not self.best_card.is_file():
+                raise CheckpointError(f"{self.path} has no best weights: they are kept only for runs with a "
+                                      "validation split (vggnet train --val-split N); use the final weights")
+            best = read_json(self.best_card)
+            card.metrics = dict(best.get("metrics", {})) if isinstance(best, dict) else {}
+        return card
+
+    def load(self, weights: str = "model", device: str | torch.device = "cpu") -> LoadedModel:
+        """Rebuild the model from ``model.json`` and load ``weights`` (``model`` or ``best``) into it, in eval mode."""
+        path = self.weights(weights)
+        card = self.read_card(weights)
+        model = card.build(self.card)
+        load_weights(model, load_tensors(path), path)
+        return LoadedModel(model.to(device).eval(), card, self.path, weights)
+
+
+def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str | os.PathLike) -> None:
+    """Load ``state`` into ``model`` strictly; one-line CheckpointError naming missing, unexpected and misshapen keys."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        detail = "; ".join(f"{label} {keys[:3]}{'...' if len(keys) > 3 else ''}" for label, keys in
+                           (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys)
+        raise CheckpointError(f"{where} does not match the architecture in model.json: {detail}")
+    model.load_state_dict(state)
+
+
+def load(source: str | os.PathLike, weights: str = "model", device: str | torch.device = "cpu") -> LoadedModel:
+    """The model of the run directory ``source`` with its preprocessing and class names (eval mode)."""
+    return RunDir(source).load(weights, device)
+
+
+def save_model(run_dir: str | os.PathLike, model: torch.nn.Module, card: ModelCard,
+               best: dict[str, Any] | None = None) -> None:
+    """Write ``model``'s weights and ``card`` into ``run_dir`` (see :meth:`RunDir.save_weights`)."""
+    bare = getattr(model, "module", model)
+    card.model = getattr(bare, "_orig_mod", bare).config
+    RunDir(run_dir).save_weights(model, card, best)
+

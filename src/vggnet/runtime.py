@@ -1,0 +1,147 @@
+"""The one runtime decision: device, precision, memory layout and threads, resolved and validated once.
+
+Every verb that runs a model (train, eval, predict, bench) calls :func:`resolve_runtime` and passes the resulting
+:class:`Runtime` along; nothing else picks a device or a precision. :func:`uses_cpu_bf16_path` is the one place
+that decides whether the CPU-bf16 speed-ups (:mod:`vggnet.cpu_bf16` for training, the folded bf16 copy of
+:mod:`vggnet.inference` for evaluation and prediction) apply.
+
+Precision ``auto`` means: bf16 on CPUs that run it natively (AVX512_BF16 or AMX) and on CUDA GPUs that support
+it, fp16 on older GPUs, fp32 elsewhere. On CPUs without native bf16 (AVX2-only, for example), bf16 autocast is far
+slower than fp32, and oneDNN's bf16 convolutions may not run at all (:func:`cpu_runs_bf16`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from .errors import ConfigError
+
+#: The precision choices of every verb (``auto`` resolves to one of the others).
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@lru_cache(maxsize=None)
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+@lru_cache(maxsize=None)
+def cpu_has_bf16() -> bool:
+    """True when the CPU runs bf16 natively (AVX512_BF16 or AMX); bf16 autocast is slower without it."""
+    flags = _cpu_flags()
+    if "avx512_bf16" in flags or "amx_bf16" in flags:
+        return True
+    return cpu_runs_bf16() if not flags else False
+
+
+@lru_cache(maxsize=None)
+def cpu_runs_bf16() -> bool:
+    """True when oneDNN can run bf16 convolutions on this CPU at all (it needs at least AVX512BW/VL/DQ or
+    AVX-NE-CONVERT; an AVX2-only CPU cannot, and bf16 convolutions raise there)."""
+    is_supported = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(is_supported()) if is_supported is not None else False
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def set_threads(threads: int | None = None) -> int:
+    """Use every core this process may run on (or ``threads``) for intra-op parallelism."""
+    n = threads or available_cores()
+    torch.set_num_threads(n)
+    return n
+
+
+_DEVICE = re.compile(r"(cpu|cuda)(:\d+)?")
+
+
+def pick_device(requested: str | torch.device = "auto") -> torch.device:
+    """``auto``: the first CUDA device when there is one, else the CPU; ``cpu``, ``cuda``, ``cuda:N`` as asked."""
+    if isinstance(requested, torch.device):
+        return requested
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not _DEVICE.fullmatch(str(requested)):
+        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {requested!r}")
+    device = torch.device(requested)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {requested} was asked for but no CUDA device is available: use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {requested}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def pick_precision(device: torch.device, requested: str = "auto") -> str:
+    """Resolve ``auto`` (see the module docstring) and refuse what the device cannot run."""
+    if requested not in PRECISIONS:
+        raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {requested!r}")
+    if requested == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if cpu_has_bf16() else "fp32"
+    if device.type == "cpu" and requested == "fp16":
+        raise ConfigError("--precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
+    if device.type == "cpu" and requested == "bf16" and not cpu_runs_bf16():
+        raise ConfigError("--precision bf16: this CPU cannot run bf16 convolutions (it needs AVX512 or AMX); "
+                          "use --precision fp32")
+    return requested
+
+
+def uses_cpu_bf16_path(device: torch.device, precision: str) -> bool:
+    """The one decision for the CPU-bf16 speed-ups: training tunes the model (:func:`vggnet.cpu_bf16.tune_for_cpu_bf16`),
+    evaluation and inference run a folded bf16 copy (:func:`vggnet.inference.optimize_for_inference`)."""
+    return device.type == "cpu" and precision == "bf16"
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how a model runs: resolved values only (no ``auto``)."""
+
+    device: torch.device
+    precision: str  # fp32 | bf16 | fp16
+    channels_last: bool
+    threads: int
+
+    @property
+    def cpu_bf16(self) -> bool:
+        """True when the CPU-bf16 speed-ups apply (:func:`uses_cpu_bf16_path`)."""
+        return uses_cpu_bf16_path(self.device, self.precision)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return autocast(self.device, self.precision)
+
+    def to_dict(self) -> dict:
+        return {"device": str(self.device), "precision": self.precision, "channels_last": self.channels_last,
+                "threads": self.threads}
+
+
+def resolve_runtime(device: str | torch.device = "auto", precision: str = "auto", channels_last: bool = True,
+                    threads: int | None = None) -> Runtime:
+    """Validate and resolve the run-time options, and set the intra-op thread count (every core by default)."""
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise ConfigError(f"--threads must be a positive integer, got {threads!r}")
+    dev = pick_device(device)
+    chosen = pick_precision(dev, precision)
+    return Runtime(dev, chosen, bool(channels_last), set_threads(threads))

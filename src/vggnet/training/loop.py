@@ -1,0 +1,321 @@
+"""The training loop: :func:`fit` reads top to bottom (epochs of steps, then evaluation and a checkpoint).
+
+The hot loop has no per-sample Python: uint8 batches are sliced from in-memory tensors, preprocessed and augmented
+as whole batches, and run in channels_last with bf16 autocast where the CPU supports bf16 natively.
+
+Selection: with a validation split (``--val-split``) the best checkpoint and the plateau schedule follow the
+validation accuracy; the test set is evaluated after every epoch and only reported.
+
+Signals: SIGINT/SIGTERM set a flag that every rank votes on after each step (a collective under torchrun, so all
+ranks stop at the same step); the state is then saved and :class:`Interrupted` raised, and ``--resume`` continues
+bit-identically, mid-epoch too.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import CheckpointError, ConfigError, VggnetError
+from ..evaluation import EvalResult
+from ..files import optimizer_from_tensors, optimizer_to_tensors
+from ..rundir import ModelCard
+from ..schedule import Plateau, lr_factor
+from .build import Run
+
+
+class TrainingDiverged(VggnetError):
+    """The loss became NaN or infinite."""
+
+
+class Interrupted(VggnetError):
+    """SIGINT or SIGTERM arrived; the state was saved for --resume."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+
+@dataclass
+class RunState:
+    """The loop's position and running sums: what resume needs beyond the tensors."""
+
+    epoch: int = 0  # completed epochs
+    batch: int = 0  # batches done in the current (incomplete) epoch
+    step: int = 0  # optimizer steps overall
+    best_acc: float = -1.0  # best validation accuracy so far (-1: no validation split, or none yet)
+    plateau: dict = field(default_factory=lambda: Plateau().to_dict())
+    loss_sum: float = 0.0  # current epoch, summed over samples
+    correct: int = 0
+    seen: int = 0
+    seconds: float = 0.0  # current epoch's training time so far
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[dict]:
+    """Turn SIGINT/SIGTERM into a flag the loop checks after each step (main thread only)."""
+    flag: dict[str, int | None] = {"signum": None}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, _frame):
+        flag["signum"] = signum
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+# ------------------------------------------------------------------------------------------------------ one step
+def learning_rate(run: Run, state: RunState) -> float:
+    factor = lr_factor(run.config.schedule, state.step, run.total_steps, run.warmup_steps)
+    return run.config.lr * factor * state.plateau["scale"]
+
+
+def seed_epoch(run: Run, epoch: int, saved_rng: tuple | None = None) -> None:
+    """Seed every random source from (seed, epoch, rank), or restore ``saved_rng`` when resuming mid-epoch."""
+    run.loader.set_epoch(epoch)
+    if saved_rng is not None:
+        cpu_rng, aug_rng, cuda_rng = saved_rng
+        torch.set_rng_state(cpu_rng)
+        run.generator.set_state(aug_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state(cuda_rng, run.runtime.device)
+        return
+    base = run.config.seed * 1_000_003 + epoch * 7919 + run.dist.rank
+    torch.manual_seed(base)
+    run.generator.manual_seed(base + 1)
+
+
+def train_step(run: Run, images: torch.Tensor, labels: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step on a uint8 batch; returns the (0-dim) loss and number of correct predictions.
+
+    The network must be in training mode (``run.net.train()``)."""
+    x = run.augment(run.preprocess(images), run.generator)
+    if run.runtime.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    with run.runtime.autocast():
+        logits = run.net(x)
+    loss = F.cross_entropy(logits.float(), labels, label_smoothing=run.config.label_smoothing)
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if run.config.grad_clip:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.config.grad_clip)
+    run.optimizer.step()
+    return loss.detach(), (logits.detach().argmax(1) == labels).sum()
+
+
+# ----------------------------------------------------------------------------------------------------- the loop
+def fit(run: Run, resume: bool = False) -> dict[str, Any]:
+    """Train ``run`` to ``config.epochs`` (from its saved state with ``resume``); returns the result summary."""
+    config, dist = run.config, run.dist
+    if resume:
+        state, history, saved_rng = load_state(run)
+    else:
+        state, history, saved_rng = RunState(plateau=Plateau(patience=config.plateau_patience).to_dict()), [], None
+        if dist.is_main:
+            run.rundir.create(run.saved_config)
+    board = TensorBoard(run) if config.tensorboard and dist.is_main else None
+    with stop_on_signals() as stop:
+        for epoch in range(state.epoch, config.epochs):
+            train_epoch(run, state, history, epoch, stop, saved_rng)
+            saved_rng = None
+            record, val, test = end_epoch(run, state, epoch)
+            history.append(record)
+            best = val is not None and val.top1 > state.best_acc
+            if best:
+                state.best_acc = val.top1
+            if config.schedule == "plateau":
+                plateau = Plateau(**state.plateau)
+                plateau.update(val.top1)
+                state.plateau = plateau.to_dict()
+            if dist.is_main:
+                save_epoch(run, state, history, test, record if best else None)
+                if board is not None:
+                    board.log(record)
+                if config.progress:
+                    print(epoch_line(record, config.epochs), flush=True)
+            if dist.stop_requested(stop["signum"]):  # a collective, like the one after every step
+                signum = stop["signum"] or signal.SIGTERM
+                raise Interrupted(f"stopped by {signal.Signals(signum).name} after epoch {epoch + 1}; resume with "
+                                  f"vggnet train --resume {run.rundir}", signum)
+    if board is not None:
+        board.close()
+    final = history[-1] if history else {}
+    result = {"run_dir": str(run.rundir), "test_acc": final.get("test_acc"), "epochs": state.epoch,
+              "history": history}
+    if run.val_set is not None:
+        result["val_acc"] = final.get("val_acc")
+        result["best_val_acc"] = state.best_acc
+    return result
+
+
+def train_epoch(run: Run, state: RunState, history: list[dict[str, Any]], epoch: int, stop: dict,
+                saved_rng: tuple | None = None) -> None:
+    """The steps of one epoch (from batch ``state.batch`` when resuming mid-epoch), with a progress bar."""
+    from tqdm.auto import tqdm
+
+    dist, loader = run.dist, run.loader
+    run.net.train()
+    seed_epoch(run, epoch, saved_rng if state.batch > 0 else None)
+    ranks = dist.world_size
+    bar = tqdm(total=len(loader) * loader.batch_size * ranks, initial=state.seen, unit="img", unit_scale=True,
+               desc=f"epoch {epoch + 1}/{run.config.epochs}", dynamic_ncols=True,
+               disable=None if run.config.progress and dist.is_main else True)  # None: terminals only
+    start = time.perf_counter() - state.seconds
+    for i, (images, labels) in enumerate(loader):
+        if i < state.batch:
+            continue  # resuming mid-epoch: these batches were already trained on
+        loss, correct = train_step(run, images, labels, learning_rate(run, state))
+        state.step += 1
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            kept = (f"the last good checkpoint (epoch {state.epoch}) is kept in {run.rundir}" if state.epoch else
+                    "no checkpoint was saved yet")
+            raise TrainingDiverged(f"the loss became {loss_value} at epoch {epoch + 1}, step {state.step}: lower "
+                                   f"--lr (now {run.config.lr}) or set --grad-clip; {kept}")
+        n = labels.numel()
+        state.loss_sum += loss_value * n
+        state.correct += int(correct)
+        state.seen += n * ranks
+        state.batch = i + 1
+        state.seconds = time.perf_counter() - start
+        bar.update(n * ranks)
+        if i % 10 == 0 or state.batch == len(loader):
+            bar.set_postfix(loss=f"{state.loss_sum / (state.seen / ranks):.3f}",
+                            acc=f"{state.correct / (state.seen / ranks):.3f}", lr=f"{learning_rate(run, state):.3g}")
+        if dist.stop_requested(stop["signum"]):  # a collective: every rank calls it at every step
+            bar.close()
+            sums = dist.all_reduce([state.loss_sum, float(state.correct)])  # rank 0 saves the global sums
+            state.loss_sum, state.correct = sums[0], int(sums[1])
+            save_state(run, state, history, dist.gather_rng(rng_state(run)))
+            signum = stop["signum"] or signal.SIGTERM
+            raise Interrupted(f"stopped by {signal.Signals(signum).name} at epoch {epoch + 1}, batch {state.batch}/"
+                              f"{len(loader)}; state saved: resume with vggnet train --resume {run.rundir}", signum)
+    bar.close()
+
+
+def evaluate(run: Run, dataset) -> EvalResult:
+    """``dataset`` scored by the model (under torchrun every rank scores a share and gets the whole result)."""
+    return run.dist.evaluate(run.model, dataset, run.preprocess, run.runtime.precision, run.config.eval_batch_size,
+                             run.runtime.channels_last, run.config.progress)
+
+
+def end_epoch(run: Run, state: RunState, epoch: int) -> tuple[dict[str, Any], EvalResult | None, EvalResult]:
+    """The epoch's record (train sums over ranks, validation and test scores); resets the running sums."""
+    sums = run.dist.all_reduce([state.loss_sum, float(state.correct)])
+    seen = state.seen
+    val = evaluate(run, run.val_set) if run.val_set is not None else None
+    test = evaluate(run, run.test_set)
+    record = {"epoch": epoch + 1, "train_loss": sums[0] / seen, "train_acc": sums[1] / seen}
+    if val is not None:
+        record.update(val_loss=val.loss, val_acc=val.top1, val_top5=val.top5)
+    record.update(test_loss=test.loss, test_acc=test.top1, test_top5=test.top5, lr=learning_rate(run, state),
+                  epoch_seconds=state.seconds,
+                  train_images_per_second=seen / state.seconds if state.seconds else float("nan"), step=state.step)
+    state.epoch, state.batch, state.loss_sum, state.correct, state.seen, state.seconds = epoch + 1, 0, 0.0, 0, 0, 0.0
+    return record, val, test
+
+
+def epoch_line(record: dict[str, Any], epochs: int) -> str:
+    val = (f" | val loss {record['val_loss']:.4f} acc {100 * record['val_acc']:.2f}%" if "val_acc" in record
+           else "")
+    return (f"epoch {record['epoch']}/{epochs}: train loss {record['train_loss']:.4f} acc "
+            f"{100 * record['train_acc']:.2f}%{val} | test loss {record['test_loss']:.4f} acc "
+            f"{100 * record['test_acc']:.2f}% | {record['train_images_per_second']:.0f} img/s, "
+            f"{record['epoch_seconds']:.1f} s")
+
+
+# ------------------------------------------------------------------------------------------- files (rank 0 only)
+def epoch_metrics(record: dict[str, Any]) -> dict[str, Any]:
+    """The metrics a model card carries for the weights of the epoch of ``record``."""
+    keys = ("epoch", "val_acc", "val_top5", "val_loss", "test_acc", "test_top5", "test_loss")
+    return {k: record[k] for k in keys if k in record}
+
+
+def save_epoch(run: Run, state: RunState, history: list[dict[str, Any]], test: EvalResult,
+               best: dict[str, Any] | None) -> None:
+    """The end-of-epoch checkpoint: weights and card (and the best ones), state, metrics, evaluation, plots."""
+    record = history[-1]
+    card = ModelCard(model=run.model.config, classes=run.classes, preprocess=run.preprocess.to_dict(),
+                     dataset=run.config.dataset, image_size=run.config.image_size, metrics=epoch_metrics(record),
+                     train_config=run.saved_config)
+    run.rundir.save_weights(run.model, card, {"epoch": record["epoch"], "metrics": epoch_metrics(record)}
+                            if best is not None else None)
+    save_state(run, state, history)
+    run.rundir.write_metrics(history)
+    title = f"{run.config.model} on {run.config.dataset}"
+    run.rundir.write_eval(test.to_dict(), f"{title}: test top-1 {100 * test.top1:.2f}%")
+    run.rundir.write_curves(history, title)
+
+
+def rng_state(run: Run) -> dict[str, torch.Tensor]:
+    states = {"rng/torch": torch.get_rng_state(), "rng/augment": run.generator.get_state()}
+    if run.runtime.device.type == "cuda":
+        states["rng/cuda"] = torch.cuda.get_rng_state(run.runtime.device)
+    return states
+
+
+def save_state(run: Run, state: RunState, history: list[dict[str, Any]],
+               extra: dict[str, torch.Tensor] | None = None) -> None:
+    """Model, optimizer, RNG and counters: enough for --resume to continue exactly here (rank 0 writes)."""
+    if not run.dist.is_main:
+        return
+    tensors, rest = optimizer_to_tensors(run.optimizer)
+    tensors.update(rng_state(run))
+    tensors.update({f"model/{k}": v for k, v in run.model.state_dict().items()})
+    run.rundir.write_config(run.saved_config)
+    run.rundir.save_state({**tensors, **(extra or {})}, {"run": asdict(state), "optimizer": rest, "history": history})
+
+
+def load_state(run: Run) -> tuple[RunState, list[dict[str, Any]], tuple]:
+    """The saved state loaded into ``run``'s model and optimizer; the counters, history and random states."""
+    record, tensors = run.rundir.read_state()
+    model_state = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
+    try:
+        run.model.load_state_dict(model_state)
+        optimizer_from_tensors(run.optimizer, tensors, record["optimizer"])
+        state = RunState(**record["run"])
+    except (RuntimeError, KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{run.rundir} holds a training state that does not fit this run: {err}") from None
+    # Under torchrun rank r continues its own random streams (saved as rng/.../rankR when the run stopped mid-epoch;
+    # rank 0's when it had fewer ranks) and rank 0 alone carries the epoch's running sums (saved summed over ranks).
+    saved_rng = tuple(tensors.get(f"{k}/rank{run.dist.rank}", tensors.get(k))
+                      for k in ("rng/torch", "rng/augment", "rng/cuda"))
+    if not run.dist.is_main:
+        state.loss_sum, state.correct = 0.0, 0
+    return state, list(record.get("history", [])), saved_rng
+
+
+class TensorBoard:
+    """TensorBoard scalars per epoch in ``RUN/tensorboard`` (``--tensorboard``; needs the tensorboard extra)."""
+
+    def __init__(self, run: Run) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ConfigError("--tensorboard needs the tensorboard package: pip install 'vggnet[tensorboard]'") from None
+        self.writer = SummaryWriter(str(run.rundir.tensorboard))
+
+    def log(self, record: dict[str, Any]) -> None:
+        for key, value in record.items():
+            if key != "epoch":
+                self.writer.add_scalar(key, value, record["epoch"])
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
