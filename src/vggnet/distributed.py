@@ -254,7 +254,9 @@ def peer_failures(run_dir: Callable[[], str | Path | None]) -> Iterator[None]:
 
         rank, world = tdist.get_rank(), tdist.get_world_size()
         directory = run_dir()
-        if directory and (Path(directory) / "state.json").is_file():
+        from .rundir import RunDir
+
+        if directory and RunDir(directory).has_state():
             hint = (f"the last checkpoint is in {directory}: continue with torchrun ... -m vggnet train --resume "
                     f"{directory}")
         else:

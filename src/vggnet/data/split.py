@@ -23,9 +23,8 @@ def stratified_holdout(labels: torch.Tensor, n: int, num_classes: int,
         raise ConfigError(f"--val-split {n}: must hold out at least 1 and fewer than the {total} training images")
     labels = labels.to(torch.int64).cpu()
     counts = torch.bincount(labels, minlength=num_classes).tolist()
-    exact = [n * c / total for c in counts]
-    quota = [int(e) for e in exact]
-    by_remainder = sorted(range(num_classes), key=lambda c: (-(exact[c] - quota[c]), c))
+    quota = [n * c // total for c in counts]  # integer arithmetic: remainders compare exactly
+    by_remainder = sorted(range(num_classes), key=lambda c: (-(n * counts[c] % total), c))
     for c in by_remainder[:n - sum(quota)]:
         quota[c] += 1
     generator = torch.Generator().manual_seed(seed)

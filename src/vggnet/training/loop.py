@@ -123,13 +123,13 @@ def train_step(run: Run, images: torch.Tensor, labels: torch.Tensor, lr: float) 
 def fit(run: Run, resume: bool = False) -> dict[str, Any]:
     """Train ``run`` to ``config.epochs`` (from its saved state with ``resume``); returns the result summary."""
     config, dist = run.config, run.dist
+    board = TensorBoard(run) if config.tensorboard and dist.is_main else None  # fails before any file is written
     if resume:
         state, history, saved_rng = load_state(run)
     else:
         state, history, saved_rng = RunState(plateau=Plateau(patience=config.plateau_patience).to_dict()), [], None
         if dist.is_main:
             run.rundir.create(run.saved_config)
-    board = TensorBoard(run) if config.tensorboard and dist.is_main else None
     with stop_on_signals() as stop:
         for epoch in range(state.epoch, config.epochs):
             train_epoch(run, state, history, epoch, stop, saved_rng)
@@ -309,7 +309,7 @@ class TensorBoard:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             raise ConfigError("--tensorboard needs the tensorboard package: pip install 'vggnet[tensorboard]'") from None
-        self.writer = SummaryWriter(str(run.rundir.tensorboard))
+        self.writer = SummaryWriter(str(run.rundir.tensorboard))  # creates the run directory too
 
     def log(self, record: dict[str, Any]) -> None:
         for key, value in record.items():
