@@ -25,6 +25,7 @@ from vggnet.data.idx import find_fashion_mnist, load_fashion_mnist, read_idx
 from vggnet.data.images import decode_image
 from vggnet.data.load import load_dataset
 from vggnet.data.loader import BatchLoader
+from vggnet.data.split import stratified_holdout
 
 __all__ = [
     "DATASETS",
@@ -43,4 +44,5 @@ __all__ = [
     "load_folder",
     "read_idx",
     "search_dirs",
+    "stratified_holdout",
 ]

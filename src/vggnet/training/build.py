@@ -13,8 +13,7 @@ import torch
 
 from .. import distributed
 from ..cpu_bf16 import tune_for_cpu_bf16
-from ..data import Augment, BatchLoader, ImageDataset, Preprocess, channel_stats, load_dataset
-from ..data.split import stratified_holdout
+from ..data import Augment, BatchLoader, ImageDataset, Preprocess, channel_stats, load_dataset, stratified_holdout
 from ..errors import ConfigError
 from ..models import create_model
 from ..rundir import RunDir

@@ -144,7 +144,7 @@ def fit(run: Run, resume: bool = False) -> dict[str, Any]:
                 plateau.update(val.top1)
                 state.plateau = plateau.to_dict()
             if dist.is_main:
-                save_epoch(run, state, history, test, record if best else None)
+                save_epoch(run, state, history, test, best)
                 if board is not None:
                     board.log(record)
                 if config.progress:
@@ -247,15 +247,14 @@ def epoch_metrics(record: dict[str, Any]) -> dict[str, Any]:
     return {k: record[k] for k in keys if k in record}
 
 
-def save_epoch(run: Run, state: RunState, history: list[dict[str, Any]], test: EvalResult,
-               best: dict[str, Any] | None) -> None:
-    """The end-of-epoch checkpoint: weights and card (and the best ones), state, metrics, evaluation, plots."""
+def save_epoch(run: Run, state: RunState, history: list[dict[str, Any]], test: EvalResult, best: bool) -> None:
+    """The end-of-epoch checkpoint: weights and card (also as the best ones when ``best``), state, metrics, the
+    test evaluation, plots."""
     record = history[-1]
     card = ModelCard(model=run.model.config, classes=run.classes, preprocess=run.preprocess.to_dict(),
                      dataset=run.config.dataset, image_size=run.config.image_size, metrics=epoch_metrics(record),
                      train_config=run.saved_config)
-    run.rundir.save_weights(run.model, card, {"epoch": record["epoch"], "metrics": epoch_metrics(record)}
-                            if best is not None else None)
+    run.rundir.save_weights(run.model, card, {"epoch": record["epoch"], "metrics": card.metrics} if best else None)
     save_state(run, state, history)
     run.rundir.write_metrics(history)
     title = f"{run.config.model} on {run.config.dataset}"
