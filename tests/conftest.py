@@ -185,3 +185,35 @@ def pytest_collection_modifyitems(config, items):
         for marker, (available, reason) in skips.items():
             if marker in item.keywords and not available:
                 item.add_marker(pytest.mark.skip(reason=reason))
+
+
+# ------------------------------------------------------------------------------------------------ image files
+IMAGE_ORANGE, IMAGE_BLUE = (200, 100, 50), (10, 20, 250)  # the colours of the two halves (tests repeat them)
+
+
+@pytest.fixture
+def image_files(tmp_path):
+    """Files of every kind predict must read: colour, transparency, palette, large, tiny, JPEG. ``rgb``, ``rgba``
+    and ``palette`` are 28x28 with an orange left half and a blue right half (transparent in ``rgba`` and
+    ``palette``)."""
+    from PIL import Image
+
+    def halves(left, right, mode="RGB", size=(28, 28)):
+        image = Image.new(mode, size, left)
+        image.paste(right, (size[0] // 2, 0, size[0], size[1]))
+        return image
+
+    rng = np.random.default_rng(0)
+    files = {name: tmp_path / filename for name, filename in (
+        ("rgb", "rgb.png"), ("rgba", "rgba.png"), ("palette", "palette.png"), ("large", "large.png"),
+        ("tiny", "tiny.png"), ("jpeg", "photo.jpg"))}
+    halves(IMAGE_ORANGE, IMAGE_BLUE).save(files["rgb"])
+    halves(IMAGE_ORANGE + (255,), IMAGE_BLUE + (0,), "RGBA").save(files["rgba"])
+    palette = Image.new("P", (28, 28), 0)
+    palette.putpalette(IMAGE_ORANGE + IMAGE_BLUE + (0, 0, 0) * 254)
+    palette.paste(1, (14, 0, 28, 28))
+    palette.save(files["palette"], transparency=1)
+    Image.fromarray(rng.integers(0, 256, (200, 300, 3), dtype=np.uint8)).save(files["large"])  # 300 wide, 200 high
+    Image.fromarray(rng.integers(0, 256, (10, 10), dtype=np.uint8)).save(files["tiny"])
+    Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(files["jpeg"])
+    return files

@@ -30,22 +30,8 @@ def loaded(train_run_one_epoch):
 
 
 @pytest.fixture
-def images(tmp_path):
-    """Files of every kind predict must read: colour, transparency, palette, large, tiny, JPEG."""
-    rng = np.random.default_rng(0)
-    files = {name: tmp_path / filename for name, filename in (
-        ("rgb", "rgb.png"), ("rgba", "rgba.png"), ("palette", "palette.png"), ("large", "large.png"),
-        ("tiny", "tiny.png"), ("jpeg", "photo.jpg"))}
-    halves(ORANGE, BLUE).save(files["rgb"])
-    halves(ORANGE + (255,), BLUE + (0,), "RGBA").save(files["rgba"])
-    palette = Image.new("P", (28, 28), 0)
-    palette.putpalette(ORANGE + BLUE + (0, 0, 0) * 254)
-    palette.paste(1, (14, 0, 28, 28))
-    palette.save(files["palette"], transparency=1)
-    Image.fromarray(rng.integers(0, 256, (200, 300, 3), dtype=np.uint8)).save(files["large"])  # 300 wide, 200 high
-    Image.fromarray(rng.integers(0, 256, (10, 10), dtype=np.uint8)).save(files["tiny"])
-    Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(files["jpeg"])
-    return files
+def images(image_files):
+    return image_files
 
 
 # ------------------------------------------------------------------------------------------------ predicting
