@@ -9,6 +9,7 @@ import struct
 
 import numpy as np
 import pytest
+import torch
 
 
 @pytest.fixture
@@ -142,8 +143,8 @@ def train_run_copy(tmp_path, train_run_one_epoch):
 
 
 @pytest.fixture
-def train_cli(capsys):
-    """Run the ``vggnet`` CLI in-process: ``train_cli([...]) -> (exit code, stdout, stderr)``."""
+def cli(capsys):
+    """Run the ``vggnet`` CLI in-process: ``cli([...]) -> (exit code, stdout, stderr)``."""
     from vggnet.cli import main
 
     def run(argv):
@@ -156,6 +157,54 @@ def train_cli(capsys):
         return code, out, err
 
     return run
+
+
+@pytest.fixture
+def train_cli(cli):
+    """The CLI runner under the name the training tests use."""
+    return cli
+
+
+def _assert_one_line_error(code, err, *fragments):
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture(scope="session")
+def one_line_error():
+    """``one_line_error(code, err, *fragments)``: exit status 2 and one line on stderr holding every fragment."""
+    return _assert_one_line_error
+
+
+def _fill_reference(model, seed=1):
+    """Deterministic He-uniform weights and non-trivial BN statistics, so equal outputs mean equal maths."""
+    import math
+
+    from torch import nn
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                bound = math.sqrt(6.0 / module.weight[0].numel())
+                module.weight.uniform_(-bound, bound, generator=gen)
+                module.bias.uniform_(-0.1, 0.1, generator=gen)
+            elif isinstance(module, nn.BatchNorm2d):
+                module.weight.uniform_(0.5, 1.5, generator=gen)
+                module.bias.uniform_(-0.2, 0.2, generator=gen)
+                module.running_mean.uniform_(-0.2, 0.2, generator=gen)
+                module.running_var.uniform_(0.5, 2.0, generator=gen)
+                module.num_batches_tracked.fill_(7)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def fill_reference():
+    """``fill_reference(model, seed=1) -> model``: the reference models' deterministic weights (eval mode)."""
+    return _fill_reference
 
 
 @pytest.fixture

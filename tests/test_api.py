@@ -3,7 +3,7 @@
 import torch
 
 import vggnet
-from vggnet import evaluation, rundir, training
+from vggnet import evaluation, rundir, source, training
 
 
 def test_package_level_names_are_the_module_functions():
@@ -11,7 +11,7 @@ def test_package_level_names_are_the_module_functions():
     assert vggnet.resume is training.resume
     assert vggnet.TrainConfig is training.TrainConfig
     assert vggnet.evaluate is evaluation.evaluate
-    assert vggnet.load is rundir.load
+    assert vggnet.load is source.load
     assert vggnet.ModelCard is rundir.ModelCard
     # The modules stay reachable under their own names.
     assert vggnet.training.build_run is training.build_run

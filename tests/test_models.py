@@ -364,29 +364,12 @@ def test_vgg11_state_dict_matches_torchvision_layout(name, batch_norm, n_feature
     assert [(k, tuple(v.shape)) for k, v in ref.state_dict().items()] == _vgg11_expected_keys(batch_norm)
 
 
-def _fill_reference(model: nn.Module) -> None:
-    """Deterministic He-uniform weights and non-trivial BN statistics, so equal outputs mean equal maths."""
-    gen = torch.Generator().manual_seed(1)
-    for module in model.modules():
-        if isinstance(module, (nn.Conv2d, nn.Linear)):
-            bound = math.sqrt(6.0 / (module.weight[0].numel()))
-            module.weight.uniform_(-bound, bound, generator=gen)
-            module.bias.uniform_(-0.1, 0.1, generator=gen)
-        elif isinstance(module, nn.BatchNorm2d):
-            module.weight.uniform_(0.5, 1.5, generator=gen)
-            module.bias.uniform_(-0.2, 0.2, generator=gen)
-            module.running_mean.uniform_(-0.2, 0.2, generator=gen)
-            module.running_var.uniform_(0.5, 2.0, generator=gen)
-            module.num_batches_tracked.fill_(7)
-
-
 @pytest.mark.parametrize("name, batch_norm", [("vgg16", False), ("vgg16_bn", True)])
 @torch.no_grad()
-def test_vgg16_loads_torchvision_style_state_dict(name, batch_norm):
+def test_vgg16_loads_torchvision_style_state_dict(name, batch_norm, fill_reference):
     with torch.device("meta"):
         ref = TorchvisionStyleVGG(PAPER_CONVS["D"], batch_norm)
-    ref = ref.to_empty(device="cpu")
-    _fill_reference(ref)
+    ref = fill_reference(ref.to_empty(device="cpu"))
     ours = vggnet.create_model(name)
     result = ours.load_state_dict(ref.state_dict(), strict=True)
     assert not result.missing_keys and not result.unexpected_keys

@@ -11,6 +11,12 @@ Train, load, evaluate (the Python side of ``vggnet train``, ``vggnet eval``)::
     loaded = vggnet.load("runs/quick")                       # model + preprocessing + class names
     train_set, test_set = vggnet.load_dataset("fashion-mnist")   # in-memory uint8 images and labels
     metrics = vggnet.evaluate(loaded.model, test_set, loaded.preprocess)
+
+Use what others trained (the Python side of ``vggnet features``)::
+
+    feats = vggnet.extract_features(loaded, ["a.jpg"], ["relu5_3"], pool="avg")   # .maps["relu5_3"]: (1, C)
+    stages = vggnet.FeaturesOnly(loaded.model)(x)                 # one map per max-pool, as model.feature_info
+    loss = vggnet.PerceptualLoss("runs/quick", layers=["relu1_1", "relu2_1"])(output, target)   # images in [0, 1]
 """
 
 from importlib import import_module
@@ -30,12 +36,15 @@ _LAZY = {
     "resolve_config": ".training",
     "evaluate": ".evaluation",
     "EvalResult": ".evaluation",
-    "load": ".rundir",
+    "load": ".source",  # a run directory or a weights file
     "LoadedModel": ".rundir",
     "ModelCard": ".rundir",
     "RunDir": ".rundir",
     "load_dataset": ".data",
     "optimize_for_inference": ".inference",
+    "extract_features": ".features",
+    "FeaturesOnly": ".features",
+    "PerceptualLoss": ".perceptual",
 }
 
 

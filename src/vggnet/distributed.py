@@ -208,11 +208,16 @@ def setup(device: str = "auto") -> Dist:
     return Dist(True, rank, world, local, local_world, dev)
 
 
-def teardown() -> None:
-    """Leave the process group (if this process joined one)."""
+def teardown(in_step: bool = False) -> None:
+    """Leave the process group (if this process joined one).
+
+    ``in_step``: every rank got here at the same point (a finished or voted-to-stop run), so they first meet at a
+    barrier: no rank closes its connections while a peer's last collective may still be sending to it."""
     import torch.distributed as tdist
 
     if tdist.is_available() and tdist.is_initialized():
+        if in_step:
+            tdist.barrier()
         tdist.destroy_process_group()
 
 

@@ -308,9 +308,35 @@ def list_models(pattern: str | None = None) -> list[str]:
     return [n for n in names if pattern is None or fnmatch.fnmatch(n, pattern)]
 
 
-def create_model(name: str, **kwargs: Any) -> VGG:
-    """Build a registered VGG (``vgg16_bn``) or ``"custom"`` with ``arch=``. ``None`` kwargs are dropped."""
-    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+def create_model(name: str, **kwargs: Any) -> nn.Module:
+    """Build a registered VGG (``vgg16_bn``) or ``"custom"`` with ``arch=``. ``None`` kwargs are dropped.
+
+    ``weights=PATH`` loads a weights file (torchvision ``.pth``, timm safetensors, Keras ``.h5``) strictly into this
+    architecture; keywords not given (classes, input channels, head, ...) are read from the file
+    (:func:`vggnet.weights.build_model`). ``features_only=True`` returns a :class:`vggnet.features.FeaturesOnly`
+    (one map per stage, timm-style; ``out_indices`` picks stages) instead of the classifier; without weights its
+    head defaults to ``gap`` so that no 4096-wide FC layers are allocated only to be dropped. Both keywords import
+    their module here: models.py itself reads no files and extracts nothing."""
+    features_only = kwargs.pop("features_only", False)
+    out_indices = kwargs.pop("out_indices", None)
+    if out_indices is not None and not features_only:
+        raise ConfigError("out_indices picks the stages of a features_only model: pass features_only=True too")
+    weights = kwargs.pop("weights", None)
+    if weights is not None:
+        from .weights import build_model
+
+        model = build_model(weights, name, **kwargs)
+    else:
+        model = _build(name, {**({"head": "gap"} if features_only else {}),
+                              **{k: v for k, v in kwargs.items() if v is not None}})
+    if features_only:
+        from .features import FeaturesOnly
+
+        return FeaturesOnly(model, out_indices)
+    return model
+
+
+def _build(name: str, kwargs: dict[str, Any]) -> VGG:
     if name == "custom":
         if "arch" not in kwargs:
             raise ConfigError("model 'custom' needs arch=, e.g. [64, 'M', 128, 'M', ...] or ((1, 64), (1, 128), ...)")

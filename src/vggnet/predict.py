@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 
 from .data.images import decode_image
-from .errors import DataError
+from .errors import CheckpointError, DataError
 from .evaluation import predict_logits
 from .rundir import LoadedModel
 from .runtime import Runtime, resolve_runtime
@@ -24,27 +24,44 @@ class Prediction:
         return {"file": self.file, "top": self.top} if self.error is None else {"file": self.file, "error": self.error}
 
 
+def decode_files(loaded: LoadedModel, files: Sequence[str]
+                 ) -> tuple[torch.Tensor | None, list[int], list[tuple[int, str]]]:
+    """Decode image files as the model's training images were: :func:`vggnet.data.decode_image` at the native input
+    size (``preprocess.decode_size``: ``in_size``, else ``image_size / crop_fraction``, e.g. 256 for ImageNet weights,
+    whose preprocessing then crops the centre 224) with the model's channel count.
+
+    Returns the uint8 batch ``(n, C, h, w)`` of the readable files (``None`` when there is none), the position in
+    ``files`` of each of its rows, and ``(position, message)`` for each unreadable file (the message names it)."""
+    prep = loaded.preprocess
+    channels = int(loaded.model.in_channels)
+    native = prep.decode_size
+    images, where, errors = [], [], []
+    for position, path in enumerate(files):
+        try:
+            images.append(torch.from_numpy(decode_image(path, native, channels)).permute(2, 0, 1))
+            where.append(position)
+        except DataError as err:
+            errors.append((position, str(err)))
+    return (torch.stack(images) if images else None), where, errors
+
+
 def predict_files(loaded: LoadedModel, files: Sequence[str], top_k: int = 5, runtime: Runtime | None = None,
                   tta: str | None = None) -> list[Prediction]:
     """Top-k classes per file; an unreadable file gets its own error and does not stop the others.
 
-    Each file is decoded as the training images were (:func:`vggnet.data.decode_image` at the model's native input
-    size) and run on ``runtime`` (default: :func:`vggnet.runtime.resolve_runtime`'s choices on the CPU)."""
+    Each file is decoded as the training images were (:func:`decode_files`) and run on ``runtime`` (default:
+    :func:`vggnet.runtime.resolve_runtime`'s choices on the CPU)."""
+    if getattr(loaded, "features_only", False):  # a weights file without classifier (vggnet.weights)
+        raise CheckpointError(f"{loaded.path} holds convolutional weights only (no classifier): nothing to predict")
     runtime = runtime or resolve_runtime("cpu", threads=torch.get_num_threads())
     prep = loaded.preprocess
-    channels = int(loaded.model.in_channels)
-    native = prep.in_size or prep.image_size
     k = min(top_k, len(loaded.classes) or loaded.model.num_classes)
-    results, images, where = [], [], []
-    for path in files:
-        try:
-            images.append(torch.from_numpy(decode_image(path, native, channels)).permute(2, 0, 1))
-            where.append(len(results))
-            results.append(Prediction(str(path)))
-        except DataError as err:
-            results.append(Prediction(str(path), error=str(err)))
-    if images:
-        logits = predict_logits(loaded.model.to(runtime.device), torch.stack(images), prep, runtime.device,
+    results = [Prediction(str(path)) for path in files]
+    images, where, errors = decode_files(loaded, files)
+    for position, message in errors:
+        results[position].error = message
+    if images is not None:
+        logits = predict_logits(loaded.model.to(runtime.device), images, prep, runtime.device,
                                 runtime.precision, tta=tta, channels_last=runtime.channels_last)
         probs = logits.softmax(1)
         values, indices = probs.topk(k, dim=1)

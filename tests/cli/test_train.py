@@ -20,13 +20,6 @@ from vggnet.training import resolve_config, train
 TIMEOUT_S = 120
 
 
-def assert_one_line_error(code, err, *fragments):
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-
 
 def read_history(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -91,15 +84,15 @@ def test_resume_flag_passes_only_the_new_epoch_total(monkeypatch, train_cli, tmp
     (["--dataset", "nosuch"], ["unknown dataset 'nosuch'", "fashion-mnist"]),
     (["--dataset", "folder:/nonexistent"], ["/nonexistent", "no such directory"]),
 ])
-def test_train_usage_errors(argv, fragments, train_cli, tmp_path):
+def test_train_usage_errors(argv, fragments, train_cli, tmp_path, one_line_error):
     code, out, err = train_cli(["train", "--out", tmp_path / "run", "--no-progress", *argv])
-    assert_one_line_error(code, err, *fragments)
+    one_line_error(code, err, *fragments)
     assert not (tmp_path / "run").exists()
 
 
-def test_unknown_model_lists_the_choices(train_cli, train_cli_args, tmp_path):
+def test_unknown_model_lists_the_choices(train_cli, train_cli_args, tmp_path, one_line_error):
     code, out, err = train_cli(train_cli_args("--out", tmp_path / "run") + ["--model", "vgg99"])
-    assert_one_line_error(code, err, "unknown model 'vgg99'", "vgg11_bn", "custom")
+    one_line_error(code, err, "unknown model 'vgg99'", "vgg11_bn", "custom")
     assert not (tmp_path / "run").exists()
 
 
@@ -107,24 +100,25 @@ def test_unknown_model_lists_the_choices(train_cli, train_cli_args, tmp_path):
     ("cifar10", ["CIFAR-10 not found", "vggnet data fetch cifar10", "--data-dir"]),
     ("fashion-mnist", ["Fashion-MNIST not found", "no IDX files", "vggnet data fetch fashion-mnist"]),
 ])
-def test_missing_dataset_names_the_places_searched(dataset, fragments, data_env, train_cli):
+def test_missing_dataset_names_the_places_searched(dataset, fragments, data_env, train_cli, one_line_error):
     empty = data_env / "empty"
     empty.mkdir()
     code, out, err = train_cli(["train", "--dataset", dataset, "--data-dir", empty, "--out", data_env / "run"])
-    assert_one_line_error(code, err, str(empty), str(data_env / "xdg-cache" / "vggnet" / "data"), *fragments)
+    one_line_error(code, err, str(empty), str(data_env / "xdg-cache" / "vggnet" / "data"), *fragments)
     assert not (data_env / "run").exists()
 
 
-def test_resume_errors_leave_the_run_untouched(train_run_copy, tmp_path, train_cli, train_snapshot):
+def test_resume_errors_leave_the_run_untouched(train_run_copy, tmp_path, train_cli, train_snapshot,
+                                               one_line_error):
     before = train_snapshot(train_run_copy)
     code, out, err = train_cli(["train", "--resume", tmp_path / "nothing"])
-    assert_one_line_error(code, err, "not a vggnet run directory")
+    one_line_error(code, err, "not a vggnet run directory")
     code, out, err = train_cli(["train", "--resume", train_run_copy, "--lr", "0.1"])
-    assert_one_line_error(code, err, "--lr cannot change", "only --epochs")
+    one_line_error(code, err, "--lr cannot change", "only --epochs")
     code, out, err = train_cli(["train", "--resume", train_run_copy, "--preset", "paper", "--no-flip"])
-    assert_one_line_error(code, err, "--flip, --preset cannot change")
+    one_line_error(code, err, "--flip, --preset cannot change")
     code, out, err = train_cli(["train", "--out", train_run_copy, "--epochs", "1"])
-    assert_one_line_error(code, err, "already holds a run", f"--resume {train_run_copy}")
+    one_line_error(code, err, "already holds a run", f"--resume {train_run_copy}")
     assert train_snapshot(train_run_copy) == before
 
 
@@ -173,37 +167,37 @@ def other_architecture(run_dir):
     (other_architecture, ["does not match the architecture", "wrong shape"]),
 ])
 def test_eval_errors_are_one_line_and_damage_nothing(damage, fragments, train_run_copy, train_data_dir, train_cli,
-                                                     train_snapshot):
+                                                     train_snapshot, one_line_error):
     damage(train_run_copy)
     before = train_snapshot(train_run_copy)
     code, out, err = train_cli(["eval", train_run_copy, "--data-dir", train_data_dir])
-    assert_one_line_error(code, err, *fragments)
+    one_line_error(code, err, *fragments)
     assert train_snapshot(train_run_copy) == before
 
 
-def test_eval_of_a_directory_that_is_not_a_run(tmp_path, train_cli):
+def test_eval_of_a_directory_that_is_not_a_run(tmp_path, train_cli, one_line_error):
     code, out, err = train_cli(["eval", tmp_path])
-    assert_one_line_error(code, err, "not a vggnet run directory")
+    one_line_error(code, err, "not a vggnet run directory")
     assert list(tmp_path.iterdir()) == []
 
 
 # ------------------------------------------------------------------------------------------------ data fetch
-def test_fetch_with_wrong_checksums_saves_nothing(data_env, data_fake_fashion_mnist, train_cli):
+def test_fetch_with_wrong_checksums_saves_nothing(data_env, data_fake_fashion_mnist, train_cli, one_line_error):
     mirror, out_dir = data_env / "mirror", data_env / "out"
     data_fake_fashion_mnist(mirror)
     code, out, err = train_cli(["data", "fetch", "fashion-mnist", "--url", mirror.as_uri(), "--to", out_dir])
-    assert_one_line_error(code, err, "md5", "does not match", "nothing was saved")
+    one_line_error(code, err, "md5", "does not match", "nothing was saved")
     assert list(out_dir.iterdir()) == []
 
 
 # ------------------------------------------------------------------------------------------------ subprocesses
-def test_errors_through_python_m_vggnet(train_run_copy, tmp_path, train_data_dir):
+def test_errors_through_python_m_vggnet(train_run_copy, tmp_path, train_data_dir, one_line_error):
     env = subprocess_env(tmp_path, train_data_dir)
     for argv, fragment in ((["train", "--resume", str(train_run_copy), "--lr", "0.1"], "--lr cannot change"),
                            (["eval", str(tmp_path / "nothing")], "does not exist")):
         proc = subprocess.run([sys.executable, "-m", "vggnet", *argv], env=env, capture_output=True, text=True,
                               timeout=TIMEOUT_S)
-        assert_one_line_error(proc.returncode, proc.stderr, fragment)
+        one_line_error(proc.returncode, proc.stderr, fragment)
 
 
 def test_sigterm_then_resume_equals_an_uninterrupted_run(tmp_path, train_data_dir, train_cli_args, train_options,

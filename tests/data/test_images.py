@@ -38,11 +38,16 @@ def expected_halves(left, right, size=(28, 28)):
 
 
 def pillow_fit(image, size):
-    """Independent of the decoder: resample the centred square of side min(W, H) to size x size (Pillow bilinear)."""
+    """Independent of the decoder, torchvision's ``Resize(size)`` + ``CenterCrop(size)`` written out: the shorter side
+    to ``size`` (the longer one ``int(size * long / short)``, Pillow bilinear), then the centre square, offsets
+    rounded half to even as torchvision's ``round``."""
     w, h = image.size
-    short = min(w, h)
-    box = ((w - short) / 2, (h - short) / 2, (w + short) / 2, (h + short) / 2)
-    return np.array(image.resize((size, size), Image.Resampling.BILINEAR, box=box))
+    if min(w, h) != size:
+        new_w, new_h = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+        image = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
+    w, h = image.size
+    left, top = round((w - size) / 2), round((h - size) / 2)
+    return np.array(image.crop((left, top, left + size, top + size)))
 
 
 def exif_jpeg(path, image, orientation):
@@ -124,8 +129,8 @@ def test_fit_crops_the_centre_and_keeps_native_sizes(tmp_path):
 
 @pytest.mark.parametrize("name", ["large", "tiny", "jpeg", "rgb"])
 @pytest.mark.parametrize("channels", [1, 3])
-def test_fit_is_one_pillow_bilinear_resampling_of_the_centre_square(images, name, channels):
-    """Down- and upscaling, wide and square: exactly Pillow's bilinear resampling of the centred square."""
+def test_fit_is_torchvisions_resize_then_centre_crop(images, name, channels):
+    """Down- and upscaling, wide and square: exactly the resize-then-crop of torchvision's eval transform."""
     with Image.open(images[name]) as image:
         expected = pillow_fit(image.convert("RGB" if channels == 3 else "L"), 28)
     assert np.array_equal(decode_image(images[name], 28, channels), expected.reshape(28, 28, channels))

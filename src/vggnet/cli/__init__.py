@@ -14,7 +14,7 @@ from typing import Sequence
 from ..errors import VggnetError
 
 # Verb modules; each defines ``add_parser(subparsers)`` and ``run(args) -> int``.
-VERBS = ("models", "summary", "train", "eval", "predict", "data", "bench")
+VERBS = ("models", "summary", "train", "eval", "predict", "features", "weights", "data", "bench")
 
 
 class ArgumentParser(argparse.ArgumentParser):

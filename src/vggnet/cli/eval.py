@@ -1,8 +1,13 @@
-"""``vggnet eval RUN_DIR``: top-1, top-5, per-class accuracy and the confusion matrix on a whole test set."""
+"""``vggnet eval SOURCE``: top-1, top-5, per-class accuracy and the confusion matrix on a whole test set.
+
+SOURCE is a run directory (evaluated on its own dataset by default; eval.json and confusion.png go into it) or a
+weights file (:mod:`vggnet.weights`), which has no dataset of its own: ``--dataset`` is required, and the results are
+written only with ``--out``."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ..data import load_dataset
 from ..errors import DataError
@@ -11,14 +16,16 @@ from ..report import table
 from ..rundir import WEIGHTS, RunDir
 from ..runtime import PRECISIONS, resolve_runtime
 from .common import positive_int, print_json
+from .predict import MODEL_HELP, SOURCE_HELP, WEIGHTS_HELP, load_source
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="evaluate a trained run on a test set")
-    p.add_argument("run_dir", help="run directory written by vggnet train")
-    p.add_argument("--weights", choices=tuple(WEIGHTS), default="model",
-                   help="final weights, or the best by validation accuracy (runs with --val-split)")
-    p.add_argument("--dataset", help="dataset to evaluate on (default: the run's own)")
+    p = sub.add_parser("eval", help="evaluate a trained run or a weights file on a test set")
+    p.add_argument("source", metavar="SOURCE", help=SOURCE_HELP)
+    p.add_argument("--weights", choices=tuple(WEIGHTS), help=WEIGHTS_HELP)
+    p.add_argument("--model", metavar="NAME", help=MODEL_HELP)
+    p.add_argument("--dataset", help="dataset to evaluate on (run directories: default the run's own; weights files: "
+                   "required, e.g. folder:PATH with one subfolder per class in the model's class order)")
     p.add_argument("--data-dir", help="where the dataset files are")
     p.add_argument("--tta", choices=("flip",), help="average with horizontally flipped images")
     p.add_argument("--batch-size", type=positive_int, help="images per batch (default: by image size: 256 at 32x32, "
@@ -27,29 +34,39 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="fp32 (default: exact numbers), or auto/bf16/fp16 for speed")
     p.add_argument("--threads", type=positive_int, help="intra-op threads (default: every available core)")
-    p.add_argument("--out", metavar="DIR", help="where eval.json and confusion.png go (default: the run directory)")
+    p.add_argument("--out", metavar="DIR", help="where eval.json and confusion.png go (default: the run directory; "
+                   "weights files: written only with --out)")
     p.add_argument("--json", action="store_true", help="print {top1, top5, per_class, n, ...} (fractions)")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    is_run = Path(args.source).is_dir()
+    if not is_run and Path(args.source).is_file() and not args.dataset:
+        raise DataError(f"{args.source} is a weights file, which has no dataset of its own: name one with --dataset "
+                        "(fashion-mnist, cifar10, cifar100 or folder:PATH, one subfolder per class in the model's "
+                        "class order)")
     runtime = resolve_runtime(args.device, args.precision, threads=args.threads)
-    rundir = RunDir(args.run_dir)
-    loaded = rundir.load(args.weights, runtime.device)
-    card = loaded.card
+    loaded = load_source(args, runtime.device)
+    card, prep = loaded.card, loaded.preprocess
     dataset = args.dataset or card.dataset or "fashion-mnist"
-    data_dir = args.data_dir or (card.train_config or {}).get("data_dir")  # the run's own copy first
-    _, test = load_dataset(dataset, data_dir, card.image_size)
+    if is_run:
+        data_dir = args.data_dir or (card.train_config or {}).get("data_dir")  # the run's own copy first
+        image_size = card.image_size
+    else:
+        data_dir, image_size = args.data_dir, prep.decode_size  # folder images decoded as predict decodes files
+    _, test = load_dataset(dataset, data_dir, image_size)
     if test.images.shape[1] != loaded.model.in_channels or len(test.classes) != loaded.model.num_classes:
         raise DataError(f"{dataset} has {test.images.shape[1]} channel(s) and {len(test.classes)} classes; the model "
-                        f"in {args.run_dir} expects {loaded.model.in_channels} and {loaded.model.num_classes}")
-    result = evaluate(loaded.model, test, loaded.preprocess, runtime.device, runtime.precision, args.batch_size,
+                        f"in {args.source} expects {loaded.model.in_channels} and {loaded.model.num_classes}")
+    result = evaluate(loaded.model, test, prep, runtime.device, runtime.precision, args.batch_size,
                       tta=args.tta, channels_last=runtime.channels_last, progress=not args.json)
     result.classes = loaded.classes or test.classes
-    record = dict(result.to_dict(), dataset=dataset, weights=args.weights, tta=args.tta,
-                  precision=runtime.precision)
+    record = dict(result.to_dict(), dataset=dataset, weights=(args.weights or "model") if is_run else str(args.source),
+                  tta=args.tta, precision=runtime.precision)
     title = f"{card.model.get('name', 'model')} on {dataset}: top-1 {100 * result.top1:.2f}%"
-    out = rundir.write_eval(record, title, args.out)
+    rundir = RunDir(args.source if is_run else args.out or ".")
+    out = rundir.write_eval(record, title, args.out) if is_run or args.out else None
     if args.json:
         print_json(record)
         return 0
@@ -58,5 +75,6 @@ def run(args: argparse.Namespace) -> int:
     rows = [[name, f"{100 * acc:.2f}%", str(sum(result.confusion[i]))] for i, (name, acc) in
             enumerate(zip(result.classes, result.per_class))]
     print(table(["class", "accuracy", "images"], rows, "lrr"))
-    print(f"confusion matrix: {out / rundir.confusion.name} and {out / rundir.eval.name}")
+    if out is not None:
+        print(f"confusion matrix: {out / rundir.confusion.name} and {out / rundir.eval.name}")
     return 0

@@ -1,23 +1,33 @@
-"""``vggnet predict RUN_DIR IMAGE...``: top-k classes with probabilities, using the run's saved preprocessing."""
+"""``vggnet predict SOURCE IMAGE...``: top-k classes with probabilities, with the model's own preprocessing.
+
+SOURCE is a run directory (``vggnet train``) or a weights file (torchvision ``.pth``, timm ``.safetensors``, Keras
+``.h5``; :mod:`vggnet.weights`), whose ImageNet class names and preprocessing come with it."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
+from ..errors import CheckpointError
 from ..predict import predict_files
-from ..rundir import WEIGHTS, load
+from ..rundir import WEIGHTS
 from ..runtime import PRECISIONS, resolve_runtime
+from ..source import load
 from .common import positive_int, print_json
+
+SOURCE_HELP = "run directory written by vggnet train, or a weights file (torchvision .pth, timm .safetensors, Keras .h5)"
+MODEL_HELP = ("weights files: the registry model to load the file into (default: the architecture read from the "
+              "file's keys and shapes)")
+WEIGHTS_HELP = "run directories: final weights (default), or the best by validation accuracy (runs with --val-split)"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("predict", help="classify image files with a trained run")
-    p.add_argument("run_dir", help="run directory written by vggnet train")
+    p = sub.add_parser("predict", help="classify image files with a trained run or a weights file")
+    p.add_argument("source", metavar="SOURCE", help=SOURCE_HELP)
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format Pillow reads)")
     p.add_argument("--top-k", type=positive_int, default=5, metavar="K")
-    p.add_argument("--weights", choices=tuple(WEIGHTS), default="model",
-                   help="final weights, or the best by validation accuracy (runs with --val-split)")
+    p.add_argument("--weights", choices=tuple(WEIGHTS), help=WEIGHTS_HELP)
+    p.add_argument("--model", metavar="NAME", help=MODEL_HELP)
     p.add_argument("--tta", choices=("flip",))
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
@@ -27,9 +37,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
+def load_source(args: argparse.Namespace, device) -> object:
+    """The model of ``args.source`` (``--weights`` for run directories, ``--model`` for files); a features-only
+    file (Keras notop) has no classifier to use."""
+    loaded = load(args.source, args.weights or "model", device, model=args.model)
+    if getattr(loaded, "features_only", False):
+        raise CheckpointError(f"{args.source} holds convolutional weights only (no classifier, e.g. a Keras notop "
+                              f"file): there are no classes to {args.verb}; use it for features (vggnet features) or "
+                              "fine-tuning")
+    return loaded
+
+
 def run(args: argparse.Namespace) -> int:
     runtime = resolve_runtime(args.device, args.precision, threads=args.threads)
-    loaded = load(args.run_dir, args.weights, runtime.device)
+    loaded = load_source(args, runtime.device)
     results = predict_files(loaded, args.images, args.top_k, runtime, tta=args.tta)
     failed = [r for r in results if r.error]
     if args.json:

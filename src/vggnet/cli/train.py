@@ -10,6 +10,7 @@ from ..runtime import PRECISIONS
 from ..schedule import SCHEDULES
 from ..training import (DECAYING, NORMALIZE, OPTIMIZERS, PRESETS, RUNTIME_OPTIONS, Interrupted, resolve_config,
                         resume, train)
+from ..training.transfer import INIT_SCHEMES
 from .common import add_model_options, positive_float, positive_int, print_json
 
 
@@ -23,6 +24,14 @@ def fraction(text: str) -> float:
     return value
 
 
+def name_list(text: str) -> list[str]:
+    """``features,conv5_1`` -> ``["features", "conv5_1"]``."""
+    names = [name.strip() for name in text.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of layer names, e.g. block1,conv2_1")
+    return names
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train on Fashion-MNIST, CIFAR-10/100 or an image folder",
                        description="Options left out come from --preset (default 'fast'), then the built-in defaults. "
@@ -34,6 +43,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dropout", type=fraction, help="dropout probability on the head's FC layers (default: the named "
                    "model's 0.5; without --model, the default recipe's 0)")
     p.add_argument("--init", choices=INITS, help="weight initialisation (default torchvision)")
+    p.add_argument("--init-from", metavar="SOURCE",
+                   help="start from the weights of a run directory (or a weights file vggnet.load reads): every layer "
+                        "whose name and shapes fit loads, the rest (a new head for the dataset's classes) keeps its "
+                        "fresh initialisation and is listed; the first conv adapts to the image's channels (3 -> 1: "
+                        "the sum of its kernels)")
+    p.add_argument("--init-scheme", choices=INIT_SCHEMES,
+                   help="with --init-from: all (default) layers that fit; paper: SOURCE's first four convs and last "
+                        "three FC layers, the rest random (the paper's init from net A, section 3.1)")
+    p.add_argument("--freeze", type=name_list, metavar="NAME[,NAME]",
+                   help="keep these layers fixed (their BN in eval mode): features, block1..block5, conv1_1..conv5_3 "
+                        "(with its BN), classifier")
+    p.add_argument("--loaded-lr-scale", type=positive_float, metavar="F",
+                   help="learning-rate multiplier for the layers --init-from loaded (e.g. 0.1: they move gently while "
+                        "new layers learn at the full rate; default 1)")
     p.add_argument("--dataset", help="fashion-mnist (default), cifar10, cifar100 or folder:PATH")
     p.add_argument("--data-dir", help="where the dataset files are (searched before $VGGNET_DATA)")
     p.add_argument("--image-size", type=positive_int, metavar="N", help="input size in pixels (default 32)")
@@ -124,12 +147,14 @@ def _guarded(fn, run_dir):
 
     from .. import distributed
 
-    broken = False
+    broken, together = False, False
     try:
         with distributed.peer_failures(run_dir):
             result = fn()
+        together = True
         return result if distributed.env_rank() == 0 else None
     except Interrupted as stop:
+        together = True  # every rank stops at the same step (the stop vote)
         if distributed.env_rank() == 0:
             print(f"vggnet train: {stop}", file=sys.stderr)
         raise SystemExit(128 + int(stop.signum)) from None
@@ -138,4 +163,4 @@ def _guarded(fn, run_dir):
         raise
     finally:
         if not broken:
-            distributed.teardown()
+            distributed.teardown(in_step=together)

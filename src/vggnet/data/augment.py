@@ -25,6 +25,9 @@ FITS = ("auto", "pad", "resize")
 #: ``fit="auto"`` pads when the input is at most this many pixels smaller than ``image_size`` (28 -> 32), else resizes.
 AUTO_PAD_LIMIT = 8
 PAD_MODES = ("reflect", "constant")
+CHANNEL_ORDERS = ("rgb", "bgr")
+#: Preprocess fields added after model.json format 1 was fixed, with the defaults that mean "as before".
+_OPTIONAL_DEFAULTS = {"channel_order": "rgb", "crop_fraction": 1.0}
 #: Random erasing: rectangle area as a fraction of the image, and log-uniform aspect ratio (torchvision's defaults).
 ERASE_AREA = (0.02, 0.33)
 ERASE_RATIO = (0.3, 3.3)
@@ -45,6 +48,17 @@ class Preprocess:
     when ``0 <= S - h <= 8`` and ``0 <= S - w <= 8`` for the incoming batch (Fashion-MNIST 28 -> 32), else resizes.
     ``in_size`` records the native size of the training data (for ``model.json`` and :meth:`resolved_fit`).
     An input already S x S is only normalised.
+
+    Conventions of weights trained elsewhere (:mod:`vggnet.weights`):
+
+    - ``crop_fraction``: the centre fraction of the incoming image that is kept before fitting to S (torchvision's
+      ``CenterCrop`` rounding); 1.0 keeps all of it. Image files are decoded at :attr:`decode_size`
+      (``round(S / crop_fraction)``), so 0.875 with S = 224 decodes at 256 and crops the centre 224 x 224, the
+      ImageNet evaluation transform (Resize(256) + CenterCrop(224)).
+    - ``channel_order``: the order the model takes its colour channels in. Batches always arrive in RGB (every
+      reader and :func:`vggnet.data.decode_image` give RGB); ``"bgr"`` reverses them before normalising, as the
+      Caffe/Keras VGG weights expect. ``mean`` and ``std`` are in the model's order. Keras' "caffe" mode (BGR,
+      0..255, mean subtracted) is ``mean = m / 255`` and ``std = 1 / 255``: ``(x / 255 - m / 255) * 255 = x - m``.
     """
 
     image_size: int
@@ -52,6 +66,8 @@ class Preprocess:
     std: tuple[float, ...]
     fit: str = "auto"
     in_size: int | None = None
+    channel_order: str = "rgb"  # "rgb" or "bgr": the order the model takes (batches arrive RGB)
+    crop_fraction: float = 1.0  # centre fraction of the input kept before fitting (0.875: 256 -> 224)
 
     def __post_init__(self) -> None:
         self.mean = tuple(float(m) for m in self.mean)
@@ -68,10 +84,25 @@ class Preprocess:
             raise ConfigError(f"Preprocess fit must be one of {', '.join(FITS)}, got {self.fit!r}")
         if self.in_size is not None and self.in_size < 1:
             raise ConfigError(f"Preprocess in_size must be a positive integer or None, got {self.in_size}")
+        if self.channel_order not in CHANNEL_ORDERS:
+            raise ConfigError(f"Preprocess channel_order must be one of {', '.join(CHANNEL_ORDERS)}, got "
+                              f"{self.channel_order!r}")
+        if self.channel_order == "bgr" and self.channels != 3:
+            raise ConfigError(f"Preprocess channel_order 'bgr' needs 3 channels, got {self.channels}")
+        self.crop_fraction = float(self.crop_fraction)
+        if not 0.0 < self.crop_fraction <= 1.0:
+            raise ConfigError(f"Preprocess crop_fraction must be in (0, 1] (the centre fraction kept), got "
+                              f"{self.crop_fraction}")
 
     @property
     def channels(self) -> int:
         return len(self.mean)
+
+    @property
+    def decode_size(self) -> int:
+        """The square size image files are decoded to for this preprocessing (``vggnet predict``): ``in_size`` when
+        recorded, else ``round(image_size / crop_fraction)`` (256 for 224 at 0.875)."""
+        return self.in_size or int(round(self.image_size / self.crop_fraction))
 
     def resolved_fit(self, h: int | None = None, w: int | None = None) -> str:
         """``"pad"``, ``"resize"`` or ``"none"`` for an ``h`` x ``w`` input (default: ``in_size`` square)."""
@@ -94,6 +125,10 @@ class Preprocess:
         if x.shape[1] != self.channels:
             raise InputSizeError(f"Preprocess was set up for {self.channels} channel(s), got {x.shape[1]}; "
                                  "convert the images (RGB vs grayscale) to match the model")
+        if self.crop_fraction < 1.0:
+            x = self._centre_crop(x)
+        if self.channel_order == "bgr":
+            x = x.flip(1)
         h, w = x.shape[-2:]
         x = x.to(torch.float32).div_(255.0)
         mode = self.resolved_fit(h, w)
@@ -106,6 +141,13 @@ class Preprocess:
         std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
         return x.sub_(mean).div_(std)
 
+    def _centre_crop(self, x: torch.Tensor) -> torch.Tensor:
+        """The centre ``crop_fraction`` of each side; offsets rounded as torchvision's ``CenterCrop`` does."""
+        h, w = x.shape[-2:]
+        ch, cw = max(1, int(round(h * self.crop_fraction))), max(1, int(round(w * self.crop_fraction)))
+        top, left = int(round((h - ch) / 2.0)), int(round((w - cw) / 2.0))
+        return x[..., top:top + ch, left:left + cw]
+
     def _pad(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
         dh, dw = self.image_size - h, self.image_size - w
@@ -115,13 +157,22 @@ class Preprocess:
         return F.pad(x, (dw // 2, dw - dw // 2, dh // 2, dh - dh // 2))
 
     def to_dict(self) -> dict:
-        """JSON-able description; :meth:`from_dict` rebuilds an equal object."""
+        """JSON-able description; :meth:`from_dict` rebuilds an equal object.
+
+        ``channel_order`` and ``crop_fraction`` are written only when they differ from their defaults: model.json of
+        an ordinary run stays exactly what vggnet wrote before they existed (and readable by those versions), while
+        a file whose meaning depends on them (BGR, a centre crop) says so -- and an older vggnet refuses it."""
         d = asdict(self)
         d["mean"], d["std"] = list(self.mean), list(self.std)
+        for name, default in _OPTIONAL_DEFAULTS.items():
+            if d[name] == default:
+                del d[name]
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> Preprocess:
+        """The inverse of :meth:`to_dict`; keys added later (``channel_order``, ``crop_fraction``) may be absent, as
+        in model.json files written before them, and take their defaults."""
         names = {f.name for f in fields(cls)}
         missing = {"image_size", "mean", "std"} - set(d)
         unknown = set(d) - names

@@ -4,6 +4,9 @@ Each file is streamed to a hidden temp file in the destination directory (with a
 with the published one, and only then renamed into place with :func:`os.replace`: an interrupted, truncated or
 tampered download never leaves a file under the final name. Files already present with the right checksum are not
 downloaded again. Only the standard library's :mod:`urllib` is used, so ``file://`` URLs work too.
+
+:func:`download_verified` is the one download routine (temp file, progress bar, digest, atomic rename); ``vggnet
+weights fetch`` (:mod:`vggnet.weights.official`) uses it too, with SHA-256 prefixes.
 """
 
 from __future__ import annotations
@@ -27,7 +30,12 @@ TIMEOUT_S = 60
 
 def md5sum(path: str | os.PathLike) -> str:
     """Hex md5 of a file, read in chunks."""
-    digest = hashlib.md5()
+    return file_digest(path, "md5")
+
+
+def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
+    """Hex digest (``md5``, ``sha256``, any :func:`hashlib.new` name) of a file, read in chunks."""
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as f:
         while chunk := f.read(CHUNK_BYTES):
             digest.update(chunk)
@@ -51,10 +59,24 @@ def file_urls(name: str, url: str | None = None) -> dict[str, str]:
 
 def download(url: str, target: pathlib.Path, md5: str, progress: bool = True) -> None:
     """Stream ``url`` into ``target`` via a temp file, verify its md5, then rename; DataError on any failure."""
+    download_verified(url, target, "md5", md5, progress=progress)
+
+
+#: Names of the digests in messages.
+_DIGEST_NAMES = {"md5": "md5", "sha256": "SHA-256"}
+
+
+def download_verified(url: str, target: pathlib.Path, algorithm: str, expected: str, progress: bool = True,
+                      prefix: bool = False) -> None:
+    """Stream ``url`` into ``target``: a hidden temp file in ``target``'s directory, a progress bar (``progress``;
+    drawn on terminals only), the ``algorithm`` digest (``md5``, ``sha256``) compared with ``expected`` -- equal, or
+    with ``prefix`` its leading hex digits, as in torchvision's ``vgg16-397923af.pth`` -- and only then an atomic
+    rename into place. Any failure (network, truncation, checksum) raises DataError and leaves no file behind.
+    Shared by ``vggnet data fetch`` and ``vggnet weights fetch``."""
     fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
     tmp = pathlib.Path(tmp_name)
     try:
-        digest, received, expected_size = hashlib.md5(), 0, None
+        digest, received, expected_size = hashlib.new(algorithm), 0, None
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=TIMEOUT_S) as response:
             length = response.headers.get("Content-Length")
             expected_size = int(length) if length and length.isdigit() else None
@@ -67,9 +89,11 @@ def download(url: str, target: pathlib.Path, md5: str, progress: bool = True) ->
                     bar.update(len(chunk))
         if expected_size is not None and received != expected_size:
             raise DataError(f"{url}: download truncated, got {received} of {expected_size} bytes; run the fetch again")
-        if digest.hexdigest() != md5:
-            raise DataError(f"{url}: md5 {digest.hexdigest()} does not match the published {md5}; the file is "
-                            "corrupt or not the official one, nothing was saved, run the fetch again or check --url")
+        actual, name = digest.hexdigest(), _DIGEST_NAMES.get(algorithm, algorithm)
+        if not (actual.startswith(expected.lower()) if prefix else actual == expected.lower()):
+            relation = "does not start with the published prefix" if prefix else "does not match the published"
+            raise DataError(f"{url}: {name} {actual} {relation} {expected}; the file is corrupt or not the official "
+                            "one, nothing was saved, run the fetch again or check --url")
         os.replace(tmp, target)
     except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
         reason = exc if isinstance(exc, urllib.error.HTTPError) else getattr(exc, "reason", None) or exc

@@ -8,8 +8,10 @@
    with a transparency entry or an RGBA palette, and a transparency key on an RGB/L image;
 3. convert to RGB for ``channels=3``, to luminance (Pillow's ``L``: ITU-R 601-2) for any other count, the luminance
    being replicated into every channel when ``channels`` is neither 1 nor 3;
-4. when ``image_size`` is given: resize so the shorter side is ``image_size`` and centre-crop to ``image_size``
-   squared, in one Pillow bilinear resampling (:func:`PIL.ImageOps.fit` with ``BILINEAR``).
+4. when ``image_size`` is given: resize so the shorter side is ``image_size`` (the longer side
+   ``int(image_size * long / short)``; Pillow bilinear, antialiased when shrinking) and crop the centre
+   ``image_size`` squared (offsets ``round((side - image_size) / 2)``): exactly torchvision's ``Resize(S)`` then
+   ``CenterCrop(S)`` on a PIL image, so ImageNet weights see the pixels they were evaluated on.
 
 The result is a uint8 numpy array ``(H, W, channels)``, rows first (``torch.from_numpy(a).permute(2, 0, 1)`` gives
 the ``(C, H, W)`` layout of a batch). :data:`DECODER_VERSION` names this definition; caches of decoded pixels include
@@ -26,8 +28,9 @@ from PIL import Image, ImageOps
 from vggnet.errors import ConfigError, DataError
 
 #: Version of the decoding definition above. Version 1 was the folder loader's own decoder (alpha dropped without
-#: compositing); 2 is this one. Bump it whenever the pixels :func:`decode_image` returns change.
-DECODER_VERSION = 2
+#: compositing); 2 fitted with one resampling of the centre box (``ImageOps.fit``); 3 is this one (torchvision's
+#: resize-then-crop). Bump it whenever the pixels :func:`decode_image` returns change.
+DECODER_VERSION = 3
 _RESAMPLE = Image.Resampling.BILINEAR
 
 
@@ -47,6 +50,17 @@ def _has_transparency(image: Image.Image) -> bool:
     return image.mode == "P" and image.palette is not None and image.palette.mode.endswith("A")
 
 
+def _resize_and_crop(image: Image.Image, size: int) -> Image.Image:
+    """Shorter side to ``size`` (torchvision's rounding of the longer side), then the centre ``size`` squared."""
+    w, h = image.size
+    if min(w, h) != size:
+        long = int(size * max(w, h) / min(w, h))
+        image = image.resize((size, long) if w <= h else (long, size), _RESAMPLE)
+        w, h = image.size
+    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+    return image.crop((left, top, left + size, top + size))
+
+
 def _decode(path: str | os.PathLike, image_size: int | None, channels: int) -> np.ndarray:
     with Image.open(path) as opened:
         image = ImageOps.exif_transpose(opened)
@@ -54,7 +68,7 @@ def _decode(path: str | os.PathLike, image_size: int | None, channels: int) -> n
             image = Image.alpha_composite(Image.new("RGBA", image.size, (0, 0, 0, 255)), image.convert("RGBA"))
         image = image.convert("RGB" if channels == 3 else "L")
         if image_size is not None:
-            image = ImageOps.fit(image, (image_size, image_size), method=_RESAMPLE)
+            image = _resize_and_crop(image, image_size)
         array = np.array(image, dtype=np.uint8)
     array = array.reshape(array.shape[0], array.shape[1], -1)
     if channels not in (1, 3):

@@ -1,9 +1,11 @@
-"""From a :class:`~vggnet.train.config.TrainConfig` to a ready :class:`Run`: runtime, data, preprocessing, model,
-optimizer and loader, in the order the data flows. Nothing here trains; :mod:`vggnet.train.loop` does.
+"""From a :class:`~vggnet.train.config.TrainConfig` to a ready :class:`Run`: runtime, data, preprocessing, model
+(with ``--init-from``'s weights and ``--freeze``, :mod:`vggnet.training.transfer`), optimizer and loader, in the
+order the data flows. Nothing here trains; :mod:`vggnet.train.loop` does.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,11 +16,12 @@ import torch
 from .. import distributed
 from ..cpu_bf16 import tune_for_cpu_bf16
 from ..data import Augment, BatchLoader, ImageDataset, Preprocess, channel_stats, load_dataset, stratified_holdout
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
 from ..models import create_model
 from ..rundir import RunDir
 from ..runtime import Runtime, pick_precision, set_threads
 from .config import TrainConfig
+from .transfer import TransferRecord, freeze, hold_in_eval, init_from_source, parameter_groups
 
 
 @dataclass
@@ -90,11 +93,11 @@ def build_model(config: TrainConfig, train: ImageDataset) -> torch.nn.Module:
                         head=config.head, dropout=config.dropout, init=config.init)
 
 
-def build_optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """Weight decay on conv/linear weights only (not on biases or BN parameters)."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() <= 1]
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def build_optimizer(config: TrainConfig, model: torch.nn.Module, loaded: list[str] | tuple = ()
+                    ) -> torch.optim.Optimizer:
+    """Weight decay on conv/linear weights only (not on biases or BN parameters); frozen parameters left out; the
+    ``loaded`` layers (from ``--init-from``) in groups of their own at ``--loaded-lr-scale`` times the rate."""
+    groups = parameter_groups(model, config.weight_decay, loaded, config.loaded_lr_scale)
     if config.optimizer == "sgd":
         # foreach: the whole update in a few multi-tensor kernels, not ~5 per tensor (CPU default: per tensor); 1.7x
         # faster steps. Not fused=True: torch's fused CPU SGD ignores a momentum buffer whose memory format differs
@@ -104,6 +107,25 @@ def build_optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.
     if config.optimizer == "adam":
         return torch.optim.Adam(groups, lr=config.lr)
     return torch.optim.AdamW(groups, lr=config.lr)
+
+
+def start_weights(config: TrainConfig, model: torch.nn.Module, rundir: RunDir, classes: list[str],
+                  announce: bool) -> list[str]:
+    """``--init-from``: a new run loads SOURCE's weights into ``model``, records what it did in ``config.init_record``
+    (config.json, model.json) and prints that on one line to stderr when ``announce`` (rank 0); a resumed run's
+    weights come from its state file, so SOURCE is never read again, only the record. Returns the loaded layers."""
+    if not config.init_from:
+        return []
+    if rundir.has_state():
+        if config.init_record is None:
+            raise CheckpointError(f"{rundir.config} names --init-from {config.init_from} but has no init_record: it "
+                                  "was not written by this vggnet")
+        return TransferRecord.from_dict(config.init_record).loaded
+    record = init_from_source(model, config.init_from, config.init_scheme, classes)
+    config.init_record = record.to_dict()
+    if announce:
+        print(f"vggnet train: {record.summary()}", file=sys.stderr, flush=True)
+    return record.loaded
 
 
 def default_run_dir(config: TrainConfig) -> Path:
@@ -130,12 +152,16 @@ def build_run(config: TrainConfig, data: tuple[ImageDataset, ImageDataset] | Non
     model = build_model(config, train_set)
     # Fail now, with the model's own message, if the images cannot go through it.
     model.check_input(torch.zeros(1, train_set.images.shape[1], config.image_size, config.image_size))
+    loaded = start_weights(config, model, rundir, list(train_set.classes), dist.is_main)
     model = model.to(runtime.device)
     if runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if runtime.cpu_bf16:
         tune_for_cpu_bf16(model)  # GEMM small-map convs, pool before ReLU: the same numbers (vggnet.cpu_bf16)
-    optimizer = build_optimizer(config, model)
+    frozen = freeze(model, config.freeze)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ConfigError(f"--freeze {','.join(config.freeze)} leaves no parameter to train: freeze fewer layers")
+    optimizer = build_optimizer(config, model, loaded)
     loader = BatchLoader(train_set, config.batch_size // dist.world_size, shuffle=True, drop_last=True,
                          seed=config.seed, rank=dist.rank, world_size=dist.world_size, device=runtime.device)
     if len(loader) == 0:
@@ -143,12 +169,14 @@ def build_run(config: TrainConfig, data: tuple[ImageDataset, ImageDataset] | Non
                           "images): lower it or raise --subset")
     if config.schedule_epochs is None:
         config.schedule_epochs = config.epochs  # recorded, so that extending the run does not stretch it
+    net = dist.wrap(model, config.sync_bn)
+    hold_in_eval(model, frozen)  # after wrapping: SyncBatchNorm replaces the BN modules
     return Run(config=config, runtime=runtime, dist=dist, rundir=rundir,
                saved_config=saved_config if saved_config is not None else config.to_dict(),
                train_set=train_set, val_set=val_set, test_set=test_set, classes=list(train_set.classes),
                preprocess=preprocess,
                augment=Augment(crop_padding=config.crop_padding, flip=config.flip, scale_jitter=config.scale_jitter,
                                erasing=config.erasing),
-               model=model, net=dist.wrap(model, config.sync_bn), optimizer=optimizer, loader=loader,
+               model=model, net=net, optimizer=optimizer, loader=loader,
                generator=torch.Generator(runtime.device), total_steps=config.schedule_epochs * len(loader),
                warmup_steps=int(config.warmup_epochs * len(loader)))

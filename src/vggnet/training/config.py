@@ -1,7 +1,8 @@
 """What a training run depends on: :class:`TrainConfig`, the named presets, and :func:`resolve_config`.
 
 The choice tuples here (:data:`OPTIMIZERS`, :data:`NORMALIZE`, and :data:`vggnet.runtime.PRECISIONS`,
-:data:`vggnet.schedule.SCHEDULES`, :data:`vggnet.models.HEADS`) are the ones the CLI offers.
+:data:`vggnet.schedule.SCHEDULES`, :data:`vggnet.models.HEADS`, :data:`vggnet.training.transfer.INIT_SCHEMES`) are
+the ones the CLI offers.
 
 The model's shape (:data:`MODEL_SHAPE`: model, arch, batch_norm, width, head, dropout) follows one rule: a preset's
 shape (the default recipe's quarter-width VGG-11-BN with a GAP head, d2l's quarter-width VGG-11, ...) applies only
@@ -14,13 +15,14 @@ from __future__ import annotations
 
 import inspect
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from ..errors import ConfigError
 from ..models import HEADS, INITS, MODELS, VGG, list_models
 from ..runtime import PRECISIONS
 from ..schedule import SCHEDULES
+from .transfer import INIT_SCHEMES
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 NORMALIZE = ("standard", "mean", "none")
@@ -48,6 +50,12 @@ class TrainConfig:
     head: str | None = None  # classic | fitted | dense | gap (default recipe gap; a named model: classic)
     dropout: float | None = None  # probability, on the head's FC layers (default recipe 0; a named model: 0.5)
     init: str = "torchvision"  # torchvision | paper | xavier
+    # starting weights and frozen layers (vggnet.training.transfer)
+    init_from: str | None = None  # SOURCE: a run directory (or a weights file vggnet.load reads) to start from
+    init_scheme: str = "all"  # all: every layer whose name and shapes fit; paper: SOURCE's first 4 convs + last 3 FC
+    freeze: list[str] = field(default_factory=list)  # layers kept fixed: features, blockN, convN_M, classifier
+    loaded_lr_scale: float = 1.0  # multiplier of the learning rate for the layers loaded from init_from
+    init_record: dict | None = None  # what init_from loaded and re-initialised: filled by build_run (resume reads it)
     # data
     dataset: str = "fashion-mnist"  # fashion-mnist | cifar10 | cifar100 | folder:PATH
     data_dir: str | None = None  # searched before $VGGNET_DATA and the system location
@@ -95,6 +103,10 @@ class TrainConfig:
         for key, value in MODEL_DEFAULTS.items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
+        if isinstance(self.freeze, str):  # "features,conv5_1" as on the command line
+            self.freeze = [name.strip() for name in self.freeze.split(",") if name.strip()]
+        elif isinstance(self.freeze, tuple):
+            self.freeze = list(self.freeze)
         return self
 
     def validate(self) -> None:
@@ -145,6 +157,21 @@ class TrainConfig:
             (number(self.width) and self.width > 0, f"--width must be a positive number, got {self.width}"),
             (self.threads is None or (whole(self.threads) and self.threads >= 1),
              f"--threads must be >= 1, got {self.threads}"),
+            (self.init_from is None or (isinstance(self.init_from, str) and self.init_from != ""),
+             f"--init-from must name a run directory or weights file, got {self.init_from!r}"),
+            (self.init_scheme in INIT_SCHEMES,
+             f"--init-scheme must be one of {', '.join(INIT_SCHEMES)}, got {self.init_scheme!r}"),
+            (self.init_scheme == "all" or self.init_from is not None,
+             f"--init-scheme {self.init_scheme} says which layers to take from --init-from SOURCE: give --init-from"),
+            (number(self.loaded_lr_scale) and self.loaded_lr_scale > 0,
+             f"--loaded-lr-scale must be a positive number, got {self.loaded_lr_scale} (keep layers fixed with "
+             "--freeze)"),
+            (self.loaded_lr_scale == 1.0 or self.init_from is not None,
+             "--loaded-lr-scale scales the learning rate of the layers loaded by --init-from: give --init-from"),
+            (isinstance(self.freeze, list) and all(isinstance(n, str) and n for n in self.freeze),
+             f"--freeze takes layer names (features, block1, conv1_1, classifier), got {self.freeze!r}"),
+            (self.init_record is None or isinstance(self.init_record, dict),
+             f"init_record must be an object (written by build_run), got {type(self.init_record).__name__}"),
             (self.schedule != "plateau" or self.val_split > 0,
              "--schedule plateau lowers the learning rate when the validation accuracy stops improving: hold out "
              "validation images with --val-split N (e.g. 5000), or choose another --schedule"),

@@ -106,8 +106,8 @@ def train_step(run: Run, images: torch.Tensor, labels: torch.Tensor, lr: float) 
     x = run.augment(run.preprocess(images), run.generator)
     if run.runtime.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    for group in run.optimizer.param_groups:
-        group["lr"] = lr
+    for group in run.optimizer.param_groups:  # a group's lr_scale: --loaded-lr-scale for loaded layers, else 1
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     with run.runtime.autocast():
         logits = run.net(x)
     loss = F.cross_entropy(logits.float(), labels, label_smoothing=run.config.label_smoothing)

@@ -1,0 +1,62 @@
+"""``vggnet features SOURCE IMAGE... --layer NAME --out FILE``: named layers' maps of image files, saved to a file.
+
+The images are decoded and preprocessed as ``vggnet predict`` does; the work is :func:`vggnet.features.extract_features`
+and :func:`vggnet.features.save_features`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..features import FORMATS, POOLS, check_output, extract_features, save_features
+from ..runtime import PRECISIONS, resolve_runtime
+from .common import positive_int
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("features", help="save the feature maps of named layers for image files")
+    p.add_argument("source", metavar="SOURCE", help="what vggnet.load reads: a run directory written by vggnet train "
+                   "or a weights file")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format Pillow reads)")
+    p.add_argument("--layer", action="append", required=True, dest="layers", metavar="NAME",
+                   help="layer name (relu5_3, conv4_1, pool3 ...; repeat for several); an unknown name lists them")
+    p.add_argument("--pool", choices=POOLS, default="none",
+                   help="none (default): each map (N, C, H, W); avg or max over space: (N, C)")
+    p.add_argument("--out", required=True, metavar="FILE",
+                   help=f"output, by extension: {' or '.join(FORMATS)} (one layer in .npy, with FILE.json beside it; "
+                        "one tensor per layer in .safetensors, metadata in its header)")
+    p.add_argument("--batch-size", type=positive_int, metavar="N",
+                   help="images per batch (default: by image size, 256 at 32x32, 16 at 224x224)")
+    p.add_argument("--weights", choices=("model", "best"),
+                   help="run directories: final weights (default), or the best by validation accuracy (--val-split)")
+    p.add_argument("--model", metavar="NAME",
+                   help="weights files: the registry model to load the file into (default: read from the file)")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="auto (default): bf16 where the hardware runs it natively, else fp32; the maps are float32")
+    p.add_argument("--threads", type=positive_int, help="intra-op threads (default: every available core)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .. import load
+
+    check_output(args.out, len(dict.fromkeys(args.layers)))  # a bad --out fails before any work
+    runtime = resolve_runtime(args.device, args.precision, threads=args.threads)
+    extra = {"model": args.model} if args.model is not None else {}  # for weights files, passed to vggnet.load
+    loaded = load(args.source, weights=args.weights or "model", device=runtime.device, **extra)
+    result = extract_features(loaded, args.images, args.layers, args.pool, runtime, args.batch_size,
+                              progress=args.progress)
+    result.source = args.source
+    for _, message in result.failed:
+        print(f"vggnet features: error: {message}", file=sys.stderr)
+    if result.maps:
+        written = save_features(args.out, result)
+        shapes = ", ".join(f"{name} {tuple(result.maps[name].shape)}" for name in result.layers)
+        print(f"{len(result.files)} image(s), pool {result.pool}: {shapes} -> {', '.join(map(str, written))}")
+    else:
+        print(f"vggnet features: error: none of the {len(result.failed)} image file(s) could be read: nothing written",
+              file=sys.stderr)
+    return 2 if result.failed else 0
