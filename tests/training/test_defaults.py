@@ -291,3 +291,31 @@ def test_the_documented_cifar_recipe_trains_the_model_it_describes(monkeypatch, 
     cifar = types.SimpleNamespace(classes=list("0123456789"), images=torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
     with torch.device("meta"):
         assert summarize(build_model(config, cifar)).totals["params"] == 14_728_266  # as RESULTS.md says
+
+
+# ------------------------------------------------------------------------------------------- class subsets
+def test_select_classes_keeps_and_relabels_in_the_given_order():
+    from vggnet.data import ImageDataset
+
+    images = torch.arange(6, dtype=torch.uint8).view(6, 1, 1, 1)
+    ds = ImageDataset(images, torch.tensor([0, 1, 2, 1, 0, 2]), ["a", "b", "c"], "toy")
+    picked = ds.select_classes([2, 0])
+    assert picked.classes == ["c", "a"]
+    assert picked.images.flatten().tolist() == [0, 2, 4, 5] and picked.labels.tolist() == [1, 0, 1, 0]
+    with pytest.raises(Exception, match="distinct indices in 0..2"):
+        ds.select_classes([0, 3])
+
+
+def test_classes_option_trains_and_tests_on_those_classes_only(tmp_path, train_options, train_cli):
+    from vggnet.cli.train import class_list
+
+    assert class_list("0-2,7") == [0, 1, 2, 7] and class_list("5,6") == [5, 6]
+    result = train(**train_options(epochs=1, classes=[5, 6, 7, 8, 9], batch_size=16, out=str(tmp_path / "run")))
+    card = load(tmp_path / "run").card
+    assert card.classes == ["Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"] and card.model["num_classes"] == 5
+    # Labels are i % 10: 63 of the 128 training images (12 x 5 + 3 of 120..127) -> 3 whole batches of 16; 30 of the
+    # 64 test images.
+    assert result["history"][0]["step"] == 3
+    assert json.loads((tmp_path / "run" / "eval.json").read_text())["n"] == 30
+    code, out, err = train_cli(["train", "--classes", "4-2"])
+    assert code == 2 and "a range runs from a smaller to a larger index" in err

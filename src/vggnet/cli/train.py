@@ -32,6 +32,22 @@ def name_list(text: str) -> list[str]:
     return names
 
 
+def class_list(text: str) -> list[int]:
+    """``0-4``, ``5,7,9`` or a mix (``0-2,7``): class indices, in the order written."""
+    out: list[int] = []
+    for part in text.split(","):
+        lo, _, hi = part.strip().partition("-")
+        try:
+            first, last = int(lo), int(hi or lo)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a class list: write indices and ranges, e.g. 0-4 or "
+                                             "5,6,7") from None
+        if first < 0 or last < first:
+            raise argparse.ArgumentTypeError(f"{part.strip()!r}: a range runs from a smaller to a larger index >= 0")
+        out.extend(range(first, last + 1))
+    return out
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train on Fashion-MNIST, CIFAR-10/100 or an image folder",
                        description="Options left out come from --preset (default 'fast'), then the built-in defaults. "
@@ -82,6 +98,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "checkpoint and --schedule plateau follow the validation accuracy; without it there is no "
                         "best checkpoint (the test set is only reported, never used to select)")
     p.add_argument("--subset", type=positive_int, metavar="N", help="train on the first N training images only")
+    p.add_argument("--classes", type=class_list, metavar="LIST",
+                   help="train and test on these classes only (indices into the dataset's classes, e.g. 0-4 or "
+                        "5,6,7,8,9), relabelled 0..k-1 in the order given")
     p.add_argument("--seed", type=int)
     p.add_argument("--out", metavar="RUN_DIR", help="run directory (default runs/MODEL-DATASET-TIME)")
     p.add_argument("--resume", metavar="RUN_DIR",

@@ -7,6 +7,7 @@ indexes batches straight out of one tensor (see :mod:`vggnet.data.loader`) and n
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -61,3 +62,20 @@ class ImageDataset:
         if n < 0:
             raise DataError(f"{self.name}: subset size must be >= 0, got {n}")
         return ImageDataset(self.images[:n], self.labels[:n], list(self.classes), self.name)
+
+    def take(self, indices: torch.Tensor, name: str | None = None) -> ImageDataset:
+        """The samples at ``indices`` (in that order), as a new dataset with the same classes."""
+        return ImageDataset(self.images[indices], self.labels[indices], list(self.classes), name or self.name)
+
+    def select_classes(self, keep: Sequence[int]) -> ImageDataset:
+        """Only the samples of the classes ``keep`` (indices into :attr:`classes`), relabelled ``0..len(keep)-1`` in
+        the order given, with those class names."""
+        keep = [int(c) for c in keep]
+        bad = [c for c in keep if not 0 <= c < len(self.classes)]
+        if bad or not keep or len(set(keep)) != len(keep):
+            raise DataError(f"{self.name}: classes must be distinct indices in 0..{len(self.classes) - 1}, got {keep}")
+        relabel = torch.full((len(self.classes),), -1, dtype=torch.int64)
+        relabel[torch.tensor(keep)] = torch.arange(len(keep))
+        new = relabel[self.labels]
+        mask = new >= 0
+        return ImageDataset(self.images[mask], new[mask], [self.classes[c] for c in keep], self.name)

@@ -61,15 +61,17 @@ def build_runtime(config: TrainConfig, dist: distributed.Dist) -> Runtime:
 
 def build_data(config: TrainConfig, data: tuple[ImageDataset, ImageDataset] | None = None,
                ) -> tuple[ImageDataset, ImageDataset | None, ImageDataset]:
-    """``(train, validation or None, test)``: the validation images are held out before ``--subset`` applies."""
+    """``(train, validation or None, test)``: ``--classes`` first (on both sets), then the validation hold-out, then
+    ``--subset`` on what is left for training."""
     train_set, test_set = data if data is not None else load_dataset(config.dataset, config.data_dir,
                                                                      config.image_size)
+    if config.classes:
+        train_set, test_set = train_set.select_classes(config.classes), test_set.select_classes(config.classes)
     val_set = None
     if config.val_split:
         keep, held = stratified_holdout(train_set.labels, config.val_split, len(train_set.classes))
-        val_set = ImageDataset(train_set.images[held], train_set.labels[held], train_set.classes,
-                               f"{train_set.name} (validation)")
-        train_set = ImageDataset(train_set.images[keep], train_set.labels[keep], train_set.classes, train_set.name)
+        val_set = train_set.take(held, f"{train_set.name} (validation)")
+        train_set = train_set.take(keep)
     if config.subset:
         train_set = train_set.subset(config.subset)
     return train_set, val_set, test_set

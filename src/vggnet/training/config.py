@@ -61,6 +61,7 @@ class TrainConfig:
     data_dir: str | None = None  # searched before $VGGNET_DATA and the system location
     image_size: int = 32  # pixels (square); Fashion-MNIST's 28 is centre-padded to 32
     normalize: str = "standard"  # standard: per-channel mean/std; mean: the paper's mean subtraction; none
+    classes: list[int] | None = None  # train and test on these class indices only, relabelled 0..k-1 in this order
     val_split: int = 0  # training images held out for validation (stratified, never trained on; 0: none)
     subset: int | None = None  # train on the first N training images (after the validation hold-out)
     crop_padding: int = 2  # pixels of padding for random crops (0 = no crop)
@@ -135,6 +136,10 @@ class TrainConfig:
             (number(self.lr) and self.lr > 0, f"--lr must be a positive number, got {self.lr}"),
             (whole(self.image_size) and self.image_size >= 1, f"--image-size must be >= 1, got {self.image_size}"),
             (whole(self.val_split) and self.val_split >= 0, f"--val-split must be >= 0 images, got {self.val_split}"),
+            (self.classes is None or (isinstance(self.classes, (list, tuple)) and len(self.classes) >= 2
+                                      and all(whole(c) and c >= 0 for c in self.classes)
+                                      and len(set(self.classes)) == len(self.classes)),
+             f"--classes must name at least 2 distinct class indices, got {self.classes}"),
             (self.subset is None or (whole(self.subset) and self.subset >= 1), f"--subset must be >= 1, got {self.subset}"),
             (number(self.label_smoothing) and 0 <= self.label_smoothing < 1,
              f"--label-smoothing must be in [0, 1), got {self.label_smoothing}"),
