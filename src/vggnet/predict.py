@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 
 from .data.images import decode_image
-from .errors import CheckpointError, DataError
+from .errors import DataError
 from .evaluation import predict_logits
 from .rundir import LoadedModel
 from .runtime import Runtime, resolve_runtime
@@ -51,8 +51,7 @@ def predict_files(loaded: LoadedModel, files: Sequence[str], top_k: int = 5, run
 
     Each file is decoded as the training images were (:func:`decode_files`) and run on ``runtime`` (default:
     :func:`vggnet.runtime.resolve_runtime`'s choices on the CPU)."""
-    if getattr(loaded, "features_only", False):  # a weights file without classifier (vggnet.weights)
-        raise CheckpointError(f"{loaded.path} holds convolutional weights only (no classifier): nothing to predict")
+    loaded.require_head(getattr(loaded, "path", None) or loaded.run_dir, "predict")
     runtime = runtime or resolve_runtime("cpu", threads=torch.get_num_threads())
     prep = loaded.preprocess
     k = min(top_k, len(loaded.classes) or loaded.model.num_classes)

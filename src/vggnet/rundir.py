@@ -96,8 +96,17 @@ class LoadedModel:
 
     model: VGG
     card: ModelCard
-    run_dir: Path
+    run_dir: Path | None  # None for a weights file (vggnet.weights)
     weights: str = "model"  # which weights: model (final) or best
+    features_only: bool = False  # only the convolutions came from the source; the head is freshly initialised
+
+    def require_head(self, source: str | os.PathLike, verb: str) -> None:
+        """CheckpointError when the classifier did not come from the source (a Keras notop file): nothing to
+        classify with."""
+        if self.features_only:
+            raise CheckpointError(f"{source} holds convolutional weights only (no classifier, e.g. a Keras notop "
+                                  f"file): there are no classes to {verb}; use it for features (vggnet features) or "
+                                  "fine-tuning")
 
     @property
     def classes(self) -> list[str]:

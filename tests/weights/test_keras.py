@@ -133,3 +133,17 @@ def test_truncated_and_foreign_h5(tmp_path, w_ref):
 def test_imagenet_classes_come_with_1000_outputs():
     assert len(imagenet.CLASSES) == 1000 and len(set(imagenet.CLASSES)) == 1000
     assert imagenet.CLASSES[0] == "tench" and imagenet.CLASSES[281] == "tabby" and imagenet.CLASSES[999] == "toilet tissue"
+
+
+def test_init_from_a_notop_file_loads_the_convolutions_only(tmp_path, w_ref):
+    """The head of a features-only source is freshly initialised, not weights: it must not be copied."""
+    from vggnet.training.transfer import init_from_source
+
+    layers = w_ref.keras_layers(w_ref.scaled("vgg11", 16), top=False)
+    path = tmp_path / "vgg11_notop.h5"
+    w_ref.write_keras_h5(path, layers)
+    target = vggnet.create_model("vgg11", width=1 / 16)  # the classic head: the very shapes of the source's new head
+    record = init_from_source(target, str(path))
+    assert [layer for layer in record.loaded if not layer.startswith("conv")] == []
+    assert {"classifier.0", "classifier.3", "classifier.6"} <= set(record.reinitialised)
+    assert torch.equal(target.features[0].weight, load_file(path).model.features[0].weight)

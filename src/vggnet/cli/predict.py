@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..errors import CheckpointError
 from ..predict import predict_files
 from ..rundir import WEIGHTS
 from ..runtime import PRECISIONS, resolve_runtime
@@ -41,10 +40,7 @@ def load_source(args: argparse.Namespace, device) -> object:
     """The model of ``args.source`` (``--weights`` for run directories, ``--model`` for files); a features-only
     file (Keras notop) has no classifier to use."""
     loaded = load(args.source, args.weights or "model", device, model=args.model)
-    if getattr(loaded, "features_only", False):
-        raise CheckpointError(f"{args.source} holds convolutional weights only (no classifier, e.g. a Keras notop "
-                              f"file): there are no classes to {args.verb}; use it for features (vggnet features) or "
-                              "fine-tuning")
+    loaded.require_head(args.source, args.verb)
     return loaded
 
 

@@ -152,15 +152,19 @@ def paper_pairs(ours: dict[str, Any], theirs: dict[str, Any]) -> dict[str, str]:
 
 @torch.no_grad()
 def transfer_weights(target: nn.Module, source: nn.Module, *, scheme: str = "all", name: str = "SOURCE",
-                     classes: Sequence[str] | None = None,
-                     source_classes: Sequence[str] | None = None) -> TransferRecord:
+                     classes: Sequence[str] | None = None, source_classes: Sequence[str] | None = None,
+                     features_only: bool = False) -> TransferRecord:
     """Copy into ``target``, in place, every layer of ``source`` that fits (module docstring); the record says what.
 
     ``classes`` and ``source_classes``: the class names of each; when both are given and differ, ``target``'s last
-    layer is re-initialised (it keeps the initial weights ``target`` was built with)."""
+    layer is re-initialised (it keeps the initial weights ``target`` was built with). ``features_only``: only
+    ``source``'s convolutional part is real (a Keras notop file); its head counts as absent."""
     if scheme not in INIT_SCHEMES:
         raise ConfigError(f"--init-scheme must be one of {', '.join(INIT_SCHEMES)}, got {scheme!r}")
     ours, theirs = model_layers(target), model_layers(source)
+    if features_only:
+        theirs = {layer: leaves for layer, leaves in theirs.items()
+                  if all(key.startswith("features.") for key in leaves.values())}
     mine, their_state = target.state_dict(), source.state_dict()  # ours alias target's tensors
     pairs = paper_pairs(ours, theirs) if scheme == "paper" else {layer: layer for layer in ours}
     first = next((layer for layer, leaves in ours.items() if "weight" in leaves), None)  # the image's conv
@@ -224,7 +228,7 @@ def init_from_source(model: nn.Module, source: str, scheme: str = "all",
     except VggnetError as err:
         raise CheckpointError(f"--init-from {source}: {err}") from None
     record = transfer_weights(model, loaded.model, scheme=scheme, name=str(source), classes=classes,
-                              source_classes=loaded.classes)
+                              source_classes=loaded.classes, features_only=loaded.features_only)
     if record.tensors == 0:
         raise ConfigError(f"--init-from {source}: none of its layers fits the model to train, {_describe(model)}; "
                           f"SOURCE is {_describe(loaded.model)}: train SOURCE's architecture (--model, --arch, "

@@ -76,7 +76,6 @@ class LoadedWeights(LoadedModel):
 
     path: Path | None = None
     format: str = ""
-    features_only: bool = False  # the head was not in the file (see the module docstring)
 
 
 # ------------------------------------------------------------------------------------------------------ reading
