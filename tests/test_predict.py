@@ -5,7 +5,6 @@ The decoder itself (modes, transparency, resizing, errors) is tested in tests/da
 import json
 import shutil
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image

@@ -170,3 +170,35 @@ def test_state_tensors_restore_the_trainers_model(train_run_one_epoch):
     trained = train_run_one_epoch["model"].state_dict()
     assert sorted(model_tensors) == sorted(trained)
     assert all(torch.equal(model_tensors[k], trained[k]) for k in trained)
+
+
+def test_unwritable_places_are_one_line_output_errors(tmp_path):
+    from vggnet.errors import OutputError, VggnetError
+    from vggnet.files import make_dirs
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputError, match=r"cannot write .*file/x\.json") as err:
+        atomic_write_bytes(tmp_path / "file" / "x.json", b"{}")  # a path through a file
+    assert isinstance(err.value, VggnetError) and isinstance(err.value, OSError)
+    with pytest.raises(OutputError, match="cannot create the folder"):
+        make_dirs(tmp_path / "file" / "sub")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # nothing left behind
+
+
+def test_unreadable_files_are_checkpoint_errors(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from vggnet.files import read_json
+
+    (tmp_path / "x.json").write_text("{}")
+    (tmp_path / "x.safetensors").write_bytes(b"\x00")
+
+    def refuse(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "read_bytes", refuse)
+    monkeypatch.setattr(Path, "read_text", refuse)
+    with pytest.raises(CheckpointError, match=r"x\.safetensors cannot be read \(Permission denied\)"):
+        load_tensors(tmp_path / "x.safetensors")
+    with pytest.raises(CheckpointError, match=r"x\.json cannot be read \(Permission denied\)"):
+        read_json(tmp_path / "x.json")

@@ -23,7 +23,7 @@ from importlib import import_module
 from typing import Any
 
 from .analysis import Summary, summarize
-from .errors import CheckpointError, ConfigError, DataError, InputSizeError, VggnetError
+from .errors import CheckpointError, ConfigError, DataError, InputSizeError, OutputError, VggnetError
 from .models import VGG, create_model, list_models, model_from_config, to_dense
 
 __version__ = "0.1.0"
@@ -62,6 +62,7 @@ __all__ = [
     "ConfigError",
     "DataError",
     "InputSizeError",
+    "OutputError",
     "Summary",
     "VggnetError",
     "create_model",

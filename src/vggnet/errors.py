@@ -23,3 +23,8 @@ class DataError(VggnetError):
 
 class CheckpointError(VggnetError):
     """A run directory or checkpoint is missing, corrupt or of another version/architecture."""
+
+
+class OutputError(VggnetError, OSError):
+    """A file or folder could not be written (read-only place, full disk, a path through a file): an ``OSError``
+    too, named after the path."""

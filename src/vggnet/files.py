@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .errors import CheckpointError
+from .errors import CheckpointError, OutputError
 
 
 @lru_cache(maxsize=None)
@@ -39,8 +39,13 @@ def _umask() -> int:
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """``data`` into ``path`` through a temporary file in the same folder and a rename. A folder that cannot be
+    written (missing, read-only, full) raises :class:`OutputError` naming ``path``; no temporary file is left."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:
+        raise OutputError(f"cannot write {path}: {err.strerror or err}") from None
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
         with os.fdopen(fd, "wb") as f:
@@ -48,9 +53,21 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError) and not isinstance(err, OutputError):
+            raise OutputError(f"cannot write {path}: {err.strerror or err}") from None
         raise
+
+
+def make_dirs(path: str | os.PathLike) -> Path:
+    """``mkdir -p``, with :class:`OutputError` naming ``path`` when it cannot be made."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputError(f"cannot create the folder {path}: {err.strerror or err}") from None
+    return path
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -75,6 +92,8 @@ def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} is missing")
     try:
         return st_load(path.read_bytes())
+    except OSError as err:
+        raise CheckpointError(f"{path} cannot be read ({err.strerror or err})") from None
     except (SafetensorError, ValueError, RuntimeError) as err:
         raise CheckpointError(f"{path} is not a readable safetensors file ({err}); it may be truncated") from None
 
@@ -85,20 +104,33 @@ def read_json(path: str | os.PathLike) -> Any:
         raise CheckpointError(f"{path} is missing")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise CheckpointError(f"{path} cannot be read ({err.strerror or err})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{path} is corrupt ({err})") from None
 
 
-def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict with DDP's ``module.`` and torch.compile's ``_orig_mod.`` prefixes stripped."""
-    state = model.state_dict()
+#: The prefixes wrappers put before state-dict keys: DDP's and torch.compile's.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def strip_prefixes(state: dict[str, Any]) -> dict[str, Any]:
+    """Keys without DDP's ``module.`` and torch.compile's ``_orig_mod.`` prefixes (any nesting of them)."""
     out = {}
     for key, value in state.items():
-        for prefix in ("module.", "_orig_mod."):
-            while key.startswith(prefix):
-                key = key[len(prefix):]
+        stripped = True
+        while stripped:
+            stripped = False
+            for prefix in WRAPPER_PREFIXES:
+                if key.startswith(prefix):
+                    key, stripped = key[len(prefix):], True
         out[key] = value
     return out
+
+
+def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with DDP's ``module.`` and torch.compile's ``_orig_mod.`` prefixes stripped."""
+    return strip_prefixes(model.state_dict())
 
 
 # ---------------------------------------------------------------------------------------------- training state

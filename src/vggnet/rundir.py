@@ -28,8 +28,8 @@ from typing import Any
 import torch
 
 from .errors import CheckpointError, VggnetError
-from .files import (atomic_write_bytes, atomic_write_json, atomic_write_text, load_tensors, model_state, read_json,
-                    safetensors_bytes, save_tensors)
+from .files import (atomic_write_bytes, atomic_write_json, atomic_write_text, load_tensors, make_dirs, model_state,
+                    read_json, safetensors_bytes, save_tensors)
 from .models import VGG, model_from_config
 
 #: Schema version of model.json (the ModelCard) and the state files; bump when they change incompatibly.
@@ -155,7 +155,7 @@ class RunDir:
         return self.state.is_file()
 
     def create(self, config: dict[str, Any]) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.path)
         self.write_config(config)
 
     def read_config(self) -> dict[str, Any]:
@@ -204,8 +204,7 @@ class RunDir:
         """``eval.json`` and ``confusion.png`` (titled ``title``) in this directory or in ``out``; returns where."""
         from .plots import plot_confusion
 
-        where = Path(out) if out is not None else self.path
-        where.mkdir(parents=True, exist_ok=True)
+        where = make_dirs(out if out is not None else self.path)
         atomic_write_json(where / self.eval.name, result)
         plot_confusion(result["confusion"], result["classes"], where / self.confusion.name, title)
         return where

@@ -1,7 +1,6 @@
 """The shared image decoder: modes, transparency, EXIF, resizing, errors, and the proof that the folder loader
 (training) and ``predict_files`` (prediction) give a model exactly the same pixels for the same file."""
 
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -210,8 +209,11 @@ def predict_pixels(paths, channels, monkeypatch):
     monkeypatch.setattr(vggnet.predict, "predict_logits", fake_predict_logits)
     model = torch.nn.Identity()
     model.num_classes, model.in_channels = 2, channels
-    loaded = SimpleNamespace(model=model, classes=["a", "b"],
-                             preprocess=Preprocess(S, (0.5,) * channels, (0.25,) * channels))
+    from vggnet.rundir import LoadedModel, ModelCard
+
+    preprocess = Preprocess(S, (0.5,) * channels, (0.25,) * channels)
+    card = ModelCard(model={}, classes=["a", "b"], preprocess=preprocess.to_dict())
+    loaded = LoadedModel(model, card, None)
     results = vggnet.predict.predict_files(loaded, [str(p) for p in paths], top_k=1)
     assert [r.error for r in results] == [None] * len(paths) and len(seen) == 1
     return seen[0]

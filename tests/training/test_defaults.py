@@ -5,7 +5,6 @@ import ast
 import json
 import os
 import re
-import shutil
 import types
 import warnings
 from pathlib import Path
@@ -17,7 +16,7 @@ import vggnet
 from vggnet.analysis import summarize
 from vggnet.cli import build_parser
 from vggnet.data.split import stratified_holdout
-from vggnet.errors import CheckpointError, ConfigError
+from vggnet.errors import ConfigError
 from vggnet.rundir import load
 from vggnet.schedule import Plateau
 from vggnet.training import PRESETS, TrainConfig, resolve_config, resume, train

@@ -73,7 +73,10 @@ def download_verified(url: str, target: pathlib.Path, algorithm: str, expected: 
     with ``prefix`` its leading hex digits, as in torchvision's ``vgg16-397923af.pth`` -- and only then an atomic
     rename into place. Any failure (network, truncation, checksum) raises DataError and leaves no file behind.
     Shared by ``vggnet data fetch`` and ``vggnet weights fetch``."""
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+    try:
+        fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+    except OSError as err:
+        raise DataError(f"cannot write into {target.parent} ({err.strerror or err}); choose another --to") from None
     tmp = pathlib.Path(tmp_name)
     try:
         digest, received, expected_size = hashlib.new(algorithm), 0, None

@@ -19,7 +19,7 @@ from ..data import Augment, BatchLoader, ImageDataset, Preprocess, channel_stats
 from ..errors import CheckpointError, ConfigError
 from ..models import create_model
 from ..rundir import RunDir
-from ..runtime import Runtime, pick_precision, set_threads
+from ..runtime import Runtime, resolve_runtime
 from .config import TrainConfig
 from .transfer import TransferRecord, freeze, hold_in_eval, init_from_source, parameter_groups
 
@@ -52,10 +52,8 @@ class Run:
 def build_runtime(config: TrainConfig, dist: distributed.Dist) -> Runtime:
     """The run's :class:`Runtime`: under torchrun the device is the rank's own and the threads are shared."""
     if dist.enabled:
-        return Runtime(dist.device, pick_precision(dist.device, config.precision), config.channels_last,
-                       set_threads(config.threads or dist.default_threads()))
-    from ..runtime import resolve_runtime
-
+        return resolve_runtime(dist.device, config.precision, config.channels_last,
+                               config.threads or dist.default_threads())
     return resolve_runtime(config.device, config.precision, config.channels_last, config.threads)
 
 

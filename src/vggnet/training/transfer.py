@@ -286,7 +286,7 @@ def hold_in_eval(model: nn.Module, layers: Sequence[str]) -> list[str]:
     held = []
     for layer in layers:
         module = layer_module(model, layer)
-        if isinstance(module, nn.modules.batchnorm._NormBase):
+        if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)):
             module.register_forward_pre_hook(_stay_in_eval)
             held.append(layer)
     return held

@@ -40,8 +40,8 @@ from ..errors import CheckpointError
 from ..models import VGG, create_model
 from ..rundir import LoadedModel, ModelCard
 from . import imagenet
-from .layout import (Architecture, check_fits, complete_batch_norm, detect, empty_model, load_strict,
-                     strip_prefixes)
+from ..files import strip_prefixes
+from .layout import Architecture, check_fits, complete_batch_norm, detect, empty_model, load_strict
 from .official import OFFICIAL, Official, by_file_name, sha256_prefix
 
 CONTAINERS = ("torch-zip", "torch-legacy", "safetensors", "hdf5")
@@ -141,8 +141,11 @@ def read_file(path: str | os.PathLike) -> WeightsFile:
         raise CheckpointError(f"{path} does not exist")
     if not path.is_file():
         raise CheckpointError(f"{path} is not a file")
-    verify_name(path)
-    container = sniff(path)
+    try:
+        verify_name(path)
+        container = sniff(path)
+    except OSError as err:  # unreadable: permissions, I/O errors
+        raise CheckpointError(f"{path} cannot be read ({err.strerror or err})") from None
     if container == "hdf5":
         from . import keras
 

@@ -125,6 +125,9 @@ def to_vggnet(layers: dict[str, tuple], where: str | os.PathLike) -> dict[str, t
     if present != list(TOP):
         raise CheckpointError(f"{where} has {', '.join(present)} but not all of fc1, fc2, predictions")
     (k1, b1), (k2, b2), (k3, b3) = ((_tensor(a) for a in layers[name]) for name in TOP)
+    for name, kernel in zip(TOP, (k1, k2, k3)):
+        if kernel.dim() != 2:
+            raise CheckpointError(f"{where}: {name} kernel {tuple(kernel.shape)} is not an (in, out) Dense kernel")
     inputs, hidden = int(k1.shape[0]), int(k1.shape[1])
     side = math.isqrt(inputs // channels) if channels and inputs % channels == 0 else 0
     if not side or side * side * channels != inputs:

@@ -32,24 +32,9 @@ from ..configs import CFGS, parse_arch, scale_width
 from ..errors import CheckpointError
 from ..models import MODELS, create_model
 
-PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile, stripped as vggnet.files.model_state does
 PARAM_ORDER = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 SECTIONS = ("features", "classifier")
 _KEY = re.compile(r"^(features|classifier)\.(\d+)\.(\w+)$")
-
-
-def strip_prefixes(state: dict[str, Any]) -> dict[str, Any]:
-    """Keys without DDP's ``module.`` and torch.compile's ``_orig_mod.`` prefixes (any nesting of them)."""
-    out = {}
-    for key, value in state.items():
-        stripped = True
-        while stripped:
-            stripped = False
-            for prefix in PREFIXES:
-                if key.startswith(prefix):
-                    key, stripped = key[len(prefix):], True
-        out[key] = value
-    return out
 
 
 def sort_key(key: str) -> tuple:
@@ -184,6 +169,9 @@ def _head(state: dict[str, torch.Tensor], channels: int, pools: int, where: str 
         raise CheckpointError(f"{where}: classifier layers {sorted(layers)} match none of vggnet's heads (classic, "
                               "fitted and dense: 0, 3, 6; gap: 1)")
     fc1, fc2, fc3 = layers[0], layers[3], layers[6]
+    if fc1.dim() not in (2, 4) or fc2.dim() not in (2, 4) or fc3.dim() not in (2, 4):
+        raise CheckpointError(f"{where}: classifier weights {shape_text(fc1)}, {shape_text(fc2)}, {shape_text(fc3)} are "
+                              "not linear (out, in) or convolutional (out, in, kh, kw) layers")
     hidden, classes = int(fc1.shape[0]), int(fc3.shape[0])
     if fc1.dim() == 4:  # the dense head: FC1 is a k x k convolution over the last feature map
         head = {"head": "dense", "input_size": [int(fc1.shape[2]) << pools, int(fc1.shape[3]) << pools]}

@@ -75,12 +75,12 @@ def by_file_name(path: str | os.PathLike) -> Official | None:
 
 
 def default_dir() -> Path:
-    """``$VGGNET_WEIGHTS`` when set, else ``~/.cache/vggnet/weights`` (``$XDG_CACHE_HOME`` honoured)."""
+    """``$VGGNET_WEIGHTS`` when set, else ``weights`` in vggnet's cache (``~/.cache/vggnet``, ``$XDG_CACHE_HOME``
+    honoured: :func:`vggnet.data.catalogue.cache_root`, where ``vggnet data fetch`` stores datasets too)."""
+    from ..data.catalogue import cache_root
+
     root = os.environ.get("VGGNET_WEIGHTS")
-    if root:
-        return Path(root).expanduser()
-    cache = os.environ.get("XDG_CACHE_HOME")
-    return (Path(cache).expanduser() if cache else Path.home() / ".cache") / "vggnet" / "weights"
+    return Path(root).expanduser() if root else cache_root() / "weights"
 
 
 def fetch(name: str, to: str | os.PathLike | None = None, url: str | None = None, progress: bool = True) -> Path:
