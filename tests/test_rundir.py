@@ -202,3 +202,17 @@ def test_unreadable_files_are_checkpoint_errors(tmp_path, monkeypatch):
         load_tensors(tmp_path / "x.safetensors")
     with pytest.raises(CheckpointError, match=r"x\.json cannot be read \(Permission denied\)"):
         read_json(tmp_path / "x.json")
+
+
+def test_load_refuses_tensors_of_another_dtype_and_draws_no_random_numbers(train_run_copy):
+    from safetensors.torch import load_file, save_file
+
+    state = torch.get_rng_state()
+    load(train_run_copy)
+    assert torch.equal(torch.get_rng_state(), state)  # built on the meta device, filled from the file
+    tensors = load_file(train_run_copy / "model.safetensors")
+    first = sorted(k for k in tensors if tensors[k].is_floating_point())[0]
+    tensors[first] = tensors[first].to(torch.float64)
+    save_file(tensors, train_run_copy / "model.safetensors")
+    with pytest.raises(CheckpointError, match=f"wrong dtype \\['{first}'\\]"):
+        load(train_run_copy)

@@ -17,6 +17,7 @@ read and write through :class:`RunDir` and :class:`ModelCard`.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -74,10 +75,12 @@ class ModelCard:
                 raise CheckpointError(f"{where} is corrupt: {message}")
         return card
 
-    def build(self, where: str | os.PathLike = "model.json") -> VGG:
-        """The (randomly initialised) model this card describes."""
+    def build(self, where: str | os.PathLike = "model.json", device: str | torch.device | None = None) -> VGG:
+        """The model this card describes: randomly initialised, or on ``device="meta"`` only its shapes (to be
+        filled by :func:`load_weights`, with no time spent on an initialisation that would be overwritten)."""
         try:
-            return model_from_config(self.model)
+            with torch.device(device) if device is not None else contextlib.nullcontext():
+                return model_from_config(self.model)
         except (VggnetError, TypeError, ValueError) as err:
             raise CheckpointError(f"{where} describes no buildable model: {err}") from None
 
@@ -235,22 +238,26 @@ class RunDir:
         """Rebuild the model from ``model.json`` and load ``weights`` (``model`` or ``best``) into it, in eval mode."""
         path = self.weights(weights)
         card = self.read_card(weights)
-        model = card.build(self.card)
+        model = card.build(self.card, "meta")
         load_weights(model, load_tensors(path), path)
         return LoadedModel(model.to(device).eval(), card, self.path, weights)
 
 
 def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str | os.PathLike) -> None:
-    """Load ``state`` into ``model`` strictly; one-line CheckpointError naming missing, unexpected and misshapen keys."""
+    """Load ``state`` into ``model`` strictly (its tensors become the model's: ``model`` may be on the meta device);
+    one-line CheckpointError naming missing, unexpected, misshapen and mistyped keys."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
-    if missing or unexpected or wrong:
+    common = set(expected) & set(state)
+    wrong = sorted(k for k in common if expected[k].shape != state[k].shape)
+    mistyped = sorted(k for k in common if expected[k].dtype != state[k].dtype)
+    if missing or unexpected or wrong or mistyped:
         detail = "; ".join(f"{label} {keys[:3]}{'...' if len(keys) > 3 else ''}" for label, keys in
-                           (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys)
+                           (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong),
+                            ("wrong dtype", mistyped)) if keys)
         raise CheckpointError(f"{where} does not match the architecture in model.json: {detail}")
-    model.load_state_dict(state)
+    model.load_state_dict(state, assign=True)
 
 
 def load(source: str | os.PathLike, weights: str = "model", device: str | torch.device = "cpu") -> LoadedModel:

@@ -218,13 +218,12 @@ def _describe(model: nn.Module) -> str:
 
 def init_from_source(model: nn.Module, source: str, scheme: str = "all",
                      classes: Sequence[str] | None = None) -> TransferRecord:
-    """Load ``source`` with :func:`vggnet.load` (run directory or weights file; the global random state is left as it
-    was) and copy what fits into ``model``. ConfigError when nothing fits."""
+    """Load ``source`` with :func:`vggnet.load` (run directory or weights file; it draws no random numbers, so the
+    run's random state does not depend on SOURCE) and copy what fits into ``model``. ConfigError when nothing fits."""
     from .. import load
 
     try:
-        with torch.random.fork_rng(devices=[]):  # building SOURCE's model draws random initial weights
-            loaded = load(source)
+        loaded = load(source)  # built on the meta device and filled: no random draws
     except VggnetError as err:
         raise CheckpointError(f"--init-from {source}: {err}") from None
     record = transfer_weights(model, loaded.model, scheme=scheme, name=str(source), classes=classes,

@@ -188,7 +188,8 @@ def _instantiate(wf: WeightsFile, name: str | None, overrides: dict[str, Any]) -
     elif overrides.get("num_classes") not in (None, wf.arch.kwargs.get("num_classes")) and not wf.features_only:
         hint = " (for other classes: load it as it is, then call model.reset_classifier(N))"
     if wf.features_only:
-        model = create_model(name, **kwargs)  # the head keeps its initialisation
+        with torch.random.fork_rng(devices=[]):  # the head's initialisation leaves the caller's random state alone
+            model = create_model(name, **kwargs)  # the head keeps its initialisation
         check_fits(model, wf.state, wf.path, name, prefix="features.", hint=hint)
         model.features.load_state_dict({k[len("features."):]: v for k, v in wf.state.items()})
         return model
