@@ -76,3 +76,38 @@ def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 def print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=2))
+
+
+SOURCE_HELP = "run directory written by vggnet train, or a weights file (torchvision .pth, timm .safetensors, Keras .h5)"
+
+
+def add_source_options(parser: argparse.ArgumentParser) -> None:
+    """``--weights`` (run directories: final or best) and ``--model`` (weights files: the architecture to load into)."""
+    from ..rundir import WEIGHTS
+
+    parser.add_argument("--weights", choices=tuple(WEIGHTS), help="run directories: final weights (default), or the "
+                        "best by validation accuracy (runs with --val-split)")
+    parser.add_argument("--model", metavar="NAME", help="weights files: the registry model to load the file into "
+                        "(default: the architecture read from the file's keys and shapes)")
+
+
+def add_runtime_options(parser: argparse.ArgumentParser, precision: str = "auto",
+                        precision_help: str = "auto (default): bf16 where the hardware runs it natively, else fp32"
+                        ) -> None:
+    """``--device``, ``--precision``, ``--threads``: what :func:`vggnet.runtime.resolve_runtime` takes."""
+    from ..runtime import PRECISIONS
+
+    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
+    parser.add_argument("--precision", choices=PRECISIONS, default=precision, help=precision_help)
+    parser.add_argument("--threads", type=positive_int, help="intra-op threads (default: every available core)")
+
+
+def load_source(args: argparse.Namespace, device, need_head: bool = True):
+    """The model of ``args.source`` (``--weights`` for run directories, ``--model`` for files); with ``need_head``,
+    a features-only file (Keras notop) is refused: it has no classifier to use."""
+    from ..source import load
+
+    loaded = load(args.source, args.weights or "model", device, model=args.model)
+    if need_head:
+        loaded.require_head(args.source, args.verb)
+    return loaded

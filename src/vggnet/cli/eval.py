@@ -13,27 +13,22 @@ from ..data import load_dataset
 from ..errors import DataError
 from ..evaluation import evaluate
 from ..report import table
-from ..rundir import WEIGHTS, RunDir
-from ..runtime import PRECISIONS, resolve_runtime
-from .common import positive_int, print_json
-from .predict import MODEL_HELP, SOURCE_HELP, WEIGHTS_HELP, load_source
+from ..rundir import RunDir
+from ..runtime import resolve_runtime
+from .common import SOURCE_HELP, add_runtime_options, add_source_options, load_source, positive_int, print_json
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate a trained run or a weights file on a test set")
     p.add_argument("source", metavar="SOURCE", help=SOURCE_HELP)
-    p.add_argument("--weights", choices=tuple(WEIGHTS), help=WEIGHTS_HELP)
-    p.add_argument("--model", metavar="NAME", help=MODEL_HELP)
+    add_source_options(p)
     p.add_argument("--dataset", help="dataset to evaluate on (run directories: default the run's own; weights files: "
                    "required, e.g. folder:PATH with one subfolder per class in the model's class order)")
     p.add_argument("--data-dir", help="where the dataset files are")
     p.add_argument("--tta", choices=("flip",), help="average with horizontally flipped images")
     p.add_argument("--batch-size", type=positive_int, help="images per batch (default: by image size: 256 at 32x32, "
                    "16 at 224x224)")
-    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                   help="fp32 (default: exact numbers), or auto/bf16/fp16 for speed")
-    p.add_argument("--threads", type=positive_int, help="intra-op threads (default: every available core)")
+    add_runtime_options(p, "fp32", "fp32 (default: exact numbers), or auto/bf16/fp16 for speed")
     p.add_argument("--out", metavar="DIR", help="where eval.json and confusion.png go (default: the run directory; "
                    "weights files: written only with --out)")
     p.add_argument("--json", action="store_true", help="print {top1, top5, per_class, n, ...} (fractions)")

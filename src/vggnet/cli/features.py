@@ -10,14 +10,13 @@ import argparse
 import sys
 
 from ..features import FORMATS, POOLS, check_output, extract_features, save_features
-from ..runtime import PRECISIONS, resolve_runtime
-from .common import positive_int
+from ..runtime import resolve_runtime
+from .common import SOURCE_HELP, add_runtime_options, add_source_options, load_source, positive_int
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("features", help="save the feature maps of named layers for image files")
-    p.add_argument("source", metavar="SOURCE", help="what vggnet.load reads: a run directory written by vggnet train "
-                   "or a weights file")
+    p.add_argument("source", metavar="SOURCE", help=SOURCE_HELP)
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format Pillow reads)")
     p.add_argument("--layer", action="append", required=True, dest="layers", metavar="NAME",
                    help="layer name (relu5_3, conv4_1, pool3 ...; repeat for several); an unknown name lists them")
@@ -28,25 +27,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "one tensor per layer in .safetensors, metadata in its header)")
     p.add_argument("--batch-size", type=positive_int, metavar="N",
                    help="images per batch (default: by image size, 256 at 32x32, 16 at 224x224)")
-    p.add_argument("--weights", choices=("model", "best"),
-                   help="run directories: final weights (default), or the best by validation accuracy (--val-split)")
-    p.add_argument("--model", metavar="NAME",
-                   help="weights files: the registry model to load the file into (default: read from the file)")
-    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
-    p.add_argument("--precision", choices=PRECISIONS, default="auto",
-                   help="auto (default): bf16 where the hardware runs it natively, else fp32; the maps are float32")
-    p.add_argument("--threads", type=positive_int, help="intra-op threads (default: every available core)")
+    add_source_options(p)
+    add_runtime_options(p, precision_help="auto (default): bf16 where the hardware runs it natively, else fp32; the "
+                        "maps are float32")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import load
-
     check_output(args.out, len(dict.fromkeys(args.layers)))  # a bad --out fails before any work
     runtime = resolve_runtime(args.device, args.precision, threads=args.threads)
-    extra = {"model": args.model} if args.model is not None else {}  # for weights files, passed to vggnet.load
-    loaded = load(args.source, weights=args.weights or "model", device=runtime.device, **extra)
+    loaded = load_source(args, runtime.device, need_head=False)  # features need no classifier
     result = extract_features(loaded, args.images, args.layers, args.pool, runtime, args.batch_size,
                               progress=args.progress)
     result.source = args.source

@@ -9,15 +9,8 @@ import argparse
 import sys
 
 from ..predict import predict_files
-from ..rundir import WEIGHTS
-from ..runtime import PRECISIONS, resolve_runtime
-from ..source import load
-from .common import positive_int, print_json
-
-SOURCE_HELP = "run directory written by vggnet train, or a weights file (torchvision .pth, timm .safetensors, Keras .h5)"
-MODEL_HELP = ("weights files: the registry model to load the file into (default: the architecture read from the "
-              "file's keys and shapes)")
-WEIGHTS_HELP = "run directories: final weights (default), or the best by validation accuracy (runs with --val-split)"
+from ..runtime import resolve_runtime
+from .common import SOURCE_HELP, add_runtime_options, add_source_options, load_source, positive_int, print_json
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -25,23 +18,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("source", metavar="SOURCE", help=SOURCE_HELP)
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format Pillow reads)")
     p.add_argument("--top-k", type=positive_int, default=5, metavar="K")
-    p.add_argument("--weights", choices=tuple(WEIGHTS), help=WEIGHTS_HELP)
-    p.add_argument("--model", metavar="NAME", help=MODEL_HELP)
+    add_source_options(p)
     p.add_argument("--tta", choices=("flip",))
-    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
-    p.add_argument("--precision", choices=PRECISIONS, default="auto",
-                   help="auto (default): bf16 where the hardware runs it natively, else fp32")
-    p.add_argument("--threads", type=positive_int, help="intra-op threads (default: every available core)")
+    add_runtime_options(p)
     p.add_argument("--json", action="store_true", help='print [{"file", "top": [{"index", "class", "prob"}]}]')
     p.set_defaults(run=run)
-
-
-def load_source(args: argparse.Namespace, device) -> object:
-    """The model of ``args.source`` (``--weights`` for run directories, ``--model`` for files); a features-only
-    file (Keras notop) has no classifier to use."""
-    loaded = load(args.source, args.weights or "model", device, model=args.model)
-    loaded.require_head(args.source, args.verb)
-    return loaded
 
 
 def run(args: argparse.Namespace) -> int:
