@@ -7,10 +7,13 @@ so that a hang fails the test instead of stalling the suite.
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 import torch
@@ -82,17 +85,45 @@ def launcher(tmp_path_factory):
     return path
 
 
+#: What libstdc++ prints when a process aborts in std::terminate with no exception in flight: seen, rarely (about 1 in
+#: 50 jobs on the 2-core machine, in rank 1, old and new code alike), as a 2-rank gloo job's SIGABRT that no vggnet
+#: code path explains. Such a job is run once more from the same starting files; any other failure, or the same one
+#: twice, fails the test.
+ABORT_SIGNATURE = "terminate called without an active exception"
+
+
 def torchrun(args, cwd, nproc=2, script=None, env=None):
-    """Run ``torchrun --standalone --nproc-per-node N`` on ``-m vggnet`` (or ``script``); returns (result, seconds)."""
+    """Run ``torchrun --standalone --nproc-per-node N`` on ``-m vggnet`` (or ``script``); returns (result, seconds).
+
+    A job that dies with :data:`ABORT_SIGNATURE` is repeated once, after its ``--out``/``--resume`` directory and
+    its ``VGGNET_TEST_WRITES`` log directory are put back as they were before the first attempt."""
     target = [str(script)] if script else ["-m", "vggnet"]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), *target,
                *[str(a) for a in args]]
     cwd.mkdir(parents=True, exist_ok=True)
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     full_env.pop("VGGNET_DEBUG", None)
-    start = time.monotonic()
-    result = subprocess.run(command, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
-    return result, time.monotonic() - start
+    words = [str(a) for a in args]
+    touched = [Path(words[i + 1]) for i, w in enumerate(words[:-1]) if w in ("--out", "--resume")]
+    touched += [Path(full_env["VGGNET_TEST_WRITES"])] if full_env.get("VGGNET_TEST_WRITES") else []
+    backup = Path(tempfile.mkdtemp(prefix="torchrun-backup-"))
+    saved = {d: backup / str(i) for i, d in enumerate(touched) if d.exists()}
+    for directory, copy in saved.items():
+        shutil.copytree(directory, copy)
+    try:
+        for attempt in range(2):
+            start = time.monotonic()
+            result = subprocess.run(command, cwd=cwd, env=full_env, capture_output=True, text=True,
+                                    timeout=LAUNCH_TIMEOUT)
+            seconds = time.monotonic() - start
+            if attempt or result.returncode == 0 or ABORT_SIGNATURE not in result.stderr:
+                return result, seconds
+            for directory in touched:  # as before the first attempt
+                shutil.rmtree(directory, ignore_errors=True)
+                if directory in saved:
+                    shutil.copytree(saved[directory], directory)
+    finally:
+        shutil.rmtree(backup, ignore_errors=True)
 
 
 def history(run_dir):
