@@ -5,8 +5,9 @@ with the published one, and only then renamed into place with :func:`os.replace`
 tampered download never leaves a file under the final name. Files already present with the right checksum are not
 downloaded again. Only the standard library's :mod:`urllib` is used, so ``file://`` URLs work too.
 
-:func:`download_verified` is the one download routine (temp file, progress bar, digest, atomic rename); ``vggnet
-weights fetch`` (:mod:`vggnet.weights.official`) uses it too, with SHA-256 prefixes.
+:func:`fetch_file` (keep a verified file, else :func:`download_verified`: temp file, progress bar, digest, atomic
+rename) is the one download routine; ``vggnet weights fetch`` (:mod:`vggnet.weights.official`) uses it too, with
+SHA-256 prefixes.
 """
 
 from __future__ import annotations
@@ -28,11 +29,6 @@ CHUNK_BYTES = 1 << 20
 TIMEOUT_S = 60
 
 
-def md5sum(path: str | os.PathLike) -> str:
-    """Hex md5 of a file, read in chunks."""
-    return file_digest(path, "md5")
-
-
 def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
     """Hex digest (``md5``, ``sha256``, any :func:`hashlib.new` name) of a file, read in chunks."""
     digest = hashlib.new(algorithm)
@@ -40,6 +36,35 @@ def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
         while chunk := f.read(CHUNK_BYTES):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def digest_matches(actual: str, expected: str, prefix: bool = False) -> bool:
+    """``actual`` hex digest equals ``expected`` -- or, with ``prefix``, starts with it (``vgg16-397923af.pth``)."""
+    return actual.startswith(expected.lower()) if prefix else actual == expected.lower()
+
+
+def make_download_dir(directory: str | os.PathLike) -> pathlib.Path:
+    """``mkdir -p`` for a download destination; DataError naming it (and --to) when it cannot be made."""
+    directory = pathlib.Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"{directory}: cannot create the download directory ({exc.strerror or exc}); pass another "
+                        "one with --to") from None
+    return directory
+
+
+def fetch_file(url: str, target: pathlib.Path, algorithm: str, expected: str, progress: bool = True,
+               prefix: bool = False) -> None:
+    """Keep ``target`` when it is already there with the expected digest, else :func:`download_verified` it."""
+    if target.is_file():
+        try:
+            if digest_matches(file_digest(target, algorithm), expected, prefix):
+                return
+        except OSError as exc:
+            raise DataError(f"{target} is there but cannot be read ({exc.strerror or exc}); remove it or choose "
+                            "another --to") from None
+    download_verified(url, target, algorithm, expected, progress=progress, prefix=prefix)
 
 
 def default_destination(name: str) -> pathlib.Path:
@@ -55,11 +80,6 @@ def file_urls(name: str, url: str | None = None) -> dict[str, str]:
     if len(info["files"]) == 1:  # one archive: the URL is the file's own
         return {next(iter(info["files"])): base}
     return {filename: base.rstrip("/") + "/" + filename for filename in info["files"]}
-
-
-def download(url: str, target: pathlib.Path, md5: str, progress: bool = True) -> None:
-    """Stream ``url`` into ``target`` via a temp file, verify its md5, then rename; DataError on any failure."""
-    download_verified(url, target, "md5", md5, progress=progress)
 
 
 #: Names of the digests in messages.
@@ -93,7 +113,7 @@ def download_verified(url: str, target: pathlib.Path, algorithm: str, expected: 
         if expected_size is not None and received != expected_size:
             raise DataError(f"{url}: download truncated, got {received} of {expected_size} bytes; run the fetch again")
         actual, name = digest.hexdigest(), _DIGEST_NAMES.get(algorithm, algorithm)
-        if not (actual.startswith(expected.lower()) if prefix else actual == expected.lower()):
+        if not digest_matches(actual, expected, prefix):
             relation = "does not start with the published prefix" if prefix else "does not match the published"
             raise DataError(f"{url}: {name} {actual} {relation} {expected}; the file is corrupt or not the official "
                             "one, nothing was saved, run the fetch again or check --url")
@@ -117,15 +137,7 @@ def fetch(name: str, to: str | os.PathLike | None = None, url: str | None = None
     """
     name = canonical_name(name)
     expected = {**DATASETS[name]["files"], **(checksums or {})}
-    destination = pathlib.Path(to).expanduser() if to else default_destination(name)
-    try:
-        destination.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise DataError(f"{destination}: cannot create the download directory ({exc.strerror or exc}); "
-                        "pass another one with --to") from None
+    destination = make_download_dir(pathlib.Path(to).expanduser() if to else default_destination(name))
     for filename, file_url in file_urls(name, url).items():
-        target = destination / filename
-        if target.is_file() and md5sum(target) == expected[filename]:
-            continue
-        download(file_url, target, expected[filename], progress=progress)
+        fetch_file(file_url, destination / filename, "md5", expected[filename], progress=progress)
     return destination

@@ -106,10 +106,10 @@ def verify_name(path: Path) -> None:
     expected = sha256_prefix(path)
     if expected is None:
         return
-    from ..data.fetch import file_digest
+    from ..data.fetch import digest_matches, file_digest
 
     actual = file_digest(path)
-    if not actual.startswith(expected):
+    if not digest_matches(actual, expected, prefix=True):
         raise CheckpointError(f"{path}: SHA-256 mismatch, the name says it starts with {expected} but the file's is "
                               f"{actual[:len(expected)]}...: it is truncated, corrupt or not the file of that name; "
                               "download it again (vggnet weights fetch)")

@@ -88,18 +88,9 @@ def fetch(name: str, to: str | os.PathLike | None = None, url: str | None = None
     :func:`default_dir`) under their official file name, verified by the SHA-256 prefix, written atomically; return
     the file. A file already there whose SHA-256 starts with the prefix is kept. ``url`` replaces the official
     address (a mirror; ``file://`` works). Failures raise :class:`vggnet.errors.DataError` and leave no file."""
-    from ..data.fetch import download_verified, file_digest
-    from ..errors import DataError
+    from ..data.fetch import fetch_file, make_download_dir
 
     entry = find(name)
-    directory = Path(to).expanduser() if to is not None else default_dir()
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise DataError(f"{directory}: cannot create the download directory ({exc.strerror or exc}); pass another "
-                        "one with --to") from None
-    target = directory / entry.file
-    if target.is_file() and file_digest(target).startswith(entry.sha256_prefix):
-        return target
-    download_verified(url or entry.url, target, "sha256", entry.sha256_prefix, progress=progress, prefix=True)
+    target = make_download_dir(Path(to).expanduser() if to is not None else default_dir()) / entry.file
+    fetch_file(url or entry.url, target, "sha256", entry.sha256_prefix, progress=progress, prefix=True)
     return target
