@@ -9,7 +9,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .runtime import autocast, uses_cpu_bf16_path
+from .runtime import autocast, compile_module, uses_cpu_bf16_path
 
 
 @dataclass
@@ -65,9 +65,11 @@ def auto_batch_size(height: int, width: int) -> int:
 @torch.no_grad()
 def predict_logits(model: torch.nn.Module, images: torch.Tensor, preprocess, device: torch.device,
                    precision: str = "fp32", batch_size: int | None = None, tta: str | None = None,
-                   channels_last: bool = True, progress: bool = False) -> torch.Tensor:
+                   channels_last: bool = True, progress: bool = False, compile: bool = False) -> torch.Tensor:
     """Float32 logits for uint8 ``images`` (N, C, H, W), in batches (default :func:`auto_batch_size`);
     ``tta="flip"`` averages with the mirror. ``model`` runs in eval mode and is put back in its own mode after.
+    ``compile``: the network is ``torch.compile``d first (on the CPU the folded copy below, in fp32 or bf16); the
+    first batch then pays the compilation.
 
     In bf16 on the CPU the batches run through :func:`vggnet.inference.optimize_for_inference` (a folded, fused
     bf16 copy of ``model``; about 2x faster than autocast on the default model and 6x on VGG-16) instead of under
@@ -78,10 +80,14 @@ def predict_logits(model: torch.nn.Module, images: torch.Tensor, preprocess, dev
     batch_size = batch_size or auto_batch_size(*images.shape[-2:])
     mixed = autocast(device, precision)
     net = model
-    if uses_cpu_bf16_path(device, precision):
+    if device.type == "cpu" and (compile or uses_cpu_bf16_path(device, precision)):
         from .inference import optimize_for_inference
 
-        net, mixed = optimize_for_inference(model, "bf16", channels_last), contextlib.nullcontext()
+        net = optimize_for_inference(model, "bf16" if uses_cpu_bf16_path(device, precision) else "fp32",
+                                     channels_last, compile=compile)
+        mixed = contextlib.nullcontext()
+    elif compile:
+        net = compile_module(model)
     try:
         return _logits(net, images, preprocess, device, batch_size, mixed, tta, channels_last, progress)
     finally:
@@ -110,9 +116,9 @@ def _logits(model, images, preprocess, device, batch_size, mixed, tta, channels_
 
 def evaluate(model: torch.nn.Module, dataset, preprocess, device: torch.device | str = "cpu",
              precision: str = "fp32", batch_size: int | None = None, tta: str | None = None,
-             channels_last: bool = True, progress: bool = False) -> EvalResult:
+             channels_last: bool = True, progress: bool = False, compile: bool = False) -> EvalResult:
     """Evaluate ``model`` on a whole :class:`~vggnet.data.ImageDataset`."""
     device = torch.device(device)
     logits = predict_logits(model, dataset.images, preprocess, device, precision, batch_size, tta, channels_last,
-                            progress)
+                            progress, compile)
     return metrics_from_logits(logits, dataset.labels, len(dataset.classes), dataset.classes)

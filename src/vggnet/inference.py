@@ -31,7 +31,7 @@ from torch import nn
 
 from .errors import ConfigError
 from .cpu_bf16 import DEFAULT_MAX_PIXELS, SmallMapConv2d, rewrite_pairs, use_small_map_convs
-from .runtime import pick_precision, uses_cpu_bf16_path
+from .runtime import compile_module, pick_precision, uses_cpu_bf16_path
 #: Documented tolerance of the bf16 path: ||logits_bf16 - logits_fp32|| / ||logits_fp32|| below this.
 BF16_RTOL = 3e-2
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -161,6 +161,6 @@ def optimize_for_inference(model: nn.Module, precision: str = "auto", channels_l
         steps.append("small_map_gemm")
     wrapped: nn.Module = InferenceModel(fast, precision, channels_last, steps).eval()
     if compile:
-        wrapped = torch.compile(wrapped)
+        wrapped = compile_module(wrapped)
         steps.append("compile")
     return wrapped

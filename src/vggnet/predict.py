@@ -61,7 +61,8 @@ def predict_files(loaded: LoadedModel, files: Sequence[str], top_k: int = 5, run
         results[position].error = message
     if images is not None:
         logits = predict_logits(loaded.model.to(runtime.device), images, prep, runtime.device,
-                                runtime.precision, tta=tta, channels_last=runtime.channels_last)
+                                runtime.precision, tta=tta, channels_last=runtime.channels_last,
+                                compile=runtime.compile)
         probs = logits.softmax(1)
         values, indices = probs.topk(k, dim=1)
         for row, slot in enumerate(where):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -123,6 +124,7 @@ class Runtime:
     precision: str  # fp32 | bf16 | fp16
     channels_last: bool
     threads: int
+    compile: bool = False  # torch.compile the network (see compile_module)
 
     @property
     def cpu_bf16(self) -> bool:
@@ -134,14 +136,38 @@ class Runtime:
 
     def to_dict(self) -> dict:
         return {"device": str(self.device), "precision": self.precision, "channels_last": self.channels_last,
-                "threads": self.threads}
+                "threads": self.threads, "compile": self.compile}
+
+
+#: C++ compilers inductor can use to build its CPU kernels (it honours $CXX first).
+_CXX = ("g++", "c++", "clang++")
+
+
+def check_compile(device: torch.device) -> None:
+    """ConfigError now, rather than a compiler traceback at the first step, when ``torch.compile`` cannot work here:
+    on the CPU, inductor writes C++ and needs a compiler."""
+    if device.type != "cpu":
+        return
+    candidates = ([os.environ["CXX"]] if os.environ.get("CXX") else []) + list(_CXX)
+    if not any(shutil.which(c) for c in candidates):
+        raise ConfigError("--compile on the CPU needs a C++ compiler (torch.compile generates C++ kernels): install "
+                          "one (apt install g++) or drop --compile")
+
+
+def compile_module(module: torch.nn.Module) -> torch.nn.Module:
+    """``torch.compile(module)`` with inductor's defaults: the first call compiles (tens of seconds on 2 CPU cores;
+    once per input shape), later calls run the generated kernels. State-dict keys gain ``_orig_mod.``, which
+    :func:`vggnet.files.model_state` strips."""
+    return torch.compile(module)
 
 
 def resolve_runtime(device: str | torch.device = "auto", precision: str = "auto", channels_last: bool = True,
-                    threads: int | None = None) -> Runtime:
+                    threads: int | None = None, compile: bool = False) -> Runtime:
     """Validate and resolve the run-time options, and set the intra-op thread count (every core by default)."""
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise ConfigError(f"--threads must be a positive integer, got {threads!r}")
     dev = pick_device(device)
     chosen = pick_precision(dev, precision)
-    return Runtime(dev, chosen, bool(channels_last), set_threads(threads))
+    if compile:
+        check_compile(dev)
+    return Runtime(dev, chosen, bool(channels_last), set_threads(threads), bool(compile))

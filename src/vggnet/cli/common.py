@@ -92,14 +92,18 @@ def add_source_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_runtime_options(parser: argparse.ArgumentParser, precision: str = "auto",
-                        precision_help: str = "auto (default): bf16 where the hardware runs it natively, else fp32"
-                        ) -> None:
-    """``--device``, ``--precision``, ``--threads``: what :func:`vggnet.runtime.resolve_runtime` takes."""
+                        precision_help: str = "auto (default): bf16 where the hardware runs it natively, else fp32",
+                        compile: bool = False) -> None:
+    """``--device``, ``--precision``, ``--threads`` (and with ``compile``, ``--compile``): what
+    :func:`vggnet.runtime.resolve_runtime` takes."""
     from ..runtime import PRECISIONS
 
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
     parser.add_argument("--precision", choices=PRECISIONS, default=precision, help=precision_help)
     parser.add_argument("--threads", type=positive_int, help="intra-op threads (default: every available core)")
+    if compile:
+        parser.add_argument("--compile", action="store_true", help="torch.compile the network first: the first batch "
+                            "pays tens of seconds of compilation, so it pays only on many images (docs/BENCHMARKS.md)")
 
 
 def load_source(args: argparse.Namespace, device, need_head: bool = True):

@@ -20,13 +20,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=positive_int, default=5, metavar="K")
     add_source_options(p)
     p.add_argument("--tta", choices=("flip",))
-    add_runtime_options(p)
+    add_runtime_options(p, compile=True)
     p.add_argument("--json", action="store_true", help='print [{"file", "top": [{"index", "class", "prob"}]}]')
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    runtime = resolve_runtime(args.device, args.precision, threads=args.threads)
+    runtime = resolve_runtime(args.device, args.precision, threads=args.threads, compile=args.compile)
     loaded = load_source(args, runtime.device)
     results = predict_files(loaded, args.images, args.top_k, runtime, tta=args.tta)
     failed = [r for r in results if r.error]

@@ -112,6 +112,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", choices=PRECISIONS, help="auto: bf16 where the hardware runs it natively")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false", default=None)
     p.add_argument("--threads", type=positive_int)
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the training step: the first "
+                   "steps pay tens of seconds of compilation (docs/BENCHMARKS.md says when it pays)")
     p.add_argument("--sync-bn", action="store_true", default=None, help="SyncBatchNorm under torchrun")
     p.add_argument("--tensorboard", action="store_true", default=None,
                    help="also write TensorBoard logs to RUN_DIR/tensorboard (pip install 'vggnet[tensorboard]')")
@@ -132,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
         if extra or args.preset:
             flags = ", ".join("--" + k.replace("_", "-") for k in extra + (["preset"] if args.preset else []))
             raise ConfigError(f"--resume continues the saved configuration; {flags} cannot change it (only --epochs "
-                              "and the run-time options --threads, --device, --data-dir, --no-progress can), start a "
+                              "and the run-time options --threads, --device, --data-dir, --compile, --no-progress can), start a "
                               "new run instead")
         runtime = {k: v for k, v in options.items() if k in RUNTIME_OPTIONS}
         result = _guarded(lambda: resume(args.resume, options.get("epochs"), **runtime), lambda: args.resume)

@@ -18,7 +18,7 @@ from .loop import Interrupted, TrainingDiverged, fit, seed_epoch, train_step
 
 #: Options that change how a run executes, not what it computes: --resume may set them anew for its session
 #: (they are not written back to config.json).
-RUNTIME_OPTIONS = ("progress", "threads", "device", "data_dir")
+RUNTIME_OPTIONS = ("progress", "threads", "device", "data_dir", "compile")
 #: Schedules that decay to a learning rate of 0 at the end of their length: a run on one cannot be extended.
 DECAYING = ("onecycle", "cosine")
 

@@ -19,7 +19,7 @@ from ..data import Augment, BatchLoader, ImageDataset, Preprocess, channel_stats
 from ..errors import CheckpointError, ConfigError
 from ..models import create_model
 from ..rundir import RunDir
-from ..runtime import Runtime, resolve_runtime
+from ..runtime import Runtime, compile_module, resolve_runtime
 from .config import TrainConfig
 from .transfer import TransferRecord, freeze, hold_in_eval, init_from_source, parameter_groups
 
@@ -53,8 +53,8 @@ def build_runtime(config: TrainConfig, dist: distributed.Dist) -> Runtime:
     """The run's :class:`Runtime`: under torchrun the device is the rank's own and the threads are shared."""
     if dist.enabled:
         return resolve_runtime(dist.device, config.precision, config.channels_last,
-                               config.threads or dist.default_threads())
-    return resolve_runtime(config.device, config.precision, config.channels_last, config.threads)
+                               config.threads or dist.default_threads(), config.compile)
+    return resolve_runtime(config.device, config.precision, config.channels_last, config.threads, config.compile)
 
 
 def build_data(config: TrainConfig, data: tuple[ImageDataset, ImageDataset] | None = None,
@@ -170,6 +170,8 @@ def build_run(config: TrainConfig, data: tuple[ImageDataset, ImageDataset] | Non
     if config.schedule_epochs is None:
         config.schedule_epochs = config.epochs  # recorded, so that extending the run does not stretch it
     net = dist.wrap(model, config.sync_bn)
+    if runtime.compile:
+        net = compile_module(net)  # the step's network; evaluation and checkpoints use the bare model
     hold_in_eval(model, frozen)  # after wrapping: SyncBatchNorm replaces the BN modules
     return Run(config=config, runtime=runtime, dist=dist, rundir=rundir,
                saved_config=saved_config if saved_config is not None else config.to_dict(),

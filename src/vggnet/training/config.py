@@ -89,6 +89,7 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 where native, else fp32) | fp32 | bf16 | fp16
     channels_last: bool = True
     threads: int | None = None  # intra-op threads (default: every available core)
+    compile: bool = False  # torch.compile the training step's network (runtime only: may change on resume)
     eval_batch_size: int | None = None  # None: by image size (vggnet.evaluation.auto_batch_size)
     sync_bn: bool = False  # SyncBatchNorm under DDP
     tensorboard: bool = False  # also write TensorBoard logs (pip install 'vggnet[tensorboard]')
@@ -162,6 +163,7 @@ class TrainConfig:
             (number(self.width) and self.width > 0, f"--width must be a positive number, got {self.width}"),
             (self.threads is None or (whole(self.threads) and self.threads >= 1),
              f"--threads must be >= 1, got {self.threads}"),
+            (isinstance(self.compile, bool), f"compile must be true or false, got {self.compile!r}"),
             (self.init_from is None or (isinstance(self.init_from, str) and self.init_from != ""),
              f"--init-from must name a run directory or weights file, got {self.init_from!r}"),
             (self.init_scheme in INIT_SCHEMES,
