@@ -4,7 +4,8 @@ A run directory written by ``vggnet train`` holds:
 
 - ``config.json``: the resolved :class:`~vggnet.train.config.TrainConfig` (what the run computes);
 - ``model.safetensors`` + ``model.json``: the final weights and their :class:`ModelCard` (architecture,
-  preprocessing, class names, metrics, vggnet version, schema version);
+  preprocessing, class names, metrics, vggnet version, schema version; for a run made by ``vggnet compress``, the
+  :class:`vggnet.compress.Compression` record that restructures the model and says which tensors are float16);
 - ``best.safetensors`` + ``best.json``: the weights of the epoch with the best *validation* accuracy and that
   epoch's metrics; only with a validation split (``--val-split``): the test set never selects anything;
 - ``state.safetensors`` + ``state.json``: model, optimizer and RNG tensors, and the loop's counters, for resume;
@@ -30,7 +31,7 @@ import torch
 
 from .errors import CheckpointError, VggnetError
 from .files import (atomic_write_bytes, atomic_write_json, atomic_write_text, load_tensors, make_dirs, model_state,
-                    read_json, safetensors_bytes, save_tensors)
+                    read_json, safetensors_bytes, save_tensors, strip_prefixes)
 from .models import VGG, model_from_config
 
 #: Schema version of model.json (the ModelCard) and the state files; bump when they change incompatibly.
@@ -51,9 +52,14 @@ class ModelCard:
     train_config: dict[str, Any] | None = None  # the TrainConfig, as in config.json
     vggnet_version: str = ""
     format: int = FORMAT
+    # vggnet.compress.Compression.to_dict() for a compressed model; not written when None
+    compression: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if d["compression"] is None:
+            del d["compression"]  # an ordinary run's model.json stays as it was
+        return d
 
     @classmethod
     def from_dict(cls, d: Any, where: str | os.PathLike = "model.json") -> "ModelCard":
@@ -73,16 +79,40 @@ class ModelCard:
         for ok, message in checks:
             if not ok:
                 raise CheckpointError(f"{where} is corrupt: {message}")
+        if card.compression is not None:
+            card._compression(where)  # unknown or malformed compression records fail here, in one line
         return card
+
+    def _compression(self, where: str | os.PathLike = "model.json"):
+        from .compress import Compression
+
+        return Compression.from_dict(self.compression, str(where))
 
     def build(self, where: str | os.PathLike = "model.json", device: str | torch.device | None = None) -> VGG:
         """The model this card describes: randomly initialised, or on ``device="meta"`` only its shapes (to be
-        filled by :func:`load_weights`, with no time spent on an initialisation that would be overwritten)."""
+        filled by :func:`load_weights`, with no time spent on an initialisation that would be overwritten). A
+        compressed model's classifier layers are replaced as its ``compression`` record says
+        (:func:`vggnet.compress.restructure`)."""
+        record = self._compression(where) if self.compression is not None else None
         try:
             with torch.device(device) if device is not None else contextlib.nullcontext():
-                return model_from_config(self.model)
+                model = model_from_config(self.model)
+                if record is not None:
+                    from .compress import restructure
+
+                    restructure(model, record)
+                return model
         except (VggnetError, TypeError, ValueError) as err:
             raise CheckpointError(f"{where} describes no buildable model: {err}") from None
+
+    def stored_dtypes(self, model: torch.nn.Module) -> dict[str, torch.dtype]:
+        """State-dict key -> dtype in the weights file, where the compression record stores it in another dtype
+        than ``model`` has (``half``: float16 on disk, float32 in memory); empty for ordinary runs."""
+        if self.compression is None:
+            return {}
+        from .compress import stored_dtypes
+
+        return stored_dtypes(model, self._compression())
 
     def preprocessing(self):
         from .data import Preprocess
@@ -174,7 +204,9 @@ class RunDir:
         ``best.json``. The weights are serialised once."""
         from . import __version__
 
-        data = safetensors_bytes(model_state(model))
+        state = model_state(model)
+        disk = strip_prefixes(card.stored_dtypes(model))  # a compressed model may store tensors in another dtype
+        data = safetensors_bytes({k: v.to(disk[k]) if k in disk else v for k, v in state.items()})
         card.vggnet_version = __version__
         atomic_write_bytes(self.weights("model"), data)
         atomic_write_json(self.card, card.to_dict())
@@ -239,25 +271,29 @@ class RunDir:
         path = self.weights(weights)
         card = self.read_card(weights)
         model = card.build(self.card, "meta")
-        load_weights(model, load_tensors(path), path)
+        load_weights(model, load_tensors(path), path, card.stored_dtypes(model))
         return LoadedModel(model.to(device).eval(), card, self.path, weights)
 
 
-def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str | os.PathLike) -> None:
+def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str | os.PathLike,
+                 stored: dict[str, torch.dtype] | None = None) -> None:
     """Load ``state`` into ``model`` strictly (its tensors become the model's: ``model`` may be on the meta device);
-    one-line CheckpointError naming missing, unexpected, misshapen and mistyped keys."""
+    one-line CheckpointError naming missing, unexpected, misshapen and mistyped keys. ``stored`` (from
+    :meth:`ModelCard.stored_dtypes`) names the keys the file holds in another dtype than the model's, and exactly
+    that dtype; they are converted to the model's."""
+    stored = stored or {}
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     common = set(expected) & set(state)
     wrong = sorted(k for k in common if expected[k].shape != state[k].shape)
-    mistyped = sorted(k for k in common if expected[k].dtype != state[k].dtype)
+    mistyped = sorted(k for k in common if stored.get(k, expected[k].dtype) != state[k].dtype)
     if missing or unexpected or wrong or mistyped:
         detail = "; ".join(f"{label} {keys[:3]}{'...' if len(keys) > 3 else ''}" for label, keys in
                            (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong),
                             ("wrong dtype", mistyped)) if keys)
         raise CheckpointError(f"{where} does not match the architecture in model.json: {detail}")
-    model.load_state_dict(state, assign=True)
+    model.load_state_dict({k: v.to(expected[k].dtype) if k in stored else v for k, v in state.items()}, assign=True)
 
 
 def load(source: str | os.PathLike, weights: str = "model", device: str | torch.device = "cpu") -> LoadedModel:

@@ -14,7 +14,8 @@ from typing import Sequence
 from ..errors import VggnetError
 
 # Verb modules; each defines ``add_parser(subparsers)`` and ``run(args) -> int``.
-VERBS = ("models", "summary", "train", "eval", "predict", "features", "weights", "data", "bench")
+VERBS = ("models", "summary", "train", "eval", "predict", "features", "weights", "data", "bench", "export",
+         "compress", "explain")
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -30,6 +30,26 @@ def positive_float(text: str) -> float:
     return value
 
 
+def _number_in(text: str, top_included: bool) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (0.0 <= value <= 1.0 if top_included else 0.0 <= value < 1.0):
+        raise argparse.ArgumentTypeError(f"must be in [0, 1{']' if top_included else ')'}, got {value}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """A number in [0, 1): dropout, momentum, label smoothing."""
+    return _number_in(text, top_included=False)
+
+
+def unit_interval(text: str) -> float:
+    """A number in [0, 1]: a blend weight, a probability that may be 1."""
+    return _number_in(text, top_included=True)
+
+
 def image_size(text: str) -> tuple[int, int]:
     """``224`` or ``224x160`` (height x width)."""
     match = re.fullmatch(r"\s*(\d+)\s*(?:[x,]\s*(\d+))?\s*", text)

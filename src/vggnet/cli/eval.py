@@ -2,7 +2,11 @@
 
 SOURCE is a run directory (evaluated on its own dataset by default; eval.json and confusion.png go into it) or a
 weights file (:mod:`vggnet.weights`), which has no dataset of its own: ``--dataset`` is required, and the results are
-written only with ``--out``."""
+written only with ``--out``.
+
+``--scales Q1,Q2,...`` switches to the paper's test protocols (:mod:`vggnet.multiscale`): dense evaluation (the
+default, or ``--dense``), a grid of crops (``--crops 5x5``), or both averaged, with ``--flip`` for the mirrored
+images; eval.json then records the protocol under ``"protocol"`` beside the numbers."""
 
 from __future__ import annotations
 
@@ -10,8 +14,9 @@ import argparse
 from pathlib import Path
 
 from ..data import load_dataset
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..evaluation import evaluate
+from ..multiscale import Protocol, check_protocol, evaluate_multiscale, parse_crops, parse_scales
 from ..report import table
 from ..rundir import RunDir
 from ..runtime import resolve_runtime
@@ -26,8 +31,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "required, e.g. folder:PATH with one subfolder per class in the model's class order)")
     p.add_argument("--data-dir", help="where the dataset files are")
     p.add_argument("--tta", choices=("flip",), help="average with horizontally flipped images")
+    p.add_argument("--scales", metavar="Q1,Q2,...", help="the paper's multi-scale test (section 3.2): test scales in "
+                   "pixels, the side the test image (as preprocessed to the training size S) is rescaled to; Q = S is "
+                   "single-scale. Dense evaluation unless --crops is given alone; the probabilities are averaged "
+                   "over scales")
+    p.add_argument("--dense", action="store_true", help="with --scales: the fully convolutional net on the whole "
+                   "Q x Q image, class scores averaged over space (the default with --scales)")
+    p.add_argument("--crops", metavar="RxC", help="with --scales: a grid of R x C crops of S x S per scale through "
+                   "the original net (5x5 is the paper's); with --dense too, dense and crops are averaged")
+    p.add_argument("--flip", action="store_true", help="with --scales: also the horizontally flipped image (dense) "
+                   "and each crop's mirror")
     p.add_argument("--batch-size", type=positive_int, help="images per batch (default: by image size: 256 at 32x32, "
-                   "16 at 224x224)")
+                   "16 at 224x224); with --scales, network inputs per pass (a crop or a mirror counts as one)")
     add_runtime_options(p, "fp32", "fp32 (default: exact numbers), or auto/bf16/fp16 for speed")
     p.add_argument("--out", metavar="DIR", help="where eval.json and confusion.png go (default: the run directory; "
                    "weights files: written only with --out)")
@@ -41,9 +56,12 @@ def run(args: argparse.Namespace) -> int:
         raise DataError(f"{args.source} is a weights file, which has no dataset of its own: name one with --dataset "
                         "(fashion-mnist, cifar10, cifar100 or folder:PATH, one subfolder per class in the model's "
                         "class order)")
+    protocol = _protocol(args)
     runtime = resolve_runtime(args.device, args.precision, threads=args.threads)
     loaded = load_source(args, runtime.device)
     card, prep = loaded.card, loaded.preprocess
+    if protocol is not None:
+        check_protocol(loaded.model, prep, protocol)  # before the test set is read
     dataset = args.dataset or card.dataset or "fashion-mnist"
     if is_run:
         data_dir = args.data_dir or (card.train_config or {}).get("data_dir")  # the run's own copy first
@@ -54,22 +72,48 @@ def run(args: argparse.Namespace) -> int:
     if test.images.shape[1] != loaded.model.in_channels or len(test.classes) != loaded.model.num_classes:
         raise DataError(f"{dataset} has {test.images.shape[1]} channel(s) and {len(test.classes)} classes; the model "
                         f"in {args.source} expects {loaded.model.in_channels} and {loaded.model.num_classes}")
-    result = evaluate(loaded.model, test, prep, runtime.device, runtime.precision, args.batch_size,
-                      tta=args.tta, channels_last=runtime.channels_last, progress=not args.json)
+    if protocol is None:
+        result = evaluate(loaded.model, test, prep, runtime.device, runtime.precision, args.batch_size,
+                          tta=args.tta, channels_last=runtime.channels_last, progress=not args.json)
+    else:
+        result = evaluate_multiscale(loaded.model, test, prep, protocol, runtime.device, runtime.precision,
+                                     args.batch_size, progress=not args.json, channels_last=runtime.channels_last)
     result.classes = loaded.classes or test.classes
     record = dict(result.to_dict(), dataset=dataset, weights=(args.weights or "model") if is_run else str(args.source),
                   tta=args.tta, precision=runtime.precision)
-    title = f"{card.model.get('name', 'model')} on {dataset}: top-1 {100 * result.top1:.2f}%"
+    named = f", {protocol.describe()}" if protocol is not None else ""
+    if protocol is not None:
+        record["protocol"] = protocol.to_dict()
+    title = f"{card.model.get('name', 'model')} on {dataset}{named}: top-1 {100 * result.top1:.2f}%"
     rundir = RunDir(args.source if is_run else args.out or ".")
     out = rundir.write_eval(record, title, args.out) if is_run or args.out else None
     if args.json:
         print_json(record)
         return 0
-    print(f"{dataset} test set, {result.n} images: top-1 {100 * result.top1:.2f}%, top-5 {100 * result.top5:.2f}%, "
-          f"loss {result.loss:.4f}")
+    print(f"{dataset} test set, {result.n} images{named}: top-1 {100 * result.top1:.2f}%, "
+          f"top-5 {100 * result.top5:.2f}%, loss {result.loss:.4f}")
     rows = [[name, f"{100 * acc:.2f}%", str(sum(result.confusion[i]))] for i, (name, acc) in
             enumerate(zip(result.classes, result.per_class))]
     print(table(["class", "accuracy", "images"], rows, "lrr"))
     if out is not None:
         print(f"confusion matrix: {out / rundir.confusion.name} and {out / rundir.eval.name}")
     return 0
+
+
+def _protocol(args: argparse.Namespace) -> Protocol | None:
+    """The multi-scale protocol of ``--scales``/``--dense``/``--crops``/``--flip``, or ``None`` for plain eval."""
+    if args.scales is None:
+        given = [flag for flag, on in (("--dense", args.dense), ("--crops", args.crops is not None),
+                                       ("--flip", args.flip)) if on]
+        if given == ["--flip"]:
+            raise ConfigError("--flip belongs to multi-scale evaluation: for plain evaluation with the mirrored "
+                              "images use --tta flip, or add --scales Q1,Q2,... (e.g. --scales 32,40,48)")
+        if given:
+            verb = "need" if len(given) > 1 else "needs"
+            raise ConfigError(f"{' and '.join(given)} {verb} the test scales: add --scales Q1,Q2,... (image sides in "
+                              "pixels, e.g. --scales 32,40,48 for a model trained at 32)")
+        return None
+    if args.tta:
+        raise ConfigError("--tta flip is plain evaluation's flip; with --scales use --flip instead")
+    crops = parse_crops(args.crops) if args.crops is not None else None
+    return Protocol(parse_scales(args.scales), dense=args.dense or crops is None, crops=crops, flip=args.flip)

@@ -11,17 +11,7 @@ from ..schedule import SCHEDULES
 from ..training import (DECAYING, NORMALIZE, OPTIMIZERS, PRESETS, RUNTIME_OPTIONS, Interrupted, resolve_config,
                         resume, train)
 from ..training.transfer import INIT_SCHEMES
-from .common import add_model_options, positive_float, positive_int, print_json
-
-
-def fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
-    return value
+from .common import add_model_options, fraction, positive_float, positive_int, print_json
 
 
 def name_list(text: str) -> list[str]:
