@@ -77,7 +77,7 @@ def test_train_compile_compiles_the_step_network_and_resume_may_change_it(record
     assert json.loads((out / "config.json").read_text())["epochs"] == 2
 
 
-def test_eval_style_and_predict_cli_compile_flag(recorded, cli, train_run, image_files):
+def test_predict_cli_compile_flag(recorded, cli, train_run, image_files):
     code, out, err = cli(["predict", str(train_run["dir"]), str(image_files["rgb"]), "--device", "cpu",
                           "--precision", "fp32", "--compile", "--json"])
     assert code == 0, err
@@ -99,3 +99,17 @@ def test_train_cli_offers_compile_and_resume_accepts_it(train_cli, train_cli_arg
     assert json.loads((out / "config.json").read_text())["compile"] is True
     code, _, err = train_cli(["train", "--resume", str(out), "--epochs", "2", "--compile"])
     assert code == 0, err
+
+
+def test_eval_cli_compile_flag_and_its_refusal_with_scales(recorded, cli, train_run, one_line_error):
+    code, out, err = cli(["eval", str(train_run["dir"]), "--device", "cpu", "--compile", "--json",
+                          "--out", str(train_run["dir"].parent / "eval-compiled")])
+    assert code == 0, err
+    assert len(recorded) == 1  # the folded inference copy was handed to torch.compile
+    compiled = json.loads(out)
+    code, out, err = cli(["eval", str(train_run["dir"]), "--device", "cpu", "--json",
+                          "--out", str(train_run["dir"].parent / "eval-eager")])
+    assert code == 0 and len(recorded) == 1
+    assert compiled["top1"] == json.loads(out)["top1"]
+    code, _, err = cli(["eval", str(train_run["dir"]), "--device", "cpu", "--compile", "--scales", "32"])
+    one_line_error(code, err, "--compile applies to plain evaluation")

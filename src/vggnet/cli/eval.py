@@ -43,7 +43,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "and each crop's mirror")
     p.add_argument("--batch-size", type=positive_int, help="images per batch (default: by image size: 256 at 32x32, "
                    "16 at 224x224); with --scales, network inputs per pass (a crop or a mirror counts as one)")
-    add_runtime_options(p, "fp32", "fp32 (default: exact numbers), or auto/bf16/fp16 for speed")
+    add_runtime_options(p, "fp32", "fp32 (default: exact numbers), or auto/bf16/fp16 for speed", compile=True)
     p.add_argument("--out", metavar="DIR", help="where eval.json and confusion.png go (default: the run directory; "
                    "weights files: written only with --out)")
     p.add_argument("--json", action="store_true", help="print {top1, top5, per_class, n, ...} (fractions)")
@@ -57,7 +57,10 @@ def run(args: argparse.Namespace) -> int:
                         "(fashion-mnist, cifar10, cifar100 or folder:PATH, one subfolder per class in the model's "
                         "class order)")
     protocol = _protocol(args)
-    runtime = resolve_runtime(args.device, args.precision, threads=args.threads)
+    if protocol is not None and args.compile:
+        raise ConfigError("--compile applies to plain evaluation; the multi-scale protocols (--scales) run eagerly: "
+                          "drop one of them")
+    runtime = resolve_runtime(args.device, args.precision, threads=args.threads, compile=args.compile)
     loaded = load_source(args, runtime.device)
     card, prep = loaded.card, loaded.preprocess
     if protocol is not None:
@@ -74,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
                         f"in {args.source} expects {loaded.model.in_channels} and {loaded.model.num_classes}")
     if protocol is None:
         result = evaluate(loaded.model, test, prep, runtime.device, runtime.precision, args.batch_size,
-                          tta=args.tta, channels_last=runtime.channels_last, progress=not args.json)
+                          tta=args.tta, channels_last=runtime.channels_last, progress=not args.json,
+                          compile=runtime.compile)
     else:
         result = evaluate_multiscale(loaded.model, test, prep, protocol, runtime.device, runtime.precision,
                                      args.batch_size, progress=not args.json, channels_last=runtime.channels_last)
