@@ -298,6 +298,15 @@ def test_an_unknown_format_in_the_library(train_run, tmp_path):
 
 
 
+
+def test_check_count_sets_how_many_test_images_are_checked(train_run, tmp_path, cli):
+    out = tmp_path / "m.pt"
+    code, stdout, err = cli(["export", str(train_run["dir"]), "--format", "torchscript", "--out", str(out),
+                             "--check-count", "5"])
+    assert code == 0, err
+    assert "the first 5 images of the fashion-mnist test set" in stdout
+    assert json.loads((tmp_path / "m.pt.json").read_text())["check"]["sizes"][0]["images"] == 5
+
 def test_a_compressed_run_exports_int8_weights_and_checks_against_their_arithmetic(train_run, fill_reference,
                                                                                    tmp_path, cli):
     """int8 layers export as int8 initializers (Cast and Mul in the graph), except those onnxscript's optimizer folds

@@ -11,7 +11,8 @@ import argparse
 
 from ..export import (DEFAULT_TOLERANCE, EXTENSIONS, FORMATS, check_images_of, check_out_path, export_checked,
                       human_size, require_onnx)
-from .common import SOURCE_HELP, add_source_options, load_source, positive_float
+from ..evaluation import auto_batch_size
+from .common import SOURCE_HELP, add_source_options, load_source, positive_float, positive_int
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -33,8 +34,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         f"{DEFAULT_TOLERANCE:g}, fp32 against fp32) and every top-1 class agrees, except images whose "
                         "eager top-2 margin is below the max abs error; otherwise nothing is written (exit 2)")
     p.add_argument("--check-images", nargs="+", metavar="IMAGE",
-                   help="image files to check on, decoded as vggnet predict decodes them (default: the first 256 "
-                        "images of a run's test set; random images when there is none)")
+                   help="image files to check on, decoded as vggnet predict decodes them (default: the first "
+                        "--check-count images of a run's test set; random images when there is none)")
+    p.add_argument("--check-count", type=positive_int, metavar="N",
+                   help="test images to check on (default by input size, as eval's batch: 256 at 32x32, 16 at "
+                        "224x224, so that a batch-1 export of VGG-16 checks in seconds, not minutes)")
     add_source_options(p)
     p.set_defaults(run=run)
 
@@ -44,7 +48,9 @@ def run(args: argparse.Namespace) -> int:
     if args.fmt == "onnx":
         require_onnx()
     loaded = load_source(args, "cpu")
-    images, note, random = check_images_of(loaded, args.source, args.check_images)
+    size = loaded.preprocess.image_size
+    images, note, random = check_images_of(loaded, args.source, args.check_images,
+                                           args.check_count or auto_batch_size(size, size))
     result = export_checked(loaded, args.fmt, args.out, images=images, images_note=note, random=random,
                             dynamic_batch=args.dynamic_batch, any_size=args.any_size, tolerance=args.tolerance,
                             source=args.source)
