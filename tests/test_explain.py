@@ -300,6 +300,9 @@ def test_cli_unreadable_file_is_reported_and_the_others_still_done(cli, run_dir,
     entries = json.loads((out / "explain.json").read_text())["images"]
     assert "error" in entries[0] and entries[1]["png"] == str(out / "bag.png")
     assert (out / "bag.png").is_file() and not (out / "broken.png").exists()
+    alone = tmp_path / "alone"
+    code, stdout, err = cli(["explain", run_dir, broken, "--out", alone, *CPU])
+    assert code == 2 and "nothing written" in err and not (alone / "explain.json").exists()
 
 
 @pytest.mark.parametrize("extra, fragments", [

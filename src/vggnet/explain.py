@@ -358,6 +358,7 @@ def explain_files(loaded, files: Sequence[str | os.PathLike], out_dir: str | os.
         bar.close()
     size = prep.image_size
     result = ExplainResult(layer, map_size, (size, size), results)
-    result.json_path = str(out_dir / "explain.json")
-    atomic_write_json(result.json_path, result.to_dict(source, alpha))
+    if any(r.error is None for r in results):  # nothing explained, nothing written
+        result.json_path = str(out_dir / "explain.json")
+        atomic_write_json(result.json_path, result.to_dict(source, alpha))
     return result

@@ -60,7 +60,12 @@ def run(args: argparse.Namespace) -> int:
         where = (f"peak at row {e.peak[0]}, col {e.peak[1]}" if e.peak is not None
                  else "all-zero map: no positive evidence for this class at this layer")
         print(f"{e.file}: {what}, {result.layer} ({h}x{w}) {where} -> {e.png}")
-    print(f"{len(result.images) - len(result.failed)} image(s) explained -> {result.json_path}")
     for e in result.failed:
         print(f"vggnet explain: error: {e.error}", file=sys.stderr)
+    explained = len(result.images) - len(result.failed)
+    if explained:
+        print(f"{explained} image(s) explained -> {result.json_path}")
+    else:
+        print(f"vggnet explain: error: none of the {len(result.failed)} image file(s) could be read: nothing written",
+              file=sys.stderr)
     return 2 if result.failed else 0
