@@ -39,17 +39,20 @@ def recorded(monkeypatch):
 
 def test_compiled_inference_equals_eager_on_the_cpu():
     torch.manual_seed(0)
-    model = vggnet.VGG([8, "M", 16, "M"], batch_norm=True, num_classes=3, in_channels=1, head="gap",
-                       input_size=8).eval()
+    # 16 channels at 32 x 32 in channels_last: where the hand-fused conv+ReLU op once broke compilation.
+    model = vggnet.VGG([16, "M", 16, "M"], batch_norm=True, num_classes=3, in_channels=1, head="gap",
+                       input_size=32).eval()
     with torch.no_grad():  # non-trivial BN statistics, so that folding them matters
         for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.running_mean.uniform_(-0.5, 0.5)
                 m.running_var.uniform_(0.5, 2.0)
-    images = torch.randint(0, 256, (10, 1, 8, 8), dtype=torch.uint8)
-    prep = Preprocess(8, (0.5,), (0.25,))
+    images = torch.randint(0, 256, (10, 1, 32, 32), dtype=torch.uint8)
+    prep = Preprocess(32, (0.5,), (0.25,))
     eager = predict_logits(model, images, prep, CPU)
-    compiled = predict_logits(model, images, prep, CPU, compile=True)
+    # Batches of 4, 4 and 2: the last one recompiles with a dynamic batch size (where the fused op's fake kernel
+    # once broke; a single batch did not show it).
+    compiled = predict_logits(model, images, prep, CPU, batch_size=4, compile=True)
     assert compiled.shape == (10, 3)
     assert torch.allclose(compiled, eager, rtol=0, atol=1e-5 * eager.abs().max().item())
     assert not model.training and all(p.requires_grad for p in model.parameters())  # the caller's model untouched

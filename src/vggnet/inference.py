@@ -18,7 +18,7 @@ same float32 NCHW batches and returns float32 logits. What it does, each step op
    typically about 0.5-1%) and the same top-1 class on all but near-tied inputs.
 5. ``small_maps``: 3x3 convs on maps of at most 16 pixels run as one GEMM in bf16 (:mod:`vggnet.cpu_bf16`).
 6. ``compile``: ``torch.compile`` of the result (off by default: it costs tens of seconds of compilation; see
-   docs/BENCHMARKS.md for when it pays).
+   docs/BENCHMARKS.md for when it pays). Step 2 is then left to inductor, which fuses conv + ReLU itself.
 """
 
 from __future__ import annotations
@@ -148,7 +148,9 @@ def optimize_for_inference(model: nn.Module, precision: str = "auto", channels_l
     if fold_bn and fold_batch_norms(fast):
         steps.append("fold_bn")
     gemm_pixels = DEFAULT_MAX_PIXELS if small_maps and uses_cpu_bf16_path(device, precision) else 0
-    if fuse_relu and fuse_conv_relu(fast, gemm_pixels):
+    # Compiling: inductor fuses conv + ReLU itself, and the hand-fused oneDNN op's fake kernel assumes contiguous
+    # NCHW strides, which breaks tracing of a channels_last model.
+    if fuse_relu and not compile and fuse_conv_relu(fast, gemm_pixels):
         steps.append("fuse_conv_relu")
     if channels_last:
         fast = fast.to(memory_format=torch.channels_last)
