@@ -84,7 +84,7 @@ def train_options(train_data_dir):
     base = dict(model="custom", arch=[8, "M", 16, "M"], width=1.0, head="gap", dropout=0.1,
                 data_dir=str(train_data_dir), image_size=32, batch_size=32, epochs=2, optimizer="sgd", lr=0.05,
                 momentum=0.9, weight_decay=5e-4, schedule="constant", warmup_epochs=0.0, label_smoothing=0.0,
-                crop_padding=2, seed=0, progress=False, threads=1, precision="fp32")
+                crop_padding=2, seed=0, progress=False, threads=1, precision="fp32", device="cpu")
 
     def make(**overrides):
         return {**base, **overrides}
@@ -101,7 +101,7 @@ def train_cli_args(train_data_dir):
                 "--data-dir", str(train_data_dir), "--image-size", "32", "--batch-size", "32", "--epochs", "2",
                 "--optimizer", "sgd", "--lr", "0.05", "--momentum", "0.9", "--weight-decay", "5e-4", "--schedule",
                 "constant", "--warmup-epochs", "0", "--label-smoothing", "0", "--crop-padding", "2", "--seed", "0",
-                "--no-progress", "--threads", "1", "--precision", "fp32", *extra]
+                "--no-progress", "--threads", "1", "--precision", "fp32", "--device", "cpu", *extra]
 
     return make
 
@@ -234,6 +234,19 @@ def pytest_collection_modifyitems(config, items):
         for marker, (available, reason) in skips.items():
             if marker in item.keywords and not available:
                 item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture(autouse=True)
+def auto_device_means_cpu(request, monkeypatch):
+    """Every test means a device: the CPU, unless it is marked ``cuda``. A test that leaves ``--device`` at its default
+    ``auto`` (the in-process CLI of eval, predict, features ...) would otherwise put its model on a GPU where there is
+    one and compare it with numbers computed on the CPU; here ``auto`` resolves to the CPU instead."""
+    if request.node.get_closest_marker("cuda") is not None:
+        return
+    from vggnet import runtime
+
+    pick = runtime.pick_device
+    monkeypatch.setattr(runtime, "pick_device", lambda requested="auto": pick("cpu" if requested == "auto" else requested))
 
 
 # ------------------------------------------------------------------------------------------------ image files

@@ -98,8 +98,11 @@ def torchrun(args, cwd, nproc=2, script=None, env=None):
     A job that dies with :data:`ABORT_SIGNATURE` is repeated once, after its ``--out``/``--resume`` directory and
     its ``VGGNET_TEST_WRITES`` log directory are put back as they were before the first attempt."""
     target = [str(script)] if script else ["-m", "vggnet"]
+    args = [str(a) for a in args]
+    if not script and args[:1] == ["train"] and "--device" not in args:
+        args += ["--device", "cpu"]  # gloo on CPU processes: these tests mean the CPU, also on a CUDA machine
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), *target,
-               *[str(a) for a in args]]
+               *args]
     cwd.mkdir(parents=True, exist_ok=True)
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     full_env.pop("VGGNET_DEBUG", None)
