@@ -125,6 +125,7 @@ class Runtime:
     channels_last: bool
     threads: int
     compile: bool = False  # torch.compile the network (see compile_module)
+    deterministic: bool = False  # deterministic algorithms only (see deterministic_algorithms)
 
     @property
     def cpu_bf16(self) -> bool:
@@ -136,7 +137,7 @@ class Runtime:
 
     def to_dict(self) -> dict:
         return {"device": str(self.device), "precision": self.precision, "channels_last": self.channels_last,
-                "threads": self.threads, "compile": self.compile}
+                "threads": self.threads, "compile": self.compile, "deterministic": self.deterministic}
 
 
 #: C++ compilers inductor can use to build its CPU kernels (it honours $CXX first).
@@ -161,8 +162,37 @@ def compile_module(module: torch.nn.Module) -> torch.nn.Module:
     return torch.compile(module)
 
 
+#: cuBLAS needs a fixed workspace to be deterministic (CUDA's documentation; read when cuBLAS starts).
+CUBLAS_WORKSPACE = ":4096:8"
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool = True):
+    """While active: ``torch.use_deterministic_algorithms(True)`` (an op without a deterministic implementation
+    raises instead of silently varying), cuDNN's deterministic algorithms without autotuning, and cuBLAS's fixed
+    workspace (``CUBLAS_WORKSPACE_CONFIG``, set unless the user set it). The previous settings come back after.
+    With it, a same-seed run and a resumed run are bit-identical on CUDA too; without it cuDNN and cuBLAS may pick
+    algorithms whose floating-point sums differ from run to run. On the CPU vggnet's runs are bit-identical
+    either way (tested)."""
+    if not enabled:
+        yield
+        return
+    before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+              torch.backends.cudnn.benchmark, os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[1], before[2]
+        if before[3] is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+
+
 def resolve_runtime(device: str | torch.device = "auto", precision: str = "auto", channels_last: bool = True,
-                    threads: int | None = None, compile: bool = False) -> Runtime:
+                    threads: int | None = None, compile: bool = False, deterministic: bool = False) -> Runtime:
     """Validate and resolve the run-time options, and set the intra-op thread count (every core by default)."""
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise ConfigError(f"--threads must be a positive integer, got {threads!r}")
@@ -170,4 +200,4 @@ def resolve_runtime(device: str | torch.device = "auto", precision: str = "auto"
     chosen = pick_precision(dev, precision)
     if compile:
         check_compile(dev)
-    return Runtime(dev, chosen, bool(channels_last), set_threads(threads), bool(compile))
+    return Runtime(dev, chosen, bool(channels_last), set_threads(threads), bool(compile), bool(deterministic))

@@ -102,6 +102,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", choices=PRECISIONS, help="auto: bf16 where the hardware runs it natively")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false", default=None)
     p.add_argument("--threads", type=positive_int)
+    p.add_argument("--deterministic", action="store_true", default=None, help="deterministic algorithms only "
+                   "(cuDNN, cuBLAS workspace): same-seed and resumed runs bit-identical on CUDA too, at some speed; "
+                   "recorded in config.json and kept on resume (the CPU path is bit-identical either way)")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the training step: the first "
                    "steps pay tens of seconds of compilation (docs/BENCHMARKS.md says when it pays)")
     p.add_argument("--sync-bn", action="store_true", default=None, help="SyncBatchNorm under torchrun")

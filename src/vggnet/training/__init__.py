@@ -12,6 +12,7 @@ from typing import Any
 
 from ..errors import CheckpointError, ConfigError
 from ..rundir import RunDir
+from ..runtime import deterministic_algorithms
 from .build import Run, build_run
 from .config import (DEFAULT_MODEL, MODEL_SHAPE, NORMALIZE, OPTIMIZERS, PRESETS, TrainConfig, resolve_config)
 from .loop import Interrupted, TrainingDiverged, fit, seed_epoch, train_step
@@ -34,7 +35,8 @@ def train(config: TrainConfig | None = None, data=None, **options: Any) -> dict[
     if config.out and RunDir(config.out).has_state():
         raise ConfigError(f"{config.out} already holds a run: continue it with --resume {config.out}, or choose "
                           "another --out")
-    return fit(build_run(config, data))
+    with deterministic_algorithms(config.deterministic):
+        return fit(build_run(config, data))
 
 
 def resume(run_dir: str | Path, epochs: int | None = None, **runtime: Any) -> dict[str, Any]:
@@ -78,7 +80,8 @@ def resume(run_dir: str | Path, epochs: int | None = None, **runtime: Any) -> di
         print(f"vggnet train: extending {run_dir} to {epochs} epochs; the {config.schedule} learning-rate schedule "
               f"keeps its {config.schedule_epochs} epochs and the epochs after them run at its final rate",
               file=sys.stderr)
-    return fit(build_run(config, saved_config=saved), resume=True)
+    with deterministic_algorithms(config.deterministic):  # the mode the run was started in (config.json)
+        return fit(build_run(config, saved_config=saved), resume=True)
 
 
 __all__ = ["DECAYING", "DEFAULT_MODEL", "MODEL_SHAPE", "NORMALIZE", "OPTIMIZERS", "PRESETS", "RUNTIME_OPTIONS",

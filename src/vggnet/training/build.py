@@ -53,8 +53,9 @@ def build_runtime(config: TrainConfig, dist: distributed.Dist) -> Runtime:
     """The run's :class:`Runtime`: under torchrun the device is the rank's own and the threads are shared."""
     if dist.enabled:
         return resolve_runtime(dist.device, config.precision, config.channels_last,
-                               config.threads or dist.default_threads(), config.compile)
-    return resolve_runtime(config.device, config.precision, config.channels_last, config.threads, config.compile)
+                               config.threads or dist.default_threads(), config.compile, config.deterministic)
+    return resolve_runtime(config.device, config.precision, config.channels_last, config.threads, config.compile,
+                           config.deterministic)
 
 
 def build_data(config: TrainConfig, data: tuple[ImageDataset, ImageDataset] | None = None,

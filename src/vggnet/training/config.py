@@ -90,6 +90,7 @@ class TrainConfig:
     channels_last: bool = True
     threads: int | None = None  # intra-op threads (default: every available core)
     compile: bool = False  # torch.compile the training step's network (runtime only: may change on resume)
+    deterministic: bool = False  # deterministic algorithms (cuDNN, cuBLAS): bit-identical runs on CUDA too
     eval_batch_size: int | None = None  # None: by image size (vggnet.evaluation.auto_batch_size)
     sync_bn: bool = False  # SyncBatchNorm under DDP
     tensorboard: bool = False  # also write TensorBoard logs (pip install 'vggnet[tensorboard]')
@@ -164,6 +165,7 @@ class TrainConfig:
             (self.threads is None or (whole(self.threads) and self.threads >= 1),
              f"--threads must be >= 1, got {self.threads}"),
             (isinstance(self.compile, bool), f"compile must be true or false, got {self.compile!r}"),
+            (isinstance(self.deterministic, bool), f"deterministic must be true or false, got {self.deterministic!r}"),
             (self.init_from is None or (isinstance(self.init_from, str) and self.init_from != ""),
              f"--init-from must name a run directory or weights file, got {self.init_from!r}"),
             (self.init_scheme in INIT_SCHEMES,
