@@ -1,7 +1,9 @@
 """The training loop: :func:`fit` reads top to bottom (epochs of steps, then evaluation and a checkpoint).
 
 The hot loop has no per-sample Python: uint8 batches are sliced from in-memory tensors, preprocessed and augmented
-as whole batches, and run in channels_last with bf16 autocast where the CPU supports bf16 natively.
+as whole batches, and run in channels_last with bf16 autocast where the CPU supports bf16 natively. It has no
+per-step host synchronisation either: the loss and accuracy sums and the non-finite-loss flag accumulate on the
+device and are read every :data:`SYNC_STEPS` steps, at the end of an epoch and before a stop saves.
 
 Selection: with a validation split (``--val-split``) the best checkpoint and the plateau schedule follow the
 validation accuracy; the test set is evaluated after every epoch and only reported.
@@ -13,7 +15,6 @@ bit-identically, mid-epoch too.
 
 from __future__ import annotations
 
-import math
 import signal
 import threading
 import time
@@ -30,6 +31,10 @@ from ..files import optimizer_from_tensors, optimizer_to_tensors
 from ..rundir import ModelCard
 from ..schedule import Plateau, lr_factor
 from .build import Run
+
+
+#: Steps between two reads of the device's running sums (the progress bar's refresh; divergence is caught there).
+SYNC_STEPS = 10
 
 
 class TrainingDiverged(VggnetError):
@@ -177,28 +182,30 @@ def train_epoch(run: Run, state: RunState, history: list[dict[str, Any]], epoch:
                desc=f"epoch {epoch + 1}/{run.config.epochs}", dynamic_ncols=True,
                disable=None if run.config.progress and dist.is_main else True)  # None: terminals only
     start = time.perf_counter() - state.seconds
+    # The running sums and the divergence flag live on the device: a step never waits for the GPU; the host reads
+    # them every SYNC_STEPS steps (the progress bar), at the end of the epoch and before a stop saves (sync_sums).
+    sums = torch.tensor([state.loss_sum, float(state.correct)], dtype=torch.float64, device=run.runtime.device)
+    diverged = torch.zeros((), dtype=torch.bool, device=run.runtime.device)
+    synced_step = state.step
     for i, (images, labels) in enumerate(loader):
         if i < state.batch:
             continue  # resuming mid-epoch: these batches were already trained on
         loss, correct = train_step(run, images, labels, learning_rate(run, state))
         state.step += 1
-        loss_value = loss.item()
-        if not math.isfinite(loss_value):
-            kept = (f"the last good checkpoint (epoch {state.epoch}) is kept in {run.rundir}" if state.epoch else
-                    "no checkpoint was saved yet")
-            raise TrainingDiverged(f"the loss became {loss_value} at epoch {epoch + 1}, step {state.step}: lower "
-                                   f"--lr (now {run.config.lr}) or set --grad-clip; {kept}")
         n = labels.numel()
-        state.loss_sum += loss_value * n
-        state.correct += int(correct)
+        sums += torch.stack((loss.double() * n, correct.double()))  # the same float64 sums as on the host
+        diverged |= ~torch.isfinite(loss)
         state.seen += n * ranks
         state.batch = i + 1
         state.seconds = time.perf_counter() - start
         bar.update(n * ranks)
-        if i % 10 == 0 or state.batch == len(loader):
+        stopping = dist.stop_requested(stop["signum"])  # a collective: every rank calls it at every step
+        if stopping or i % SYNC_STEPS == 0 or state.batch == len(loader):
+            sync_sums(run, state, sums, diverged, epoch, synced_step)
+            synced_step = state.step
             bar.set_postfix(loss=f"{state.loss_sum / (state.seen / ranks):.3f}",
                             acc=f"{state.correct / (state.seen / ranks):.3f}", lr=f"{learning_rate(run, state):.3g}")
-        if dist.stop_requested(stop["signum"]):  # a collective: every rank calls it at every step
+        if stopping:
             bar.close()
             sums = dist.all_reduce([state.loss_sum, float(state.correct)])  # rank 0 saves the global sums
             state.loss_sum, state.correct = sums[0], int(sums[1])
@@ -207,6 +214,19 @@ def train_epoch(run: Run, state: RunState, history: list[dict[str, Any]], epoch:
             raise Interrupted(f"stopped by {signal.Signals(signum).name} at epoch {epoch + 1}, batch {state.batch}/"
                               f"{len(loader)}; state saved: resume with vggnet train --resume {run.rundir}", signum)
     bar.close()
+
+
+def sync_sums(run: Run, state: RunState, sums: torch.Tensor, diverged: torch.Tensor, epoch: int,
+              since_step: int) -> None:
+    """Read the device's running sums into ``state`` (one host synchronisation), or raise TrainingDiverged when a
+    loss since the last read was not finite (before anything is saved: the last checkpoint stays the good one)."""
+    if bool(diverged):
+        kept = (f"the last good checkpoint (epoch {state.epoch}) is kept in {run.rundir}" if state.epoch else
+                "no checkpoint was saved yet")
+        raise TrainingDiverged(f"the loss became nan or inf at epoch {epoch + 1}, between steps {since_step + 1} and "
+                               f"{state.step}: lower --lr (now {run.config.lr}) or set --grad-clip; {kept}")
+    loss_sum, correct = sums.tolist()
+    state.loss_sum, state.correct = loss_sum, int(correct)
 
 
 def evaluate(run: Run, dataset) -> EvalResult:
