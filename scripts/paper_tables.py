@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from vggnet.data import load_dataset
+from vggnet.evaluation import load_test_set
 from vggnet.multiscale import Protocol, multiscale_log_probs
 from vggnet.rundir import load
 
@@ -55,8 +55,7 @@ def main() -> None:
         run_dir, qs = rest.rsplit(":", 1)
         scales = [int(q) for q in qs.split(",")]
         loaded = load(run_dir)
-        card = loaded.card
-        _, test = load_dataset(card.dataset, (card.train_config or {}).get("data_dir"), card.image_size)
+        test = load_test_set(loaded, loaded.card.dataset)
         labels = test.labels.to(torch.int64)
         print(f"{name}: {run_dir}, scales {scales}", flush=True)
         probs, seconds = per_scale(loaded, test, scales, crops)

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import CheckpointError, ConfigError, DataError, OutputError
+from .errors import CheckpointError, ConfigError, OutputError
 from .models import VGG
 
 #: Classifier Linear layers by name: index in ``model.classifier``, per head (a dense head has none).
@@ -587,22 +587,15 @@ def check_out(out: str | Path) -> Path:
 
 def _test_set(loaded, source: Path, dataset: str | None, data_dir: str | None):
     """The test set to measure accuracy on, as ``vggnet eval`` picks it (None and a note when there is none)."""
-    from .data import load_dataset
+    from .evaluation import check_fits, load_test_set
 
     card, is_run = loaded.card, loaded.run_dir is not None
     if not dataset and not (is_run and card.dataset):
         what = "the run's model.json names no dataset" if is_run else "a weights file has no dataset of its own"
         return None, None, f"n/a: {what} (give --dataset)"
     name = dataset or card.dataset
-    if is_run:
-        data_dir = data_dir or (card.train_config or {}).get("data_dir")
-        image_size = card.image_size
-    else:
-        image_size = loaded.preprocess.decode_size
-    _, test = load_dataset(name, data_dir, image_size)
-    if test.images.shape[1] != loaded.model.in_channels or len(test.classes) != loaded.model.num_classes:
-        raise DataError(f"{name} has {test.images.shape[1]} channel(s) and {len(test.classes)} classes; the model in "
-                        f"{source} expects {loaded.model.in_channels} and {loaded.model.num_classes}")
+    test = load_test_set(loaded, name, data_dir)
+    check_fits(test, loaded.model, name, source)
     return name, test, ""
 
 

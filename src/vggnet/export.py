@@ -411,11 +411,10 @@ def check_images_of(loaded: LoadedModel, source: str | os.PathLike, files: Seque
         return images, f"{len(files)} image file(s) given with --check-images", False
     card = loaded.card
     if loaded.run_dir is not None and card.dataset:
-        from .data import load_dataset
+        from .evaluation import load_test_set
 
-        data_dir = (card.train_config or {}).get("data_dir")
         try:
-            _, test = load_dataset(card.dataset, data_dir, card.image_size)
+            test = load_test_set(loaded, card.dataset)
         except DataError as err:
             why = f"the run's test set could not be loaded ({err})"
         else:

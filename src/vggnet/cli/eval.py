@@ -13,9 +13,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..data import load_dataset
 from ..errors import ConfigError, DataError
-from ..evaluation import evaluate
+from ..evaluation import check_fits, evaluate, load_test_set
 from ..multiscale import Protocol, check_protocol, evaluate_multiscale, parse_crops, parse_scales
 from ..report import table
 from ..rundir import RunDir
@@ -66,15 +65,8 @@ def run(args: argparse.Namespace) -> int:
     if protocol is not None:
         check_protocol(loaded.model, prep, protocol)  # before the test set is read
     dataset = args.dataset or card.dataset or "fashion-mnist"
-    if is_run:
-        data_dir = args.data_dir or (card.train_config or {}).get("data_dir")  # the run's own copy first
-        image_size = card.image_size
-    else:
-        data_dir, image_size = args.data_dir, prep.decode_size  # folder images decoded as predict decodes files
-    _, test = load_dataset(dataset, data_dir, image_size)
-    if test.images.shape[1] != loaded.model.in_channels or len(test.classes) != loaded.model.num_classes:
-        raise DataError(f"{dataset} has {test.images.shape[1]} channel(s) and {len(test.classes)} classes; the model "
-                        f"in {args.source} expects {loaded.model.in_channels} and {loaded.model.num_classes}")
+    test = load_test_set(loaded, dataset, args.data_dir)
+    check_fits(test, loaded.model, dataset, args.source)
     if protocol is None:
         result = evaluate(loaded.model, test, prep, runtime.device, runtime.precision, args.batch_size,
                           tta=args.tta, channels_last=runtime.channels_last, progress=not args.json,
