@@ -23,6 +23,7 @@ class BenchConfig:
     rounds: int | None = None  # timed rounds per measurement (default 10; quick 2)
     e2e_subset: int | None = None  # training images in the e2e epoch (default all; quick 1024)
     wait_idle: float = 0.0  # seconds to wait for other processes to go quiet before starting
+    device: str = "cpu"  # "cpu": the CPU sections; "cuda" / "cuda:N": the GPU sections (docs/GPU.md)
     progress: Callable[[str], None] | None = None
 
     # Sizes of each section: (full, quick).
