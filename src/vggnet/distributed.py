@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from .errors import ConfigError, VggnetError
-from .runtime import available_cores
+from .runtime import available_cores, default_threads
 
 # Seconds a collective waits for a missing rank before the job fails instead of hanging. It must be longer than
 # the longest stretch one rank works alone while the others wait: rank 0 writing checkpoints and plots at the end
@@ -68,10 +68,11 @@ class Dist:
         return self.rank == 0
 
     def default_threads(self) -> int | None:
-        """Intra-op threads when none were asked for: this machine's cores shared among its ranks (None alone)."""
+        """Intra-op threads when none were asked for: this machine's cores shared among its ranks, at most
+        :data:`~vggnet.runtime.GPU_HOST_THREADS` beside a GPU (None alone)."""
         if not self.enabled:
             return None
-        return max(1, available_cores() // self.local_world_size)
+        return max(1, min(default_threads(self.device), available_cores() // self.local_world_size))
 
     def wrap(self, model: torch.nn.Module, sync_bn: bool = False) -> torch.nn.Module:
         """DistributedDataParallel around ``model`` (which keeps its parameters: optimizers built on it still work).

@@ -60,11 +60,37 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def set_threads(threads: int | None = None) -> int:
-    """Use every core this process may run on (or ``threads``) for intra-op parallelism."""
-    n = threads or available_cores()
+#: Intra-op threads by default when a GPU does the work: the host only launches kernels and indexes batches, and
+#: every extra OpenMP thread spins between the few CPU ops (16 threads beside an H200 burned 8 minutes of CPU time
+#: in a 56-second run; issue 12).
+GPU_HOST_THREADS = 2
+#: The largest share of a GPU's free memory the training data may take to live there (as uint8) for the whole run.
+RESIDENT_SHARE = 0.25
+
+
+def default_threads(device: torch.device) -> int:
+    """Intra-op threads when none were asked for: every core for the CPU, :data:`GPU_HOST_THREADS` beside a GPU."""
+    cores = available_cores()
+    return min(GPU_HOST_THREADS, cores) if device.type == "cuda" else cores
+
+
+def set_threads(threads: int | None = None, device: torch.device | None = None) -> int:
+    """Use ``threads`` intra-op threads, or :func:`default_threads` for ``device`` (the CPU when not given)."""
+    n = threads or default_threads(device or torch.device("cpu"))
     torch.set_num_threads(n)
     return n
+
+
+def keeps_data_on_device(device: torch.device, nbytes: int, free_bytes: int | None = None) -> bool:
+    """The one decision whether a run's uint8 images live on ``device`` for the whole run (batches then never cross
+    the PCIe bus, and augmentation runs where the images are): on a GPU when they take at most
+    :data:`RESIDENT_SHARE` of its free memory (``free_bytes``; read from the device when not given); never on
+    the CPU, where they already are."""
+    if device.type != "cuda":
+        return False
+    if free_bytes is None:
+        free_bytes = torch.cuda.mem_get_info(device)[0]
+    return nbytes <= RESIDENT_SHARE * free_bytes
 
 
 _DEVICE = re.compile(r"(cpu|cuda)(:\d+)?")
@@ -193,11 +219,11 @@ def deterministic_algorithms(enabled: bool = True):
 
 def resolve_runtime(device: str | torch.device = "auto", precision: str = "auto", channels_last: bool = True,
                     threads: int | None = None, compile: bool = False, deterministic: bool = False) -> Runtime:
-    """Validate and resolve the run-time options, and set the intra-op thread count (every core by default)."""
+    """Validate and resolve the run-time options, and set the intra-op thread count (:func:`default_threads`)."""
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise ConfigError(f"--threads must be a positive integer, got {threads!r}")
     dev = pick_device(device)
     chosen = pick_precision(dev, precision)
     if compile:
         check_compile(dev)
-    return Runtime(dev, chosen, bool(channels_last), set_threads(threads), bool(compile), bool(deterministic))
+    return Runtime(dev, chosen, bool(channels_last), set_threads(threads, dev), bool(compile), bool(deterministic))

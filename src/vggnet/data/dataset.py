@@ -57,6 +57,13 @@ class ImageDataset:
     def num_classes(self) -> int:
         return len(self.classes)
 
+    def to(self, device: torch.device | str) -> ImageDataset:
+        """The same dataset with its tensors on ``device`` (itself when they are already there)."""
+        device = torch.device(device)
+        if self.images.device == device:
+            return self
+        return ImageDataset(self.images.to(device), self.labels.to(device), list(self.classes), self.name)
+
     def subset(self, n: int) -> ImageDataset:
         """The first ``n`` samples (all of them when ``n >= len(self)``); shares memory with ``self``."""
         if n < 0:
