@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from .errors import ConfigError, VggnetError
-from .runtime import available_cores, default_threads
+from .runtime import GPU_HOST_THREADS, available_cores
 
 # Seconds a collective waits for a missing rank before the job fails instead of hanging. It must be longer than
 # the longest stretch one rank works alone while the others wait: rank 0 writing checkpoints and plots at the end
@@ -72,7 +72,8 @@ class Dist:
         :data:`~vggnet.runtime.GPU_HOST_THREADS` beside a GPU (None alone)."""
         if not self.enabled:
             return None
-        return max(1, min(default_threads(self.device), available_cores() // self.local_world_size))
+        share = max(1, available_cores() // self.local_world_size)
+        return min(GPU_HOST_THREADS, share) if self.device.type == "cuda" else share
 
     def wrap(self, model: torch.nn.Module, sync_bn: bool = False) -> torch.nn.Module:
         """DistributedDataParallel around ``model`` (which keeps its parameters: optimizers built on it still work).

@@ -235,13 +235,16 @@ class RunDir:
         atomic_write_text(self.metrics_jsonl, "".join(json.dumps(r) + "\n" for r in history))
         atomic_write_text(self.metrics_csv, _to_csv(history))
 
-    def write_eval(self, result: dict[str, Any], title: str, out: str | os.PathLike | None = None) -> Path:
-        """``eval.json`` and ``confusion.png`` (titled ``title``) in this directory or in ``out``; returns where."""
-        from .plots import plot_confusion
-
+    def write_eval(self, result: dict[str, Any], title: str, out: str | os.PathLike | None = None,
+                   plot: bool = True) -> Path:
+        """``eval.json`` and (with ``plot``) ``confusion.png`` (titled ``title``) in this directory or in ``out``;
+        returns where."""
         where = make_dirs(out if out is not None else self.path)
         atomic_write_json(where / self.eval.name, result)
-        plot_confusion(result["confusion"], result["classes"], where / self.confusion.name, title)
+        if plot:
+            from .plots import plot_confusion
+
+            plot_confusion(result["confusion"], result["classes"], where / self.confusion.name, title)
         return where
 
     def write_curves(self, history: list[dict[str, Any]], title: str) -> None:

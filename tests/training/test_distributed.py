@@ -230,13 +230,13 @@ def test_resume_under_torchrun_after_a_stop_mid_epoch_continues_exactly(tmp_path
     assert straight.returncode == 0, straight.stderr
 
     stopped, _ = torchrun([*args, "--out", tmp_path / "run"], cwd=tmp_path, script=launcher,
-                          env={"VGGNET_TEST_RANK1": "term@5"})
+                          env={"VGGNET_TEST_RANK1": "term@4"})
     assert stopped.returncode != 0
-    line = "vggnet train: stopped by SIGTERM at epoch 2, batch 2/4; state saved: resume with vggnet train --resume"
+    line = "vggnet train: stopped by SIGTERM at epoch 2, batch 1/4; state saved: resume with vggnet train --resume"
     assert stopped.stderr.count(line) == 1  # from rank 0 only
     assert "exitcode  : 143" in stopped.stderr  # 128 + SIGTERM
     state = json.loads((tmp_path / "run" / "state.json").read_text())["run"]
-    assert (state["epoch"], state["batch"], state["step"], state["seen"]) == (1, 2, 6, 64)
+    assert (state["epoch"], state["batch"], state["step"], state["seen"]) == (1, 1, 5, 32)
     saved = load_tensors(tmp_path / "run" / "state.safetensors")
     assert {"rng/torch/rank1", "rng/augment/rank1"} <= set(saved) and "rng/torch/rank0" not in saved
     assert not torch.equal(saved["rng/augment"], saved["rng/augment/rank1"])

@@ -58,3 +58,38 @@ def test_a_non_finite_loss_is_caught_at_the_next_read_before_anything_is_saved(t
     assert "epoch 1" in str(err.value) and "no checkpoint" in str(err.value)
     assert sorted(p.name for p in run_dir.iterdir()) == ["config.json"]
     assert len(steps) == 4  # the epoch's last step is the next read: 4 steps of 32 on the tiny set
+
+
+@pytest.mark.parametrize("plot_seconds, drawn", [(1e9, [3]), (0.0, [1, 2, 3])])
+def test_plots_are_redrawn_only_when_stale_and_always_after_the_last_epoch(train_options, tmp_path, monkeypatch,
+                                                                           plot_seconds, drawn):
+    from vggnet.rundir import RunDir
+
+    monkeypatch.setattr(loop, "PLOT_SECONDS", plot_seconds)
+    curves, confusions = [], []
+    monkeypatch.setattr(RunDir, "write_curves", lambda self, history, title: curves.append(len(history)))
+    real_eval = RunDir.write_eval
+
+    def recording_eval(self, result, title, out=None, plot=True):
+        confusions.append(plot)
+        return real_eval(self, result, title, out, plot)
+
+    monkeypatch.setattr(RunDir, "write_eval", recording_eval)
+    fit(build_run(resolve_config(**train_options(out=str(tmp_path / "run"), epochs=3))))
+    assert curves == drawn
+    assert confusions == [epoch in drawn for epoch in (1, 2, 3)]  # eval.json itself is written every epoch
+    assert (tmp_path / "run" / "confusion.png").is_file()
+
+
+def test_a_stop_after_an_epoch_draws_the_plots(train_options, tmp_path, monkeypatch):
+    from vggnet.rundir import RunDir
+
+    monkeypatch.setattr(loop, "PLOT_SECONDS", 1e9)
+    curves = []
+    monkeypatch.setattr(RunDir, "write_curves", lambda self, history, title: curves.append(len(history)))
+    run = build_run(resolve_config(**train_options(out=str(tmp_path / "run"), epochs=3)))
+    votes = iter([False] * 4 + [True])  # 4 steps of epoch 1 (none at a sync point stops), then the epoch-end vote
+    monkeypatch.setattr(run.dist, "stop_requested", lambda signum: next(votes, False))
+    with pytest.raises(loop.Interrupted, match="after epoch 1"):
+        fit(run)
+    assert curves == [1]

@@ -19,7 +19,7 @@ from ..data import Augment, BatchLoader, ImageDataset, Preprocess, channel_stats
 from ..errors import CheckpointError, ConfigError
 from ..models import create_model
 from ..rundir import RunDir
-from ..runtime import Runtime, compile_module, resolve_runtime
+from ..runtime import Runtime, compile_module, keeps_data_on_device, resolve_runtime
 from .config import TrainConfig
 from .transfer import TransferRecord, freeze, hold_in_eval, init_from_source, parameter_groups
 
@@ -47,6 +47,7 @@ class Run:
     generator: torch.Generator  # the augmentation's random stream
     total_steps: int  # the learning-rate schedule's length in steps
     warmup_steps: int
+    scaler: torch.amp.GradScaler | None = None  # fp16's gradient scaler (build_scaler); None otherwise
 
 
 def build_runtime(config: TrainConfig, dist: distributed.Dist) -> Runtime:
@@ -74,6 +75,15 @@ def build_data(config: TrainConfig, data: tuple[ImageDataset, ImageDataset] | No
     if config.subset:
         train_set = train_set.subset(config.subset)
     return train_set, val_set, test_set
+
+
+def place_data(runtime: Runtime, *datasets: ImageDataset | None) -> tuple[ImageDataset | None, ...]:
+    """The datasets on the run's GPU for the whole run when they fit (:func:`vggnet.runtime.keeps_data_on_device`):
+    batches are then indexed, preprocessed and augmented there and never cross the host bus; else where they are."""
+    nbytes = sum(ds.images.nbytes + ds.labels.nbytes for ds in datasets if ds is not None)
+    if not keeps_data_on_device(runtime.device, nbytes):
+        return datasets
+    return tuple(ds.to(runtime.device) if ds is not None else None for ds in datasets)
 
 
 def build_preprocess(config: TrainConfig, train: ImageDataset) -> Preprocess:
@@ -129,6 +139,14 @@ def start_weights(config: TrainConfig, model: torch.nn.Module, rundir: RunDir, c
     return record.loaded
 
 
+def build_scaler(runtime: Runtime) -> torch.amp.GradScaler | None:
+    """fp16's gradient scaler (fp16 gradients underflow to 0 without one); None for fp32 and bf16, whose range is
+    fp32's. Its state is checkpointed with the run (:func:`vggnet.training.loop.save_state`)."""
+    if runtime.precision != "fp16":
+        return None
+    return torch.amp.GradScaler(runtime.device.type)
+
+
 def default_run_dir(config: TrainConfig) -> Path:
     dataset = config.dataset.replace("folder:", "").rstrip("/").split("/")[-1] or "folder"
     return Path("runs") / f"{config.model}-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -149,6 +167,7 @@ def build_run(config: TrainConfig, data: tuple[ImageDataset, ImageDataset] | Non
                           f"processes: use a multiple of {dist.world_size}")
     train_set, val_set, test_set = build_data(config, data)
     preprocess = build_preprocess(config, train_set)
+    train_set, val_set, test_set = place_data(runtime, train_set, val_set, test_set)
     torch.manual_seed(config.seed)
     model = build_model(config, train_set)
     # Fail now, with the model's own message, if the images cannot go through it.
@@ -182,4 +201,4 @@ def build_run(config: TrainConfig, data: tuple[ImageDataset, ImageDataset] | Non
                                erasing=config.erasing),
                model=model, net=net, optimizer=optimizer, loader=loader,
                generator=torch.Generator(runtime.device), total_steps=config.schedule_epochs * len(loader),
-               warmup_steps=int(config.warmup_epochs * len(loader)))
+               warmup_steps=int(config.warmup_epochs * len(loader)), scaler=build_scaler(runtime))

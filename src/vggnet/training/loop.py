@@ -2,15 +2,23 @@
 
 The hot loop has no per-sample Python: uint8 batches are sliced from in-memory tensors, preprocessed and augmented
 as whole batches, and run in channels_last with bf16 autocast where the CPU supports bf16 natively. It has no
-per-step host synchronisation either: the loss and accuracy sums and the non-finite-loss flag accumulate on the
+per-step host synchronisation of its own: the loss and accuracy sums and the non-finite-loss flag accumulate on the
 device and are read every :data:`SYNC_STEPS` steps, at the end of an epoch and before a stop saves.
+
+fp16 (CUDA only) runs with a gradient scaler (``Run.scaler``): the loss is multiplied by the scale before
+``backward`` so that small gradients do not underflow to 0 in fp16, and the gradients are divided by it again
+before clipping and the step. A step whose gradients hold an inf or NaN (the scale was too high) is skipped and the
+scale halved; that is normal, not divergence: only a non-finite loss raises :class:`TrainingDiverged`. The scale is
+checkpointed, so a resumed run continues with it. (``GradScaler.step`` reads its inf flag on the host: one wait for
+the GPU per fp16 step that PyTorch imposes on optimizers without fused AMP support, such as the foreach SGD here.)
 
 Selection: with a validation split (``--val-split``) the best checkpoint and the plateau schedule follow the
 validation accuracy; the test set is evaluated after every epoch and only reported.
 
-Signals: SIGINT/SIGTERM set a flag that every rank votes on after each step (a collective under torchrun, so all
-ranks stop at the same step); the state is then saved and :class:`Interrupted` raised, and ``--resume`` continues
-bit-identically, mid-epoch too.
+Signals: SIGINT/SIGTERM set a flag that a single process checks after each step; under torchrun the ranks vote on
+it (a collective, so all ranks stop at the same step) only at the sync points, every :data:`SYNC_STEPS` steps and at
+the epoch's last batch, so that no step waits for the others. The state is then saved and :class:`Interrupted`
+raised, and ``--resume`` continues bit-identically, mid-epoch too.
 """
 
 from __future__ import annotations
@@ -33,7 +41,12 @@ from ..schedule import Plateau, lr_factor
 from .build import Run
 
 
-#: Steps between two reads of the device's running sums (the progress bar's refresh; divergence is caught there).
+#: The plots (curves.png, confusion.png) are redrawn after an epoch only when the last drawing is this many seconds
+#: old, and always after the last epoch and before a stop: drawing them takes 0.3-1 s, which on a GPU is a 15-epoch
+#: run's largest cost after the training itself (issue 12).
+PLOT_SECONDS = 30.0
+#: Steps between two reads of the device's running sums (the progress bar's refresh; divergence is caught there)
+#: and, under torchrun, between two stop votes.
 SYNC_STEPS = 10
 
 
@@ -66,7 +79,8 @@ class RunState:
 
 @contextmanager
 def stop_on_signals() -> Iterator[dict]:
-    """Turn SIGINT/SIGTERM into a flag the loop checks after each step (main thread only)."""
+    """Turn SIGINT/SIGTERM into a flag the loop checks after each step or votes on at sync points (main thread
+    only)."""
     flag: dict[str, int | None] = {"signum": None}
     if threading.current_thread() is not threading.main_thread():
         yield flag
@@ -107,7 +121,8 @@ def seed_epoch(run: Run, epoch: int, saved_rng: tuple | None = None) -> None:
 def train_step(run: Run, images: torch.Tensor, labels: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step on a uint8 batch; returns the (0-dim) loss and number of correct predictions.
 
-    The network must be in training mode (``run.net.train()``)."""
+    With ``run.scaler`` (fp16) the step goes through the gradient scaler and is skipped when a gradient is not
+    finite. The network must be in training mode (``run.net.train()``)."""
     x = run.augment(run.preprocess(images), run.generator)
     if run.runtime.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -117,10 +132,19 @@ def train_step(run: Run, images: torch.Tensor, labels: torch.Tensor, lr: float) 
         logits = run.net(x)
     loss = F.cross_entropy(logits.float(), labels, label_smoothing=run.config.label_smoothing)
     run.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    scaler = run.scaler
+    if scaler is None:
+        loss.backward()
+    else:
+        scaler.scale(loss).backward()
+        scaler.unscale_(run.optimizer)  # the true gradients for --grad-clip (and the inf check, on the device)
     if run.config.grad_clip:
         torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.config.grad_clip)
-    run.optimizer.step()
+    if scaler is None:
+        run.optimizer.step()
+    else:
+        scaler.step(run.optimizer)  # skipped when a gradient is inf or NaN
+        scaler.update()  # halve the scale after a skip, double it after growth_interval good steps (on the device)
     return loss.detach(), (logits.detach().argmax(1) == labels).sum()
 
 
@@ -135,6 +159,7 @@ def fit(run: Run, resume: bool = False) -> dict[str, Any]:
         state, history, saved_rng = RunState(plateau=Plateau(patience=config.plateau_patience).to_dict()), [], None
         if dist.is_main:
             run.rundir.create(run.saved_config)
+    last_plots = time.monotonic()
     with stop_on_signals() as stop:
         for epoch in range(state.epoch, config.epochs):
             train_epoch(run, state, history, epoch, stop, saved_rng)
@@ -148,13 +173,17 @@ def fit(run: Run, resume: bool = False) -> dict[str, Any]:
                 plateau = Plateau(**state.plateau)
                 plateau.update(val.top1)
                 state.plateau = plateau.to_dict()
+            stopping = dist.stop_requested(stop["signum"])  # a collective, like the votes at the sync points
             if dist.is_main:
-                save_epoch(run, state, history, test, best)
+                now = time.monotonic()
+                plots = stopping or epoch + 1 == config.epochs or now - last_plots >= PLOT_SECONDS
+                save_epoch(run, state, history, test, best, plots)
+                last_plots = now if plots else last_plots
                 if board is not None:
                     board.log(record)
                 if config.progress:
                     print(epoch_line(record, config.epochs), flush=True)
-            if dist.stop_requested(stop["signum"]):  # a collective, like the one after every step
+            if stopping:
                 signum = stop["signum"] or signal.SIGTERM
                 raise Interrupted(f"stopped by {signal.Signals(signum).name} after epoch {epoch + 1}; resume with "
                                   f"vggnet train --resume {run.rundir}", signum)
@@ -199,8 +228,10 @@ def train_epoch(run: Run, state: RunState, history: list[dict[str, Any]], epoch:
         state.batch = i + 1
         state.seconds = time.perf_counter() - start
         bar.update(n * ranks)
-        stopping = dist.stop_requested(stop["signum"])  # a collective: every rank calls it at every step
-        if stopping or i % SYNC_STEPS == 0 or state.batch == len(loader):
+        at_sync = i % SYNC_STEPS == 0 or state.batch == len(loader)
+        # Under torchrun a collective, so every rank votes at the same sync points; alone, the local flag every step.
+        stopping = (at_sync or not dist.enabled) and dist.stop_requested(stop["signum"])
+        if stopping or at_sync:
             sync_sums(run, state, sums, diverged, epoch, synced_step)
             synced_step = state.step
             bar.set_postfix(loss=f"{state.loss_sum / (state.seen / ranks):.3f}",
@@ -267,9 +298,10 @@ def epoch_metrics(record: dict[str, Any]) -> dict[str, Any]:
     return {k: record[k] for k in keys if k in record}
 
 
-def save_epoch(run: Run, state: RunState, history: list[dict[str, Any]], test: EvalResult, best: bool) -> None:
+def save_epoch(run: Run, state: RunState, history: list[dict[str, Any]], test: EvalResult, best: bool,
+               plots: bool = True) -> None:
     """The end-of-epoch checkpoint: weights and card (also as the best ones when ``best``), state, metrics, the
-    test evaluation, plots."""
+    test evaluation, and with ``plots`` the confusion matrix and curves (see :data:`PLOT_SECONDS`)."""
     record = history[-1]
     card = ModelCard(model=run.model.config, classes=run.classes, preprocess=run.preprocess.to_dict(),
                      dataset=run.config.dataset, image_size=run.config.image_size, metrics=epoch_metrics(record),
@@ -278,8 +310,9 @@ def save_epoch(run: Run, state: RunState, history: list[dict[str, Any]], test: E
     save_state(run, state, history)
     run.rundir.write_metrics(history)
     title = f"{run.config.model} on {run.config.dataset}"
-    run.rundir.write_eval(test.to_dict(), f"{title}: test top-1 {100 * test.top1:.2f}%")
-    run.rundir.write_curves(history, title)
+    run.rundir.write_eval(test.to_dict(), f"{title}: test top-1 {100 * test.top1:.2f}%", plot=plots)
+    if plots:
+        run.rundir.write_curves(history, title)
 
 
 def rng_state(run: Run) -> dict[str, torch.Tensor]:
@@ -291,23 +324,30 @@ def rng_state(run: Run) -> dict[str, torch.Tensor]:
 
 def save_state(run: Run, state: RunState, history: list[dict[str, Any]],
                extra: dict[str, torch.Tensor] | None = None) -> None:
-    """Model, optimizer, RNG and counters: enough for --resume to continue exactly here (rank 0 writes)."""
+    """Model, optimizer, gradient scaler, RNG and counters: enough for --resume to continue exactly here (rank 0
+    writes). The scaler's few numbers (scale, growth tracker, factors) go into the JSON record."""
     if not run.dist.is_main:
         return
     tensors, rest = optimizer_to_tensors(run.optimizer)
     tensors.update(rng_state(run))
     tensors.update({f"model/{k}": v for k, v in run.model.state_dict().items()})
+    record = {"run": asdict(state), "optimizer": rest, "history": history}
+    if run.scaler is not None:
+        record["scaler"] = run.scaler.state_dict()  # reads the scale from the device: a sync, at saves only
     run.rundir.write_config(run.saved_config)
-    run.rundir.save_state({**tensors, **(extra or {})}, {"run": asdict(state), "optimizer": rest, "history": history})
+    run.rundir.save_state({**tensors, **(extra or {})}, record)
 
 
 def load_state(run: Run) -> tuple[RunState, list[dict[str, Any]], tuple]:
-    """The saved state loaded into ``run``'s model and optimizer; the counters, history and random states."""
+    """The saved state loaded into ``run``'s model, optimizer and gradient scaler; the counters, history and random
+    states. A state without a scaler (an fp32 or bf16 run's) leaves a new scaler at its initial scale."""
     record, tensors = run.rundir.read_state()
     model_state = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
     try:
         run.model.load_state_dict(model_state)
         optimizer_from_tensors(run.optimizer, tensors, record["optimizer"])
+        if run.scaler is not None and "scaler" in record:
+            run.scaler.load_state_dict(record["scaler"])
         state = RunState(**record["run"])
     except (RuntimeError, KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"{run.rundir} holds a training state that does not fit this run: {err}") from None
