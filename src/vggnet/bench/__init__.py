@@ -15,6 +15,10 @@ Sections (``--only`` picks some), one module each:
   a time).
 - ``profile`` (:mod:`.ablation`): ``torch.profiler`` tables of vggnet's training step and inference.
 
+With ``--device cuda`` (:mod:`.gpu`, docs/GPU.md) the sections are ``gpu_epoch`` (vggnet's epoch against the typical
+GPU pipeline), ``gpu_step`` (VGG-16-BN at 224 against eager fp32 and bf16 + channels_last; the module check at
+32x32), ``gpu_infer`` and ``memory`` (the estimate against ``torch.cuda.max_memory_allocated``).
+
 The references (:mod:`.reference`) share no vggnet code on purpose; the vggnet side of the training sections uses
 the public functions ``vggnet train`` itself runs (:mod:`.runs`). Counting and timing: :mod:`.timing`; machine,
 load and bf16 support: :mod:`.conditions`. A measurement that needs bf16 convolutions on a CPU that cannot run them

@@ -6,12 +6,19 @@
 - :func:`reference_epoch`: the ``e2e`` section's reference, a ``Dataset`` with per-sample PIL transforms (pad,
   random crop, flip, to-tensor, normalise) over the IDX files read as torchvision does (:func:`read_idx_file`), a
   ``DataLoader`` with 2 workers, the same model in eager fp32, the same optimiser recipe.
+- :func:`reference_gpu_epoch`: the ``gpu_epoch`` section's reference, the same epoch as the typical GPU pipeline
+  writes it: 4 workers, pinned memory, non-blocking copies, channels_last, bf16 autocast (fp16 with a GradScaler
+  where bf16 is unsupported).
+
+The training step and the epoch take ``device``, ``precision`` and ``channels_last``; their defaults (CPU, fp32,
+NCHW) are the CPU sections' references.
 
 :func:`forward_macs` counts FLOPs for both sides with :func:`vggnet.summarize`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import random
 import time
@@ -103,23 +110,48 @@ def forward_macs(model_config: dict[str, Any], input_size: int) -> int:
 
 
 # ------------------------------------------------------------------------------------------- training step
-def reference_train_step(model_config: dict[str, Any], inputs: list[tuple[torch.Tensor, torch.Tensor]]
+def autocast_to(device: str | torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` to ``precision`` ("bf16" or "fp16") on ``device``'s type; nothing for "fp32"."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
+def reference_train_step(model_config: dict[str, Any], inputs: list[tuple[torch.Tensor, torch.Tensor]],
+                         device: str | torch.device = "cpu", precision: str = "fp32", channels_last: bool = False
                          ) -> Callable[[], float]:
-    """One SGD step per call of the network ``model_config`` describes, in eager fp32 NCHW, cycling through
-    ``inputs``: (already preprocessed float images, labels) batches."""
+    """One SGD step per call of the network ``model_config`` describes (:class:`ReferenceVGG`), cycling through
+    ``inputs``: (already preprocessed float images, labels) batches on ``device``. Defaults: eager fp32 NCHW."""
     torch.manual_seed(0)
-    model = ReferenceVGG.like(model_config)
+    return sgd_train_step(ReferenceVGG.like(model_config), inputs, device, precision, channels_last)
+
+
+def sgd_train_step(model: nn.Module, inputs: list[tuple[torch.Tensor, torch.Tensor]],
+                   device: str | torch.device = "cpu", precision: str = "fp32", channels_last: bool = False
+                   ) -> Callable[[], float]:
+    """One step per call of ``model`` (moved to ``device``) as a user writes it: SGD (momentum, weight decay),
+    cross-entropy, under autocast to ``precision`` with a GradScaler for fp16, model and batches channels_last when
+    asked. Any network runs through it: the GPU bench times vggnet's own module in this very step too."""
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    scaler = torch.amp.GradScaler(torch.device(device).type, enabled=precision == "fp16")
     state = {"i": 0}
 
     def step() -> float:
         x, y = inputs[state["i"] % len(inputs)]
         state["i"] += 1
-        loss = F.cross_entropy(model(x), y)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast_to(device, precision):
+            loss = F.cross_entropy(model(x), y)
         optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         return loss.item()
 
     return step
@@ -162,9 +194,20 @@ class ReferenceFashionMNIST(torch.utils.data.Dataset):
         return (x - FASHION_MNIST_MEAN) / FASHION_MNIST_STD, int(self.labels[i])
 
 
+def epoch_model(model_config: dict[str, Any]) -> ReferenceVGG:
+    """The epoch references' network: ``model_config``'s architecture on one input channel (Fashion-MNIST)."""
+    return ReferenceVGG.like({**model_config, "in_channels": 1})
+
+
 def reference_epoch(data_dir: str | None, model_config: dict[str, Any], train_config: dict[str, Any],
-                    subset: int | None, workers: int = 2, seed: int = 0) -> dict[str, Any]:
-    """One epoch + test evaluation the way a typical PyTorch user writes it; seconds for each phase."""
+                    subset: int | None, workers: int = 2, seed: int = 0, device: str | torch.device = "cpu",
+                    precision: str = "fp32", channels_last: bool = False, pin_memory: bool = False
+                    ) -> dict[str, Any]:
+    """One epoch + test evaluation the way a typical PyTorch user writes it; seconds for each phase.
+
+    Defaults: the CPU pipeline (eager fp32 NCHW). On CUDA every phase ends with a host read of a device value (the
+    loss of the last step, the correct count of the last test batch), so the clocks are read after the GPU's work.
+    """
     from ..data import find_fashion_mnist
     from ..evaluation import auto_batch_size
 
@@ -182,23 +225,32 @@ def reference_epoch(data_dir: str | None, model_config: dict[str, Any], train_co
     size = model_config["input_size"][0]
     eval_batch = train_config["eval_batch_size"] or auto_batch_size(size, size)  # what vggnet's run uses
     train_loader = torch.utils.data.DataLoader(ReferenceFashionMNIST(train_x, train_y, True), batch_size=batch,
-                                               shuffle=True, num_workers=workers, drop_last=True)
+                                               shuffle=True, num_workers=workers, drop_last=True,
+                                               pin_memory=pin_memory)
     test_loader = torch.utils.data.DataLoader(ReferenceFashionMNIST(test_x, test_y, False),
-                                              batch_size=eval_batch, num_workers=workers)
-    model = ReferenceVGG.like({**model_config, "in_channels": 1})
+                                              batch_size=eval_batch, num_workers=workers, pin_memory=pin_memory)
+    model = epoch_model(model_config).to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     optimizer = torch.optim.SGD(model.parameters(), lr=train_config["lr"], momentum=train_config["momentum"],
                                 nesterov=train_config["nesterov"], weight_decay=train_config["weight_decay"])
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=train_config["lr"],
                                                     total_steps=max(1, len(train_loader)))
     criterion = nn.CrossEntropyLoss(label_smoothing=train_config["label_smoothing"])
+    scaler = torch.amp.GradScaler(torch.device(device).type, enabled=precision == "fp16")
     setup = time.perf_counter()
     model.train()
     seen = 0
     for x, y in train_loader:
-        loss = criterion(model(x), y)
+        x = x.to(device, non_blocking=True, memory_format=memory_format)
+        y = y.to(device, non_blocking=True)
+        with autocast_to(device, precision):
+            loss = criterion(model(x), y)
         optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         scheduler.step()
         loss.item()
         seen += len(y)
@@ -207,9 +259,22 @@ def reference_epoch(data_dir: str | None, model_config: dict[str, Any], train_co
     correct = total = 0
     with torch.no_grad():
         for x, y in test_loader:
-            correct += int((model(x).argmax(1) == y).sum())
+            x = x.to(device, non_blocking=True, memory_format=memory_format)
+            with autocast_to(device, precision):
+                correct += int((model(x).argmax(1) == y.to(device, non_blocking=True)).sum())
             total += len(y)
     end = time.perf_counter()
     return {"seconds": end - start, "setup_seconds": setup - start, "train_seconds": trained - setup,
             "eval_seconds": end - trained, "train_images": seen, "test_images": total,
             "train_images_per_second": seen / (trained - setup), "test_acc": correct / max(total, 1)}
+
+
+def reference_gpu_epoch(data_dir: str | None, model_config: dict[str, Any], train_config: dict[str, Any],
+                        subset: int | None, device: str | torch.device, precision: str, workers: int = 4,
+                        seed: int = 0) -> dict[str, Any]:
+    """:func:`reference_epoch` as the typical GPU pipeline runs it: ``workers`` DataLoader workers with pinned
+    memory (on CUDA), non-blocking copies to ``device``, model and batches channels_last, autocast to
+    ``precision`` (bf16, or fp16 with a GradScaler where the GPU lacks bf16). The record names these choices."""
+    choices = {"device": str(device), "precision": precision, "channels_last": True, "workers": workers,
+               "pin_memory": torch.device(device).type == "cuda"}
+    return {**reference_epoch(data_dir, model_config, train_config, subset, seed=seed, **choices), **choices}

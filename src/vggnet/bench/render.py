@@ -1,4 +1,5 @@
-"""Text tables of :func:`vggnet.bench.run`'s results, and the targets of issue #4 against the measured values."""
+"""Text tables of :func:`vggnet.bench.run`'s results, and the targets of issues #4 (CPU) and #12 (GPU) against the
+measured values."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from .config import TARGETS
 
 
 def summarize_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """Each target of issue #4 with the measured value and whether it is met."""
+    """Each target of issues #4 and #12 with the measured value and whether it is met."""
     rows = []
 
     def add(target: str, measured: float | None, goal: float, higher_is_better: bool = True) -> None:
@@ -25,6 +26,16 @@ def summarize_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         add("inference, images/s vs reference", results["infer"]["ratio"], TARGETS["infer_ratio"])
     if "e2e" in results:
         add("end-to-end epoch, wall time vs reference", results["e2e"]["ratio"], TARGETS["e2e_ratio"])
+    if "gpu_epoch" in results:
+        add("GPU epoch, wall time vs the typical GPU pipeline", results["gpu_epoch"]["ratio"],
+            TARGETS["gpu_epoch_ratio"])
+    if "gpu_step" in results:
+        step = results["gpu_step"]["train_224"]
+        add("GPU 224x224 training step, images/s vs eager autocast + channels_last", step["ratio_vs_amp"],
+            TARGETS["gpu_step_vs_amp"])
+        add("GPU 224x224 training step, images/s vs eager fp32", step["ratio_vs_fp32"], TARGETS["gpu_step_vs_fp32"])
+        add("GPU 32x32 step, vggnet's module vs the reference's, images/s", results["gpu_step"]["module_32"]["ratio"],
+            TARGETS["gpu_module_ratio"])
     if "memory" in results:
         for key, label in (("tensor_error", "profiler tensor peak"), ("rss_error", "peak RSS growth")):
             errors = [abs(r[key]) for r in results["memory"]["rows"] if key in r]
@@ -53,6 +64,8 @@ def render_header(results: dict[str, Any]) -> list[str]:
     c = results["conditions"]
     lines = [f"vggnet bench on {c['cpu']}, {c['threads']} threads of {c['cores']} cores, torch {c['torch']}, "
              f"bf16 native: {c['bf16_native']}{' (quick)' if results.get('quick') else ''}"]
+    if "gpu" in c:
+        lines += render_gpu_header(c)
     loads = {k: v for k, v in c.get("other_load_cores", {}).items() if v is not None}
     if loads:
         lines.append("other processes' CPU use during each section (cores): "
@@ -62,6 +75,13 @@ def render_header(results: dict[str, Any]) -> list[str]:
         lines += ["", f"peak: 3x3 conv {'x'.join(map(str, p['shape']))}, channels_last: "
                   f"fp32 {_peak(p['fp32'])}, bf16 {_peak(p['bf16'])}"]
     return lines
+
+
+def render_gpu_header(c: dict[str, Any]) -> list[str]:
+    """The GPU and its software (``--device cuda``)."""
+    return [f"GPU {c['device']}: {c['gpu']} (compute capability {c['gpu_capability']}, "
+            f"{c['gpu_memory_bytes'] / 2 ** 30:.0f} GiB), CUDA {c['cuda']}, cuDNN {c['cudnn']}, torch {c['torch']}, "
+            f"bf16: {c['bf16_supported']}, TF32 matmul/cuDNN: {c['tf32_matmul']}/{c['tf32_cudnn']}"]
 
 
 def render_comparisons(results: dict[str, Any]) -> list[str]:
@@ -112,6 +132,65 @@ def render_e2e(r: dict[str, Any]) -> list[str]:
             f"vggnet train recorded train_images_per_second = "
             f"{r['vggnet']['recorded_train_images_per_second']:.0f} "
             f"(train phase {r['train_phase_ratio']:.2f}x the reference's)"]
+
+
+def render_gpu_epoch(r: dict[str, Any]) -> list[str]:
+    from ..report import table
+
+    rows = []
+    for side in ("reference", "vggnet"):
+        t = r[side]
+        rows.append([side, t["precision"], f"{t['seconds']:.1f}", f"{t['train_seconds']:.1f}",
+                     _fmt(t["images_per_second"]), _fmt(t["train_images_per_second"]), f"{100 * t['test_acc']:.2f}%",
+                     f"{r['ratio']:.2f}x" if side == "vggnet" else ""])
+    m, precision = r["model"], r["reference"]["precision"]
+    return ["", f"GPU epoch: one Fashion-MNIST epoch ({r['subset'] or 'all'} training images, batch "
+            f"{r['batch_size']}) + test set on {r['device']}, {m['name']} width {m['width']} {m['head']} head; "
+            f"reference: the typical GPU pipeline (DataLoader, {r['workers']} workers"
+            f"{', pinned memory' if r['pin_memory'] else ''}, {precision}{'' if precision == 'fp32' else ' autocast'}, "
+            "channels_last)",
+            table(["pipeline", "prec", "wall s", "train s", "images/s", "train img/s", "test acc", "ratio"], rows,
+                  "llrrrrrr")]
+
+
+def _tflops(value: float | None) -> str:
+    return "-" if value is None else f"{value / 1e12:.1f}"
+
+
+def render_gpu_step(step: dict[str, Any]) -> list[str]:
+    from ..report import table
+
+    r, m = step["train_224"], step["module_32"]
+    rows = []
+    for key in ("reference_fp32", "reference_amp", "vggnet"):
+        t = r[key]
+        ratios = f"{r['ratio_vs_fp32']:.2f}x / {r['ratio_vs_amp']:.2f}x" if key == "vggnet" else ""
+        rows.append([t["name"], t["precision"], _fmt(t["images_per_second"]), _tflops(t["flop_per_second"]), ratios])
+    module_rows = [[m[side]["name"], m[side]["precision"], _fmt(m[side]["images_per_second"]),
+                    _tflops(m[side]["flop_per_second"]), f"{m['ratio']:.2f}x" if side == "vggnet" else ""]
+                   for side in ("reference", "vggnet")]
+    return ["", f"GPU training step: {r['model']} ({r['head']} head), {r['input_size']}x{r['input_size']}, "
+            f"{r['classes']} classes, batch {r['batch']}, {r['data']}",
+            table(["implementation", "prec", "images/s", "TFLOP/s", "vs fp32 / vs autocast"], rows, "llrrr"),
+            "", f"GPU module overhead: {m['model']} ({m['head']} head), {m['input_size']}x{m['input_size']}, batch "
+            f"{m['batch']}, the same SGD step ({m['layout']}) on both modules",
+            table(["module", "prec", "images/s", "TFLOP/s", "ratio"], module_rows, "llrrr")]
+
+
+def render_gpu_infer(r: dict[str, Any]) -> list[str]:
+    from ..report import table
+
+    rows = []
+    for key in ("reference_fp32", "reference_amp", "vggnet"):
+        t = r[key]
+        rows.append([t["name"], t["precision"], _fmt(t["images_per_second"]), _tflops(t["flop_per_second"]),
+                     _fmt(t.get("max_abs_error"), ".2e"),
+                     f"{100 * t['top1_agreement']:.0f}%" if "top1_agreement" in t else "-",
+                     f"{r['ratio_vs_fp32']:.2f}x / {r['ratio_vs_amp']:.2f}x" if key == "vggnet" else ""])
+    return ["", f"GPU inference: {r['model']} ({r['head']} head), {r['input_size']}x{r['input_size']}, batch "
+            f"{r['batch']}; logit errors against the fp32 reference",
+            table(["implementation", "prec", "images/s", "TFLOP/s", "max |logit error|", "top-1 agree",
+                   "vs fp32 / vs autocast"], rows, "llrrrrr")]
 
 
 def render_memory(memory: dict[str, Any]) -> list[str]:
@@ -181,6 +260,10 @@ def render(results: dict[str, Any]) -> str:
     lines = render_header(results) + render_comparisons(results)
     if "e2e" in results:
         lines += render_e2e(results["e2e"])
+    for key, render_gpu in (("gpu_epoch", render_gpu_epoch), ("gpu_step", render_gpu_step),
+                            ("gpu_infer", render_gpu_infer)):
+        if key in results:
+            lines += render_gpu(results[key])
     if "memory" in results:
         lines += render_memory(results["memory"])
     if "ablation" in results:

@@ -1,4 +1,7 @@
-""":func:`run`: the chosen sections in order under a CPU-load monitor, then the peak again and every share of it."""
+""":func:`run`: the chosen sections in order under a CPU-load monitor, then the peak again and every share of it.
+
+``--device cuda`` runs the GPU sections (:mod:`.gpu`) and the shared ``memory`` section in the same way, after the
+GPU's context is created and what it is recorded in ``conditions``."""
 
 from __future__ import annotations
 
@@ -7,8 +10,9 @@ from typing import Any, Callable
 
 from .ablation import bench_ablation, bench_profile
 from .conditions import CpuMonitor, machine_info, other_load, wait_for_quiet
-from .config import SCHEMA, SECTIONS, TARGETS, BenchConfig
+from .config import ALL_SECTIONS, SCHEMA, BenchConfig, device_targets, is_cuda
 from .e2e import bench_e2e
+from .gpu import bench_gpu_epoch, bench_gpu_infer, bench_gpu_step, start_gpu
 from .infer import bench_infer
 from .memory import bench_memory
 from .peak import apply_peak, bench_peak, keep_best
@@ -19,23 +23,22 @@ from .train import bench_train
 RUNNERS: dict[str, Callable[[BenchConfig, dict[str, Any]], dict[str, Any]]] = {
     "peak": bench_peak, "train": bench_train, "infer": bench_infer, "e2e": bench_e2e, "memory": bench_memory,
     "ablation": bench_ablation, "profile": bench_profile,
+    "gpu_epoch": bench_gpu_epoch, "gpu_step": bench_gpu_step, "gpu_infer": bench_gpu_infer,
 }
-assert tuple(RUNNERS) == SECTIONS
+assert tuple(RUNNERS) == ALL_SECTIONS
 
 
 def run(cfg: BenchConfig) -> dict[str, Any]:
     """Run the chosen sections; returns one JSON-able dict (see docs/BENCHMARKS.md for the keys)."""
     from ..runtime import set_threads
 
-    unknown = [s for s in cfg.sections if s not in SECTIONS]
-    if unknown:
-        from ..errors import ConfigError
-
-        raise ConfigError(f"unknown bench section(s) {', '.join(unknown)}: choose from {', '.join(SECTIONS)}")
+    cfg.validate()
     threads = set_threads(cfg.threads)
     load_before = wait_for_quiet(cfg.wait_idle, log=cfg.log) if cfg.wait_idle else other_load(cfg.pick(1.0, 0.2))
-    results: dict[str, Any] = {"schema": SCHEMA, "quick": cfg.quick, "targets": TARGETS,
+    results: dict[str, Any] = {"schema": SCHEMA, "quick": cfg.quick, "targets": device_targets(cfg.device),
                                "conditions": {**machine_info(threads), "other_load_cores_before": load_before}}
+    if is_cuda(cfg.device):
+        results["conditions"].update(start_gpu(cfg.device))
     loads: dict[str, float | None] = {}
     sections = list(cfg.sections)
     if "peak" not in sections and any(s in sections for s in ("train", "infer", "ablation")):

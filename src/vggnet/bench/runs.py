@@ -1,6 +1,7 @@
 """The vggnet side of the training benchmarks: runs built, stepped and fitted with the public functions
 ``vggnet train`` itself uses (:func:`vggnet.training.build_run`, :func:`~vggnet.training.seed_epoch`,
-:func:`~vggnet.training.train_step`, :func:`~vggnet.training.fit`); the one module of the bench that imports them.
+:func:`~vggnet.training.train_step`, :func:`~vggnet.training.fit`). Only this module and :mod:`.gpu` (a run on
+random 224x224 images) import them.
 
 The ``train``, ``ablation`` and ``profile`` sections build several runs on Fashion-MNIST; :func:`fashion_mnist`
 loads it once for all of them (the runner clears it at the end). The ``e2e`` section does not use it: its vggnet

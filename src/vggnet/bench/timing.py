@@ -2,7 +2,8 @@
 
 Counting: FLOPs = 2 x MACs (one multiply-add = 2 FLOPs), MACs from :func:`vggnet.summarize` (conv and linear
 layers, padding taps included); a training step counts 3 x the forward FLOPs. Times are medians over rounds that
-alternate reference and vggnet, after warm-up.
+alternate reference and vggnet, after warm-up; on CUDA each timed call is bracketed by
+``torch.cuda.synchronize`` (:func:`synchronize`).
 """
 
 from __future__ import annotations
@@ -13,16 +14,33 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 
-def interleaved(fns: dict[str, Callable[[], Any]], rounds: int, warmup: int = 2) -> dict[str, list[float]]:
-    """Seconds per call of each function: warm-up calls, then ``rounds`` rounds that call each function once."""
+def synchronize(device: Any = None) -> None:
+    """Wait until ``device`` has finished the work queued on it: CUDA runs kernels asynchronously, so a call
+    returns before its work is done and only a synchronised clock times it. Nothing to wait for on the CPU."""
+    if device is None:
+        return
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved(fns: dict[str, Callable[[], Any]], rounds: int, warmup: int = 2, device: Any = None
+                ) -> dict[str, list[float]]:
+    """Seconds per call of each function: warm-up calls, then ``rounds`` rounds that call each function once.
+
+    ``device``: where the functions run; on CUDA the clock is read only after the device finished (before the start
+    and after the call)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
+            synchronize(device)
             start = time.perf_counter()
             fn()
+            synchronize(device)
             times[name].append(time.perf_counter() - start)
     return times
 

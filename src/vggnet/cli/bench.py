@@ -6,17 +6,19 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..bench import DEFAULT_SECTIONS, SECTIONS, BenchConfig, render, run
+from ..bench import BenchConfig, render, run
+from ..bench.config import ALL_SECTIONS, GPU_SECTIONS, SECTIONS
 from ..files import atomic_write_json
 from .common import positive_int, print_json
 
 
 def sections(text: str) -> tuple[str, ...]:
+    """Known section names; whether they fit ``--device`` is :meth:`BenchConfig.validate`'s (one line, exit 2)."""
     names = tuple(s.strip() for s in text.split(",") if s.strip())
-    unknown = [s for s in names if s not in SECTIONS]
+    unknown = [s for s in names if s not in ALL_SECTIONS]
     if not names or unknown:
         raise argparse.ArgumentTypeError(f"unknown section(s) {', '.join(unknown) or text!r}: choose from "
-                                         f"{', '.join(SECTIONS)}")
+                                         f"{', '.join(ALL_SECTIONS)}")
     return names
 
 
@@ -24,10 +26,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmark training, inference and a whole epoch against plain PyTorch",
                        description="Measures, in one process: peak conv FLOP/s (fp32, bf16), a training step, "
                                    "inference, one Fashion-MNIST epoch end to end, and the training-memory "
-                                   "estimate against measured memory. See docs/BENCHMARKS.md.")
-    p.add_argument("--only", type=sections, default=DEFAULT_SECTIONS, metavar="LIST",
-                   help=f"comma-separated sections from {','.join(SECTIONS)} (default: "
-                        f"{','.join(DEFAULT_SECTIONS)})")
+                                   "estimate against measured memory. With --device cuda, on that GPU: the epoch "
+                                   "against the typical GPU pipeline, the VGG-16-BN 224x224 training step, the "
+                                   "module's own cost at 32x32, inference, and the memory estimate. See "
+                                   "docs/BENCHMARKS.md.")
+    p.add_argument("--only", type=sections, metavar="LIST",
+                   help=f"comma-separated sections: on the CPU from {','.join(SECTIONS)}, on CUDA from "
+                        f"{','.join(GPU_SECTIONS)} (default: all of the device's)")
+    p.add_argument("--device", default="cpu", metavar="DEVICE",
+                   help="cpu (default): the CPU sections; cuda or cuda:N: the GPU sections (issue #12), vggnet "
+                        "against the typical GPU pipeline on that GPU")
     p.add_argument("--quick", action="store_true", help="a small smoke version of every section (seconds)")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object instead of tables")
     p.add_argument("--out", metavar="FILE", help="also write the JSON results to FILE")
@@ -35,7 +43,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=positive_int, help="intra-op threads (default: every available core)")
     p.add_argument("--rounds", type=positive_int, help="timed rounds per measurement (default 10, quick 2)")
     p.add_argument("--subset", type=positive_int, metavar="N",
-                   help="end to end: train on the first N images (default all 60000; quick 1024)")
+                   help="end to end (e2e, gpu_epoch): train on the first N images (default all 60000; quick 1024)")
     p.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
                    help="first wait up to SECONDS for other processes to stop using the CPU")
     p.set_defaults(run=run_bench)
@@ -43,7 +51,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run_bench(args: argparse.Namespace) -> int:
     cfg = BenchConfig(sections=args.only, quick=args.quick, data_dir=args.data_dir, threads=args.threads,
-                      rounds=args.rounds, e2e_subset=args.subset, wait_idle=args.wait_idle,
+                      rounds=args.rounds, e2e_subset=args.subset, wait_idle=args.wait_idle, device=args.device,
                       progress=lambda message: print(f"vggnet bench: {message}", file=sys.stderr, flush=True))
     results = run(cfg)
     if args.out:
