@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -127,7 +128,9 @@ def load_test_set(loaded, dataset: str, data_dir: str | None = None):
     from .data import load_dataset
 
     if loaded.run_dir is not None:
-        data_dir = data_dir or (loaded.card.train_config or {}).get("data_dir")  # the run's own copy first
+        recorded = (loaded.card.train_config or {}).get("data_dir")
+        if data_dir is None and recorded and os.path.isdir(recorded):  # the run's own copy, while it is there
+            data_dir = recorded
         image_size = loaded.card.image_size
     else:
         image_size = loaded.preprocess.decode_size

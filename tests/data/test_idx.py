@@ -99,7 +99,9 @@ def test_lookup_order(data_env, data_fake_fashion_mnist, monkeypatch):
     monkeypatch.setitem(DATASETS["fashion-mnist"], "system_dirs", [str(system)])
     monkeypatch.setenv("VGGNET_DATA", str(env))
     assert find_fashion_mnist(explicit) == explicit
-    assert find_fashion_mnist(data_env / "empty") == env / "fashion-mnist"  # data_dir without the files: next place
+    (data_env / "empty").mkdir()
+    with pytest.raises(DataError, match="empty"):  # an explicit data_dir without the files: no fallback
+        find_fashion_mnist(data_env / "empty")
     assert find_fashion_mnist() == env / "fashion-mnist"
     monkeypatch.delenv("VGGNET_DATA")
     assert find_fashion_mnist() == system
@@ -113,12 +115,12 @@ def test_not_found_lists_places_and_fixes(data_env, data_fake_fashion_mnist, mon
     partial = data_env / "partial"
     data_fake_fashion_mnist(partial)
     (partial / "t10k-labels-idx1-ubyte.gz").unlink()
-    monkeypatch.setenv("VGGNET_DATA", str(data_env / "envdir"))
+    monkeypatch.setenv("VGGNET_DATA", str(partial))
     with pytest.raises(DataError) as info:
-        find_fashion_mnist(partial)
+        find_fashion_mnist()
     message = str(info.value)
     assert "\n" not in message
-    for place in (partial, data_env / "envdir", data_env / "envdir" / "fashion-mnist", data_env / "no-system-dir",
+    for place in (partial, partial / "fashion-mnist", data_env / "no-system-dir",
                   data_env / "xdg-cache" / "vggnet" / "data" / "fashion-mnist"):
         assert str(place) in message
     assert "missing t10k-labels-idx1-ubyte" in message

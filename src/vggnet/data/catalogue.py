@@ -1,13 +1,17 @@
 """The catalogue of known datasets -- what is known about each one -- and where datasets are looked for.
 
-Where data is looked for, in order (first hit wins):
+Where data is looked for (first hit wins):
 
-1. ``data_dir`` (the CLI's ``--data-dir``), then ``data_dir/NAME``;
-2. ``$VGGNET_DATA``, then ``$VGGNET_DATA/NAME``;
-3. system directories from the catalogue (Fashion-MNIST: ``/usr/share/datasets/fashion-mnist``, installed by the
-   Debian package ``dataset-fashion-mnist``);
-4. the download directory of ``vggnet data fetch NAME``: ``$XDG_CACHE_HOME/vggnet/data/NAME``
-   (``~/.cache/vggnet/data/NAME`` by default).
+* with a ``data_dir`` (the CLI's ``--data-dir``): ``data_dir``, then ``data_dir/NAME``, and nowhere else. An explicit
+  directory that does not exist, or lacks the dataset, is an error naming it -- never a silent fallback to another
+  copy of the data;
+* without one, in order:
+
+  1. ``$VGGNET_DATA``, then ``$VGGNET_DATA/NAME``;
+  2. system directories from the catalogue (Fashion-MNIST: ``/usr/share/datasets/fashion-mnist``, installed by the
+     Debian package ``dataset-fashion-mnist``);
+  3. the download directory of ``vggnet data fetch NAME``: ``$XDG_CACHE_HOME/vggnet/data/NAME``
+     (``~/.cache/vggnet/data/NAME`` by default).
 """
 
 from __future__ import annotations
@@ -121,13 +125,24 @@ def download_root() -> pathlib.Path:
 
 
 def search_dirs(name: str, data_dir: str | os.PathLike | None = None) -> list[pathlib.Path]:
-    """Directories to look for dataset ``name`` in, in priority order (see the module docstring)."""
+    """Directories to look for dataset ``name`` in, in priority order (see the module docstring).
+
+    An explicit ``data_dir`` is the only place searched (with its ``NAME`` subfolder); DataError naming it when it
+    is not an existing directory.
+    """
     key = canonical_name(name)
+    if data_dir is not None:
+        root = pathlib.Path(data_dir).expanduser()
+        if not str(data_dir) or not root.is_dir():
+            problem = "is empty" if not str(data_dir) else "is not a directory" if root.exists() else "does not exist"
+            raise DataError(f"{DATASETS[key]['title']} not found: --data-dir {root} {problem} (it should hold "
+                            f"{_expected_contents(key)}). {not_found_fix(key, data_dir)}")
+        return [root, root / key]
     dirs: list[pathlib.Path] = []
-    for base in (data_dir, os.environ.get("VGGNET_DATA")):
-        if base:
-            root = pathlib.Path(base).expanduser()
-            dirs += [root, root / key]
+    env = os.environ.get("VGGNET_DATA")
+    if env:
+        root = pathlib.Path(env).expanduser()
+        dirs += [root, root / key]
     dirs += [pathlib.Path(d) for d in DATASETS[key]["system_dirs"]]
     dirs.append(download_root() / key)
     unique: list[pathlib.Path] = []
@@ -135,3 +150,23 @@ def search_dirs(name: str, data_dir: str | os.PathLike | None = None) -> list[pa
         if d not in unique:
             unique.append(d)
     return unique
+
+
+def _expected_contents(key: str) -> str:
+    """What a data directory of dataset ``key`` holds, for messages."""
+    info = DATASETS[key]
+    if "folder" in info:
+        return f"{info['folder']}/ or {next(iter(info['files']))}"
+    return "the files " + ", ".join(info["files"])
+
+
+def not_found_fix(name: str, data_dir: str | os.PathLike | None = None) -> str:
+    """The "Fix: ..." sentence of a dataset-not-found error: with an explicit ``data_dir``, how to fill or change
+    it (only it was searched); without, every way of providing the dataset."""
+    key = canonical_name(name)
+    if data_dir is not None:
+        return (f"Fix: pass the --data-dir that holds the dataset (or its {key}/ subfolder), fill one with `vggnet "
+                f"data fetch {key} --to DIR`, or omit --data-dir to search $VGGNET_DATA and the default places")
+    package = DATASETS[key].get("debian_package")
+    install = f"`apt-get install {package}`, " if package else ""
+    return f"Fix: {install}run `vggnet data fetch {key}`, pass --data-dir DIR, or set $VGGNET_DATA"

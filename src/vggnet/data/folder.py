@@ -21,8 +21,9 @@
 * The decoded tensors are cached in ``PATH/.vggnet-cache/`` (or ``$XDG_CACHE_HOME/vggnet/folders/`` when ``PATH`` is
   read-only) as safetensors, keyed by ``image_size``, the decoder's version
   (:data:`vggnet.data.images.DECODER_VERSION`), the split rule and a fingerprint of every file's path, size and
-  modification time; any change to the files or to the decoder means a fresh decode. Cache files are written
-  atomically, and replace the earlier cache files of the same ``image_size``.
+  modification time; any change to the files or to the decoder means a fresh decode, and a cache whose tensor
+  shapes or labels differ from the plan (train and test at another size, say) is ignored and decoded afresh. Cache
+  files are written atomically, and replace the earlier cache files of the same ``image_size``.
 """
 
 from __future__ import annotations
@@ -141,24 +142,35 @@ def _cache_dirs(root: pathlib.Path) -> list[pathlib.Path]:
     return [root / CACHE_DIR_NAME, cache_root() / "folders" / _hash(str(root))[:16]]
 
 
-def _read_cache(root: pathlib.Path, filename: str, classes: list[str],
-                splits: dict[str, list[tuple[str, int]]]) -> dict[str, torch.Tensor] | None:
-    """The cached tensors if a cache file exists and matches the plan, else None (a bad cache is ignored)."""
+def _read_cache(root: pathlib.Path, filename: str, classes: list[str], splits: dict[str, list[tuple[str, int]]],
+                image_size: int) -> dict[str, torch.Tensor] | None:
+    """The cached tensors if a cache file exists and matches the plan (classes, shapes, labels), else None: a bad or
+    foreign cache is ignored, and the images decoded again. Shapes are checked from the file's header, before any
+    tensor is read."""
     for directory in _cache_dirs(root):
         path = directory / filename
         if not path.is_file():
             continue
         try:
             with safe_open(str(path), framework="pt") as f:
-                if json.loads(f.metadata()["classes"]) != classes:
+                if json.loads(f.metadata()["classes"]) != classes or not _cache_shapes_match(f, splits, image_size):
                     continue
                 cached = {k: f.get_tensor(k) for k in ("train_images", "train_labels", "test_images", "test_labels")}
         except Exception:  # unreadable or foreign cache: decode again and overwrite it
             continue
-        if all(len(cached[f"{split}_images"]) == len(cached[f"{split}_labels"]) == len(splits[split])
-               for split in splits):
+        if all(cached[f"{split}_labels"].tolist() == [label for _, label in items] for split, items in splits.items()):
             return cached
     return None
+
+
+def _cache_shapes_match(f, splits: dict[str, list[tuple[str, int]]], image_size: int) -> bool:
+    """The cache file ``f`` (open with ``safe_open``) holds what decoding would give: per split, uint8 ``(n, 3,
+    image_size, image_size)`` images -- so train and test are never of different sizes -- and ``n`` int64 labels."""
+    expected = {}
+    for split, items in splits.items():
+        expected[f"{split}_images"] = ([len(items), 3, image_size, image_size], "U8")
+        expected[f"{split}_labels"] = ([len(items)], "I64")
+    return all((f.get_slice(k).get_shape(), f.get_slice(k).get_dtype()) == want for k, want in expected.items())
 
 
 def _cache_prefix(image_size: int) -> str:
@@ -233,7 +245,7 @@ def load_folder(path: str | os.PathLike, image_size: int = 64, test_fraction: fl
         raise ConfigError(f"test_fraction must be in (0, 1), got {test_fraction}")
     classes, splits = plan_split(root, test_fraction)
     filename = _cache_filename(image_size, _fingerprint(root, image_size, test_fraction, splits))
-    tensors = _read_cache(root, filename, classes, splits) if cache else None
+    tensors = _read_cache(root, filename, classes, splits, image_size) if cache else None
     if tensors is None:
         tensors = _decode_all(root, splits, image_size)
         if cache:

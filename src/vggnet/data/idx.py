@@ -3,7 +3,8 @@
 An IDX file is a 4-byte magic number -- two zero bytes, a type code (``0x08`` = unsigned byte) and the number of
 dimensions -- followed by one big-endian uint32 per dimension and then the values in row-major order. Images are
 ``0x00000803`` (N, rows, cols), labels ``0x00000801`` (N). Files may be gzipped (detected from the content, not the
-name). Everything is validated: magic, dimensions, exact byte length, label range, image/label counts.
+name). Everything is validated: magic, dimensions (capped before reading), exact byte length, label range,
+image size, image/label counts.
 """
 
 from __future__ import annotations
@@ -12,13 +13,15 @@ import gzip
 import math
 import os
 import pathlib
+import stat
 import struct
 import zlib
+from typing import BinaryIO
 
 import numpy as np
 import torch
 
-from vggnet.data.catalogue import DATASETS, search_dirs
+from vggnet.data.catalogue import DATASETS, not_found_fix, search_dirs
 from vggnet.data.dataset import ImageDataset
 from vggnet.errors import DataError
 
@@ -32,46 +35,83 @@ FASHION_MNIST_FILES = {
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 
-
-def _read_bytes(path: pathlib.Path) -> bytes:
-    """The file's content, gunzipped when it starts with the gzip magic; DataError when unreadable or corrupt."""
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read ({exc.strerror or exc}); check the path and its permissions") from None
-    if raw[:2] != b"\x1f\x8b":
-        return raw
-    try:
-        return gzip.decompress(raw)
-    except (OSError, EOFError, zlib.error) as exc:
-        raise DataError(f"{path}: corrupt or truncated gzip ({exc}); download the file again") from None
+#: Largest IDX payload read: 256 MiB, over five times Fashion-MNIST's 47 MB training images. A header declaring more
+#: is refused before anything is read, so a small file cannot make the reader allocate gigabytes.
+MAX_IDX_BYTES = 1 << 28
+#: Most items (images or labels) an IDX file may declare: over sixteen times Fashion-MNIST's 60000.
+MAX_IDX_ITEMS = 1_000_000
+CHUNK_BYTES = 1 << 20
 
 
-def parse_idx(data: bytes, source: str, magic: int) -> np.ndarray:
-    """Parse IDX bytes whose magic must be ``magic``; ``source`` names the file in error messages."""
-    if len(data) < 4:
-        raise DataError(f"{source}: {len(data)} bytes is too short for an IDX header; the file is truncated")
-    found = struct.unpack(">I", data[:4])[0]
+def _open_stream(raw: BinaryIO) -> BinaryIO:
+    """``raw`` itself, or a gunzipping reader over it when the file starts with the gzip magic."""
+    magic = raw.read(2)
+    raw.seek(0)
+    return gzip.GzipFile(fileobj=raw, mode="rb") if magic == b"\x1f\x8b" else raw
+
+
+def _read_exactly(stream: BinaryIO, size: int) -> bytearray:
+    """Up to ``size`` bytes of ``stream``, fewer only at its end; memory grows with the bytes actually there, never
+    with the size a header declares."""
+    buffer = bytearray()
+    while len(buffer) < size and (chunk := stream.read(min(CHUNK_BYTES, size - len(buffer)))):
+        buffer += chunk
+    return buffer
+
+
+def _parse_header(stream: BinaryIO, source: str, magic: int) -> tuple[int, ...]:
+    """The dimensions of the IDX header at the start of ``stream``, checked against ``magic`` and the size caps."""
+    head = _read_exactly(stream, 4)
+    if len(head) < 4:
+        raise DataError(f"{source}: {len(head)} bytes is too short for an IDX header; the file is truncated")
+    found = struct.unpack(">I", head)[0]
     if found != magic:
         raise DataError(f"{source}: IDX magic 0x{found:08x}, expected 0x{magic:08x} "
                         f"({'images' if magic == MAGIC_IMAGES else 'labels'}); wrong or corrupt file")
     ndim = magic & 0xFF
-    header = 4 + 4 * ndim
-    if len(data) < header:
-        raise DataError(f"{source}: header needs {header} bytes, file has {len(data)}; the file is truncated")
-    dims = struct.unpack(f">{ndim}I", data[4:header])
-    expected = header + math.prod(dims)
-    if len(data) != expected:
-        raise DataError(f"{source}: dimensions {'x'.join(map(str, dims))} need {expected} bytes, file has {len(data)}; "
-                        f"the file is {'truncated' if len(data) < expected else 'longer than its header says'}, "
-                        "download it again")
-    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims).copy()
+    raw_dims = _read_exactly(stream, 4 * ndim)
+    if len(raw_dims) < 4 * ndim:
+        raise DataError(f"{source}: header needs {4 + 4 * ndim} bytes, file has {4 + len(raw_dims)}; "
+                        "the file is truncated")
+    dims = struct.unpack(f">{ndim}I", raw_dims)
+    if dims[0] > MAX_IDX_ITEMS or math.prod(dims) > MAX_IDX_BYTES:
+        raise DataError(f"{source}: header declares {'x'.join(map(str, dims))} ({dims[0]} items, {math.prod(dims)} "
+                        f"bytes), over the limit of {MAX_IDX_ITEMS} items or {MAX_IDX_BYTES} bytes; corrupt or not a "
+                        "Fashion-MNIST file, download it again")
+    return dims
+
+
+def _read_idx_stream(stream: BinaryIO, source: str, magic: int) -> np.ndarray:
+    """Header, then exactly the bytes it declares, then nothing: trailing data is an error, and no more than the
+    declared size is ever decompressed (plus one byte, to see that the file ends there)."""
+    dims = _parse_header(stream, source, magic)
+    header, size = 4 + 4 * len(dims), math.prod(dims)
+    payload = _read_exactly(stream, size)
+    if len(payload) < size or stream.read(1):
+        found = f"{header + len(payload)}" if len(payload) < size else f"more than {header + size}"
+        raise DataError(f"{source}: dimensions {'x'.join(map(str, dims))} need {header + size} bytes, file has "
+                        f"{found}; the file is {'truncated' if len(payload) < size else 'longer than its header says'}"
+                        ", download it again")
+    return np.frombuffer(payload, dtype=np.uint8).reshape(dims)
 
 
 def read_idx(path: str | os.PathLike, magic: int) -> np.ndarray:
-    """Read one IDX file (gzipped or not) as a uint8 array, checking it carries ``magic``."""
+    """Read one IDX file (gzipped or not) as a writable uint8 array, checking it carries ``magic``.
+
+    The file is streamed: the header is checked (magic, size caps :data:`MAX_IDX_ITEMS` / :data:`MAX_IDX_BYTES`)
+    before any payload is read, and exactly the declared bytes are read, so a gzip bomb costs no more memory than
+    an honest file. Only regular files are read (a FIFO or device would block or never end).
+    """
     path = pathlib.Path(path)
-    return parse_idx(_read_bytes(path), str(path), magic)
+    try:
+        if not stat.S_ISREG(path.stat().st_mode):  # checked before open(): opening a FIFO blocks
+            raise DataError(f"{path}: not a regular file; pass the IDX file itself")
+        with open(path, "rb") as raw:
+            return _read_idx_stream(_open_stream(raw), str(path), magic)
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        raise DataError(f"{path}: corrupt or truncated gzip ({exc}); download the file again") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror or exc}); check the path and its permissions") from None
 
 
 def _existing(directory: pathlib.Path, stem: str) -> pathlib.Path | None:
@@ -89,9 +129,9 @@ def _missing_files(directory: pathlib.Path) -> list[str]:
 def find_fashion_mnist(data_dir: str | os.PathLike | None = None) -> pathlib.Path:
     """The first directory holding all four Fashion-MNIST IDX files (each raw or ``.gz``).
 
-    Looked up in ``data_dir``, ``$VGGNET_DATA`` (and ``$VGGNET_DATA/fashion-mnist``),
-    ``/usr/share/datasets/fashion-mnist``, then the ``vggnet data fetch`` directory. DataError naming every place
-    searched, and the fixes, when none has them.
+    Looked up in ``data_dir`` (and ``data_dir/fashion-mnist``) only, when given; otherwise in ``$VGGNET_DATA`` (and
+    ``$VGGNET_DATA/fashion-mnist``), ``/usr/share/datasets/fashion-mnist``, then the ``vggnet data fetch`` directory.
+    DataError naming every place searched, and the fixes, when none has them.
     """
     searched = []
     for directory in search_dirs("fashion-mnist", data_dir):
@@ -104,15 +144,18 @@ def find_fashion_mnist(data_dir: str | os.PathLike | None = None) -> pathlib.Pat
             searched.append(f"{directory} (no IDX files)")
         else:
             searched.append(f"{directory} (missing {', '.join(missing)})")
-    raise DataError("Fashion-MNIST not found; searched: " + "; ".join(searched)
-                    + ". Fix: `apt-get install dataset-fashion-mnist`, pass --data-dir DIR, set $VGGNET_DATA, "
-                    "or run `vggnet data fetch fashion-mnist`")
+    raise DataError("Fashion-MNIST not found; searched: " + "; ".join(searched) + ". "
+                    + not_found_fix("fashion-mnist", data_dir))
 
 
 def _load_split(directory: pathlib.Path, split: str) -> ImageDataset:
     info = DATASETS["fashion-mnist"]
     image_path, label_path = (_existing(directory, stem) for stem in FASHION_MNIST_FILES[split])
     images = read_idx(image_path, MAGIC_IMAGES)
+    size = info["size"]
+    if images.shape[1:] != (size, size):
+        raise DataError(f"{image_path}: images are {images.shape[1]}x{images.shape[2]}, Fashion-MNIST's are "
+                        f"{size}x{size}; not a Fashion-MNIST file, download it again")
     labels = read_idx(label_path, MAGIC_LABELS)
     if len(images) != len(labels):
         raise DataError(f"{image_path} has {len(images)} images but {label_path} has {len(labels)} labels; "

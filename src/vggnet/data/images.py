@@ -3,12 +3,20 @@
 :func:`decode_image` is used by both the image-folder loader (:mod:`vggnet.data.folder`) and ``vggnet predict``
 (:mod:`vggnet.predict`), so a file gives the same pixels in training and at predict time. Steps, in order:
 
-1. open with Pillow and turn upright (EXIF orientation);
-2. composite any transparency over opaque black: an alpha channel (RGBA, LA, PA, premultiplied RGBa/La), a palette
+1. refuse what is not a regular file (a FIFO would block the reader forever) and, from the header alone, before
+   any pixel is decoded, images with a side over :data:`MAX_IMAGE_SIDE` or more than :data:`MAX_IMAGE_PIXELS`
+   pixels -- and, when ``image_size`` is given, those whose resized intermediate (step 5) would exceed
+   :data:`MAX_IMAGE_PIXELS` (a 1 x 50000 strip resized to 224 on its short side);
+2. turn upright (EXIF orientation);
+3. bring high-bit-depth grayscale to 8 bits by scaling, not clipping: 16-bit (``I;16*``, and ``I`` whose values
+   lie in 0..65535) as ``round(v * 255 / 65535)``; floating point (``F``, e.g. float TIFFs) must lie in [0, 1] and
+   becomes ``round(v * 255)`` -- other float ranges (and NaN) are refused, since their meaning is not in the file;
+   pixels equal to a transparency key become black. (16-bit colour is reduced to 8 bits by Pillow itself);
+4. composite any transparency over opaque black: an alpha channel (RGBA, LA, PA, premultiplied RGBa/La), a palette
    with a transparency entry or an RGBA palette, and a transparency key on an RGB/L image;
-3. convert to RGB for ``channels=3``, to luminance (Pillow's ``L``: ITU-R 601-2) for any other count, the luminance
+5. convert to RGB for ``channels=3``, to luminance (Pillow's ``L``: ITU-R 601-2) for any other count, the luminance
    being replicated into every channel when ``channels`` is neither 1 nor 3;
-4. when ``image_size`` is given: resize so the shorter side is ``image_size`` (the longer side
+6. when ``image_size`` is given: resize so the shorter side is ``image_size`` (the longer side
    ``int(image_size * long / short)``; Pillow bilinear, antialiased when shrinking) and crop the centre
    ``image_size`` squared (offsets ``round((side - image_size) / 2)``): exactly torchvision's ``Resize(S)`` then
    ``CenterCrop(S)`` on a PIL image, so ImageNet weights see the pixels they were evaluated on.
@@ -21,6 +29,7 @@ it, so a change of definition (bump it) never serves pixels of another one.
 from __future__ import annotations
 
 import os
+import stat
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -28,10 +37,17 @@ from PIL import Image, ImageOps
 from vggnet.errors import ConfigError, DataError
 
 #: Version of the decoding definition above. Version 1 was the folder loader's own decoder (alpha dropped without
-#: compositing); 2 fitted with one resampling of the centre box (``ImageOps.fit``); 3 is this one (torchvision's
-#: resize-then-crop). Bump it whenever the pixels :func:`decode_image` returns change.
-DECODER_VERSION = 3
+#: compositing); 2 fitted with one resampling of the centre box (``ImageOps.fit``); 3 introduced torchvision's
+#: resize-then-crop; 4 (this one) scales 16-bit and float images instead of clipping them. Bump it whenever the
+#: pixels :func:`decode_image` returns change.
+DECODER_VERSION = 4
 _RESAMPLE = Image.Resampling.BILINEAR
+#: Most pixels of an image, and of its resized intermediate: Pillow's own decompression-bomb limit (its default
+#: ``Image.MAX_IMAGE_PIXELS``, about 0.27 GB as RGB), enforced here as an error rather than Pillow's warning.
+MAX_IMAGE_PIXELS = 89_478_485
+#: Longest side of an image: 65535, the largest a JPEG can have.
+MAX_IMAGE_SIDE = 65_535
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
 class ImageFileError(DataError):
@@ -61,9 +77,48 @@ def _resize_and_crop(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
+class _Refused(Exception):
+    """An image refused by the decoder's own checks; its message is the reason."""
+
+
+def _check_size(image: Image.Image, image_size: int | None) -> None:
+    """Refuse, from the header, images too large to decode or to resize (see the module docstring, step 1)."""
+    w, h = image.size
+    if max(w, h) > MAX_IMAGE_SIDE or w * h > MAX_IMAGE_PIXELS:
+        raise _Refused(f"{w}x{h} pixels exceed the limit of {MAX_IMAGE_SIDE} per side and {MAX_IMAGE_PIXELS} in all; "
+                       "shrink or crop the image")
+    resized_long = int(image_size * max(w, h) / min(w, h)) if image_size is not None and min(w, h) > 0 else 0
+    if image_size is not None and image_size * resized_long > MAX_IMAGE_PIXELS:
+        raise _Refused(f"{w}x{h} pixels resized to {image_size} on the shorter side would exceed {MAX_IMAGE_PIXELS} "
+                       "pixels; crop the image to a less extreme aspect ratio")
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """16-bit and float grayscale scaled to an ``L`` image (module docstring, step 3); other modes unchanged."""
+    if image.mode not in _SIXTEEN_BIT_MODES and image.mode != "F":
+        return image
+    values = np.asarray(image)
+    if image.mode == "F":
+        if not np.isfinite(values).all() or values.min(initial=0) < 0 or values.max(initial=0) > 1:
+            raise _Refused("floating-point pixels outside [0, 1] (or NaN); save the image with 8- or 16-bit "
+                           "integers, or floats scaled to [0, 1]")
+        scaled = np.rint(values.astype(np.float64) * 255)
+    else:
+        if values.min(initial=0) < 0 or values.max(initial=0) > 65535:
+            raise _Refused("32-bit integer pixels outside 0..65535; save the image with 8 or 16 bits per channel")
+        scaled = (values.astype(np.int64) * 510 + 65535) // 131070  # round(v * 255 / 65535), halves up
+    key = image.info.get("transparency")
+    if isinstance(key, (int, float)):
+        scaled[values == key] = 0  # a transparency key: composited over black
+    return Image.fromarray(scaled.astype(np.uint8), "L")
+
+
 def _decode(path: str | os.PathLike, image_size: int | None, channels: int) -> np.ndarray:
+    if not stat.S_ISREG(os.stat(path).st_mode):  # before opening: opening a FIFO blocks
+        raise _Refused("not a regular file; pass an image file")
     with Image.open(path) as opened:
-        image = ImageOps.exif_transpose(opened)
+        _check_size(opened, image_size)
+        image = _to_8bit(ImageOps.exif_transpose(opened))
         if _has_transparency(image):
             image = Image.alpha_composite(Image.new("RGBA", image.size, (0, 0, 0, 255)), image.convert("RGBA"))
         image = image.convert("RGB" if channels == 3 else "L")
@@ -80,20 +135,22 @@ def decode_image(path: str | os.PathLike, image_size: int | None = None, channel
     """The file at ``path`` as uint8 ``(H, W, channels)``, decoded as the module docstring says.
 
     ``image_size=None`` keeps the image's own (upright) size; otherwise the result is ``(image_size, image_size,
-    channels)``. A file that cannot be decoded -- missing, a directory, not an image, truncated, corrupt, or a
-    decompression bomb (more than twice ``PIL.Image.MAX_IMAGE_PIXELS``) -- raises :class:`ImageFileError`, a
-    :class:`vggnet.errors.DataError` whose message names the file.
+    channels)``. A file that cannot be decoded -- missing, a directory or another non-regular file, not an image,
+    truncated, corrupt, too large (:data:`MAX_IMAGE_SIDE`, :data:`MAX_IMAGE_PIXELS`), or float pixels outside
+    [0, 1] -- raises :class:`ImageFileError`, a :class:`vggnet.errors.DataError` whose message names the file.
     """
     if image_size is not None and image_size < 1:
         raise ConfigError(f"image_size must be >= 1 pixel, got {image_size}")
     if channels < 1:
         raise ConfigError(f"channels must be >= 1, got {channels}")
+    if os.path.isdir(path):
+        raise ImageFileError(path, "is a directory, not an image")
     try:
         return _decode(path, image_size, channels)
     except FileNotFoundError:
         raise ImageFileError(path, "no such file") from None
-    except IsADirectoryError:
-        raise ImageFileError(path, "is a directory, not an image") from None
+    except _Refused as err:
+        raise ImageFileError(path, str(err)) from None
     except Exception as err:  # Pillow raises many types for bad files (OSError, SyntaxError, struct.error, ...)
         reason = " ".join(str(err).split()) or type(err).__name__
         raise ImageFileError(path, f"not a readable image ({reason})") from None

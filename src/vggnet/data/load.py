@@ -16,7 +16,8 @@ def load_dataset(spec: str, data_dir: str | os.PathLike | None = None,
                  image_size: int | None = None) -> tuple[ImageDataset, ImageDataset]:
     """Load ``(train, test)`` for ``spec``: ``fashion-mnist``, ``cifar10``, ``cifar100`` or ``folder:PATH``.
 
-    ``data_dir`` is searched first (the search order is in :mod:`vggnet.data.catalogue`). ``image_size`` only matters
+    ``data_dir``, when given, is the only place searched -- a missing one is a DataError naming it, never a fallback
+    to ``$VGGNET_DATA`` or the default places (see :mod:`vggnet.data.catalogue`). ``image_size`` only matters
     for ``folder:``, whose images are decoded by :func:`vggnet.data.images.decode_image` (resized on the shorter side
     and centre-cropped to ``image_size`` squared, default 64); the other datasets keep their native size and
     :class:`vggnet.data.Preprocess` adapts them to the model.
