@@ -7,7 +7,8 @@ Every expected number here is derived by hand, not by the code under test:
   checked against REFERENCE.md (which agrees with torchvision's metadata);
 - the VGG16 layer table from the cs231n notes ("VGGNet in detail"), row by row, with the totals its rows add up to;
 - per-layer oracles that walk the shapes by hand (conv keeps the size with padding k//2, pool halves it);
-- the training-memory estimate written out term by term for a tiny model.
+- the training-memory simulation: what autograd keeps checked against ``saved_tensors_hooks`` on the CPU (fp32 and
+  bf16 autocast), every moment of a two-layer toy step written out by hand, VGG16's peak summed from its shapes.
 
 Full-size models are built on the meta device, so nothing is allocated or computed.
 """
@@ -23,7 +24,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import vggnet
-from vggnet.analysis import OPTIMIZER_STATE, parse_bytes, summarize
+from vggnet.analysis import OPTIMIZER_STATE, PRECISIONS, parse_bytes, summarize
 from vggnet.errors import ConfigError
 
 MiB = 2**20
@@ -392,41 +393,161 @@ def test_tiny_model_hand_numbers(tiny):
     assert tiny.train_extra_bytes == TINY_EXTRA
 
 
-@pytest.mark.parametrize("optimizer,buffers", [("sgd", 1), ("adam", 2), ("adamw", 2), ("sgd-nomomentum", 0)])
-@pytest.mark.parametrize("batch", [1, 3, 64])
-def test_training_memory_term_by_term(tiny, optimizer, batch, buffers):
-    mem = tiny.training_memory(batch, optimizer)
-    assert OPTIMIZER_STATE[optimizer] == buffers
-    assert mem.weights == 4 * TINY_PARAMS
-    assert mem.gradients == 4 * TINY_PARAMS
-    assert mem.optimizer_state == 4 * TINY_PARAMS * buffers
-    assert mem.activations == batch * (4 * TINY_VALUES + TINY_EXTRA)
-    assert mem.backward_workspace == batch * 2 * TINY_LARGEST
-    expected = 4 * TINY_PARAMS * (2 + buffers) + batch * (4 * TINY_VALUES + TINY_EXTRA + 2 * TINY_LARGEST)
-    assert mem.total == expected
-    assert mem.to_dict()["total"] == expected
-    if (optimizer, batch) == ("sgd", 3):
-        assert expected == 56_568 + 3 * 10_344 == 87_600
+# The oracle of what autograd keeps: every distinct storage handed to saved_tensors_hooks during one training-mode
+# forward on the CPU (fp32, or bf16 under CPU autocast), the model's own parameters and buffers left out.
+def saved_by_autograd(model: nn.Module, batch: int, precision: str) -> int:
+    model.train()
+    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in own:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    x = torch.randn(batch, model.in_channels, *model.input_size)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            model(x)
+    return sum(saved.values())
 
 
-def test_max_batch_size_is_the_largest_that_fits(tiny):
-    static, per_image = 4 * TINY_PARAMS * 3, 4 * TINY_VALUES + TINY_EXTRA + 2 * TINY_LARGEST  # 56,568 / 10,344
-    assert tiny.max_batch_size(100_000) == 4  # 56,568 + 4 * 10,344 = 97,944 <= 100,000 < 108,288
-    assert tiny.training_memory(4).total == 97_944
-    assert tiny.training_memory(5).total == 108_288
-    assert tiny.max_batch_size(static + per_image) == 1  # exactly one image fits
-    assert tiny.max_batch_size(static + per_image - 1) == 0
-    assert tiny.max_batch_size(1_000) == 0  # not even the weights fit
-    assert tiny.max_batch_size(100_000, "adam") == (100_000 - 4 * TINY_PARAMS * 4) // per_image == 2
+ORACLE_CASES = {
+    "fitted_dropout": TINY,  # conv, in-place ReLU, max-pool (indices), linear, dropout (CPU: a noise tensor)
+    "bn_classic": dict(arch=[8, "M", 16, "M"], input_size=8, head="classic", hidden=32, num_classes=10,
+                       batch_norm=True),  # batch norm; AdaptiveAvgPool2d 2x2 -> 7x7 keeps its input
+    "bn_gap": dict(arch=[8, 8, "M", 16, "M"], input_size=16, head="gap", num_classes=5, batch_norm=True),  # a mean
+    "lrn_dense": dict(arch="8,LRN,M,conv1-16,16,M", head="dense", in_channels=1, input_size=(16, 24),
+                      num_classes=3, hidden=32),  # LRN; conv head
+}
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("frozen", [False, True], ids=["trained", "frozen_features"])
+@pytest.mark.parametrize("case", sorted(ORACLE_CASES))
+def test_saved_bytes_equal_what_autograd_saves_on_cpu(case, frozen, precision):
+    torch.manual_seed(0)
+    model = vggnet.create_model("custom", **ORACLE_CASES[case])
+    for p in model.features.parameters() if frozen else ():
+        p.requires_grad_(False)  # then the frozen layers save nothing, and the first linear no weight copy
+    summary = summarize(model)
+    for batch in (1, 3):
+        assert summary.saved_bytes(batch, precision, "cpu") == saved_by_autograd(model, batch, precision)
+
+
+def test_saved_bytes_of_vgg16_by_hand(vgg16_summary):
+    # Values autograd keeps per image, from the shapes: the input (conv1_1), every conv output (its ReLU and the
+    # next layer), the pool outputs (the next conv; pool5's by avgpool, which maps 7x7 to 7x7), avgpool's output
+    # (fc6), fc6/fc7 outputs (ReLU) and the two dropout outputs (fc7, fc8); fc8's logits are not kept.
+    values = (3 * 224**2 + 64 * 224**2 * 2 + 128 * 112**2 * 2 + 256 * 56**2 * 3 + 512 * 28**2 * 3 + 512 * 14**2 * 3
+              + 64 * 112**2 + 128 * 56**2 + 256 * 28**2 + 512 * 14**2 + 512 * 7**2 + 512 * 7**2 + 4 * 4096)
+    indices = 8 * (64 * 112**2 + 128 * 56**2 + 256 * 28**2 + 512 * 14**2 + 512 * 7**2)  # int64, per pool output
+    masks = 2 * 4096  # CUDA dropout: one bool per value
+    assert (values, indices) == (15_269_888, 12_242_944)
+    assert vgg16_summary.saved_bytes(2, "fp32") == 2 * (4 * values + indices + masks)
+    # bf16 autocast: every value in 2 bytes (the input through its cast copy), the same indices and masks, and the
+    # 2-byte copies of the 13 conv and 3 linear weights (not the biases) once per batch.
+    weights = 138_357_544 - 13_416
+    assert vgg16_summary.saved_bytes(2, "bf16") == 2 * (2 * values + indices + masks) + 2 * weights
+    # On the CPU dropout keeps a noise tensor of its input's dtype instead of a bool mask.
+    assert vgg16_summary.saved_bytes(2, "fp32", "cpu") == 2 * (4 * values + indices + 4 * masks)
+
+
+class Toy(nn.Module):
+    """1x4x4 -> conv3x3 1->2 (ReLU in place) -> flatten -> linear 32->3: small enough to simulate by hand."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3, padding=1)  # 18 + 2 params
+        self.act = nn.ReLU(inplace=True)
+        self.flat = nn.Flatten()
+        self.fc = nn.Linear(32, 3)  # 96 + 3 params
+
+    def forward(self, x):
+        return self.fc(self.flat(self.act(self.conv(x))))
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return summarize(Toy(), input_size=4, in_channels=1)
+
+
+# fp32, per image: the input x 64 B (kept by conv), labels 8 B, the conv output A 128 B (kept by ReLU and fc),
+# logits 12 B, log-probabilities 12 B. 119 params: weights = gradients = momentum = 476 B. Moments:
+#   forward conv/act/flat  1428 + (x + labels + A) b              = 1428 + 200 b
+#   forward fc             1428 + (x + labels + A + logits) b     = 1428 + 212 b
+#   loss                   1428 + (... + log-probs) b             = 1428 + 224 b
+#   backward fc            476 + 476 + 396 (fc grads) + (x + labels + logits + A) b + (12 + 128) b = 1348 + 352 b
+#   backward act           1348 + 212 b + (128 + 128) b (output and input gradient)               = 1348 + 468 b
+#   backward conv          476 + 476 + 476 + (x + labels + logits) b + 128 b (no input gradient)  = 1428 + 212 b
+#   optimizer step         1428 + 84 b
+TOY_PEAK = {"peak_at": "backward act", "weights": 476, "gradients": 396, "optimizer_state": 476}
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+def test_toy_peak_by_hand(toy, batch):
+    mem = toy.training_memory(batch, "sgd")
+    assert mem.to_dict() == {"batch_size": batch, "optimizer": "sgd", "precision": "fp32", "device": "cuda",
+                             **TOY_PEAK, "activations": 212 * batch, "weight_copies": 0,
+                             "backward_workspace": 256 * batch, "total": 1348 + 468 * batch}
+
+
+def test_toy_peak_with_adam_is_the_optimizer_step(toy):
+    # Adam: state 952 B. On CUDA, foreach Adam's sqrt(v) temporaries: one more 4 B per parameter (476 B); at batch
+    # 1 the step (476 + 952 + 476 + 476 + 84 = 2464) beats backward act (476 + 952 + 396 + 468 = 2292).
+    mem = toy.training_memory(1, "adam")
+    assert (mem.peak_at, mem.backward_workspace, mem.total) == ("optimizer step", 476, 2464)
+    assert toy.training_memory(2, "adam").total == 1824 + 468 * 2  # the activations win from batch 2
+    # On the CPU, torch's per-tensor Adam makes two temporaries of the largest tensor (fc weight, 96 x 4 B).
+    assert toy.training_memory(1, "adam", device="cpu").total == 1904 + 2 * 384 + 84
+
+
+# bf16 autocast, per image: x 64 B + labels 8 B; conv keeps a 2-byte copy of x (32 B) and of its weight (36 B per
+# batch); A in bf16 (64 B); fc keeps A and a 2-byte weight copy (192 B); logits 6 B. Autocast also caches the bias
+# copies (4 B, 6 B) during the forward, and backward writes 2-byte weight gradients before the fp32 ones:
+#   backward fc    476 + 476 + 396 + copies 228 + bf16 fc grads 198 + (64 + 8 + 6 + 32 + 64) b + (6 + 64) b
+#                  = 1774 + 244 b
+#   backward act   476 + 476 + 396 + copy 36 + 174 b + (64 + 64) b = 1384 + 302 b
+#   loss           1428 + 228 + (64 + 8 + 6 + 12 + 12 (logits.float()) + 32 + 64) b = 1656 + 198 b
+@pytest.mark.parametrize("batch,peak_at,total,copies", [(1, "backward fc", 1774 + 244, 228),
+                                                       (8, "backward act", 1384 + 302 * 8, 36)])
+def test_toy_peak_by_hand_in_bf16(toy, batch, peak_at, total, copies):
+    mem = toy.training_memory(batch, "sgd", "bf16")
+    assert (mem.peak_at, mem.total, mem.weight_copies, mem.precision) == (peak_at, total, copies, "bf16")
+    assert toy.saved_bytes(batch, "bf16") == (32 + 64) * batch + 36 + 192
+    assert toy.saved_bytes(batch, "fp32") == (64 + 128) * batch
+
+
+def test_toy_max_batch_size_by_hand(toy):
+    # Every moment is linear in b; the peak moment (backward act, 1348 + 468 b) binds first.
+    assert toy.max_batch_size(1348 + 468 * 7) == 7
+    assert toy.max_batch_size(1348 + 468 * 7 - 1) == 6
+    assert toy.max_batch_size(5_000) == 7  # 4,624 <= 5,000 < 5,092
+    assert toy.max_batch_size(1_000) == 0  # not even the weights fit
+    assert toy.max_batch_size(2_463, "adam") == 0 and toy.max_batch_size(2_464, "adam") == 1  # the step binds
 
 
 @settings(max_examples=60, deadline=None)
-@given(budget=st.integers(min_value=0, max_value=10**8), optimizer=st.sampled_from(sorted(OPTIMIZER_STATE)))
-def test_max_batch_size_property(tiny, budget, optimizer):
-    b = tiny.max_batch_size(budget, optimizer)
+@given(budget=st.integers(min_value=0, max_value=10**8), optimizer=st.sampled_from(sorted(OPTIMIZER_STATE)),
+       precision=st.sampled_from(sorted(PRECISIONS)), device=st.sampled_from(["cuda", "cpu"]))
+def test_max_batch_size_property(tiny, budget, optimizer, precision, device):
+    b = tiny.max_batch_size(budget, optimizer, precision, device)
     if b >= 1:
-        assert tiny.training_memory(b, optimizer).total <= budget
-    assert tiny.training_memory(b + 1, optimizer).total > budget
+        assert tiny.training_memory(b, optimizer, precision, device).total <= budget
+    assert tiny.training_memory(b + 1, optimizer, precision, device).total > budget
+
+
+@settings(max_examples=40, deadline=None)
+@given(batch=st.integers(min_value=1, max_value=10_000), optimizer=st.sampled_from(sorted(OPTIMIZER_STATE)),
+       precision=st.sampled_from(sorted(PRECISIONS)))
+def test_training_memory_is_monotone_and_adds_up(tiny, batch, optimizer, precision):
+    mem, more = tiny.training_memory(batch, optimizer, precision), tiny.training_memory(batch + 1, optimizer, precision)
+    assert more.total > mem.total
+    terms = ("weights", "gradients", "optimizer_state", "activations", "weight_copies", "backward_workspace")
+    assert mem.total == sum(getattr(mem, t) for t in terms) == mem.to_dict()["total"]
+    assert mem.weights == 4 * TINY_PARAMS and mem.optimizer_state == 4 * TINY_PARAMS * OPTIMIZER_STATE[optimizer]
+    assert 0 < mem.gradients <= 4 * TINY_PARAMS
 
 
 def test_frozen_features_reduce_gradients_and_optimizer_state():
@@ -440,7 +561,10 @@ def test_frozen_features_reduce_gradients_and_optimizer_state():
     assert s.totals["trainable_params"] == trainable == 3_466
     assert s.totals["params"] == TINY_PARAMS  # frozen weights still sit in memory
     mem = s.training_memory(2, "adam")
-    assert (mem.weights, mem.gradients, mem.optimizer_state) == (4 * TINY_PARAMS, 4 * trainable, 8 * trainable)
+    assert (mem.weights, mem.optimizer_state) == (4 * TINY_PARAMS, 8 * trainable)
+    assert mem.gradients <= 4 * trainable
+    # Nothing before fc6 needs a gradient: autograd keeps only fc6's input (pool2's output, 64 values).
+    assert s.saved_bytes(2) < summarize(vggnet.create_model("custom", **TINY)).saved_bytes(2)
     assert s.to_dict()["totals"]["frozen_params"] == 1_248
 
 
@@ -449,19 +573,29 @@ def test_training_memory_rejects_bad_arguments(tiny):
         tiny.training_memory(1, "rmsprop")
     with pytest.raises(ConfigError, match="batch size must be >= 1"):
         tiny.training_memory(0)
+    with pytest.raises(ConfigError, match="unknown precision 'int8'"):
+        tiny.training_memory(1, "sgd", "int8")
+    with pytest.raises(ConfigError, match="unknown device 'mps'"):
+        tiny.max_batch_size(10**6, device="mps")
+    assert tiny.training_memory(1, device="cuda:1").device == "cuda"
 
 
 def test_vgg16_training_memory_at_batch_32(vgg16_summary):
-    params, act, extra, largest = 138_357_544, 61_050_784, 12_283_904, 12_845_056
-    per_image = act + extra + 2 * largest  # 99,024,800 bytes = 94.44 MiB
-    assert per_image == 99_024_800
+    # The peak is the loss: last step's gradients still allocated and everything saved for backward, plus the
+    # batch (images, int64 labels), logits and log-probabilities: 73,338,696 B per image (hand sum below).
+    params = 138_357_544
+    per_image = 4 * 15_269_888 + 12_242_944 + 2 * 4096 + 8 + 4 * 1000 + 4 * 1000
+    assert per_image == 73_338_696
     sgd = vgg16_summary.training_memory(32, "sgd")
-    assert sgd.total == 3 * 4 * params + 32 * per_image == 4_829_084_128
+    assert (sgd.peak_at, sgd.backward_workspace) == ("loss", 0)
+    assert sgd.total == 3 * 4 * params + 32 * per_image == 4_007_128_800
     adam = vgg16_summary.training_memory(32, "adam")
-    assert adam.total == 4 * 4 * params + 32 * per_image == 5_382_514_304
-    assert vgg16_summary.max_batch_size(11 * 2**30, "sgd") == (11 * 2**30 - 12 * params) // per_image == 102
-    assert vgg16_summary.max_batch_size(11 * 10**9, "sgd") == 94
-    assert vgg16_summary.max_batch_size(11 * 2**30, "adam") == 96
+    assert adam.total == 4 * 4 * params + 32 * per_image == 4_560_558_976
+    # No backward moment grows faster per image (at most x + two conv1 maps saved + two in flight), so the loss
+    # moment binds at every batch size.
+    assert vgg16_summary.max_batch_size(11 * 2**30, "sgd") == (11 * 2**30 - 12 * params) // per_image == 138
+    assert vgg16_summary.max_batch_size(11 * 10**9, "sgd") == 127
+    assert vgg16_summary.max_batch_size(11 * 2**30, "adam") == 130
 
 
 # ---------------------------------------------------------------------------------------------- parse_bytes

@@ -4,8 +4,8 @@ The CLI is called in-process through ``vggnet.cli.main`` (fast, output captured 
 ``python -m vggnet`` in a subprocess to prove the module entry point works.
 
 Expected numbers are hand-derived (see tests/test_analysis.py for the formulas): VGG16 at 224x224x3 has
-138,357,544 parameters and 15,470,264,320 MACs; its training-memory estimate is 12 * params bytes for fp32
-weights + gradients + momentum (16 * params with Adam) plus 99,024,800 bytes per image.
+138,357,544 parameters and 15,470,264,320 MACs; its training-memory estimate peaks at the loss: 12 * params
+bytes for fp32 weights + last step's gradients + momentum (16 * params with Adam) plus 73,338,696 bytes per image.
 """
 
 from __future__ import annotations
@@ -26,11 +26,11 @@ LAYER_KEYS = {"name", "type", "output_shape", "activations", "activation_bytes",
 LAYER_EXTRA_KEYS = {"module", "trainable_params"}  # module path and per-layer trainable count, also documented
 TOTALS_KEYS = {"params", "trainable_params", "macs", "activations", "activation_bytes"}
 TOTALS_EXTRA_KEYS = {"frozen_params", "train_extra_bytes_per_image"}
-MEMORY_KEYS = {"batch_size", "optimizer", "weights", "gradients", "optimizer_state", "activations",
-               "backward_workspace", "total"}
+MEMORY_KEYS = {"batch_size", "optimizer", "precision", "device", "peak_at", "weights", "gradients",
+               "optimizer_state", "activations", "weight_copies", "backward_workspace", "total"}
 
 VGG16_PARAMS = 138_357_544
-VGG16_PER_IMAGE = 99_024_800  # activations 61,050,784 + train extras 12,283,904 + 2 x 12,845,056
+VGG16_PER_IMAGE = 73_338_696  # saved for backward 73,326,688 + labels 8 + logits and log-probs 2 x 4,000
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -88,16 +88,18 @@ def test_summary_json_training_memory_fields(capsys):
     assert (mem["batch_size"], mem["optimizer"]) == (32, "adam")
     assert mem["weights"] == mem["gradients"] == 4 * VGG16_PARAMS == 553_430_176
     assert mem["optimizer_state"] == 8 * VGG16_PARAMS  # Adam: two fp32 buffers
-    assert mem["activations"] == 32 * (61_050_784 + 12_283_904)
-    assert mem["backward_workspace"] == 32 * 2 * 12_845_056
-    assert mem["total"] == sum(mem[k] for k in MEMORY_KEYS - {"batch_size", "optimizer", "total"})
-    assert mem["total"] == 16 * VGG16_PARAMS + 32 * VGG16_PER_IMAGE == 5_382_514_304
+    assert (mem["precision"], mem["device"], mem["peak_at"]) == ("fp32", "cuda", "loss")
+    assert mem["activations"] == 32 * VGG16_PER_IMAGE
+    assert mem["weight_copies"] == mem["backward_workspace"] == 0
+    assert mem["total"] == sum(mem[k] for k in MEMORY_KEYS - {"batch_size", "optimizer", "precision", "device",
+                                                              "peak_at", "total"})
+    assert mem["total"] == 16 * VGG16_PARAMS + 32 * VGG16_PER_IMAGE == 4_560_558_976
     assert data["memory_budget"] == 11 * 2**30
-    assert data["max_batch_size"] == (11 * 2**30 - 16 * VGG16_PARAMS) // VGG16_PER_IMAGE == 96
+    assert data["max_batch_size"] == (11 * 2**30 - 16 * VGG16_PARAMS) // VGG16_PER_IMAGE == 130
 
 
-@pytest.mark.parametrize("budget,optimizer,expected", [("11GiB", "sgd", 102), ("11GB", "sgd", 94),
-                                                       ("11GiB", "sgd-nomomentum", 108), ("1GB", "sgd", 0)])
+@pytest.mark.parametrize("budget,optimizer,expected", [("11GiB", "sgd", 138), ("11GB", "sgd", 127),
+                                                       ("11GiB", "sgd-nomomentum", 145), ("1GB", "sgd", 0)])
 def test_summary_max_batch_size_for_budgets(capsys, budget, optimizer, expected):
     data = run_json(capsys, "summary", "vgg16", "--memory-budget", budget, "--optimizer", optimizer)
     static = 4 * VGG16_PARAMS * {"sgd": 3, "sgd-nomomentum": 2}[optimizer]
@@ -118,8 +120,8 @@ def test_summary_fitted_cifar_head(capsys):
 def test_summary_text_reports_budget(capsys):
     code, out, err = run(capsys, "summary", "vgg16", "--batch-size", "32", "--memory-budget", "11GiB")
     assert (code, err) == (0, "")
-    assert "training memory, batch 32, sgd: 4.50 GiB" in out
-    assert out.rstrip().endswith("largest batch within 11.00 GiB: 102")
+    assert "training memory, batch 32, sgd: 3.73 GiB" in out
+    assert out.rstrip().endswith("largest batch within 11.00 GiB: 138")
     assert "total                                     15,262,696              58.22 MiB  138,357,544  15,470,264,320" in out
 
 
