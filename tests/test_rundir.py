@@ -196,6 +196,7 @@ def test_unreadable_files_are_checkpoint_errors(tmp_path, monkeypatch):
     def refuse(self, *args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
+    monkeypatch.setattr(Path, "open", refuse)  # the safetensors header is read first, through Path.open
     monkeypatch.setattr(Path, "read_bytes", refuse)
     monkeypatch.setattr(Path, "read_text", refuse)
     with pytest.raises(CheckpointError, match=r"x\.safetensors cannot be read \(Permission denied\)"):

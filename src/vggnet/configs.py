@@ -34,6 +34,11 @@ CFGS: dict[str, list[Any]] = {
 # d2l's VGG-11 in block form (num_convs, channels); equals config A.
 D2L_VGG11_BLOCKS = ((1, 64), (1, 128), (2, 256), (2, 512), (2, 512))
 
+#: The largest architectures accepted: beyond them a number is a typo, not a network (and overflows tensor sizes).
+MAX_CHANNELS = 8192  # channels of one convolution (VGG's widest is 512)
+MAX_KERNEL = 15  # side of a convolution's kernel (VGG's are 3 and 1)
+MAX_WIDTH = 16.0  # channel multiplier (scale_width)
+
 
 @dataclass(frozen=True)
 class Conv:
@@ -55,7 +60,7 @@ class LRN:
 
 Layer = Conv | Pool | LRN
 
-_CONV_WORD = re.compile(r"^conv(\d+)-(\d+)$")
+_CONV_WORD = re.compile(r"^conv(\d{1,9})-(\d{1,9})$")
 
 
 def _is_int_pair(item: Any) -> bool:
@@ -90,7 +95,7 @@ def _parse_token(token: Any) -> Layer:
             return Pool()
         if word.upper() == "LRN":
             return LRN()
-        if word.isdigit():
+        if word.isdecimal() and len(word) <= 9:  # longer: far beyond MAX_CHANNELS (and int() refuses thousands)
             return Conv(int(word))
         match = _CONV_WORD.match(word.lower())
         if match:
@@ -115,8 +120,9 @@ def parse_arch(arch: str | Sequence[Any]) -> tuple[Layer, ...]:
     if not convs:
         raise ConfigError(f"architecture {list(arch)!r} has no convolution")
     for conv in convs:
-        if conv.channels < 1 or conv.kernel < 1 or conv.kernel % 2 == 0:
-            raise ConfigError(f"convolution {conv.channels} channels, kernel {conv.kernel}: channels must be >= 1 and the kernel odd")
+        if not 1 <= conv.channels <= MAX_CHANNELS or not 1 <= conv.kernel <= MAX_KERNEL or conv.kernel % 2 == 0:
+            raise ConfigError(f"convolution {conv.channels} channels, kernel {conv.kernel}: channels must be >= 1 and "
+                              f"<= {MAX_CHANNELS}, the kernel odd and <= {MAX_KERNEL}")
     if isinstance(layers[0], LRN):
         raise ConfigError("architecture starts with LRN: put it after a convolution")
     return layers
@@ -138,8 +144,10 @@ def arch_to_json(layers: Sequence[Layer]) -> list[Any]:
 
 def scale_width(layers: Sequence[Layer], width: float) -> tuple[Layer, ...]:
     """Multiply every conv's channel count by ``width`` (d2l's quarter-width VGG-11 is ``width=0.25``)."""
-    if width <= 0:
+    if not width > 0:
         raise ConfigError(f"width must be > 0, got {width}")
+    if not width <= MAX_WIDTH:
+        raise ConfigError(f"width must be <= {MAX_WIDTH:g} (a channel multiplier), got {width}")
     return tuple(
         Conv(max(1, int(round(layer.channels * width))), layer.kernel) if isinstance(layer, Conv) else layer
         for layer in layers

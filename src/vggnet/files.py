@@ -8,8 +8,11 @@ them, is :mod:`vggnet.rundir`'s business; this module only reads and writes them
 from __future__ import annotations
 
 import json
+import math
 import os
+import struct
 import tempfile
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -86,10 +89,113 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> N
     atomic_write_bytes(path, safetensors_bytes(tensors))
 
 
-def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+#: The largest safetensors header read (a JSON index of names, dtypes, shapes and offsets; a VGG's is a few KB).
+MAX_HEADER_BYTES = 100 * 2**20
+#: The dtypes a safetensors header may name, by its spelling.
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
+                      "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U64": torch.uint64,
+                      "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor as a safetensors header declares it: dtype, shape and byte span ``[start, end)`` of the data."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+
+def _entry(name: str, info: Any) -> TensorEntry | str:
+    """The header's ``info`` for tensor ``name`` as a :class:`TensorEntry`, or what is wrong with it."""
+    if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+        return f"tensor {name!r} is not described by dtype, shape and data_offsets"
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if dtype not in SAFETENSORS_DTYPES:
+        return f"tensor {name!r} has dtype {dtype!r}, not one of {', '.join(SAFETENSORS_DTYPES)}"
+    if not (isinstance(shape, list) and all(type(n) is int and n >= 0 for n in shape)):
+        return f"tensor {name!r} has shape {shape!r}, not a list of sizes"
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(n) is int for n in offsets)
+            and 0 <= offsets[0] <= offsets[1]):
+        return f"tensor {name!r} has data_offsets {offsets!r}, not [start, end] with 0 <= start <= end"
+    entry = TensorEntry(SAFETENSORS_DTYPES[dtype], tuple(shape), *offsets)
+    nbytes = math.prod(entry.shape) * entry.dtype.itemsize
+    if entry.end - entry.start != nbytes:
+        return f"tensor {name!r} spans {entry.end - entry.start} bytes, but {dtype} {list(shape)} takes {nbytes}"
+    return entry
+
+
+def _layout_problem(entries: dict[str, TensorEntry], data_bytes: int) -> str | None:
+    """What is wrong with where the tensors lie in the ``data_bytes`` after the header, or None: their spans must
+    tile the data exactly, back to back from byte 0, with no gap, overlap or byte left over."""
+    position = 0
+    for name, entry in sorted(entries.items(), key=lambda item: (item[1].start, item[1].end)):
+        if entry.start < position:
+            return f"tensor {name!r} at bytes {entry.start}-{entry.end} overlaps the tensor before it"
+        if entry.start > position:
+            return f"tensor {name!r} at bytes {entry.start}-{entry.end} leaves bytes {position}-{entry.start} unused"
+        position = entry.end
+    if position != data_bytes:
+        return f"the tensors take {position} bytes of data, the file holds {data_bytes}"
+    return None
+
+
+def _unreadable(path: Path, detail: str, cause: str) -> CheckpointError:
+    return CheckpointError(f"{path} is not a readable safetensors file ({detail}); {cause}")
+
+
+def read_header(path: str | os.PathLike) -> dict[str, TensorEntry]:
+    """The tensors a safetensors file declares, read from its header alone (an 8-byte little-endian length, then
+    that many bytes of JSON) and checked against the file's size, before any tensor data is read: a header over
+    :data:`MAX_HEADER_BYTES`, an unknown dtype, a span that is not ``numel x element size`` of its dtype, spans
+    that do not tile the data back to back, or a file longer or shorter than header + data (a sparse or truncated
+    file) raise a one-line :class:`CheckpointError` naming the file, as does a missing one. ``__metadata__`` is
+    allowed and skipped."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path} is missing")
+    try:
+        with path.open("rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise _unreadable(path, f"{size} bytes, shorter than the 8-byte header length", "it is truncated")
+            (length,) = struct.unpack("<Q", prefix)
+            if length > MAX_HEADER_BYTES:
+                raise _unreadable(path, f"its header claims {length} bytes, more than the {MAX_HEADER_BYTES} vggnet "
+                                  "reads", "it is forged or not safetensors")
+            if 8 + length > size:
+                raise _unreadable(path, f"its header claims {length} bytes, the file holds {size - 8} after the "
+                                  "length", "it is truncated")
+            text = f.read(length)
+    except OSError as err:
+        raise CheckpointError(f"{path} cannot be read ({err.strerror or err})") from None
+    try:
+        header = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise _unreadable(path, f"its header is not JSON: {err}", "it is corrupt") from None
+    if not isinstance(header, dict):
+        raise _unreadable(path, "its header is not a JSON object", "it is corrupt")
+    entries = {}
+    for name, info in header.items():
+        entry = _entry(name, info) if name != "__metadata__" else None
+        if isinstance(entry, str):
+            raise _unreadable(path, f"its header is inconsistent: {entry}", "it is corrupt or forged")
+        if entry is not None:
+            entries[name] = entry
+    problem = _layout_problem(entries, size - 8 - length)
+    if problem is not None:
+        raise _unreadable(path, problem, "it is truncated, padded or forged")
+    return entries
+
+
+def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every tensor of the safetensors file ``path``, after :func:`read_header` has checked the file's header
+    against its size (so a forged or sparse file is refused without reading its data)."""
+    path = Path(path)
+    read_header(path)
     try:
         return st_load(path.read_bytes())
     except OSError as err:

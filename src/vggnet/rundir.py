@@ -22,6 +22,7 @@ import contextlib
 import csv
 import io
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -30,13 +31,22 @@ from typing import Any
 import torch
 
 from .errors import CheckpointError, VggnetError
-from .files import (atomic_write_bytes, atomic_write_json, atomic_write_text, load_tensors, make_dirs, model_state,
-                    read_json, safetensors_bytes, save_tensors, strip_prefixes)
+from .configs import MAX_CHANNELS, Conv, parse_arch, scale_width
+from .files import (TensorEntry, atomic_write_bytes, atomic_write_json, atomic_write_text, load_tensors, make_dirs,
+                    model_state, read_header, read_json, safetensors_bytes, save_tensors, strip_prefixes)
 from .models import VGG, model_from_config
+from .schedule import Plateau
 
 #: Schema version of model.json (the ModelCard) and the state files; bump when they change incompatibly.
 FORMAT = 1
 WEIGHTS = {"model": "model.safetensors", "best": "best.safetensors"}
+#: The largest values a model.json may give (VGG-16: 1,000 classes, 4,096 hidden, 224 pixels, 21 layers; a
+#: convolution's channels are capped at vggnet.configs.MAX_CHANNELS): beyond them the file is forged or mistyped, and
+#: is refused before anything is built or read.
+MAX_CLASSES = 100_000
+MAX_HIDDEN = 65_536
+MAX_INPUT_SIZE = 8192
+MAX_LAYERS = 256
 
 
 @dataclass
@@ -79,6 +89,9 @@ class ModelCard:
         for ok, message in checks:
             if not ok:
                 raise CheckpointError(f"{where} is corrupt: {message}")
+        problem = _size_problem(card)
+        if problem is not None:
+            raise CheckpointError(f"{where} is corrupt: {problem}; it was edited or forged, restore it")
         if card.compression is not None:
             card._compression(where)  # unknown or malformed compression records fail here, in one line
         return card
@@ -95,7 +108,7 @@ class ModelCard:
         (:func:`vggnet.compress.restructure`)."""
         record = self._compression(where) if self.compression is not None else None
         try:
-            with torch.device(device) if device is not None else contextlib.nullcontext():
+            with torch.device(device) if device is not None else contextlib.nullcontext(), _skip_init(device):
                 model = model_from_config(self.model)
                 if record is not None:
                     from .compress import restructure
@@ -121,6 +134,67 @@ class ModelCard:
             return Preprocess.from_dict(self.preprocess)
         except (VggnetError, TypeError, ValueError) as err:
             raise CheckpointError(f"model.json's preprocessing is invalid: {err}") from None
+
+
+def _skip_init(device: str | torch.device | None):
+    """On the meta device, the initialisers do nothing (:class:`vggnet.weights.layout._SkipInit`): the skeleton's
+    values are the file's, and running them on meta costs seconds and torch._dynamo's import the first time."""
+    if device is None or torch.device(device).type != "meta":
+        return contextlib.nullcontext()
+    from .weights.layout import _SkipInit
+
+    return _SkipInit()
+
+
+def _is_int(value: Any, largest: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= largest
+
+
+def _layer_count(arch: Any) -> int:
+    """How many layers ``arch`` (model.json's ``model.arch``) spells, counted without expanding it: d2l blocks
+    ``[num_convs, channels]`` give ``num_convs`` + 1 (the pool) each, as :func:`vggnet.configs.blocks_to_arch`
+    expands them; a paper letter counts 1 (parse_arch knows it)."""
+    if isinstance(arch, str):
+        return len(arch.split(","))
+    if not isinstance(arch, list):
+        return 0  # not an architecture: parse_arch says why
+    pairs = all(isinstance(b, list) and len(b) == 2 and all(isinstance(v, int) for v in b) for b in arch)
+    return sum(max(b[0], 0) + 1 for b in arch) if arch and pairs else len(arch)
+
+
+def _size_problem(card: "ModelCard") -> str | None:
+    """The first value of ``card`` beyond the bounds above (classes, channels per layer, hidden width, input and
+    image sizes, layers), as ``key must ..., got value``; None when all are within them (a key left out takes the
+    model's default, which is)."""
+    model, prep = card.model, card.preprocess
+    ints = [(f"model.{key}", model[key], largest) for key, largest in
+            (("num_classes", MAX_CLASSES), ("in_channels", MAX_CHANNELS), ("hidden", MAX_HIDDEN)) if key in model]
+    size = model.get("input_size", 224)
+    ints += [("model.input_size", side, MAX_INPUT_SIZE) for side in (size if isinstance(size, list) else [size])]
+    ints += [(key, value, MAX_INPUT_SIZE) for key, value in (("image_size", card.image_size),
+             ("preprocess.image_size", prep.get("image_size")), ("preprocess.in_size", prep.get("in_size")))
+             if value is not None]
+    for key, value, largest in ints:
+        if not _is_int(value, largest):
+            return f"{key} must be an integer from 1 to {largest}, got {value!r}"
+    crop = prep.get("crop_fraction", 1.0)
+    if "image_size" in prep and isinstance(crop, (int, float)) and 0 < crop * MAX_INPUT_SIZE < prep["image_size"]:
+        return (f"preprocess.crop_fraction {crop!r} decodes images at more than {MAX_INPUT_SIZE} pixels "
+                f"(image_size / crop_fraction)")
+    layers = _layer_count(model.get("arch", "D"))
+    if layers > MAX_LAYERS:
+        return f"model.arch must have at most {MAX_LAYERS} layers, got {layers}"
+    try:
+        layers = parse_arch(model.get("arch", "D"))
+    except (VggnetError, TypeError, ValueError) as err:
+        return f"model.arch is not an architecture ({err})"
+    try:
+        widest = max(conv.channels for conv in scale_width(layers, model.get("width", 1.0)) if isinstance(conv, Conv))
+    except (VggnetError, TypeError, ValueError) as err:
+        return f"model.width is invalid ({err})"
+    if widest > MAX_CHANNELS:
+        return f"model.arch at model.width gives a convolution {widest} channels wide, more than {MAX_CHANNELS}"
+    return None
 
 
 @dataclass
@@ -226,6 +300,9 @@ class RunDir:
         record = read_json(self.state)
         if not isinstance(record, dict) or not isinstance(record.get("run"), dict):
             raise CheckpointError(f"{self.state} is corrupt (no run counters)")
+        problem = _state_problem(record)
+        if problem is not None:
+            raise CheckpointError(f"{self.state} is corrupt ({problem}): restore it, or start the run again")
         return record
 
     def read_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -274,8 +351,58 @@ class RunDir:
         path = self.weights(weights)
         card = self.read_card(weights)
         model = card.build(self.card, "meta")
-        load_weights(model, load_tensors(path), path, card.stored_dtypes(model))
+        stored = card.stored_dtypes(model)
+        check_header(model, read_header(path), path, stored)  # before any tensor is read: a forged file costs nothing
+        load_weights(model, load_tensors(path), path, stored)
         return LoadedModel(model.to(device).eval(), card, self.path, weights)
+
+
+#: state.json's loop counters (the fields of vggnet.training.loop.RunState) and their JSON types: a file edited by
+#: hand fails on reading, in one line, not deep inside the resumed loop.
+STATE_COUNTERS = {"epoch": int, "batch": int, "step": int, "correct": int, "seen": int, "best_acc": float,
+                  "loss_sum": float, "seconds": float, "plateau": dict}
+
+
+def _is_number(value: Any, allow_infinite: bool = False) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and (allow_infinite or math.isfinite(value)))
+
+
+def _state_problem(record: dict[str, Any]) -> str | None:
+    """What makes ``record`` (state.json, a dict with a ``run`` dict) unusable for resume, or ``None``: a counter
+    missing or of the wrong type, a plateau that is not vggnet.schedule.Plateau's numbers, an optimizer record
+    without its param_groups and scalars, a history that is not a list of records of numbers."""
+    run = record["run"]
+    for key, kind in STATE_COUNTERS.items():
+        value = run.get(key)
+        if key not in run:
+            return f"run.{key} is missing"
+        if kind is int and not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+            return f"run.{key} must be an integer >= 0, got {value!r}"
+        if kind is float and not _is_number(value):
+            return f"run.{key} must be a number, got {value!r}"
+    plateau = run["plateau"]
+    if not isinstance(plateau, dict):
+        return f"run.plateau must be an object, got {plateau!r}"
+    unknown = sorted(set(plateau) - {f.name for f in fields(Plateau)})
+    if unknown or not all(_is_number(v, allow_infinite=True) for v in plateau.values()):
+        return f"run.plateau must hold the numbers of a plateau schedule, got {plateau!r}"
+    if not (_is_number(plateau.get("scale")) and plateau["scale"] > 0):
+        return f"run.plateau.scale must be a positive number, got {plateau.get('scale')!r}"
+    optimizer = record.get("optimizer")
+    groups = optimizer.get("param_groups") if isinstance(optimizer, dict) else None
+    if not (isinstance(groups, list) and all(isinstance(g, dict) for g in groups)
+            and isinstance(optimizer.get("scalars"), dict)):
+        return "optimizer must be an object with param_groups (a list of objects) and scalars (an object)"
+    history = record.get("history", [])
+    if not (isinstance(history, list) and all(isinstance(r, dict) and isinstance(r.get("epoch"), int) and all(
+            _is_number(v, allow_infinite=True) for v in r.values()) for r in history)):
+        return "history must be a list of epoch records of numbers"
+    if any(set(r) != set(history[0]) for r in history):
+        return "history's epoch records must all have the same fields"
+    if "scaler" in record and not isinstance(record["scaler"], dict):
+        return f"scaler must be an object, got {record['scaler']!r}"
+    return None
 
 
 def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str | os.PathLike,
@@ -286,17 +413,31 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], where: 
     that dtype; they are converted to the model's."""
     stored = stored or {}
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    common = set(expected) & set(state)
-    wrong = sorted(k for k in common if expected[k].shape != state[k].shape)
-    mistyped = sorted(k for k in common if stored.get(k, expected[k].dtype) != state[k].dtype)
+    _check_match(expected, {k: (v.shape, v.dtype) for k, v in state.items()}, where, stored)
+    model.load_state_dict({k: v.to(expected[k].dtype) if k in stored else v for k, v in state.items()}, assign=True)
+
+
+def check_header(model: torch.nn.Module, header: dict[str, TensorEntry], where: str | os.PathLike,
+                 stored: dict[str, torch.dtype] | None = None) -> None:
+    """:func:`load_weights`' check on a file's header (:func:`vggnet.files.read_header`) before its tensors are
+    read: the file must declare exactly ``model``'s keys, shapes and dtypes (``stored``'s where it names them)."""
+    _check_match(model.state_dict(), {k: (e.shape, e.dtype) for k, e in header.items()}, where, stored or {})
+
+
+def _check_match(expected: dict[str, torch.Tensor], found: dict[str, tuple[tuple[int, ...], torch.dtype]],
+                 where: str | os.PathLike, stored: dict[str, torch.dtype]) -> None:
+    """One-line CheckpointError naming the missing, unexpected, misshapen and mistyped keys of ``found`` (key ->
+    shape, dtype) against the model's state ``expected``."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    common = set(expected) & set(found)
+    wrong = sorted(k for k in common if tuple(expected[k].shape) != tuple(found[k][0]))
+    mistyped = sorted(k for k in common if stored.get(k, expected[k].dtype) != found[k][1])
     if missing or unexpected or wrong or mistyped:
         detail = "; ".join(f"{label} {keys[:3]}{'...' if len(keys) > 3 else ''}" for label, keys in
                            (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong),
                             ("wrong dtype", mistyped)) if keys)
         raise CheckpointError(f"{where} does not match the architecture in model.json: {detail}")
-    model.load_state_dict({k: v.to(expected[k].dtype) if k in stored else v for k, v in state.items()}, assign=True)
 
 
 def load(source: str | os.PathLike, weights: str = "model", device: str | torch.device = "cpu") -> LoadedModel:

@@ -104,8 +104,12 @@ def test_missing_dataset_names_the_places_searched(dataset, fragments, data_env,
     empty = data_env / "empty"
     empty.mkdir()
     code, out, err = train_cli(["train", "--dataset", dataset, "--data-dir", empty, "--out", data_env / "run"])
-    one_line_error(code, err, str(empty), str(data_env / "xdg-cache" / "vggnet" / "data"), *fragments)
+    one_line_error(code, err, str(empty), "omit --data-dir to search $VGGNET_DATA and the default places",
+                   *fragments)
+    assert str(data_env / "xdg-cache") not in err  # a given --data-dir is searched alone (no silent fallback)
     assert not (data_env / "run").exists()
+    code, out, err = train_cli(["train", "--dataset", dataset, "--out", data_env / "run"])
+    one_line_error(code, err, str(data_env / "xdg-cache" / "vggnet" / "data"), *fragments[:1])  # the default places
 
 
 def test_resume_errors_leave_the_run_untouched(train_run_copy, tmp_path, train_cli, train_snapshot,

@@ -22,7 +22,7 @@ from PIL import Image
 
 from vggnet.data import decode_image, load_dataset, load_folder
 from vggnet.data.cifar import load_cifar, parse_batch
-from vggnet.data.folder import CACHE_DIR_NAME, _cache_filename, _fingerprint, plan_split
+from vggnet.data.folder import _cache_filename, _fingerprint, cache_dir, plan_split
 from vggnet.data.idx import MAGIC_IMAGES, MAGIC_LABELS, read_idx
 from vggnet.errors import DataError
 
@@ -363,12 +363,12 @@ def test_folder_cache_with_test_images_of_another_size_is_not_served(tmp_path, d
     root = root.resolve()
     classes, splits = plan_split(root, 0.2)
     name = _cache_filename(12, _fingerprint(root, 12, 0.2, splits))
-    (root / CACHE_DIR_NAME).mkdir()
+    cache_dir(root).mkdir(parents=True)
     forged = {f"{split}_images": torch.zeros((len(splits[split]), 3, size, size), dtype=torch.uint8)
               for split, size in (("train", 12), ("test", 10))}
     forged.update({f"{split}_labels": torch.tensor([label for _, label in splits[split]]) for split in splits})
     from safetensors.torch import save_file
-    save_file(forged, str(root / CACHE_DIR_NAME / name), metadata={"classes": json.dumps(classes)})
+    save_file(forged, str(cache_dir(root) / name), metadata={"classes": json.dumps(classes)})
     train, test = load_folder(root, image_size=12)
     assert train.image_shape == test.image_shape == (3, 12, 12)
     fresh_train, fresh_test = load_folder(root, image_size=12, cache=False)

@@ -11,7 +11,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from vggnet.data import decode_image, load_dataset, load_folder
-from vggnet.data.folder import CACHE_DIR_NAME, plan_split
+from vggnet.data.folder import cache_dir, plan_split
 from vggnet.data.images import DECODER_VERSION
 from vggnet.errors import DataError
 
@@ -90,7 +90,7 @@ def test_split_deterministic_and_disjoint(tree, data_env):
 
 def test_cache_hit_and_invalidation(tree, data_env, monkeypatch):
     train, test = load_folder(tree, image_size=12)
-    cached = list((tree / CACHE_DIR_NAME).glob("folder-12px-*.safetensors"))
+    cached = list(cache_dir(tree).glob("folder-12px-*.safetensors"))
     assert len(cached) == 1
 
     def refuse(*args, **kwargs):
@@ -120,26 +120,26 @@ def test_cache_of_the_old_decoder_is_not_served(tree, data_env):
     """A cache written by the old decoder (file name and fingerprint without the decoder version) is ignored
     and replaced, even though it matches the files and classes."""
     name, splits = old_decoder_cache_name(tree, 12)
-    (tree / CACHE_DIR_NAME).mkdir()
+    cache_dir(tree).mkdir(parents=True)
     stale = {f"{split}_{kind}": tensor for split in ("train", "test") for kind, tensor in (
         ("images", torch.full((len(splits[split]), 3, 12, 12), 123, dtype=torch.uint8)),
         ("labels", torch.tensor([label for _, label in splits[split]])))}
-    save_file(stale, str(tree / CACHE_DIR_NAME / name), metadata={"classes": json.dumps(["cat", "dog", "eel"])})
+    save_file(stale, str(cache_dir(tree) / name), metadata={"classes": json.dumps(["cat", "dog", "eel"])})
     train, test = load_folder(tree, image_size=12)
     assert not (train.images == 123).all() and torch.equal(train.images, load_folder(tree, 12, cache=False)[0].images)
-    cached = [p.name for p in (tree / CACHE_DIR_NAME).glob("*.safetensors")]
+    cached = [p.name for p in cache_dir(tree).glob("*.safetensors")]
     assert cached == [p for p in cached if p.startswith(f"folder-12px-dec{DECODER_VERSION}-")] and len(cached) == 1
 
 
 def test_cache_is_keyed_by_the_decoder_version(tree, data_env, monkeypatch):
     load_folder(tree, image_size=12)
-    (first,) = (tree / CACHE_DIR_NAME).glob("folder-12px-*.safetensors")
+    (first,) = cache_dir(tree).glob("folder-12px-*.safetensors")
     decoded = []
     monkeypatch.setattr("vggnet.data.folder.DECODER_VERSION", DECODER_VERSION + 1)
     monkeypatch.setattr("vggnet.data.folder.decode_image", lambda *a, **k: decoded.append(a) or decode_image(*a, **k))
     load_folder(tree, image_size=12)
     assert len(decoded) == 8  # another decoder: every image decoded again, not served from the first cache
-    (second,) = (tree / CACHE_DIR_NAME).glob("folder-12px-*.safetensors")
+    (second,) = cache_dir(tree).glob("folder-12px-*.safetensors")
     assert second.name != first.name and f"-dec{DECODER_VERSION + 1}-" in second.name
 
 
@@ -153,7 +153,7 @@ def test_unreadable_images_reported_by_path(tree, data_env):
     message = str(info.value)
     assert "2 unreadable image(s)" in message and "cat/broken.jpg" in message and "dog/cut.png" in message
     assert "\n" not in message
-    assert not any((tree / CACHE_DIR_NAME).glob("*.safetensors"))  # nothing cached from a failed decode
+    assert not any(cache_dir(tree).glob("*.safetensors"))  # nothing cached from a failed decode
 
 
 def test_train_test_subfolders(tmp_path, data_env):

@@ -8,8 +8,9 @@ from pathlib import Path
 
 from ..bench import BenchConfig, render, run
 from ..bench.config import ALL_SECTIONS, GPU_SECTIONS, SECTIONS
-from ..files import atomic_write_json
-from .common import positive_int, print_json
+from ..files import atomic_write_json, make_dirs
+from ..training.config import RANGES, Range
+from .common import device_name, in_range, print_json, rounds_type, threads_type, user_path
 
 
 def sections(text: str) -> tuple[str, ...]:
@@ -33,18 +34,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--only", type=sections, metavar="LIST",
                    help=f"comma-separated sections: on the CPU from {','.join(SECTIONS)}, on CUDA from "
                         f"{','.join(GPU_SECTIONS)} (default: all of the device's)")
-    p.add_argument("--device", default="cpu", metavar="DEVICE",
+    p.add_argument("--device", type=device_name, default="cpu", metavar="DEVICE",
                    help="cpu (default): the CPU sections; cuda or cuda:N: the GPU sections (issue #12), vggnet "
                         "against the typical GPU pipeline on that GPU")
     p.add_argument("--quick", action="store_true", help="a small smoke version of every section (seconds)")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object instead of tables")
     p.add_argument("--out", metavar="FILE", help="also write the JSON results to FILE")
-    p.add_argument("--data-dir", help="where Fashion-MNIST is (searched before $VGGNET_DATA)")
-    p.add_argument("--threads", type=positive_int, help="intra-op threads (default: every available core)")
-    p.add_argument("--rounds", type=positive_int, help="timed rounds per measurement (default 10, quick 2)")
-    p.add_argument("--subset", type=positive_int, metavar="N",
+    p.add_argument("--data-dir", type=user_path, help="where Fashion-MNIST is (searched before $VGGNET_DATA)")
+    p.add_argument("--threads", type=threads_type, help="intra-op threads (default: every available core)")
+    p.add_argument("--rounds", type=rounds_type, help="timed rounds per measurement (default 10, quick 2)")
+    p.add_argument("--subset", type=in_range(RANGES["subset"]), metavar="N",
                    help="end to end (e2e, gpu_epoch): train on the first N images (default all 60000; quick 1024)")
-    p.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
+    p.add_argument("--wait-idle", type=in_range(Range(0, 86400)), default=0.0, metavar="SECONDS",
                    help="first wait up to SECONDS for other processes to stop using the CPU")
     p.set_defaults(run=run_bench)
 
@@ -55,7 +56,7 @@ def run_bench(args: argparse.Namespace) -> int:
                       progress=lambda message: print(f"vggnet bench: {message}", file=sys.stderr, flush=True))
     results = run(cfg)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(Path(args.out).parent)
         atomic_write_json(args.out, results)
     if args.json:
         print_json(results)

@@ -4,61 +4,122 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import re
-from typing import Any
+from typing import Any, Callable
 
+from ..configs import MAX_CHANNELS
 from ..models import HEADS
+from ..training.config import DEVICE_NAME, MAX_BATCH, MAX_CLASSES, MAX_IMAGE_SIZE, RANGES, Range
+
+#: Longer than any number anyone types: refused before int() (which gives up past 4300 digits) or float() see it.
+MAX_NUMBER_CHARS = 100
 
 
-def positive_int(text: str) -> int:
+#: Characters other than "\n" that end a line (str.splitlines): in a message they come from a name the user gave.
+_LINE_ENDS = re.compile("[\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
+
+
+def one_line(message: str) -> str:
+    """``message`` as one line: its line breaks (and the indentation around them) become single spaces, and any
+    other line-ending character (from a file name, say) a backslash escape."""
+    message = re.sub(r"\s*\n\s*", " ", message.strip())
+    return _LINE_ENDS.sub(lambda end: end.group().encode("unicode_escape").decode("ascii"), message)
+
+
+def shown(text: str) -> str:
+    """``text`` quoted for a one-line message: escapes for newlines and undecodable bytes, long text cut short."""
+    return repr(text if len(text) <= 40 else text[:37] + "...")
+
+
+def _parse_number(text: str, integer: bool) -> int | float:
+    if len(text) > MAX_NUMBER_CHARS:
+        raise argparse.ArgumentTypeError(f"{shown(text)} is too long for a number")
     try:
-        value = int(text)
+        return int(text) if integer else float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+        raise argparse.ArgumentTypeError(f"{shown(text)} is not {'an integer' if integer else 'a number'}") from None
+
+
+def in_range(allowed: Range) -> Callable[[str], int | float]:
+    """An argument type: a number in ``allowed`` (see :class:`vggnet.training.config.Range`), refused at parse time
+    with one line (``argument --rounds: must be <= 10000, got 99999``)."""
+
+    def parse(text: str) -> int | float:
+        value = _parse_number(text, allowed.integer)
+        problem = allowed.problem(value)
+        if problem is not None:
+            raise argparse.ArgumentTypeError(problem)
+        return value
+
+    return parse
+
+
+def integer(text: str) -> int:
+    """Any integer: ``vggnet train``'s options, whose ranges are :data:`vggnet.training.config.RANGES`, checked by
+    :func:`~vggnet.training.resolve_config` before any work (and the same for API users and for resumed runs)."""
+    return _parse_number(text, integer=True)
+
+
+def number(text: str) -> float:
+    """Any finite number (``nan`` and ``inf`` are refused here); ranges as for :func:`integer`."""
+    value = _parse_number(text, integer=False)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {value}")
     return value
 
 
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
+def numbers_at_most(limit: int, what: str) -> Callable[[str], str]:
+    """An argument type for a list the verb parses itself (``--scales 32,40``, ``--svd fc6=64``): the text, once
+    every number in it is at most ``limit`` (``what`` names them in the message); so the verb's parser never meets
+    thousands of digits, which ``int`` refuses with a ValueError."""
+
+    def check(text: str) -> str:
+        for digits in re.findall(r"\d+", text):
+            if len(digits) > len(str(limit)) or int(digits) > limit:
+                raise argparse.ArgumentTypeError(f"{shown(text)}: {what} are at most {limit}")
+        return text
+
+    return check
 
 
-def _number_in(text: str, top_included: bool) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not (0.0 <= value <= 1.0 if top_included else 0.0 <= value < 1.0):
-        raise argparse.ArgumentTypeError(f"must be in [0, 1{']' if top_included else ')'}, got {value}")
-    return value
+def user_path(text: str) -> str:
+    """A folder option, ``~`` and ``~user`` expanded here: pathlib's ``expanduser``, which the data and weights code
+    call, raises a RuntimeError for a user that does not exist."""
+    expanded = os.path.expanduser(text)
+    if expanded.startswith("~"):
+        raise argparse.ArgumentTypeError(f"{shown(text)}: there is no home folder {shown(text.split('/')[0])}")
+    return expanded
 
 
-def fraction(text: str) -> float:
-    """A number in [0, 1): dropout, momentum, label smoothing."""
-    return _number_in(text, top_included=False)
+def device_name(text: str) -> str:
+    """``--device``: auto, cpu, cuda or cuda:N (whether that device exists is :func:`vggnet.runtime.pick_device`'s
+    to say)."""
+    if DEVICE_NAME.fullmatch(text) is None:
+        raise argparse.ArgumentTypeError(f"must be auto, cpu, cuda or cuda:N, got {shown(text)}")
+    return text
 
 
-def unit_interval(text: str) -> float:
-    """A number in [0, 1]: a blend weight, a probability that may be 1."""
-    return _number_in(text, top_included=True)
+#: Argument types several verbs share.
+batch_size_type = in_range(Range(1, MAX_BATCH, integer=True))
+threads_type = in_range(RANGES["threads"])
+width_type = in_range(RANGES["width"])
+rounds_type = in_range(Range(1, 10_000, integer=True))  # timed runs of one measurement: beyond, days
+fraction = in_range(Range(0, 1, open_high=True))  # dropout, momentum, label smoothing
+unit_interval = in_range(Range(0, 1))  # a blend weight, a probability that may be 1
 
 
 def image_size(text: str) -> tuple[int, int]:
-    """``224`` or ``224x160`` (height x width)."""
-    match = re.fullmatch(r"\s*(\d+)\s*(?:[x,]\s*(\d+))?\s*", text)
+    """``224`` or ``224x160`` (height x width), each side at most :data:`MAX_IMAGE_SIZE` pixels."""
+    match = re.fullmatch(r"\s*(\d{1,9})\s*(?:[x,]\s*(\d{1,9}))?\s*", text)
     if not match:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size: write N or HxW, e.g. 224 or 224x160")
+        raise argparse.ArgumentTypeError(f"{shown(text)} is not a size: write N or HxW, e.g. 224 or 224x160")
     h = int(match.group(1))
     w = int(match.group(2) or h)
-    if h < 1 or w < 1:
-        raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
+    if not (1 <= h <= MAX_IMAGE_SIZE and 1 <= w <= MAX_IMAGE_SIZE):
+        raise argparse.ArgumentTypeError(f"size must be positive and at most {MAX_IMAGE_SIZE} pixels a side, got "
+                                         f"{shown(text)}")
     return (h, w)
 
 
@@ -72,14 +133,16 @@ def add_model_options(parser: argparse.ArgumentParser, training: bool = False) -
     if training:
         parser.add_argument("--head", choices=HEADS, help="classifier head (default: the named model's classic; "
                             "without --model, the default recipe's gap)")
-        parser.add_argument("--width", type=positive_float, metavar="W", help="channel multiplier (default: the named "
+        parser.add_argument("--width", type=number, metavar="W", help="channel multiplier (default: the named "
                             "model's 1.0; without --model, the default recipe's 0.25)")
         return
     parser.add_argument("--input-size", type=image_size, metavar="H[xW]", help="input size (default 224)")
-    parser.add_argument("--in-channels", type=positive_int, metavar="N", help="input channels (default 3)")
-    parser.add_argument("--num-classes", type=positive_int, metavar="N", help="classes (default 1000)")
+    parser.add_argument("--in-channels", type=in_range(Range(1, MAX_CHANNELS, integer=True)), metavar="N",
+                        help="input channels (default 3)")
+    parser.add_argument("--num-classes", type=in_range(Range(1, MAX_CLASSES, integer=True)), metavar="N",
+                        help="classes (default 1000)")
     parser.add_argument("--head", choices=HEADS, help="classifier head (default classic)")
-    parser.add_argument("--width", type=positive_float, metavar="W", help="channel multiplier (default 1.0)")
+    parser.add_argument("--width", type=width_type, metavar="W", help="channel multiplier (default 1.0)")
 
 
 def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -118,9 +181,9 @@ def add_runtime_options(parser: argparse.ArgumentParser, precision: str = "auto"
     :func:`vggnet.runtime.resolve_runtime` takes."""
     from ..runtime import PRECISIONS
 
-    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
+    parser.add_argument("--device", type=device_name, default="auto", help="auto (default), cpu, cuda, cuda:N")
     parser.add_argument("--precision", choices=PRECISIONS, default=precision, help=precision_help)
-    parser.add_argument("--threads", type=positive_int, help="intra-op threads (default: every available core)")
+    parser.add_argument("--threads", type=threads_type, help="intra-op threads (default: every available core)")
     if compile:
         parser.add_argument("--compile", action="store_true", help="torch.compile the network first: the first batch "
                             "pays tens of seconds of compilation, so it pays only on many images (docs/BENCHMARKS.md)")

@@ -11,7 +11,9 @@ import argparse
 from ..compress import compress_run, parse_ranks
 from ..report import human_bytes, table
 from ..runtime import resolve_runtime
-from .common import SOURCE_HELP, add_source_options, positive_float, positive_int, print_json
+from ..training.config import Range
+from .common import (SOURCE_HELP, add_source_options, batch_size_type, in_range, numbers_at_most, print_json,
+                     rounds_type, threads_type, user_path)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -19,24 +21,25 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("source", metavar="SOURCE", help=SOURCE_HELP)
     p.add_argument("--out", required=True, metavar="RUN", help="the new run directory (must not exist, or be empty)")
     how = p.add_mutually_exclusive_group()
-    how.add_argument("--svd", metavar="LAYER=RANK,...", help="factorise FC layers at these ranks, e.g. "
-                     "fc6=1024,fc7=256 (classic/fitted heads: fc6, fc7, fc8; gap head: fc)")
-    how.add_argument("--svd-energy", type=positive_float, metavar="E", help="factorise every FC layer at the smallest "
-                     "rank keeping the fraction E of sum(s^2), e.g. 0.95; layers whose factors would not be smaller "
-                     "stay whole")
+    how.add_argument("--svd", type=numbers_at_most(10**6, "ranks"), metavar="LAYER=RANK,...",
+                     help="factorise FC layers at these ranks, e.g. fc6=1024,fc7=256 (classic/fitted heads: fc6, "
+                     "fc7, fc8; gap head: fc)")
+    how.add_argument("--svd-energy", type=in_range(Range(0, 1, open_low=True)), metavar="E",
+                     help="factorise every FC layer at the smallest rank keeping the fraction E of sum(s^2), e.g. "
+                     "0.95; layers whose factors would not be smaller stay whole")
     p.add_argument("--int8", action="store_true", help="int8 weights (per-output-channel scale) for every FC layer, "
                    "run by torch's fbgemm/x86 dynamic-int8 kernel on the CPU")
     p.add_argument("--half", action="store_true", help="store floating tensors as float16 (loaded as float32)")
     add_source_options(p)
     p.add_argument("--dataset", metavar="D", help="test set for the accuracies (run directories: default the run's "
                    "own; weights files: none unless given)")
-    p.add_argument("--data-dir", metavar="DIR", help="where the dataset files are")
+    p.add_argument("--data-dir", type=user_path, metavar="DIR", help="where the dataset files are")
     p.add_argument("--no-eval", dest="evaluate", action="store_false", help="skip the accuracies")
-    p.add_argument("--batch-size", type=positive_int, metavar="N", help="evaluation batch (default: by image size); "
+    p.add_argument("--batch-size", type=batch_size_type, metavar="N", help="evaluation batch (default: by image size); "
                    "int8 layers quantise their input per batch, so it can move the int8 accuracy slightly")
-    p.add_argument("--rounds", type=positive_int, default=10, metavar="N", help="timed runs per model for the "
+    p.add_argument("--rounds", type=rounds_type, default=10, metavar="N", help="timed runs per model for the "
                    "latency (median; default 10)")
-    p.add_argument("--threads", type=positive_int, metavar="N", help="intra-op threads for the latency (default: "
+    p.add_argument("--threads", type=threads_type, metavar="N", help="intra-op threads for the latency (default: "
                    "every available core; the SVD and the evaluation use every core)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(run=run)

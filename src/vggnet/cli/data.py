@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 
 from ..data import DATASETS, fetch, load_dataset
+from ..training.config import RANGES
+from .common import in_range, user_path
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -12,14 +14,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     verbs = p.add_subparsers(dest="data_verb", metavar="ACTION", required=True, parser_class=type(p))
     f = verbs.add_parser("fetch", help="download a dataset from its official address, verifying checksums")
     f.add_argument("name", choices=sorted(DATASETS))
-    f.add_argument("--to", metavar="DIR", help="destination (default $VGGNET_DATA or ~/.cache/vggnet/data/NAME)")
+    f.add_argument("--to", type=user_path, metavar="DIR", help="destination (default $VGGNET_DATA or ~/.cache/vggnet/data/NAME)")
     f.add_argument("--url", help="another location (directory URL for fashion-mnist, archive URL for CIFAR); "
                    "file:// works")
     f.set_defaults(run=run_fetch)
     i = verbs.add_parser("info", help="load a dataset and print its size and classes")
     i.add_argument("name", help="fashion-mnist, cifar10, cifar100 or folder:PATH")
-    i.add_argument("--data-dir")
-    i.add_argument("--image-size", type=int, help="folder: decode size (default 64)")
+    i.add_argument("--data-dir", type=user_path)
+    i.add_argument("--image-size", type=in_range(RANGES["image_size"]), help="folder: decode size (default 64)")
     i.set_defaults(run=run_info)
 
 

@@ -19,7 +19,12 @@ from ..multiscale import Protocol, check_protocol, evaluate_multiscale, parse_cr
 from ..report import table
 from ..rundir import RunDir
 from ..runtime import resolve_runtime
-from .common import SOURCE_HELP, add_runtime_options, add_source_options, load_source, positive_int, print_json
+from ..training.config import MAX_IMAGE_SIZE
+from .common import (SOURCE_HELP, add_runtime_options, add_source_options, batch_size_type, load_source,
+                     numbers_at_most, print_json, user_path)
+
+#: The largest side of a --crops grid (the paper's is 5x5).
+MAX_CROPS = 64
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -28,19 +33,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_source_options(p)
     p.add_argument("--dataset", help="dataset to evaluate on (run directories: default the run's own; weights files: "
                    "required, e.g. folder:PATH with one subfolder per class in the model's class order)")
-    p.add_argument("--data-dir", help="where the dataset files are")
+    p.add_argument("--data-dir", type=user_path, help="where the dataset files are")
     p.add_argument("--tta", choices=("flip",), help="average with horizontally flipped images")
-    p.add_argument("--scales", metavar="Q1,Q2,...", help="the paper's multi-scale test (section 3.2): test scales in "
+    p.add_argument("--scales", type=numbers_at_most(MAX_IMAGE_SIZE, "test scales (pixels)"), metavar="Q1,Q2,...",
+                   help="the paper's multi-scale test (section 3.2): test scales in "
                    "pixels, the side the test image (as preprocessed to the training size S) is rescaled to; Q = S is "
                    "single-scale. Dense evaluation unless --crops is given alone; the probabilities are averaged "
                    "over scales")
     p.add_argument("--dense", action="store_true", help="with --scales: the fully convolutional net on the whole "
                    "Q x Q image, class scores averaged over space (the default with --scales)")
-    p.add_argument("--crops", metavar="RxC", help="with --scales: a grid of R x C crops of S x S per scale through "
+    p.add_argument("--crops", type=numbers_at_most(MAX_CROPS, "the grid's rows and columns"), metavar="RxC",
+                   help="with --scales: a grid of R x C crops of S x S per scale through "
                    "the original net (5x5 is the paper's); with --dense too, dense and crops are averaged")
     p.add_argument("--flip", action="store_true", help="with --scales: also the horizontally flipped image (dense) "
                    "and each crop's mirror")
-    p.add_argument("--batch-size", type=positive_int, help="images per batch (default: by image size: 256 at 32x32, "
+    p.add_argument("--batch-size", type=batch_size_type, help="images per batch (default: by image size: 256 at 32x32, "
                    "16 at 224x224); with --scales, network inputs per pass (a crop or a mirror counts as one)")
     add_runtime_options(p, "fp32", "fp32 (default: exact numbers), or auto/bf16/fp16 for speed", compile=True)
     p.add_argument("--out", metavar="DIR", help="where eval.json and confusion.png go (default: the run directory; "

@@ -11,7 +11,7 @@ import sys
 from ..errors import ConfigError
 from ..explain import check_out_dir, explain_files
 from ..runtime import resolve_runtime
-from .common import SOURCE_HELP, add_runtime_options, add_source_options, load_source, unit_interval
+from .common import SOURCE_HELP, add_runtime_options, add_source_options, load_source, one_line, unit_interval
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
                  else "all-zero map: no positive evidence for this class at this layer")
         print(f"{e.file}: {what}, {result.layer} ({h}x{w}) {where} -> {e.png}")
     for e in result.failed:
-        print(f"vggnet explain: error: {e.error}", file=sys.stderr)
+        print(one_line(f"vggnet explain: error: {e.error}"), file=sys.stderr)
     explained = len(result.images) - len(result.failed)
     if explained:
         print(f"{explained} image(s) explained -> {result.json_path}")

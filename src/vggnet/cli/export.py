@@ -12,7 +12,8 @@ import argparse
 from ..export import (DEFAULT_TOLERANCE, EXTENSIONS, FORMATS, check_images_of, check_out_path, export_checked,
                       human_size, require_onnx)
 from ..evaluation import auto_batch_size
-from .common import SOURCE_HELP, add_source_options, load_source, positive_float, positive_int
+from ..training.config import Range
+from .common import SOURCE_HELP, add_source_options, batch_size_type, in_range, load_source
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -29,14 +30,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--any-size", action="store_true",
                    help="export the fully convolutional form (vggnet.to_dense), taking any height and width at least "
                         "the training size (gap heads: at least 2**pools); default: the training size only")
-    p.add_argument("--tolerance", type=positive_float, default=DEFAULT_TOLERANCE, metavar="T",
+    p.add_argument("--tolerance", type=in_range(Range(0, 1, open_low=True)), default=DEFAULT_TOLERANCE,
+                   metavar="T",
                    help="the check passes when max |file - eager| / max |eager logit| <= T (default "
                         f"{DEFAULT_TOLERANCE:g}, fp32 against fp32) and every top-1 class agrees, except images whose "
                         "eager top-2 margin is below the max abs error; otherwise nothing is written (exit 2)")
     p.add_argument("--check-images", nargs="+", metavar="IMAGE",
                    help="image files to check on, decoded as vggnet predict decodes them (default: the first "
                         "--check-count images of a run's test set; random images when there is none)")
-    p.add_argument("--check-count", type=positive_int, metavar="N",
+    p.add_argument("--check-count", type=batch_size_type, metavar="N",
                    help="test images to check on (default by input size, as eval's batch: 256 at 32x32, 16 at "
                         "224x224, so that a batch-1 export of VGG-16 checks in seconds, not minutes)")
     add_source_options(p)

@@ -11,7 +11,7 @@ import sys
 
 from ..features import FORMATS, POOLS, check_output, extract_features, save_features
 from ..runtime import resolve_runtime
-from .common import SOURCE_HELP, add_runtime_options, add_source_options, load_source, positive_int
+from .common import SOURCE_HELP, add_runtime_options, add_source_options, batch_size_type, load_source, one_line
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -25,7 +25,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, metavar="FILE",
                    help=f"output, by extension: {' or '.join(FORMATS)} (one layer in .npy, with FILE.json beside it; "
                         "one tensor per layer in .safetensors, metadata in its header)")
-    p.add_argument("--batch-size", type=positive_int, metavar="N",
+    p.add_argument("--batch-size", type=batch_size_type, metavar="N",
                    help="images per batch (default: by image size, 256 at 32x32, 16 at 224x224)")
     add_source_options(p)
     add_runtime_options(p, precision_help="auto (default): bf16 where the hardware runs it natively, else fp32; the "
@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
                               progress=args.progress)
     result.source = args.source
     for _, message in result.failed:
-        print(f"vggnet features: error: {message}", file=sys.stderr)
+        print(one_line(f"vggnet features: error: {message}"), file=sys.stderr)
     if result.maps:
         written = save_features(args.out, result)
         shapes = ", ".join(f"{name} {tuple(result.maps[name].shape)}" for name in result.layers)

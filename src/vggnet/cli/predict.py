@@ -10,14 +10,15 @@ import sys
 
 from ..predict import predict_files
 from ..runtime import resolve_runtime
-from .common import SOURCE_HELP, add_runtime_options, add_source_options, load_source, positive_int, print_json
+from ..training.config import MAX_CLASSES, Range
+from .common import SOURCE_HELP, add_runtime_options, add_source_options, in_range, load_source, one_line, print_json
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="classify image files with a trained run or a weights file")
     p.add_argument("source", metavar="SOURCE", help=SOURCE_HELP)
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format Pillow reads)")
-    p.add_argument("--top-k", type=positive_int, default=5, metavar="K")
+    p.add_argument("--top-k", type=in_range(Range(1, MAX_CLASSES, integer=True)), default=5, metavar="K")
     add_source_options(p)
     p.add_argument("--tta", choices=("flip",))
     add_runtime_options(p, compile=True)
@@ -38,5 +39,5 @@ def run(args: argparse.Namespace) -> int:
                 ranked = ", ".join(f"{t['class']} {100 * t['prob']:.1f}%" for t in r.top)
                 print(f"{r.file}: {ranked}")
     for r in failed:
-        print(f"vggnet predict: error: {r.error}", file=sys.stderr)
+        print(one_line(f"vggnet predict: error: {r.error}"), file=sys.stderr)
     return 2 if failed else 0

@@ -7,30 +7,46 @@ import argparse
 import torch
 
 from ..analysis import OPTIMIZER_STATE, parse_bytes, summarize
+from ..errors import ConfigError
 from ..models import create_model
 from ..report import render_summary
-from .common import add_model_options, model_kwargs, positive_int, print_json
+from .common import add_model_options, batch_size_type, model_kwargs, print_json, shown
+
+#: The largest --memory-budget: an exbibyte (a larger one would overflow the estimate's float arithmetic).
+MAX_BUDGET = 2**60
+
+
+def memory_size(text: str) -> int:
+    """``--memory-budget``: a size :func:`vggnet.analysis.parse_bytes` reads, up to :data:`MAX_BUDGET`."""
+    try:
+        size = parse_bytes(text)
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    if size > MAX_BUDGET:
+        raise argparse.ArgumentTypeError(f"memory size {shown(text)} is more than {MAX_BUDGET} bytes (1 EiB)")
+    return size
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("summary", help="per-layer shapes, activation memory, parameters, MACs; training memory")
     p.add_argument("name", help="model name (see `vggnet models`) or 'custom' with --arch")
     add_model_options(p)
-    p.add_argument("--batch-size", type=positive_int, default=None, metavar="N",
+    p.add_argument("--batch-size", type=batch_size_type, default=None, metavar="N",
                    help="batch size for the training-memory estimate (default 1)")
     p.add_argument("--optimizer", choices=sorted(OPTIMIZER_STATE), default="sgd",
                    help="optimizer for the estimate: sgd (momentum), adam, adamw, sgd-nomomentum")
-    p.add_argument("--memory-budget", metavar="SIZE", help="report the largest batch within SIZE, e.g. 11GiB")
+    p.add_argument("--memory-budget", type=memory_size, metavar="SIZE",
+                   help="report the largest batch within SIZE, e.g. 11GiB")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    budget = parse_bytes(args.memory_budget) if args.memory_budget else None
     with torch.device("meta"):
         model = create_model(args.name, **model_kwargs(args))
     summary = summarize(model)
     batch = args.batch_size or 1
+    budget = args.memory_budget
     max_batch = summary.max_batch_size(budget, args.optimizer) if budget is not None else None
     if args.json:
         print_json(summary.to_dict(batch, args.optimizer, budget))

@@ -10,8 +10,10 @@ from ..runtime import PRECISIONS
 from ..schedule import SCHEDULES
 from ..training import (DECAYING, NORMALIZE, OPTIMIZERS, PRESETS, RUNTIME_OPTIONS, Interrupted, resolve_config,
                         resume, train)
+from ..training.config import MAX_CLASSES, Range
 from ..training.transfer import INIT_SCHEMES
-from .common import add_model_options, fraction, positive_float, positive_int, print_json
+from .common import (add_model_options, device_name, fraction, in_range, integer, number, one_line, print_json,
+                     shown, unit_interval, user_path)
 
 
 def name_list(text: str) -> list[str]:
@@ -29,11 +31,15 @@ def class_list(text: str) -> list[int]:
         lo, _, hi = part.strip().partition("-")
         try:
             first, last = int(lo), int(hi or lo)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a class list: write indices and ranges, e.g. 0-4 or "
-                                             "5,6,7") from None
+        except ValueError:  # not digits, or thousands of them
+            raise argparse.ArgumentTypeError(f"{shown(text)} is not a class list: write indices and ranges, e.g. 0-4 "
+                                             "or 5,6,7") from None
         if first < 0 or last < first:
-            raise argparse.ArgumentTypeError(f"{part.strip()!r}: a range runs from a smaller to a larger index >= 0")
+            raise argparse.ArgumentTypeError(f"{shown(part.strip())}: a range runs from a smaller to a larger index "
+                                             ">= 0")
+        if last >= MAX_CLASSES or len(out) + last - first >= MAX_CLASSES:
+            raise argparse.ArgumentTypeError(f"{shown(text)}: at most {MAX_CLASSES} classes, indices 0 to "
+                                             f"{MAX_CLASSES - 1}")
         out.extend(range(first, last + 1))
     return out
 
@@ -60,48 +66,48 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--freeze", type=name_list, metavar="NAME[,NAME]",
                    help="keep these layers fixed (their BN in eval mode): features, block1..block5, conv1_1..conv5_3 "
                         "(with its BN), classifier")
-    p.add_argument("--loaded-lr-scale", type=positive_float, metavar="F",
+    p.add_argument("--loaded-lr-scale", type=number, metavar="F",
                    help="learning-rate multiplier for the layers --init-from loaded (e.g. 0.1: they move gently while "
                         "new layers learn at the full rate; default 1)")
     p.add_argument("--dataset", help="fashion-mnist (default), cifar10, cifar100 or folder:PATH")
-    p.add_argument("--data-dir", help="where the dataset files are (searched before $VGGNET_DATA)")
-    p.add_argument("--image-size", type=positive_int, metavar="N", help="input size in pixels (default 32)")
+    p.add_argument("--data-dir", type=user_path, help="where the dataset files are (searched before $VGGNET_DATA)")
+    p.add_argument("--image-size", type=integer, metavar="N", help="input size in pixels (default 32)")
     p.add_argument("--normalize", choices=NORMALIZE, help="per-channel standardisation, the paper's mean subtraction, or none")
-    p.add_argument("--epochs", type=positive_int)
-    p.add_argument("--batch-size", type=positive_int, help="global batch (divided among torchrun processes)")
+    p.add_argument("--epochs", type=integer)
+    p.add_argument("--batch-size", type=integer, help="global batch (divided among torchrun processes)")
     p.add_argument("--optimizer", choices=OPTIMIZERS)
-    p.add_argument("--lr", type=positive_float, help="peak learning rate for the global batch")
+    p.add_argument("--lr", type=number, help="peak learning rate for the global batch")
     p.add_argument("--momentum", type=fraction)
-    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--weight-decay", type=number)
     p.add_argument("--schedule", choices=SCHEDULES)
-    p.add_argument("--warmup-epochs", type=float)
+    p.add_argument("--warmup-epochs", type=number)
     p.add_argument("--label-smoothing", type=fraction)
-    p.add_argument("--grad-clip", type=positive_float, metavar="NORM")
-    p.add_argument("--crop-padding", type=int, metavar="PX")
+    p.add_argument("--grad-clip", type=number, metavar="NORM")
+    p.add_argument("--crop-padding", type=integer, metavar="PX")
     p.add_argument("--no-flip", dest="flip", action="store_false", default=None, help="no horizontal flips")
-    p.add_argument("--erasing", type=fraction, metavar="P", help="random-erasing probability")
-    p.add_argument("--scale-jitter", type=positive_float, nargs=2, metavar=("LO", "HI"),
+    p.add_argument("--erasing", type=unit_interval, metavar="P", help="random-erasing probability")
+    p.add_argument("--scale-jitter", type=in_range(Range(0, 1, open_low=True)), nargs=2, metavar=("LO", "HI"),
                    help="zoom window as fractions of the side, e.g. 0.44 0.88")
     p.add_argument("--preset", choices=sorted(PRESETS))
-    p.add_argument("--val-split", type=positive_int, metavar="N",
+    p.add_argument("--val-split", type=integer, metavar="N",
                    help="hold out N training images (stratified, the same for every seed) for validation: the best "
                         "checkpoint and --schedule plateau follow the validation accuracy; without it there is no "
                         "best checkpoint (the test set is only reported, never used to select)")
-    p.add_argument("--subset", type=positive_int, metavar="N", help="train on the first N training images only")
+    p.add_argument("--subset", type=integer, metavar="N", help="train on the first N training images only")
     p.add_argument("--classes", type=class_list, metavar="LIST",
                    help="train and test on these classes only (indices into the dataset's classes, e.g. 0-4 or "
                         "5,6,7,8,9), relabelled 0..k-1 in the order given")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=integer)
     p.add_argument("--out", metavar="RUN_DIR", help="run directory (default runs/MODEL-DATASET-TIME)")
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue a stopped run exactly; with --epochs N, extend it to N epochs in total: the learning-"
                         "rate schedule keeps its length (constant, step and plateau go on at their final rate; runs "
                         f"on {'/'.join(DECAYING)}, which end at 0, cannot be extended); config.json records the new "
                         "total at the first checkpoint")
-    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--device", type=device_name, help="auto (default), cpu, cuda, cuda:N")
     p.add_argument("--precision", choices=PRECISIONS, help="auto: bf16 where the hardware runs it natively")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false", default=None)
-    p.add_argument("--threads", type=positive_int)
+    p.add_argument("--threads", type=integer)
     p.add_argument("--deterministic", action="store_true", default=None, help="deterministic algorithms only "
                    "(cuDNN, cuBLAS workspace): same-seed and resumed runs bit-identical on CUDA too, at some speed; "
                    "recorded in config.json and kept on resume (the CPU path is bit-identical either way)")
@@ -170,7 +176,7 @@ def _guarded(fn, run_dir):
     except Interrupted as stop:
         together = True  # every rank stops at the same step (the stop vote)
         if distributed.env_rank() == 0:
-            print(f"vggnet train: {stop}", file=sys.stderr)
+            print(one_line(f"vggnet train: {stop}"), file=sys.stderr)
         raise SystemExit(128 + int(stop.signum)) from None
     except distributed.PeerLost:
         broken = True

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..report import table
 from ..weights.official import BASE_URL, OFFICIAL, default_dir, fetch
-from .common import print_json
+from .common import print_json, user_path
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -15,13 +15,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     verbs = p.add_subparsers(dest="weights_verb", metavar="ACTION", required=True, parser_class=type(p))
     where = f"default $VGGNET_WEIGHTS or {_home(default_dir())}"
     ls = verbs.add_parser("list", help="the eight official torchvision VGG weights, and which are in --dir")
-    ls.add_argument("--dir", metavar="DIR", help=f"where to look for the files ({where})")
+    ls.add_argument("--dir", type=user_path, metavar="DIR", help=f"where to look for the files ({where})")
     ls.add_argument("--json", action="store_true", help="print the table as JSON (with URLs)")
     ls.set_defaults(run=run_list)
     f = verbs.add_parser("fetch", help="download official weights, verifying the SHA-256 prefix in their name")
     f.add_argument("name", metavar="NAME", help=f"model or file name: {', '.join(OFFICIAL)}, or e.g. "
                    "vgg16-397923af.pth")
-    f.add_argument("--to", metavar="DIR", help=f"destination directory ({where})")
+    f.add_argument("--to", type=user_path, metavar="DIR", help=f"destination directory ({where})")
     f.add_argument("--url", help="another address of the same file (a mirror; file:// works)")
     f.add_argument("--no-progress", action="store_true", help="no progress bar")
     f.set_defaults(run=run_fetch)
@@ -39,7 +39,7 @@ def _home(path: Path) -> str:
 
 
 def run_list(args: argparse.Namespace) -> int:
-    directory = Path(args.dir).expanduser() if args.dir else default_dir()
+    directory = Path(args.dir) if args.dir else default_dir()
     records = [dict(entry.to_dict(), present=(directory / entry.file).is_file()) for entry in OFFICIAL.values()]
     if args.json:
         print_json({"dir": str(directory), "weights": records})

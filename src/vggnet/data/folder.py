@@ -18,8 +18,9 @@
   upright (EXIF orientation), transparency composited over black, RGB, shorter side resized to ``image_size`` and
   centre-cropped to ``image_size`` squared. Images that cannot be decoded are collected and reported together, by
   path; none is skipped silently.
-* The decoded tensors are cached in ``PATH/.vggnet-cache/`` (or ``$XDG_CACHE_HOME/vggnet/folders/`` when ``PATH`` is
-  read-only) as safetensors, keyed by ``image_size``, the decoder's version
+* The decoded tensors are cached in the user's cache, ``$XDG_CACHE_HOME/vggnet/folders/HASH/`` (:func:`cache_dir`,
+  ``HASH`` from the folder's resolved path), never in the image folder itself: loading a folder (a dataset named by
+  a run's model.json, say) only reads it. Cache files are safetensors, keyed by ``image_size``, the decoder's version
   (:data:`vggnet.data.images.DECODER_VERSION`), the split rule and a fingerprint of every file's path, size and
   modification time; any change to the files or to the decoder means a fresh decode, and a cache whose tensor
   shapes or labels differ from the plan (train and test at another size, say) is ignored and decoded afresh. Cache
@@ -47,7 +48,6 @@ from vggnet.data.dataset import ImageDataset
 from vggnet.data.images import DECODER_VERSION, ImageFileError, decode_image
 from vggnet.errors import ConfigError, DataError
 
-CACHE_DIR_NAME = ".vggnet-cache"
 CACHE_VERSION = 1
 DEFAULT_TEST_FRACTION = 0.2
 MAX_REPORTED_FAILURES = 5
@@ -138,8 +138,10 @@ def _fingerprint(root: pathlib.Path, image_size: int, test_fraction: float,
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
-def _cache_dirs(root: pathlib.Path) -> list[pathlib.Path]:
-    return [root / CACHE_DIR_NAME, cache_root() / "folders" / _hash(str(root))[:16]]
+def cache_dir(root: str | os.PathLike) -> pathlib.Path:
+    """Where the decode cache of the image folder ``root`` lives: under the user's cache directory
+    (:func:`vggnet.data.catalogue.cache_root`), named by a hash of the folder's resolved path; never inside it."""
+    return cache_root() / "folders" / _hash(str(pathlib.Path(root).expanduser().resolve()))[:16]
 
 
 def _read_cache(root: pathlib.Path, filename: str, classes: list[str], splits: dict[str, list[tuple[str, int]]],
@@ -147,19 +149,18 @@ def _read_cache(root: pathlib.Path, filename: str, classes: list[str], splits: d
     """The cached tensors if a cache file exists and matches the plan (classes, shapes, labels), else None: a bad or
     foreign cache is ignored, and the images decoded again. Shapes are checked from the file's header, before any
     tensor is read."""
-    for directory in _cache_dirs(root):
-        path = directory / filename
-        if not path.is_file():
-            continue
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                if json.loads(f.metadata()["classes"]) != classes or not _cache_shapes_match(f, splits, image_size):
-                    continue
-                cached = {k: f.get_tensor(k) for k in ("train_images", "train_labels", "test_images", "test_labels")}
-        except Exception:  # unreadable or foreign cache: decode again and overwrite it
-            continue
-        if all(cached[f"{split}_labels"].tolist() == [label for _, label in items] for split, items in splits.items()):
-            return cached
+    path = cache_dir(root) / filename
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if json.loads(f.metadata()["classes"]) != classes or not _cache_shapes_match(f, splits, image_size):
+                return None
+            cached = {k: f.get_tensor(k) for k in ("train_images", "train_labels", "test_images", "test_labels")}
+    except Exception:  # unreadable or foreign cache: decode again and overwrite it
+        return None
+    if all(cached[f"{split}_labels"].tolist() == [label for _, label in items] for split, items in splits.items()):
+        return cached
     return None
 
 
@@ -184,25 +185,24 @@ def _cache_filename(image_size: int, fingerprint: str) -> str:
 
 def _write_cache(root: pathlib.Path, filename: str, tensors: dict[str, torch.Tensor], classes: list[str],
                  image_size: int) -> None:
-    """Write atomically (temp file + os.replace) to the first writable cache dir; drop stale files of this size
-    (older file sets or older decoders)."""
-    for directory in _cache_dirs(root):
-        tmp = None
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".safetensors")
-            os.close(fd)
-            save_file(tensors, tmp, metadata={"classes": json.dumps(classes), "root": str(root)})
-            os.replace(tmp, directory / filename)
-        except OSError:
-            if tmp is not None and os.path.exists(tmp):
-                os.unlink(tmp)
-            continue
-        for stale in directory.glob(f"{_cache_prefix(image_size)}*.safetensors"):
-            if stale.name != filename:
-                stale.unlink(missing_ok=True)
+    """Write atomically (temp file + os.replace) into :func:`cache_dir`; drop stale files of this size (older file
+    sets or older decoders). A cache that cannot be written is a warning: the next load decodes again."""
+    directory, tmp = cache_dir(root), None
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".safetensors")
+        os.close(fd)
+        save_file(tensors, tmp, metadata={"classes": json.dumps(classes), "root": str(root)})
+        os.replace(tmp, directory / filename)
+    except OSError:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+        warnings.warn(f"could not write a decode cache for {root} in {directory}; the next load decodes the images "
+                      "again", stacklevel=3)
         return
-    warnings.warn(f"could not write a decode cache for {root}; the next load decodes the images again", stacklevel=3)
+    for stale in directory.glob(f"{_cache_prefix(image_size)}*.safetensors"):
+        if stale.name != filename:
+            stale.unlink(missing_ok=True)
 
 
 def _decode_all(root: pathlib.Path, splits: dict[str, list[tuple[str, int]]],

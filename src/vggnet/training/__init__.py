@@ -14,7 +14,7 @@ from ..errors import CheckpointError, ConfigError
 from ..rundir import RunDir
 from ..runtime import deterministic_algorithms
 from .build import Run, build_run
-from .config import (DEFAULT_MODEL, MODEL_SHAPE, NORMALIZE, OPTIMIZERS, PRESETS, TrainConfig, resolve_config)
+from .config import DEFAULT_MODEL, MODEL_SHAPE, NORMALIZE, OPTIMIZERS, PRESETS, RANGES, TrainConfig, resolve_config
 from .loop import Interrupted, TrainingDiverged, fit, seed_epoch, train_step
 
 #: Options that change how a run executes, not what it computes: --resume may set them anew for its session
@@ -53,14 +53,13 @@ def resume(run_dir: str | Path, epochs: int | None = None, **runtime: Any) -> di
     if unknown:
         raise ConfigError(f"resume cannot change {sorted(unknown)}; only {', '.join(RUNTIME_OPTIONS)}")
     saved = rundir.read_config()
-    try:
-        config = TrainConfig.from_dict(saved)
-    except (ConfigError, TypeError) as err:
-        raise CheckpointError(f"{rundir.config} is not a valid training configuration: {err}") from None
-    done = rundir.read_state_record()["run"].get("epoch")
-    config.schedule_epochs = config.schedule_epochs or config.epochs  # runs written before it was recorded
+    config = _saved_run_config(rundir, saved)
+    done = rundir.read_state_record()["run"]["epoch"]  # an integer: read_state_record checks the counters
     if epochs is not None:
-        if not isinstance(done, int) or epochs <= done:
+        problem = RANGES["epochs"].problem(epochs)
+        if problem is not None:
+            raise ConfigError(f"--epochs {problem}")
+        if epochs <= done:
             raise ConfigError(f"--epochs {epochs} is not beyond the {done} epoch(s) {run_dir} already trained")
         if epochs > config.schedule_epochs and config.schedule in DECAYING:
             raise ConfigError(f"{run_dir}'s {config.schedule} schedule brings the learning rate to 0 at the end of its "
@@ -72,16 +71,25 @@ def resume(run_dir: str | Path, epochs: int | None = None, **runtime: Any) -> di
         if value is not None:
             setattr(config, key, value)
     config.out = str(rundir.path)
-    try:
-        config.complete().validate()
-    except ConfigError as err:
-        raise CheckpointError(f"{rundir.config} holds an invalid configuration: {err}") from None
+    config.validate()  # config.json's values passed _saved_run_config: what fails now is a run-time option's
     if epochs is not None and epochs > config.schedule_epochs and config.progress:
         print(f"vggnet train: extending {run_dir} to {epochs} epochs; the {config.schedule} learning-rate schedule "
               f"keeps its {config.schedule_epochs} epochs and the epochs after them run at its final rate",
               file=sys.stderr)
     with deterministic_algorithms(config.deterministic):  # the mode the run was started in (config.json)
         return fit(build_run(config, saved_config=saved), resume=True)
+
+
+def _saved_run_config(rundir: RunDir, saved: Any) -> TrainConfig:
+    """The configuration ``config.json`` holds (``saved``), completed and validated as a new run's would be: a file
+    edited by hand into wrong types or values is a one-line :class:`CheckpointError` naming it."""
+    try:
+        config = TrainConfig.from_dict(saved)
+        config.schedule_epochs = config.schedule_epochs or config.epochs  # runs written before it was recorded
+        config.complete().validate()
+    except ConfigError as err:
+        raise CheckpointError(f"{rundir.config} holds an invalid configuration: {err}") from None
+    return config
 
 
 __all__ = ["DECAYING", "DEFAULT_MODEL", "MODEL_SHAPE", "NORMALIZE", "OPTIMIZERS", "PRESETS", "RUNTIME_OPTIONS",

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import inspect
 import math
+import re
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, Iterator
 
+from ..configs import MAX_WIDTH, parse_arch
 from ..errors import ConfigError
 from ..models import HEADS, INITS, MODELS, VGG, list_models
 from ..runtime import PRECISIONS
@@ -33,6 +35,103 @@ MODEL_SHAPE = ("model", "arch", "batch_norm", "width", "head", "dropout")
 DEFAULT_MODEL = {"model": "vgg11_bn", "width": 0.25, "head": "gap", "dropout": 0.0}
 #: What a named model is built with when its shape options are not given: the model's own defaults.
 MODEL_DEFAULTS = {name: inspect.signature(VGG.__init__).parameters[name].default for name in ("width", "head", "dropout")}
+
+
+# ------------------------------------------------------------------------------------------------- sane ranges
+MAX_EPOCHS = 10**6
+MAX_BATCH = 2**20  # images in one batch
+MAX_IMAGE_SIZE = 8192  # pixels of an image side
+MAX_IMAGES = 2**31 - 1  # images of a data set
+MAX_CLASSES = 100_000  # classes of a data set (ImageNet-21k has 21,841)
+#: Far beyond any useful rate (1e4 already diverges in the tests' tiny run): the bound stops float overflows, and a
+#: rate that is merely too large is for the training loop's divergence check to report ("lower --lr").
+MAX_LR = 1e6
+#: torch seeds are 64-bit and the loop seeds each epoch with seed * 1_000_003 + epoch * 7919 + rank: 32 bits keep
+#: that in range.
+MAX_SEED = 2**32 - 1
+MAX_THREADS = 1024
+#: The devices a run may name (vggnet.runtime.pick_device's forms), with an index torch can parse.
+DEVICE_NAME = re.compile(r"auto|(cpu|cuda)(:[0-9]{1,4})?")
+
+
+def _shown(value: Any) -> str:
+    """``value`` as a message shows it: a huge integer (JSON allows any) by its size, not by thousands of digits
+    (which ``str`` refuses past 4300)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 100:
+        return f"an integer of about {round(value.bit_length() * math.log10(2))} digits"
+    return repr(value)
+
+
+def _plain(number: float) -> str:
+    """``1000000`` rather than ``1e+06`` or ``1000000.0``: how a bound reads in a message."""
+    return str(int(number)) if float(number).is_integer() else repr(number)
+
+
+@dataclass(frozen=True)
+class Range:
+    """The sane values of a numeric option: ``low`` to ``high`` (``open_low``/``open_high``: that end excluded),
+    whole numbers only with ``integer``. Beyond them a value is a typo, or it overflows deep inside torch. The CLI's
+    argument types (:mod:`vggnet.cli.common`) and :meth:`TrainConfig.validate` check the same ranges."""
+
+    low: float
+    high: float
+    integer: bool = False
+    open_low: bool = False
+    open_high: bool = False
+
+    def problem(self, value: Any) -> str | None:
+        """What is wrong with ``value`` (``"must be >= 1, got 0"``), or ``None`` when it is in range."""
+        if isinstance(value, bool) or not isinstance(value, int if self.integer else (int, float)):
+            return f"must be {'an integer' if self.integer else 'a number'}, got {_shown(value)}"
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"must be a finite number, got {value}"
+        below = value < self.low or (self.open_low and value == self.low)
+        above = value > self.high or (self.open_high and value == self.high)
+        if (self.low, self.high) == (0, 1) and (below or above):  # a fraction: its interval says it best
+            return f"must be in {'(' if self.open_low else '['}0, 1{')' if self.open_high else ']'}, got {value}"
+        if below:
+            return f"must be {'>' if self.open_low else '>='} {_plain(self.low)}, got {_shown(value)}"
+        if above:
+            return f"must be {'<' if self.open_high else '<='} {_plain(self.high)}, got {_shown(value)}"
+        return None
+
+
+#: The numeric fields of TrainConfig and their ranges; those in OPTIONAL may also be None (not set).
+RANGES: dict[str, Range] = {
+    "width": Range(0, MAX_WIDTH, open_low=True),
+    "dropout": Range(0, 1, open_high=True),
+    "loaded_lr_scale": Range(0, 100, open_low=True),
+    "image_size": Range(1, MAX_IMAGE_SIZE, integer=True),
+    "val_split": Range(0, MAX_IMAGES, integer=True),
+    "subset": Range(1, MAX_IMAGES, integer=True),
+    "crop_padding": Range(0, MAX_IMAGE_SIZE, integer=True),
+    "erasing": Range(0, 1),
+    "epochs": Range(1, MAX_EPOCHS, integer=True),
+    "schedule_epochs": Range(1, MAX_EPOCHS, integer=True),
+    "batch_size": Range(1, MAX_BATCH, integer=True),
+    "lr": Range(0, MAX_LR, open_low=True),
+    "momentum": Range(0, 1, open_high=True),
+    "weight_decay": Range(0, 1),
+    "warmup_epochs": Range(0, MAX_EPOCHS),
+    "label_smoothing": Range(0, 1, open_high=True),
+    "grad_clip": Range(0, 1e9, open_low=True),
+    "plateau_patience": Range(0, MAX_EPOCHS, integer=True),
+    "seed": Range(0, MAX_SEED, integer=True),
+    "threads": Range(1, MAX_THREADS, integer=True),
+    "eval_batch_size": Range(1, MAX_BATCH, integer=True),
+}
+OPTIONAL = ("subset", "grad_clip", "schedule_epochs", "threads", "eval_batch_size")
+#: Fields config.json holds that are not command-line options: messages name them as they are spelled there.
+_NOT_FLAGS = ("schedule_epochs", "plateau_patience", "eval_batch_size", "nesterov", "init_record", "preset")
+#: The JSON types of the remaining fields (the choices among the strings are checked by value).
+_TEXT = ("model", "dataset", "device", "precision", "optimizer", "schedule", "normalize", "init", "init_scheme", "head")
+_OPTIONAL_TEXT = ("data_dir", "out", "init_from", "preset")
+_SWITCHES = ("flip", "nesterov", "channels_last", "compile", "deterministic", "sync_bn", "tensorboard", "progress")
+
+
+def option_name(field_name: str) -> str:
+    """How a message names a field: its command-line flag (``--batch-size``), or its config.json key."""
+    return field_name if field_name in _NOT_FLAGS else "--" + field_name.replace("_", "-")
 
 
 @dataclass
@@ -113,81 +212,82 @@ class TrainConfig:
         return self
 
     def validate(self) -> None:
-        """Raise :class:`ConfigError` naming the first invalid option (after :meth:`complete`)."""
+        """Raise :class:`ConfigError` naming the first invalid option (after :meth:`complete`): of the wrong type
+        (config.json may have been edited by hand), outside its :data:`RANGES`, or not one of its choices."""
         self.complete()
-        def number(value: Any) -> bool:
-            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        for problem in self._problems():
+            raise ConfigError(problem)
 
-        def whole(value: Any) -> bool:
-            return isinstance(value, int) and not isinstance(value, bool)
-
+    def _problems(self) -> Iterator[str]:
+        """The messages of what is wrong, types first: a later check may rely on an earlier one having passed."""
+        yield from self._type_problems()
+        if isinstance(self.loaded_lr_scale, (int, float)) and not self.loaded_lr_scale > 0:
+            yield (f"--loaded-lr-scale must be a positive number, got {self.loaded_lr_scale} (keep layers fixed with "
+                   "--freeze)")
+        for name, allowed in RANGES.items():
+            value = getattr(self, name)
+            problem = None if value is None and name in OPTIONAL else allowed.problem(value)
+            if problem is not None:
+                yield f"{option_name(name)} {problem}"
         checks = [
-            (self.model in MODELS or self.model == "custom",
+            (lambda: DEVICE_NAME.fullmatch(self.device) is not None,
+             f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}"),
+            (lambda: self.model in MODELS or self.model == "custom",
              f"unknown model {self.model!r}: choose one of {', '.join(list_models())}, or 'custom' with --arch"),
-            (self.head in HEADS, f"--head must be one of {', '.join(HEADS)}, got {self.head!r}"),
-            (self.init in INITS, f"--init must be one of {', '.join(INITS)}, got {self.init!r}"),
-            (self.optimizer in OPTIMIZERS,
+            (lambda: self.head in HEADS, f"--head must be one of {', '.join(HEADS)}, got {self.head!r}"),
+            (lambda: self.init in INITS, f"--init must be one of {', '.join(INITS)}, got {self.init!r}"),
+            (lambda: self.optimizer in OPTIMIZERS,
              f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}"),
-            (self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"),
-            (self.normalize in NORMALIZE, f"--normalize must be one of {', '.join(NORMALIZE)}, got {self.normalize!r}"),
-            (self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"),
-            (whole(self.epochs) and self.epochs >= 1, f"--epochs must be an integer >= 1, got {self.epochs}"),
-            (self.schedule_epochs is None or (whole(self.schedule_epochs) and self.schedule_epochs >= 1),
-             f"schedule_epochs must be an integer >= 1, got {self.schedule_epochs}"),
-            (whole(self.batch_size) and self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
-            (number(self.lr) and self.lr > 0, f"--lr must be a positive number, got {self.lr}"),
-            (whole(self.image_size) and self.image_size >= 1, f"--image-size must be >= 1, got {self.image_size}"),
-            (whole(self.val_split) and self.val_split >= 0, f"--val-split must be >= 0 images, got {self.val_split}"),
-            (self.classes is None or (isinstance(self.classes, (list, tuple)) and len(self.classes) >= 2
-                                      and all(whole(c) and c >= 0 for c in self.classes)
-                                      and len(set(self.classes)) == len(self.classes)),
-             f"--classes must name at least 2 distinct class indices, got {self.classes}"),
-            (self.subset is None or (whole(self.subset) and self.subset >= 1), f"--subset must be >= 1, got {self.subset}"),
-            (number(self.label_smoothing) and 0 <= self.label_smoothing < 1,
-             f"--label-smoothing must be in [0, 1), got {self.label_smoothing}"),
-            (self.grad_clip is None or (number(self.grad_clip) and self.grad_clip > 0),
-             f"--grad-clip must be > 0, got {self.grad_clip}"),
-            (number(self.momentum) and 0 <= self.momentum < 1, f"--momentum must be in [0, 1), got {self.momentum}"),
-            (number(self.weight_decay) and self.weight_decay >= 0,
-             f"--weight-decay must be >= 0, got {self.weight_decay}"),
-            (number(self.warmup_epochs) and self.warmup_epochs >= 0,
-             f"--warmup-epochs must be >= 0, got {self.warmup_epochs}"),
-            (whole(self.plateau_patience) and self.plateau_patience >= 0,
-             f"plateau_patience must be an integer >= 0, got {self.plateau_patience}"),
-            (self.eval_batch_size is None or (whole(self.eval_batch_size) and self.eval_batch_size >= 1),
-             f"eval_batch_size must be >= 1, got {self.eval_batch_size}"),
-            (number(self.dropout) and 0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}"),
-            (whole(self.crop_padding) and self.crop_padding >= 0,
-             f"--crop-padding must be >= 0 pixels, got {self.crop_padding}"),
-            (number(self.erasing) and 0 <= self.erasing <= 1,
-             f"--erasing must be a probability in [0, 1], got {self.erasing}"),
-            (number(self.width) and self.width > 0, f"--width must be a positive number, got {self.width}"),
-            (self.threads is None or (whole(self.threads) and self.threads >= 1),
-             f"--threads must be >= 1, got {self.threads}"),
-            (isinstance(self.compile, bool), f"compile must be true or false, got {self.compile!r}"),
-            (isinstance(self.deterministic, bool), f"deterministic must be true or false, got {self.deterministic!r}"),
-            (self.init_from is None or (isinstance(self.init_from, str) and self.init_from != ""),
-             f"--init-from must name a run directory or weights file, got {self.init_from!r}"),
-            (self.init_scheme in INIT_SCHEMES,
+            (lambda: self.schedule in SCHEDULES,
+             f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"),
+            (lambda: self.normalize in NORMALIZE,
+             f"--normalize must be one of {', '.join(NORMALIZE)}, got {self.normalize!r}"),
+            (lambda: self.precision in PRECISIONS,
+             f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"),
+            (lambda: self.init_scheme in INIT_SCHEMES,
              f"--init-scheme must be one of {', '.join(INIT_SCHEMES)}, got {self.init_scheme!r}"),
-            (self.init_scheme == "all" or self.init_from is not None,
+            (lambda: self.classes is None or (len(self.classes) >= 2 and len(set(self.classes)) == len(self.classes)),
+             f"--classes must name at least 2 distinct class indices, got {self.classes}"),
+            (lambda: self.init_from != "", "--init-from must name a run directory or weights file, got ''"),
+            (lambda: self.init_scheme == "all" or self.init_from is not None,
              f"--init-scheme {self.init_scheme} says which layers to take from --init-from SOURCE: give --init-from"),
-            (number(self.loaded_lr_scale) and self.loaded_lr_scale > 0,
-             f"--loaded-lr-scale must be a positive number, got {self.loaded_lr_scale} (keep layers fixed with "
-             "--freeze)"),
-            (self.loaded_lr_scale == 1.0 or self.init_from is not None,
+            (lambda: self.loaded_lr_scale == 1.0 or self.init_from is not None,
              "--loaded-lr-scale scales the learning rate of the layers loaded by --init-from: give --init-from"),
-            (isinstance(self.freeze, list) and all(isinstance(n, str) and n for n in self.freeze),
-             f"--freeze takes layer names (features, block1, conv1_1, classifier), got {self.freeze!r}"),
-            (self.init_record is None or isinstance(self.init_record, dict),
-             f"init_record must be an object (written by build_run), got {type(self.init_record).__name__}"),
-            (self.schedule != "plateau" or self.val_split > 0,
+            (lambda: self.schedule != "plateau" or self.val_split > 0,
              "--schedule plateau lowers the learning rate when the validation accuracy stops improving: hold out "
              "validation images with --val-split N (e.g. 5000), or choose another --schedule"),
         ]
         for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
+            if not ok():
+                yield message
+        if self.arch is not None:
+            parse_arch(self.arch)  # a bad token or kernel fails here, before any data is read
+
+    def _type_problems(self) -> Iterator[str]:
+        """Fields of the wrong JSON type; the numbers' types are their ranges' business."""
+        for name in _TEXT + _OPTIONAL_TEXT:
+            value = getattr(self, name)
+            if not (isinstance(value, str) or (value is None and name in _OPTIONAL_TEXT)):
+                yield f"{option_name(name)} must be a string, got {value!r}"
+        for name in _SWITCHES:
+            if not isinstance(getattr(self, name), bool):
+                yield f"{name} must be true or false, got {getattr(self, name)!r}"
+        if self.batch_norm is not None and not isinstance(self.batch_norm, bool):
+            yield f"batch_norm must be true, false or null, got {self.batch_norm!r}"
+        if self.arch is not None and not isinstance(self.arch, (str, list, tuple)):
+            yield f"--arch must be a string or a list of layer tokens, got {self.arch!r}"
+        jitter = self.scale_jitter
+        if jitter is not None and not (isinstance(jitter, (list, tuple)) and len(jitter) == 2
+                                       and all(Range(0, 1, open_low=True).problem(v) is None for v in jitter)
+                                       and jitter[0] <= jitter[1]):
+            yield f"--scale-jitter must be two fractions of the side, 0 < LO <= HI <= 1, got {jitter!r}"
+        if self.classes is not None and not (isinstance(self.classes, (list, tuple)) and all(
+                Range(0, MAX_CLASSES - 1, integer=True).problem(c) is None for c in self.classes)):
+            yield f"--classes must be a list of class indices in 0..{MAX_CLASSES - 1}, got {self.classes!r}"
+        if not (isinstance(self.freeze, list) and all(isinstance(n, str) and n for n in self.freeze)):
+            yield f"--freeze takes layer names (features, block1, conv1_1, classifier), got {self.freeze!r}"
+        if self.init_record is not None and not isinstance(self.init_record, dict):
+            yield f"init_record must be an object (written by build_run), got {type(self.init_record).__name__}"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -201,7 +301,7 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"unknown training option(s) {sorted(unknown)}")
         d = dict(d)
-        if d.get("scale_jitter") is not None:
+        if isinstance(d.get("scale_jitter"), list):  # JSON's form of the pair; anything else is left to validate
             d["scale_jitter"] = tuple(d["scale_jitter"])
         return cls(**d)
 
