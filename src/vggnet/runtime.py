@@ -93,7 +93,7 @@ def keeps_data_on_device(device: torch.device, nbytes: int, free_bytes: int | No
     return nbytes <= RESIDENT_SHARE * free_bytes
 
 
-_DEVICE = re.compile(r"(cpu|cuda)(:\d+)?")
+_DEVICE = re.compile(r"(cpu|cuda)(:\d{1,4})?")
 
 
 def pick_device(requested: str | torch.device = "auto") -> torch.device:

@@ -86,3 +86,13 @@ def test_bench_rejects_unknown_sections(capsys):
         main(["bench", "--only", "peak,nonsense"])
     assert exc.value.code == 2
     assert "nonsense" in capsys.readouterr().err
+
+
+def test_an_unwritable_out_is_refused_before_any_section_runs(tmp_path, capsys, monkeypatch):
+    import vggnet.cli.bench as cli_bench
+
+    monkeypatch.setattr(cli_bench, "run", lambda cfg: pytest.fail("the bench ran before --out was checked"))
+    (tmp_path / "folder").mkdir()
+    assert main(["bench", "--only", "peak", "--out", str(tmp_path / "folder")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "it is a folder" in err

@@ -54,9 +54,13 @@ def run_bench(args: argparse.Namespace) -> int:
     cfg = BenchConfig(sections=args.only, quick=args.quick, data_dir=args.data_dir, threads=args.threads,
                       rounds=args.rounds, e2e_subset=args.subset, wait_idle=args.wait_idle, device=args.device,
                       progress=lambda message: print(f"vggnet bench: {message}", file=sys.stderr, flush=True))
+    if args.out:  # found unwritable now, not after the whole benchmark
+        from ..export import check_out_path
+
+        make_dirs(Path(args.out).parent)
+        check_out_path(args.out)
     results = run(cfg)
     if args.out:
-        make_dirs(Path(args.out).parent)
         atomic_write_json(args.out, results)
     if args.json:
         print_json(results)

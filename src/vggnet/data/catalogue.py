@@ -132,7 +132,7 @@ def search_dirs(name: str, data_dir: str | os.PathLike | None = None) -> list[pa
     """
     key = canonical_name(name)
     if data_dir is not None:
-        root = pathlib.Path(data_dir).expanduser()
+        root = pathlib.Path(os.path.expanduser(data_dir))
         if not str(data_dir) or not root.is_dir():
             problem = "is empty" if not str(data_dir) else "is not a directory" if root.exists() else "does not exist"
             raise DataError(f"{DATASETS[key]['title']} not found: --data-dir {root} {problem} (it should hold "
@@ -141,7 +141,7 @@ def search_dirs(name: str, data_dir: str | os.PathLike | None = None) -> list[pa
     dirs: list[pathlib.Path] = []
     env = os.environ.get("VGGNET_DATA")
     if env:
-        root = pathlib.Path(env).expanduser()
+        root = pathlib.Path(os.path.expanduser(env))
         dirs += [root, root / key]
     dirs += [pathlib.Path(d) for d in DATASETS[key]["system_dirs"]]
     dirs.append(download_root() / key)

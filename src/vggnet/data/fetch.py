@@ -70,7 +70,7 @@ def fetch_file(url: str, target: pathlib.Path, algorithm: str, expected: str, pr
 def default_destination(name: str) -> pathlib.Path:
     """``$VGGNET_DATA/NAME`` when that is set, else ``~/.cache/vggnet/data/NAME``; both are searched by the loaders."""
     root = os.environ.get("VGGNET_DATA")
-    return (pathlib.Path(root).expanduser() if root else download_root()) / name
+    return (pathlib.Path(os.path.expanduser(root)) if root else download_root()) / name
 
 
 def file_urls(name: str, url: str | None = None) -> dict[str, str]:
@@ -137,7 +137,7 @@ def fetch(name: str, to: str | os.PathLike | None = None, url: str | None = None
     """
     name = canonical_name(name)
     expected = {**DATASETS[name]["files"], **(checksums or {})}
-    destination = make_download_dir(pathlib.Path(to).expanduser() if to else default_destination(name))
+    destination = make_download_dir(pathlib.Path(os.path.expanduser(to)) if to else default_destination(name))
     for filename, file_url in file_urls(name, url).items():
         fetch_file(file_url, destination / filename, "md5", expected[filename], progress=progress)
     return destination

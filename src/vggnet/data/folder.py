@@ -54,7 +54,8 @@ MAX_REPORTED_FAILURES = 5
 
 
 def _hash(text: str) -> str:
-    return hashlib.sha1(text.encode("utf-8")).hexdigest()
+    """A stable digest of a path: undecodable bytes of a file name (os.fsdecode's surrogates) hash as themselves."""
+    return hashlib.sha1(text.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def _image_extensions() -> frozenset[str]:
@@ -141,7 +142,7 @@ def _fingerprint(root: pathlib.Path, image_size: int, test_fraction: float,
 def cache_dir(root: str | os.PathLike) -> pathlib.Path:
     """Where the decode cache of the image folder ``root`` lives: under the user's cache directory
     (:func:`vggnet.data.catalogue.cache_root`), named by a hash of the folder's resolved path; never inside it."""
-    return cache_root() / "folders" / _hash(str(pathlib.Path(root).expanduser().resolve()))[:16]
+    return cache_root() / "folders" / _hash(str(pathlib.Path(os.path.expanduser(root)).resolve()))[:16]
 
 
 def _read_cache(root: pathlib.Path, filename: str, classes: list[str], splits: dict[str, list[tuple[str, int]]],
@@ -236,7 +237,7 @@ def load_folder(path: str | os.PathLike, image_size: int = 64, test_fraction: fl
     See the module docstring for the layout, split, decoding and cache rules. ``cache=False`` always decodes and
     writes nothing.
     """
-    root = pathlib.Path(path).expanduser().resolve()
+    root = pathlib.Path(os.path.expanduser(path)).resolve()
     if not root.is_dir():
         raise DataError(f"folder:{path}: no such directory; pass folder:PATH with one subfolder per class")
     if image_size < 1:
