@@ -212,7 +212,7 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except OSError as err:
         raise CheckpointError(f"{path} cannot be read ({err.strerror or err})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except (ValueError, RecursionError) as err:  # bad JSON or UTF-8, a 5,000-digit number, absurd nesting
         raise CheckpointError(f"{path} is corrupt ({err})") from None
 
 
