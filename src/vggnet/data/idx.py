@@ -69,6 +69,8 @@ def _parse_header(stream: BinaryIO, source: str, magic: int) -> tuple[int, ...]:
         raise DataError(f"{source}: IDX magic 0x{found:08x}, expected 0x{magic:08x} "
                         f"({'images' if magic == MAGIC_IMAGES else 'labels'}); wrong or corrupt file")
     ndim = magic & 0xFF
+    if ndim == 0:
+        raise DataError(f"{source}: IDX header declares no dimensions; wrong or corrupt file")
     raw_dims = _read_exactly(stream, 4 * ndim)
     if len(raw_dims) < 4 * ndim:
         raise DataError(f"{source}: header needs {4 + 4 * ndim} bytes, file has {4 + len(raw_dims)}; "
