@@ -40,7 +40,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="a small smoke version of every section (seconds)")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object instead of tables")
     p.add_argument("--out", metavar="FILE", help="also write the JSON results to FILE")
-    p.add_argument("--data-dir", type=user_path, help="where Fashion-MNIST is (searched before $VGGNET_DATA)")
+    p.add_argument("--data-dir", type=user_path,
+                   help="where Fashion-MNIST is (searched alone; default: $VGGNET_DATA, then the usual places)")
     p.add_argument("--threads", type=threads_type, help="intra-op threads (default: every available core)")
     p.add_argument("--rounds", type=rounds_type, help="timed rounds per measurement (default 10, quick 2)")
     p.add_argument("--subset", type=in_range(RANGES["subset"]), metavar="N",

@@ -70,7 +70,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="learning-rate multiplier for the layers --init-from loaded (e.g. 0.1: they move gently while "
                         "new layers learn at the full rate; default 1)")
     p.add_argument("--dataset", help="fashion-mnist (default), cifar10, cifar100 or folder:PATH")
-    p.add_argument("--data-dir", type=user_path, help="where the dataset files are (searched before $VGGNET_DATA)")
+    p.add_argument("--data-dir", type=user_path,
+                   help="where the dataset files are (searched alone; default: $VGGNET_DATA, then the usual places)")
     p.add_argument("--image-size", type=integer, metavar="N", help="input size in pixels (default 32)")
     p.add_argument("--normalize", choices=NORMALIZE, help="per-channel standardisation, the paper's mean subtraction, or none")
     p.add_argument("--epochs", type=integer)

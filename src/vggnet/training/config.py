@@ -157,7 +157,7 @@ class TrainConfig:
     init_record: dict | None = None  # what init_from loaded and re-initialised: filled by build_run (resume reads it)
     # data
     dataset: str = "fashion-mnist"  # fashion-mnist | cifar10 | cifar100 | folder:PATH
-    data_dir: str | None = None  # searched before $VGGNET_DATA and the system location
+    data_dir: str | None = None  # searched alone when given (None: $VGGNET_DATA, then the default places)
     image_size: int = 32  # pixels (square); Fashion-MNIST's 28 is centre-padded to 32
     normalize: str = "standard"  # standard: per-channel mean/std; mean: the paper's mean subtraction; none
     classes: list[int] | None = None  # train and test on these class indices only, relabelled 0..k-1 in this order
