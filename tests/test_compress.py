@@ -16,7 +16,8 @@ from vggnet.compress import (Compression, Int8Linear, LowRankLinear, compress_mo
 from vggnet.data import load_dataset
 from vggnet.errors import CheckpointError
 from vggnet.evaluation import evaluate
-from vggnet.rundir import RunDir, load, read_json, save_model
+from vggnet.files import load_tensors, safetensors_bytes
+from vggnet.rundir import CARD_KEY, RunDir, load, read_json, save_model
 
 needs_int8 = pytest.mark.skipif(int8_backend() is None, reason="torch has no x86/fbgemm quantized engine")
 
@@ -342,6 +343,8 @@ def test_an_unknown_compression_record_is_one_line(tmp_path, cli, one_line_error
     assert code == 0, err
     card = read_json(tmp_path / "out" / "model.json")
     card["compression"]["prune"] = 0.5
+    weights = tmp_path / "out" / "model.safetensors"  # the card loading reads is the one inside the weights file
+    weights.write_bytes(safetensors_bytes(load_tensors(weights), {CARD_KEY: json.dumps(card)}))
     (tmp_path / "out" / "model.json").write_text(json.dumps(card))
     code, _, err = cli(["eval", tmp_path / "out", "--device", "cpu"])
     one_line_error(code, err, "prune", "does not know")

@@ -167,13 +167,16 @@ def tiny_run(tmp_path_factory):
 def test_a_run_with_any_model_json_value_loads_or_is_refused(tmp_path, tiny_run, section, key, value):
     import shutil
 
-    from vggnet.rundir import RunDir
+    from vggnet.files import load_tensors, safetensors_bytes
+    from vggnet.rundir import CARD_KEY, RunDir
 
     run = tmp_path / "run"
     shutil.rmtree(run, ignore_errors=True)
     shutil.copytree(tiny_run, run)
     card = json.loads((run / "model.json").read_text())
     (card if section is None or not isinstance(card.get(section), dict) else card[section])[key] = value
+    weights = run / "model.safetensors"  # the card loading reads is the one inside the weights file
+    weights.write_bytes(safetensors_bytes(load_tensors(weights), {CARD_KEY: json.dumps(card)}))
     (run / "model.json").write_text(json.dumps(card))
     result = bounded(lambda: RunDir(run).load())
     if not isinstance(result, VggnetError):

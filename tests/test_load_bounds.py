@@ -47,9 +47,14 @@ def run(tmp_path):
 
 
 def edit_card(run_dir, **model_keys):
+    """Forge the card where loading reads it, inside model.safetensors (the header's metadata, tensors untouched),
+    and in its mirror model.json."""
     card = json.loads((run_dir / "model.json").read_text())
     card["model"].update(model_keys)
     (run_dir / "model.json").write_text(json.dumps(card))
+    header, data = split_file(run_dir / "model.safetensors")
+    header["__metadata__"] = {rundir.CARD_KEY: json.dumps(card)}
+    write_file(run_dir / "model.safetensors", header, data)
 
 
 def split_file(path):
@@ -70,6 +75,7 @@ def refuse_reading(monkeypatch):
         raise AssertionError("tensor data was read before the header was checked")
 
     monkeypatch.setattr(rundir, "load_tensors", read)
+    monkeypatch.setattr(rundir, "read_safetensors", read)
 
 
 # ------------------------------------------------------------------------------------------- memory, in a subprocess
@@ -128,7 +134,8 @@ def test_forged_model_json_is_refused_in_one_line_at_no_memory_cost(tmp_path, ru
         forged.append(target)
     result = load_in_subprocess(run, forged)
     for outcome, target, (keys, message) in zip(result["outcomes"], forged, FORGERIES):
-        assert outcome.startswith(f"CheckpointError: {target / 'model.json'} is corrupt: {message}"), (keys, outcome)
+        where = target / "model.safetensors"
+        assert outcome.startswith(f"CheckpointError: {where} (its card) is corrupt: {message}"), (keys, outcome)
         assert "\n" not in outcome
     assert result["grown_mb"] < 100, result
 

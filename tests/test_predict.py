@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from vggnet.rundir import load
+from vggnet.files import load_tensors, safetensors_bytes
+from vggnet.rundir import CARD_KEY, load
 from vggnet.data import decode_image
 from vggnet.predict import predict_files
 
@@ -83,6 +84,8 @@ def test_class_names_come_from_model_json(train_run_one_epoch, tmp_path, images)
     shutil.copytree(train_run_one_epoch["dir"], run_dir)
     meta = json.loads((run_dir / "model.json").read_text())
     meta["classes"] = [f"kind-{i}" for i in range(10)]
+    weights = run_dir / "model.safetensors"  # the card loading reads is the one inside the weights file
+    weights.write_bytes(safetensors_bytes(load_tensors(weights), {CARD_KEY: json.dumps(meta)}))
     (run_dir / "model.json").write_text(json.dumps(meta))
     (result,) = predict_files(load(run_dir), [str(images["rgb"])], top_k=3)
     assert [t["class"] for t in result.top] == [f"kind-{t['index']}" for t in result.top]

@@ -8,9 +8,16 @@ import torch
 
 from vggnet import create_model
 from vggnet.files import (atomic_write_bytes, load_tensors, model_state, optimizer_from_tensors, optimizer_to_tensors,
-                          save_tensors)
-from vggnet.rundir import FORMAT, ModelCard, RunDir, load, save_model
+                          safetensors_bytes, save_tensors)
+from vggnet.rundir import CARD_KEY, FORMAT, ModelCard, RunDir, load, save_model
 from vggnet.errors import CheckpointError
+
+
+def write_card(run_dir, text):
+    """Replace a run's card where loading reads it (inside model.safetensors) and its mirror model.json."""
+    weights = run_dir / "model.safetensors"
+    weights.write_bytes(safetensors_bytes(load_tensors(weights), {CARD_KEY: text}))
+    (run_dir / "model.json").write_text(text)
 
 
 def test_load_gives_the_in_memory_models_logits(train_run_one_epoch):
@@ -117,7 +124,7 @@ def test_load_rejects_a_directory_that_is_not_a_run(tmp_path):
 
 def test_load_rejects_another_format(train_run_copy):
     meta = json.loads((train_run_copy / "model.json").read_text())
-    (train_run_copy / "model.json").write_text(json.dumps({**meta, "format": 99}))
+    write_card(train_run_copy, json.dumps({**meta, "format": 99}))
     with pytest.raises(CheckpointError) as err:
         load(train_run_copy)
     assert "format 99" in str(err.value) and f"format {FORMAT}" in str(err.value)
@@ -126,7 +133,7 @@ def test_load_rejects_another_format(train_run_copy):
 @pytest.mark.parametrize("text, match", [("{not json", "corrupt"), ('{"model": {}}', "no format/model"),
                                           ("[1, 2]", "no format/model")])
 def test_load_rejects_a_corrupt_model_json(train_run_copy, text, match):
-    (train_run_copy / "model.json").write_text(text)
+    write_card(train_run_copy, text)
     with pytest.raises(CheckpointError, match=match):
         RunDir(train_run_copy).read_card()
 
@@ -146,12 +153,12 @@ def test_load_rejects_truncated_weights(train_run_copy):
 def test_load_rejects_weights_of_another_architecture(train_run_copy):
     meta = json.loads((train_run_copy / "model.json").read_text())
     meta["model"]["arch"] = [8, "M", 32, "M"]  # same layer names, other shapes
-    (train_run_copy / "model.json").write_text(json.dumps(meta))
+    write_card(train_run_copy, json.dumps(meta))
     with pytest.raises(CheckpointError, match="does not match the architecture") as err:
         load(train_run_copy)
     assert "wrong shape" in str(err.value)
     meta["model"]["arch"] = [8, "M", 16, 16, "M"]  # one more conv: its weights are missing
-    (train_run_copy / "model.json").write_text(json.dumps(meta))
+    write_card(train_run_copy, json.dumps(meta))
     with pytest.raises(CheckpointError, match="missing"):
         load(train_run_copy)
 
@@ -159,7 +166,7 @@ def test_load_rejects_weights_of_another_architecture(train_run_copy):
 def test_load_rejects_an_unbuildable_model_description(train_run_copy):
     meta = json.loads((train_run_copy / "model.json").read_text())
     meta["model"]["head"] = "nosuch"
-    (train_run_copy / "model.json").write_text(json.dumps(meta))
+    write_card(train_run_copy, json.dumps(meta))
     with pytest.raises(CheckpointError, match="no buildable model"):
         load(train_run_copy)
 

@@ -1,21 +1,28 @@
 """Pickle-free files, written atomically: bytes, text, JSON and safetensors, and the optimizer state as tensors.
 
-Every file is written to a temporary name in the same directory, flushed, and renamed into place, so a crash or a
-signal never leaves a half-written file under a final name. Which files a run directory holds, and what is in
-them, is :mod:`vggnet.rundir`'s business; this module only reads and writes them.
+Every file is written to a temporary name in the same directory (``.NAME.XXXXXXXX.tmp``), flushed and fsynced,
+renamed into place, and the directory fsynced after the rename, so a crash or a signal never leaves a half-written
+file under a final name and a rename that returned survives a power loss. A kill between the write and the rename
+leaves the temporary file: :func:`remove_temp_files` clears them (a run does at its start). Safetensors files may
+carry string metadata (:func:`safetensors_bytes`, :func:`read_safetensors`), read with the same checks as the
+tensors' header. Which files a run directory holds, and what is in them, is :mod:`vggnet.rundir`'s business; this
+module only reads and writes them.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import re
 import struct
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Iterator
 
 import torch
 from safetensors import SafetensorError
@@ -42,8 +49,9 @@ def _umask() -> int:
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """``data`` into ``path`` through a temporary file in the same folder and a rename. A folder that cannot be
-    written (missing, read-only, full) raises :class:`OutputError` naming ``path``; no temporary file is left."""
+    """``data`` into ``path`` through a temporary file in the same folder, fsynced, a rename, and an fsync of the
+    folder (the rename itself is durable once this returns). A folder that cannot be written (missing, read-only,
+    full) raises :class:`OutputError` naming ``path``; no temporary file is left, except by a kill."""
     path = Path(path)
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -61,6 +69,48 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         if isinstance(err, OSError) and not isinstance(err, OutputError):
             raise OutputError(f"cannot write {path}: {err.strerror or err}") from None
         raise
+    fsync_dir(path.parent, path)
+
+
+#: Errors of an fsync on a folder where the file system has no such thing (some network and FUSE file systems).
+_NO_DIR_FSYNC = (errno.EINVAL, errno.ENOTSUP, errno.EBADF, errno.EACCES)
+
+
+def fsync_dir(directory: str | os.PathLike, written: str | os.PathLike | None = None) -> None:
+    """Make the entries of ``directory`` (a rename into it) durable; :class:`OutputError` naming ``written`` (or the
+    folder) when the disk reports a failure. File systems that cannot fsync a folder are left as they are."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as err:
+        if err.errno in _NO_DIR_FSYNC:
+            return
+        raise OutputError(f"cannot write {written or directory}: {err.strerror or err}") from None
+    try:
+        os.fsync(fd)
+    except OSError as err:
+        if err.errno not in _NO_DIR_FSYNC:
+            raise OutputError(f"cannot write {written or directory}: {err.strerror or err}") from None
+    finally:
+        os.close(fd)
+
+
+#: The name of a temporary file of :func:`atomic_write_bytes` (mkstemp's 8 random characters between the dots).
+TEMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
+
+
+def remove_temp_files(directory: str | os.PathLike) -> list[str]:
+    """Delete the temporary files a killed :func:`atomic_write_bytes` left directly in ``directory`` (only files
+    named as it names them); returns their names. Call it only where no other process is writing."""
+    removed = []
+    try:
+        entries = list(os.scandir(directory))
+    except FileNotFoundError:
+        return removed
+    for entry in entries:
+        if TEMP_NAME.match(entry.name) and entry.is_file(follow_symlinks=False):
+            Path(entry.path).unlink(missing_ok=True)
+            removed.append(entry.name)
+    return sorted(removed)
 
 
 def make_dirs(path: str | os.PathLike) -> Path:
@@ -81,12 +131,16 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
-def safetensors_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
-    return st_save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()})
+def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """The safetensors file of ``tensors`` (on the CPU, contiguous) with ``metadata`` (strings to strings) in its
+    header's ``__metadata__``. Give at most one metadata key where the bytes must be reproducible: safetensors does
+    not promise an order for several."""
+    return st_save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, metadata)
 
 
-def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> None:
-    atomic_write_bytes(path, safetensors_bytes(tensors))
+def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
+                 metadata: dict[str, str] | None = None) -> None:
+    atomic_write_bytes(path, safetensors_bytes(tensors, metadata))
 
 
 #: The largest safetensors header read (a JSON index of names, dtypes, shapes and offsets; a VGG's is a few KB).
@@ -152,56 +206,90 @@ def read_header(path: str | os.PathLike) -> dict[str, TensorEntry]:
     :data:`MAX_HEADER_BYTES`, an unknown dtype, a span that is not ``numel x element size`` of its dtype, spans
     that do not tile the data back to back, or a file longer or shorter than header + data (a sparse or truncated
     file) raise a one-line :class:`CheckpointError` naming the file, as does a missing one. ``__metadata__`` is
-    allowed and skipped."""
+    allowed (strings to strings) and left out; :func:`read_metadata` gives it."""
+    with _opened(path) as (f, path):
+        return _checked_header(f, path)[0]
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file (empty when it has none), from its header, checked as
+    :func:`read_header` checks it."""
+    with _opened(path) as (f, path):
+        return _checked_header(f, path)[1]
+
+
+def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every tensor of the safetensors file ``path`` and its metadata, from one opening of the file (so both come
+    from the same version of a file that is replaced by renames), after its header was checked against its size as
+    :func:`read_header` does (a forged or sparse file is refused without reading its data)."""
+    with _opened(path) as (f, path):
+        _, metadata = _checked_header(f, path)
+        try:
+            f.seek(0)
+            data = f.read()
+        except OSError as err:
+            raise CheckpointError(f"{path} cannot be read ({err.strerror or err})") from None
+    try:
+        return st_load(data), metadata
+    except (SafetensorError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({err}); it may be truncated") from None
+
+
+def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every tensor of the safetensors file ``path`` (:func:`read_safetensors` without the metadata)."""
+    return read_safetensors(path)[0]
+
+
+@contextmanager
+def _opened(path: str | os.PathLike) -> Iterator[tuple[BinaryIO, Path]]:
+    """``path`` opened for reading, and the path; a missing or unreadable file is a one-line CheckpointError."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path} is missing")
     try:
-        with path.open("rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            prefix = f.read(8)
-            if len(prefix) < 8:
-                raise _unreadable(path, f"{size} bytes, shorter than the 8-byte header length", "it is truncated")
-            (length,) = struct.unpack("<Q", prefix)
-            if length > MAX_HEADER_BYTES:
-                raise _unreadable(path, f"its header claims {length} bytes, more than the {MAX_HEADER_BYTES} vggnet "
-                                  "reads", "it is forged or not safetensors")
-            if 8 + length > size:
-                raise _unreadable(path, f"its header claims {length} bytes, the file holds {size - 8} after the "
-                                  "length", "it is truncated")
-            text = f.read(length)
+        f = path.open("rb")
+    except OSError as err:
+        raise CheckpointError(f"{path} cannot be read ({err.strerror or err})") from None
+    with f:
+        yield f, path
+
+
+def _checked_header(f: BinaryIO, path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
+    """The tensors and the metadata the header of the open file ``f`` declares, checked (see :func:`read_header`)."""
+    try:
+        size = os.fstat(f.fileno()).st_size
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise _unreadable(path, f"{size} bytes, shorter than the 8-byte header length", "it is truncated")
+        (length,) = struct.unpack("<Q", prefix)
+        if length > MAX_HEADER_BYTES:
+            raise _unreadable(path, f"its header claims {length} bytes, more than the {MAX_HEADER_BYTES} vggnet "
+                              "reads", "it is forged or not safetensors")
+        if 8 + length > size:
+            raise _unreadable(path, f"its header claims {length} bytes, the file holds {size - 8} after the "
+                              "length", "it is truncated")
+        text = f.read(length)
     except OSError as err:
         raise CheckpointError(f"{path} cannot be read ({err.strerror or err})") from None
     try:
         header = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except (ValueError, RecursionError) as err:
         raise _unreadable(path, f"its header is not JSON: {err}", "it is corrupt") from None
     if not isinstance(header, dict):
         raise _unreadable(path, "its header is not a JSON object", "it is corrupt")
+    metadata = header.pop("__metadata__", None) or {}
+    if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise _unreadable(path, "its __metadata__ is not an object of strings", "it is corrupt or forged")
     entries = {}
     for name, info in header.items():
-        entry = _entry(name, info) if name != "__metadata__" else None
+        entry = _entry(name, info)
         if isinstance(entry, str):
             raise _unreadable(path, f"its header is inconsistent: {entry}", "it is corrupt or forged")
-        if entry is not None:
-            entries[name] = entry
+        entries[name] = entry
     problem = _layout_problem(entries, size - 8 - length)
     if problem is not None:
         raise _unreadable(path, problem, "it is truncated, padded or forged")
-    return entries
-
-
-def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Every tensor of the safetensors file ``path``, after :func:`read_header` has checked the file's header
-    against its size (so a forged or sparse file is refused without reading its data)."""
-    path = Path(path)
-    read_header(path)
-    try:
-        return st_load(path.read_bytes())
-    except OSError as err:
-        raise CheckpointError(f"{path} cannot be read ({err.strerror or err})") from None
-    except (SafetensorError, ValueError, RuntimeError) as err:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({err}); it may be truncated") from None
+    return entries, metadata
 
 
 def read_json(path: str | os.PathLike) -> Any:

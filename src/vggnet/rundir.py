@@ -9,8 +9,28 @@ A run directory written by ``vggnet train`` holds:
 - ``best.safetensors`` + ``best.json``: the weights of the epoch with the best *validation* accuracy and that
   epoch's metrics; only with a validation split (``--val-split``): the test set never selects anything;
 - ``state.safetensors`` + ``state.json``: model, optimizer and RNG tensors, and the loop's counters, for resume;
-- ``metrics.jsonl`` / ``metrics.csv``: one record per epoch; ``eval.json``: the last test evaluation;
-- ``curves.png``, ``confusion.png``; ``tensorboard/`` with ``--tensorboard``.
+- ``metrics.jsonl`` / ``metrics.csv``: one record per epoch; ``eval.json``: the last epoch's test evaluation;
+- ``curves.png``, ``confusion.png``; ``tensorboard/`` with ``--tensorboard``; ``evals/`` with what ``vggnet eval``
+  measured later (``evals/PROTOCOL.json`` and ``.png``: eval never writes over training's files);
+- ``.lock`` while a process writes the run (see :meth:`RunDir.lock`).
+
+**One commit per checkpoint.** A checkpoint is committed by one rename: ``state.safetensors``, written first, holds
+beside its tensors the whole :class:`Checkpoint` in its safetensors metadata: state.json's record (counters,
+optimizer, history), config.json, the epoch's :class:`ModelCard`, whether the epoch is the best so far, and its
+test evaluation. Every other file is derived from it and written after it (:meth:`RunDir.commit`): the weights
+(from the state's ``model/`` tensors, with their card in their own metadata, so that each weights file says by
+itself which epoch it holds), model.json and best.json, the metrics, eval.json, the plots, config.json, and
+state.json last, as the mark that the save completed. A process killed anywhere in between leaves every file
+whole (atomic renames) and the commit either done or not: resume reads only ``state.safetensors``, and before it
+trains :meth:`RunDir.roll_forward` rewrites what lags behind the commit (state.json differs from the committed
+record). Derivable: all of the files above except the plots' pixels, which are redrawn; a mid-epoch checkpoint
+(a stop by a signal) carries no card or evaluation, since its ``model/`` tensors are not an epoch's weights, and
+derives only config.json, the metrics and state.json. Loading prefers the card inside the weights file; model.json
+and state.json are readable mirrors (when they disagree, the embedded records win). Runs written before the
+records were embedded load and resume from model.json and state.json as before.
+
+A single commit file was chosen over generation folders and a pointer renamed last: the file names users, docs and
+scripts know stay where they are, and a reader needs no indirection.
 
 Every file is written atomically (:mod:`vggnet.files`). Training, resume, ``vggnet.load``, eval and predict all
 read and write through :class:`RunDir` and :class:`ModelCard`.
@@ -24,22 +44,34 @@ import io
 import json
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
 
-from .errors import CheckpointError, VggnetError
+from .errors import CheckpointError, ConfigError, OutputError, VggnetError
 from .configs import MAX_CHANNELS, Conv, parse_arch, scale_width
-from .files import (TensorEntry, atomic_write_bytes, atomic_write_json, atomic_write_text, load_tensors, make_dirs,
-                    model_state, read_header, read_json, safetensors_bytes, save_tensors, strip_prefixes)
+from .files import (TEMP_NAME, TensorEntry, atomic_write_bytes, atomic_write_json, load_tensors, make_dirs,
+                    model_state, read_header, read_json, read_metadata, read_safetensors, remove_temp_files,
+                    safetensors_bytes, save_tensors, strip_prefixes)
 from .models import VGG, model_from_config
 from .schedule import Plateau
 
 #: Schema version of model.json (the ModelCard) and the state files; bump when they change incompatibly.
 FORMAT = 1
 WEIGHTS = {"model": "model.safetensors", "best": "best.safetensors"}
+#: The one metadata key of vggnet's safetensors files (one key: safetensors promises no order for several, and equal
+#: runs must write equal bytes): a ModelCard's JSON in model/best.safetensors, a Checkpoint's in state.safetensors.
+CARD_KEY = "vggnet.card"
+CHECKPOINT_KEY = "vggnet.checkpoint"
+#: The lock file of the process writing a run (RunDir.lock).
+LOCK_NAME = ".lock"
+#: The names vggnet train (and vggnet eval, evals/) writes in a run directory.
+RUN_NAMES = frozenset({"config.json", "model.safetensors", "model.json", "best.safetensors", "best.json",
+                       "state.safetensors", "state.json", "metrics.jsonl", "metrics.csv", "eval.json", "curves.png",
+                       "confusion.png", "tensorboard", "evals"})
 #: The largest values a model.json may give (VGG-16: 1,000 classes, 4,096 hidden, 224 pixels, 21 layers; a
 #: convolution's channels are capped at vggnet.configs.MAX_CHANNELS): beyond them the file is forged or mistyped, and
 #: is refused before anything is built or read.
@@ -232,6 +264,78 @@ def _to_csv(records: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
+def _json_bytes(obj: Any) -> bytes:
+    """``obj`` as vggnet's JSON files hold it (indented, one trailing newline): the bytes a mirror is compared by."""
+    return (json.dumps(obj, indent=2) + "\n").encode("utf-8")
+
+
+def _write_changed(path: Path, data: bytes) -> None:
+    """``data`` into ``path`` unless the file holds exactly these bytes already (an unchanged config.json; a file a
+    roll-forward finds up to date)."""
+    try:
+        if path.stat().st_size == len(data) and path.read_bytes() == data:
+            return
+    except OSError:
+        pass
+    atomic_write_bytes(path, data)
+
+
+def write_evaluation(result: dict[str, Any], title: str, json_path: Path, png_path: Path | None = None) -> None:
+    """An evaluation's record into ``json_path`` and, with ``png_path``, its confusion matrix drawn there, titled
+    ``title`` (the folder is made)."""
+    make_dirs(json_path.parent)
+    atomic_write_json(json_path, result)
+    if png_path is not None:
+        from .plots import plot_confusion
+
+        plot_confusion(result["confusion"], result["classes"], png_path, title)
+
+
+@dataclass
+class Checkpoint:
+    """What ``state.safetensors`` commits beside its tensors (its metadata): every other file of the run is derived
+    from it (see the module docstring)."""
+
+    state: dict[str, Any]  # state.json: the loop's counters (run), the optimizer's non-tensor state, history, scaler
+    config: dict[str, Any]  # config.json
+    card: dict[str, Any] | None = None  # the epoch's ModelCard: the model/ tensors are its weights; None mid-epoch
+    best: bool = False  # the epoch's weights are the best so far (best.safetensors)
+    evaluation: dict[str, Any] | None = None  # eval.json: the epoch's test evaluation
+    title: str = ""  # the plots' title
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str, where: Path) -> "Checkpoint":
+        """The checkpoint record ``text`` of the file ``where``; a one-line CheckpointError when it is not one."""
+        try:
+            d = json.loads(text)
+        except (ValueError, RecursionError) as err:
+            raise CheckpointError(f"{where} holds a corrupt checkpoint record ({err}): restore it, or start the run "
+                                  "again") from None
+        types = {"state": dict, "config": dict, "card": (dict, type(None)), "best": bool,
+                 "evaluation": (dict, type(None)), "title": str}
+        if not (isinstance(d, dict) and set(d) == set(types) and all(isinstance(d[k], t) for k, t in types.items())):
+            raise CheckpointError(f"{where} holds a checkpoint record that is not vggnet's ({', '.join(types)}): "
+                                  "restore it, or start the run again")
+        return cls(**d)
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove ``folders`` (deepest first) while they are empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+def _model_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The weights among a state's tensors (``model/`` keys), with the wrappers' prefixes stripped."""
+    return strip_prefixes({k[len("model/"):]: v for k, v in state.items() if k.startswith("model/")})
+
+
 class RunDir:
     """One run directory (see the module docstring). Paths are attributes; methods read and write whole files."""
 
@@ -248,6 +352,8 @@ class RunDir:
         self.curves = self.path / "curves.png"
         self.confusion = self.path / "confusion.png"
         self.tensorboard = self.path / "tensorboard"
+        self.evals = self.path / "evals"
+        self.lock_file = self.path / LOCK_NAME
 
     def __str__(self) -> str:
         return str(self.path)
@@ -257,71 +363,230 @@ class RunDir:
             raise CheckpointError(f"weights must be one of {', '.join(WEIGHTS)}, got {which!r}")
         return self.path / WEIGHTS[which]
 
+    # ---------------------------------------------------------------------------------------------- the folder
+    def contents(self) -> list[str]:
+        """The names in the folder, without the lock file and the temporary files of killed writes; empty when the
+        folder does not exist."""
+        try:
+            names = os.listdir(self.path)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        return sorted(n for n in names if n != LOCK_NAME and not TEMP_NAME.match(n))
+
+    def is_run(self) -> bool:
+        """Whether the folder holds a vggnet model or checkpoint (what vggnet.load or --resume would read)."""
+        return any(p.exists() for p in (self.card, self.weights("model"), self.state_tensors, self.state))
+
+    def remove_temp_files(self) -> list[str]:
+        """Delete the temporary files killed writes left in the folder (only under :meth:`lock`: no other process
+        writes it then); returns their names."""
+        return remove_temp_files(self.path)
+
+    @contextmanager
+    def lock(self, create: bool = False) -> Iterator[None]:
+        """Hold ``RUN/.lock`` (an exclusive ``flock``, holding this process's pid) while the block runs: one writer
+        per run. A second one is refused in one line naming the holder's pid. The OS releases a lock when its holder
+        dies, so a killed run leaves no stale lock, only the file, which the next writer takes over; the holder
+        deletes it on leaving. ``create``: make the folder first, and remove the folders this made if they are
+        empty again at the end (a run that fails before writing anything leaves nothing)."""
+        made = [p for p in (self.path, *self.path.parents) if not p.exists()] if create else []
+        try:
+            fd = self._acquire(create)
+        except BaseException:
+            _remove_empty(made)
+            raise
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+            yield
+        finally:
+            self.lock_file.unlink(missing_ok=True)  # while held: a process waiting on this file then takes a new one
+            os.close(fd)
+            _remove_empty(made)
+
+    def _acquire(self, create: bool) -> int:
+        """The open, flocked lock file; retried when the file was deleted by its last holder between our opening
+        and our lock (the lock would then guard a file no one else can see)."""
+        import fcntl
+
+        while True:
+            if create:
+                make_dirs(self.path)
+            elif not self.path.is_dir():
+                raise CheckpointError(f"run directory {self.path} does not exist")
+            try:
+                fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+            except FileNotFoundError:
+                continue  # the folder was removed meanwhile
+            except OSError as err:
+                raise OutputError(f"cannot write {self.lock_file}: {err.strerror or err}") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+                os.close(fd)
+                raise ConfigError(f"{self.path} is being written by another vggnet process (pid "
+                                  f"{holder if holder.isdigit() else 'unknown'}, holding {self.lock_file}): wait for "
+                                  "it to finish or stop it, or use another folder") from None
+            except OSError as err:
+                os.close(fd)
+                raise OutputError(f"cannot lock {self.lock_file}: {err.strerror or err}") from None
+            try:
+                ours = os.fstat(fd)
+                current = os.stat(self.lock_file)
+                if (ours.st_dev, ours.st_ino) == (current.st_dev, current.st_ino):
+                    return fd
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+
     # ---------------------------------------------------------------------------------------------- training
     def has_state(self) -> bool:
-        return self.state.is_file()
+        """Whether a checkpoint was committed (state.safetensors; state.json in runs of older versions)."""
+        return self.state_tensors.is_file() or self.state.is_file()
 
     def create(self, config: dict[str, Any]) -> None:
         make_dirs(self.path)
         self.write_config(config)
 
     def read_config(self) -> dict[str, Any]:
+        """``config.json``; the committed checkpoint's copy instead while its save is incomplete (a kill during it:
+        config.json may still hold the configuration before a ``--resume --epochs`` extension)."""
         if not self.config.is_file():
             raise CheckpointError(f"{self.path} is not a vggnet run directory to resume (no config.json)")
-        return read_json(self.config)
+        pending = self.pending_checkpoint()
+        return dict(pending.config) if pending is not None else read_json(self.config)
 
     def write_config(self, config: dict[str, Any]) -> None:
         atomic_write_json(self.config, config)
 
     def save_weights(self, model: torch.nn.Module, card: ModelCard, best: dict[str, Any] | None = None) -> None:
-        """The final weights and ``model.json``; with ``best`` (that epoch's metrics) also ``best.safetensors`` and
-        ``best.json``. The weights are serialised once."""
+        """The final weights (their card in their metadata) and ``model.json``; with ``best`` (that epoch's metrics)
+        also ``best.safetensors`` and ``best.json``. The weights are serialised once."""
         from . import __version__
 
         state = model_state(model)
         disk = strip_prefixes(card.stored_dtypes(model))  # a compressed model may store tensors in another dtype
-        data = safetensors_bytes({k: v.to(disk[k]) if k in disk else v for k, v in state.items()})
         card.vggnet_version = __version__
+        data = safetensors_bytes({k: v.to(disk[k]) if k in disk else v for k, v in state.items()},
+                                 {CARD_KEY: json.dumps(card.to_dict())})
         atomic_write_bytes(self.weights("model"), data)
         atomic_write_json(self.card, card.to_dict())
         if best is not None:
             atomic_write_bytes(self.weights("best"), data)
             atomic_write_json(self.best_card, best)
 
-    def save_state(self, tensors: dict[str, torch.Tensor], record: dict[str, Any]) -> None:
-        save_tensors(self.state_tensors, tensors)
-        atomic_write_json(self.state, record)
+    def commit(self, tensors: dict[str, torch.Tensor], checkpoint: Checkpoint, plots: bool = False) -> None:
+        """Commit a checkpoint: ``state.safetensors`` (``tensors`` and ``checkpoint``) by one rename, then every
+        file derived from it (with ``plots``, the plots redrawn too)."""
+        from . import __version__
+
+        if checkpoint.card is not None:
+            checkpoint.card = dict(checkpoint.card, vggnet_version=__version__)
+        save_tensors(self.state_tensors, tensors, {CHECKPOINT_KEY: checkpoint.to_json()})
+        self._derive(checkpoint, lambda: tensors, plots)
+
+    def read_checkpoint(self) -> Checkpoint | None:
+        """The committed checkpoint record (from state.safetensors' header alone); None without one, or for a run
+        of an older version (its state.json is the record)."""
+        if not self.state_tensors.is_file():
+            return None
+        text = read_metadata(self.state_tensors).get(CHECKPOINT_KEY)
+        return Checkpoint.from_json(text, self.state_tensors) if text is not None else None
+
+    def pending_checkpoint(self) -> Checkpoint | None:
+        """The committed checkpoint while the files derived from it lag behind (state.json, written last, does not
+        hold its record: the save was cut short); None when they are up to date."""
+        checkpoint = self.read_checkpoint()
+        if checkpoint is None:
+            return None
+        try:
+            if self.state.read_bytes() == _json_bytes(checkpoint.state):
+                return None
+        except OSError:
+            pass
+        return checkpoint
+
+    def roll_forward(self) -> bool:
+        """Bring every file derived from the committed checkpoint up to it, after a kill during a save (only under
+        :meth:`lock`). The weights are rewritten from the state's tensors only where their embedded card is not the
+        checkpoint's; the plots are redrawn. Returns whether anything lagged."""
+        checkpoint = self.pending_checkpoint()
+        if checkpoint is None:
+            return False
+        self._derive(checkpoint, lambda: load_tensors(self.state_tensors), plots=checkpoint.evaluation is not None)
+        return True
+
+    def _derive(self, checkpoint: Checkpoint, tensors: Callable[[], dict[str, torch.Tensor]], plots: bool) -> None:
+        """The files derived from ``checkpoint`` (``tensors()`` gives the state's tensors, read only if weights are
+        to be written), each skipped where it holds its content already; state.json last."""
+        if checkpoint.card is not None:
+            text = json.dumps(checkpoint.card)
+            data = None
+            for which, wanted in (("model", True), ("best", checkpoint.best)):
+                if wanted and self._card_text(which) != text:
+                    data = data or safetensors_bytes(_model_tensors(tensors()), {CARD_KEY: text})
+                    atomic_write_bytes(self.weights(which), data)
+            _write_changed(self.card, _json_bytes(checkpoint.card))
+            if checkpoint.best:
+                metrics = checkpoint.card["metrics"]
+                _write_changed(self.best_card, _json_bytes({"epoch": metrics["epoch"], "metrics": metrics}))
+        history = checkpoint.state.get("history", [])
+        if history:
+            self.write_metrics(history)
+        if checkpoint.evaluation is not None:
+            top1 = checkpoint.evaluation["top1"]
+            self.write_eval(checkpoint.evaluation, f"{checkpoint.title}: test top-1 {100 * top1:.2f}%", plot=plots)
+        if plots and history:
+            self.write_curves(history, checkpoint.title)
+        _write_changed(self.config, _json_bytes(checkpoint.config))
+        _write_changed(self.state, _json_bytes(checkpoint.state))
+
+    def _card_text(self, which: str) -> str | None:
+        """The card embedded in the ``which`` weights file as written, or None (no file, no card, unreadable)."""
+        try:
+            return read_metadata(self.weights(which)).get(CARD_KEY)
+        except CheckpointError:
+            return None
 
     def read_state_record(self) -> dict[str, Any]:
-        """``state.json``: the loop's counters (``run``), the optimizer's non-tensor state and the history."""
-        if not self.has_state():
-            raise CheckpointError(f"{self.path} has no saved training state (state.json): it stopped before its "
-                                  "first checkpoint; start it again")
-        record = read_json(self.state)
-        if not isinstance(record, dict) or not isinstance(record.get("run"), dict):
-            raise CheckpointError(f"{self.state} is corrupt (no run counters)")
-        problem = _state_problem(record)
-        if problem is not None:
-            raise CheckpointError(f"{self.state} is corrupt ({problem}): restore it, or start the run again")
-        return record
+        """The committed record of the loop's counters (``run``), the optimizer's non-tensor state and the history:
+        from state.safetensors' header (state.json for runs of older versions), checked."""
+        self._require_state()
+        metadata = read_metadata(self.state_tensors) if self.state_tensors.is_file() else {}
+        return self._record(metadata)
 
     def read_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        return self.read_state_record(), load_tensors(self.state_tensors)
+        """The committed record (:meth:`read_state_record`) and the state's tensors, from one opening of
+        state.safetensors."""
+        self._require_state()
+        tensors, metadata = read_safetensors(self.state_tensors)
+        return self._record(metadata), tensors
+
+    def _require_state(self) -> None:
+        if not self.has_state():
+            raise CheckpointError(f"{self.path} has no saved training state (no state.safetensors or state.json): it "
+                                  f"stopped before its first checkpoint; start it again (vggnet train --out "
+                                  f"{self.path})")
+
+    def _record(self, metadata: dict[str, str]) -> dict[str, Any]:
+        """The checked state record of state.safetensors' ``metadata``; state.json's where it has none (a run of an
+        older version)."""
+        text = metadata.get(CHECKPOINT_KEY)
+        if text is None:
+            return _checked_state(read_json(self.state), self.state)
+        return _checked_state(Checkpoint.from_json(text, self.state_tensors).state, self.state_tensors)
 
     def write_metrics(self, history: list[dict[str, Any]]) -> None:
-        atomic_write_text(self.metrics_jsonl, "".join(json.dumps(r) + "\n" for r in history))
-        atomic_write_text(self.metrics_csv, _to_csv(history))
+        _write_changed(self.metrics_jsonl, "".join(json.dumps(r) + "\n" for r in history).encode("utf-8"))
+        _write_changed(self.metrics_csv, _to_csv(history).encode("utf-8"))
 
     def write_eval(self, result: dict[str, Any], title: str, out: str | os.PathLike | None = None,
                    plot: bool = True) -> Path:
-        """``eval.json`` and (with ``plot``) ``confusion.png`` (titled ``title``) in this directory or in ``out``;
-        returns where."""
+        """Training's ``eval.json`` and (with ``plot``) ``confusion.png`` (titled ``title``) in this directory or in
+        ``out``; returns where."""
         where = make_dirs(out if out is not None else self.path)
-        atomic_write_json(where / self.eval.name, result)
-        if plot:
-            from .plots import plot_confusion
-
-            plot_confusion(result["confusion"], result["classes"], where / self.confusion.name, title)
+        write_evaluation(result, title, where / self.eval.name, where / self.confusion.name if plot else None)
         return where
 
     def write_curves(self, history: list[dict[str, Any]], title: str) -> None:
@@ -331,9 +596,23 @@ class RunDir:
 
     # ---------------------------------------------------------------------------------------------- using
     def read_card(self, weights: str = "model") -> ModelCard:
-        """The card of ``weights``: model.json, with the best epoch's metrics (best.json) for ``best``."""
+        """The card of ``weights``: the one inside the weights file; for runs of older versions model.json, with the
+        best epoch's metrics (best.json) for ``best``."""
+        return self._read_card(weights)[0]
+
+    def _read_card(self, weights: str) -> tuple[ModelCard, str | None]:
+        """The card of ``weights`` and the embedded card's text it came from (None: from model.json)."""
         if not self.path.is_dir():
             raise CheckpointError(f"run directory {self.path} does not exist")
+        path = self.weights(weights)
+        text = read_metadata(path).get(CARD_KEY) if path.is_file() else None
+        if text is not None:
+            where = f"{path} (its card)"
+            try:
+                card = json.loads(text)
+            except (ValueError, RecursionError) as err:
+                raise CheckpointError(f"{where} is corrupt ({err}); it was edited or forged, restore it") from None
+            return ModelCard.from_dict(card, where), text
         if not self.card.is_file():
             raise CheckpointError(f"{self.path} is not a vggnet run directory (no model.json): train one with "
                                   "vggnet train")
@@ -344,17 +623,34 @@ class RunDir:
                                       "validation split (vggnet train --val-split N); use the final weights")
             best = read_json(self.best_card)
             card.metrics = dict(best.get("metrics", {})) if isinstance(best, dict) else {}
-        return card
+        return card, None
 
     def load(self, weights: str = "model", device: str | torch.device = "cpu") -> LoadedModel:
-        """Rebuild the model from ``model.json`` and load ``weights`` (``model`` or ``best``) into it, in eval mode."""
+        """Rebuild the model from its card and load ``weights`` (``model`` or ``best``) into it, in eval mode. The
+        card and the tensors come from the same version of the file: a run being trained may replace it between
+        the two reads, and then it is read again."""
         path = self.weights(weights)
-        card = self.read_card(weights)
-        model = card.build(self.card, "meta")
-        stored = card.stored_dtypes(model)
-        check_header(model, read_header(path), path, stored)  # before any tensor is read: a forged file costs nothing
-        load_weights(model, load_tensors(path), path, stored)
-        return LoadedModel(model.to(device).eval(), card, self.path, weights)
+        for _ in range(3):
+            card, text = self._read_card(weights)
+            model = card.build(self.card, "meta")
+            stored = card.stored_dtypes(model)
+            check_header(model, read_header(path), path, stored)  # before any tensor is read: forgeries cost nothing
+            tensors, metadata = read_safetensors(path)
+            if metadata.get(CARD_KEY) == text:
+                load_weights(model, tensors, path, stored)
+                return LoadedModel(model.to(device).eval(), card, self.path, weights)
+        raise CheckpointError(f"{path} was replaced three times while it was read (a run is writing it): try again")
+
+
+def _checked_state(record: Any, where: Path) -> dict[str, Any]:
+    """``record`` when it is a usable state record (:func:`_state_problem`), else a one-line CheckpointError naming
+    ``where``."""
+    if not isinstance(record, dict) or not isinstance(record.get("run"), dict):
+        raise CheckpointError(f"{where} is corrupt (no run counters)")
+    problem = _state_problem(record)
+    if problem is not None:
+        raise CheckpointError(f"{where} is corrupt ({problem}): restore it, or start the run again")
+    return record
 
 
 #: state.json's loop counters (the fields of vggnet.training.loop.RunState) and their JSON types: a file edited by

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import vggnet.cli.train as cli_train
-from vggnet.files import load_tensors
-from vggnet.rundir import load
+from vggnet.files import load_tensors, safetensors_bytes
+from vggnet.rundir import CARD_KEY, load
 from vggnet.data import load_dataset
 from vggnet.evaluation import evaluate
 from vggnet.training import resolve_config, train
@@ -149,9 +149,16 @@ def test_eval_json_equals_evaluate(train_run_one_epoch, train_data_dir, tmp_path
     assert train_snapshot(run_dir) == before  # --out elsewhere: the run directory is not written
 
 
+def write_card(run_dir, card):
+    """Replace a run's card where loading reads it (inside model.safetensors) and its mirror model.json."""
+    weights = run_dir / "model.safetensors"
+    weights.write_bytes(safetensors_bytes(load_tensors(weights), {CARD_KEY: json.dumps(card)}))
+    (run_dir / "model.json").write_text(json.dumps(card))
+
+
 def break_format(run_dir):
     meta = json.loads((run_dir / "model.json").read_text())
-    (run_dir / "model.json").write_text(json.dumps({**meta, "format": 99}))
+    write_card(run_dir, {**meta, "format": 99})
 
 
 def truncate_weights(run_dir):
@@ -162,7 +169,7 @@ def truncate_weights(run_dir):
 def other_architecture(run_dir):
     meta = json.loads((run_dir / "model.json").read_text())
     meta["model"]["arch"] = [8, "M", 24, "M"]
-    (run_dir / "model.json").write_text(json.dumps(meta))
+    write_card(run_dir, meta)
 
 
 @pytest.mark.parametrize("damage, fragments", [

@@ -1,6 +1,7 @@
 """No "internal error" for a user's or the environment's mistake (issue 14): option bounds at parse time and in
-TrainConfig.validate, hand-edited config.json and state.json on resume, OSError and out-of-memory as one line with
-exit status 2, multi-line messages collapsed, and file names that are not UTF-8 printed without a crash."""
+TrainConfig.validate, hand-edited config.json and state records (state.safetensors) on resume, OSError and
+out-of-memory as one line with exit status 2, multi-line messages collapsed, and file names that are not UTF-8
+printed without a crash."""
 
 import dataclasses
 import errno
@@ -12,7 +13,8 @@ import pytest
 
 import vggnet.cli.models as cli_models
 from vggnet.errors import CheckpointError, ConfigError
-from vggnet.rundir import STATE_COUNTERS
+from vggnet.files import read_safetensors, safetensors_bytes
+from vggnet.rundir import CHECKPOINT_KEY, STATE_COUNTERS
 from vggnet.training import resolve_config, resume
 from vggnet.training.config import RANGES, Range
 from vggnet.training.loop import RunState
@@ -203,12 +205,14 @@ def test_resume_checks_a_new_epoch_total_as_an_option_not_as_config_json(epochs,
     (lambda s: s["history"].append({"epoch": 2}), "history's epoch records must all have the same fields"),
     (lambda s: s.update(scaler=3), "scaler must be an object, got 3"),
 ])
-def test_resume_refuses_a_hand_edited_state_json(edit, fragment, train_run_copy, cli, one_line_error,
-                                                 train_snapshot):
-    path = train_run_copy / "state.json"
-    state = json.loads(path.read_text())
-    edit(state)
-    path.write_text(json.dumps(state))
+def test_resume_refuses_a_hand_edited_state_record(edit, fragment, train_run_copy, cli, one_line_error,
+                                                   train_snapshot):
+    """The record resume reads is the one committed inside state.safetensors (state.json mirrors it)."""
+    path = train_run_copy / "state.safetensors"
+    tensors, metadata = read_safetensors(path)
+    checkpoint = json.loads(metadata[CHECKPOINT_KEY])
+    edit(checkpoint["state"])
+    path.write_bytes(safetensors_bytes(tensors, {CHECKPOINT_KEY: json.dumps(checkpoint)}))
     before = train_snapshot(train_run_copy)
     code, out, err = cli(["train", "--resume", train_run_copy, "--epochs", "2"])
     one_line_error(code, err, f"{path} is corrupt ({fragment}", "start the run again")
@@ -266,7 +270,7 @@ def test_a_file_name_that_is_not_utf8_is_a_user_error(cli, monkeypatch):
 def test_a_path_that_is_too_long_is_one_line(cli, one_line_error, tmp_path, train_cli_args):
     long = tmp_path / ("x" * 300)  # longer than a name may be (255 bytes)
     code, out, err = cli(train_cli_args("--out", long))
-    one_line_error(code, err, f"cannot access {long / 'state.json'}: File name too long")
+    one_line_error(code, err, f"cannot access {long}: File name too long")
 
 
 def test_writers_name_the_file_they_cannot_write(cli, one_line_error, train_run, train_data_dir, tmp_path,

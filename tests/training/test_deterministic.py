@@ -12,7 +12,10 @@ from vggnet.training import resume, train
 
 
 def weights_bytes(run_dir):
-    return (run_dir / "model.safetensors").read_bytes()
+    """model.safetensors' tensor data, bit for bit: the bytes after its header (which embeds the run's card, and so
+    its folder and options)."""
+    raw = (run_dir / "model.safetensors").read_bytes()
+    return raw[8 + int.from_bytes(raw[:8], "little"):]
 
 
 def test_cpu_deterministic_run_equals_the_default_run_and_restores_the_settings(train_options, tmp_path):

@@ -1,8 +1,13 @@
 """``vggnet eval SOURCE``: top-1, top-5, per-class accuracy and the confusion matrix on a whole test set.
 
-SOURCE is a run directory (evaluated on its own dataset by default; eval.json and confusion.png go into it) or a
-weights file (:mod:`vggnet.weights`), which has no dataset of its own: ``--dataset`` is required, and the results are
-written only with ``--out``.
+SOURCE is a run directory (evaluated on its own dataset by default) or a weights file (:mod:`vggnet.weights`), which
+has no dataset of its own: ``--dataset`` is required, and the results are written only with ``--out``.
+
+Where the results go: beside a run's own files, never over training's eval.json and confusion.png:
+``RUN/evals/NAME.json`` and ``RUN/evals/NAME.png``, NAME naming what was measured (:func:`eval_name`: ``test``,
+``test-flip``, ``best-test``, ``scales-32-40-dense-crops-5x5-flip``, ``test-on-cifar10``, ...). ``--out DIR`` writes
+``DIR/eval.json`` and ``DIR/confusion.png`` instead, unless DIR is a run directory: then only the evaluated run itself
+(its evals/), never another run.
 
 ``--scales Q1,Q2,...`` switches to the paper's test protocols (:mod:`vggnet.multiscale`): dense evaluation (the
 default, or ``--dense``), a grid of crops (``--crops 5x5``), or both averaged, with ``--flip`` for the mirrored
@@ -11,13 +16,15 @@ images; eval.json then records the protocol under ``"protocol"`` beside the numb
 from __future__ import annotations
 
 import argparse
+import os
+import re
 from pathlib import Path
 
 from ..errors import ConfigError, DataError
 from ..evaluation import check_fits, evaluate, load_test_set
 from ..multiscale import Protocol, check_protocol, evaluate_multiscale, parse_crops, parse_scales
 from ..report import table
-from ..rundir import RunDir
+from ..rundir import RunDir, write_evaluation
 from ..runtime import resolve_runtime
 from ..training.config import MAX_IMAGE_SIZE
 from .common import (SOURCE_HELP, add_runtime_options, add_source_options, batch_size_type, load_source,
@@ -50,8 +57,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=batch_size_type, help="images per batch (default: by image size: 256 at 32x32, "
                    "16 at 224x224); with --scales, network inputs per pass (a crop or a mirror counts as one)")
     add_runtime_options(p, "fp32", "fp32 (default: exact numbers), or auto/bf16/fp16 for speed", compile=True)
-    p.add_argument("--out", metavar="DIR", help="where eval.json and confusion.png go (default: the run directory; "
-                   "weights files: written only with --out)")
+    p.add_argument("--out", metavar="DIR", help="write eval.json and confusion.png into DIR instead of "
+                   "RUN/evals/NAME.json and .png (NAME: the protocol, e.g. test, test-flip, scales-32-40-dense); a "
+                   "run directory only if it is the evaluated run itself; weights files: written only with --out")
     p.add_argument("--json", action="store_true", help="print {top1, top5, per_class, n, ...} (fractions)")
     p.set_defaults(run=run)
 
@@ -63,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
                         "(fashion-mnist, cifar10, cifar100 or folder:PATH, one subfolder per class in the model's "
                         "class order)")
     protocol = _protocol(args)
+    in_run = _writes_into_run(args, is_run)  # refused before any work when --out is someone else's run
     if protocol is not None and args.compile:
         raise ConfigError("--compile applies to plain evaluation; the multi-scale protocols (--scales) run eagerly: "
                           "drop one of them")
@@ -88,8 +97,13 @@ def run(args: argparse.Namespace) -> int:
     if protocol is not None:
         record["protocol"] = protocol.to_dict()
     title = f"{card.model.get('name', 'model')} on {dataset}{named}: top-1 {100 * result.top1:.2f}%"
-    rundir = RunDir(args.source if is_run else args.out or ".")
-    out = rundir.write_eval(record, title, args.out) if is_run or args.out else None
+    if in_run:
+        name = eval_name(protocol, args.tta, args.weights or "model", dataset, card.dataset)
+        where = (RunDir(args.source).evals / f"{name}.json", RunDir(args.source).evals / f"{name}.png")
+    else:
+        where = (Path(args.out) / "eval.json", Path(args.out) / "confusion.png") if args.out else None
+    if where is not None:
+        write_evaluation(record, title, *where)
     if args.json:
         print_json(record)
         return 0
@@ -98,9 +112,46 @@ def run(args: argparse.Namespace) -> int:
     rows = [[name, f"{100 * acc:.2f}%", str(sum(result.confusion[i]))] for i, (name, acc) in
             enumerate(zip(result.classes, result.per_class))]
     print(table(["class", "accuracy", "images"], rows, "lrr"))
-    if out is not None:
-        print(f"confusion matrix: {out / rundir.confusion.name} and {out / rundir.eval.name}")
+    if where is not None:
+        print(f"confusion matrix: {where[1]} and {where[0]}")
     return 0
+
+
+def _writes_into_run(args: argparse.Namespace, is_run: bool) -> bool:
+    """Whether the results go into the evaluated run's evals/ (a run without --out, or with --out naming the run
+    itself); a ConfigError when ``--out`` is another run directory, which eval never writes into."""
+    if args.out is None:
+        return is_run
+    if is_run and _same_folder(args.out, args.source):
+        return True
+    if RunDir(args.out).is_run():
+        raise ConfigError(f"--out {args.out} is another run directory: vggnet eval writes into a run only when it "
+                          f"evaluates it (its evals/ folder); choose a folder that is not a run")
+    return False
+
+
+def _same_folder(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return Path(a).resolve() == Path(b).resolve()
+
+
+def eval_name(protocol: Protocol | None, tta: str | None, weights: str, dataset: str, own: str | None) -> str:
+    """The name of an evaluation's files in RUN/evals/: its protocol (``test``, ``test-flip``,
+    ``scales-32-40-dense-crops-5x5-flip``), after ``best-`` for the best weights and before ``-on-DATASET`` for a
+    dataset that is not the run's own; so that different measurements never overwrite each other."""
+    if protocol is None:
+        parts = ["test"] + (["flip"] if tta == "flip" else [])
+    else:
+        parts = (["scales", *map(str, protocol.scales)] + (["dense"] if protocol.dense else [])
+                 + ([f"crops-{protocol.crops[0]}x{protocol.crops[1]}"] if protocol.crops else [])
+                 + (["flip"] if protocol.flip else []))
+    if weights == "best":
+        parts.insert(0, "best")
+    if dataset != own:
+        parts += ["on", re.sub(r"[^A-Za-z0-9.]+", "-", dataset).strip("-.")[:80] or "dataset"]
+    return "-".join(parts)
 
 
 def _protocol(args: argparse.Namespace) -> Protocol | None:

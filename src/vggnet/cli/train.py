@@ -99,12 +99,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="train and test on these classes only (indices into the dataset's classes, e.g. 0-4 or "
                         "5,6,7,8,9), relabelled 0..k-1 in the order given")
     p.add_argument("--seed", type=integer)
-    p.add_argument("--out", metavar="RUN_DIR", help="run directory (default runs/MODEL-DATASET-TIME)")
+    p.add_argument("--out", metavar="RUN_DIR", help="run directory (default runs/MODEL-DATASET-TIME): a new or empty "
+                   "folder, or a run of vggnet's own that stopped before its first checkpoint; a folder holding other "
+                   "files, or a run with a checkpoint (--resume it), is refused. One process at a time writes a run "
+                   "(RUN_DIR/.lock)")
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue a stopped run exactly; with --epochs N, extend it to N epochs in total: the learning-"
                         "rate schedule keeps its length (constant, step and plateau go on at their final rate; runs "
                         f"on {'/'.join(DECAYING)}, which end at 0, cannot be extended); config.json records the new "
-                        "total at the first checkpoint")
+                        "total at the first checkpoint. A run killed during a save is first brought up to its last "
+                        "committed checkpoint (state.safetensors)")
     p.add_argument("--device", type=device_name, help="auto (default), cpu, cuda, cuda:N")
     p.add_argument("--precision", choices=PRECISIONS, help="auto: bf16 where the hardware runs it natively")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false", default=None)

@@ -2,18 +2,27 @@
 the run directory through :mod:`vggnet.rundir`.
 
 ``train(config)`` starts a run; ``resume(run_dir)`` continues one exactly where it stopped.
+
+Both hold the run directory for their whole session (rank 0, :meth:`vggnet.rundir.RunDir.lock`): a second process
+writing the same run is refused in one line, before anything is written. Then the temporary files of a killed
+write are removed and, on resume, the files a killed save left behind its commit are brought up to it
+(:meth:`~vggnet.rundir.RunDir.roll_forward`). ``--out`` only ever writes into a new folder, an empty one, or a run
+of vggnet's own that has no checkpoint yet (see :func:`check_out`): never over someone else's files.
 """
 
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
+from .. import distributed
 from ..errors import CheckpointError, ConfigError
-from ..rundir import RunDir
+from ..files import read_json
+from ..rundir import RUN_NAMES, RunDir
 from ..runtime import deterministic_algorithms
-from .build import Run, build_run
+from .build import Run, build_run, default_run_dir
 from .config import DEFAULT_MODEL, MODEL_SHAPE, NORMALIZE, OPTIMIZERS, PRESETS, RANGES, TrainConfig, resolve_config
 from .loop import Interrupted, TrainingDiverged, fit, seed_epoch, train_step
 
@@ -27,16 +36,69 @@ DECAYING = ("onecycle", "cosine")
 def train(config: TrainConfig | None = None, data=None, **options: Any) -> dict[str, Any]:
     """Train from a :class:`TrainConfig` (validated here) or keyword options (resolved with :func:`resolve_config`).
 
-    ``data``: ``(train_set, test_set)`` already loaded, instead of loading ``config.dataset``."""
+    ``data``: ``(train_set, test_set)`` already loaded, instead of loading ``config.dataset``. ``config.out`` must be
+    a folder a new run may write (:func:`check_out`); it is checked before any data loads and held for the run."""
     if config is None:
         config = resolve_config(options.pop("preset", None), **options)
     elif options:
         raise ConfigError("pass either a TrainConfig or keyword options, not both")
-    if config.out and RunDir(config.out).has_state():
-        raise ConfigError(f"{config.out} already holds a run: continue it with --resume {config.out}, or choose "
-                          "another --out")
-    with deterministic_algorithms(config.deterministic):
+    config.validate()
+    writer = distributed.env_rank() == 0  # under torchrun rank 0 writes; the others only read the folder
+    if writer and not config.out:
+        config.out = str(default_run_dir(config))  # build_run hands rank 0's name to the other ranks
+    if config.out:
+        check_out(RunDir(config.out))  # before any data loads
+    with deterministic_algorithms(config.deterministic), _session(RunDir(config.out) if writer else None, True):
         return fit(build_run(config, data))
+
+
+def check_out(rundir: RunDir) -> None:
+    """ConfigError unless ``--out`` may be written by a new run: a new folder, an empty one (but for a lock file
+    and temporary files a killed run left), or a run of vggnet's own without a checkpoint (one stopped before its
+    first epoch ended: starting it again loses nothing). A run with a checkpoint is resumed, not overwritten; a
+    folder with files vggnet train did not write is someone else's."""
+    path = rundir.path
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--out {path} is a file: choose a new or empty folder")
+    names = rundir.contents()
+    if not names:
+        return
+    if rundir.has_state():
+        raise ConfigError(f"{path} already holds a run: continue it with --resume {path}, or choose another --out")
+    foreign = [name for name in names if name not in RUN_NAMES]
+    if not foreign and (_written_by_vggnet(rundir) or set(names) <= {"tensorboard"}):
+        return  # its own run, stopped before its first checkpoint (--tensorboard's folder comes before config.json)
+    shown = foreign or names
+    raise ConfigError(f"--out {path} holds files vggnet train did not write ({', '.join(shown[:3])}"
+                      f"{', ...' if len(shown) > 3 else ''}): vggnet writes only into a new or empty folder or a run "
+                      "of its own; choose another --out")
+
+
+def _written_by_vggnet(rundir: RunDir) -> bool:
+    """Whether the folder's config.json is a training configuration (the mark of a run vggnet train started)."""
+    try:
+        saved = read_json(rundir.config)
+        TrainConfig.from_dict(saved)
+    except (CheckpointError, ConfigError, TypeError):
+        return False
+    return {"model", "dataset", "epochs", "seed"} <= set(saved)
+
+
+@contextmanager
+def _session(rundir: RunDir | None, new: bool) -> Iterator[None]:
+    """The writer's hold on ``rundir`` for a whole session (None: a torchrun rank that writes nothing): the lock,
+    then the temporary files of killed writes removed; a ``new`` run checks its ``--out`` again under the lock
+    (another process may have started there meanwhile), a resumed one completes a save that a kill cut short."""
+    if rundir is None:
+        yield
+        return
+    with rundir.lock(create=new):
+        rundir.remove_temp_files()
+        if new:
+            check_out(rundir)
+        else:
+            rundir.roll_forward()
+        yield
 
 
 def resume(run_dir: str | Path, epochs: int | None = None, **runtime: Any) -> dict[str, Any]:
@@ -47,11 +109,23 @@ def resume(run_dir: str | Path, epochs: int | None = None, **runtime: Any) -> di
     validation accuracy; ``onecycle`` and ``cosine`` end at a learning rate of 0, so their runs cannot be extended
     (start a new run). config.json records the new total only once the first checkpoint of this session is written,
     so a resume that fails leaves it untouched. ``runtime`` may set the :data:`RUNTIME_OPTIONS` for this session.
+
+    A folder that is not a run, or holds no checkpoint, is refused before anything is written; then the run is held
+    (its lock) and a save that a kill cut short is completed from its commit before anything is read for training.
     """
     rundir = RunDir(run_dir)
     unknown = set(runtime) - set(RUNTIME_OPTIONS)
     if unknown:
         raise ConfigError(f"resume cannot change {sorted(unknown)}; only {', '.join(RUNTIME_OPTIONS)}")
+    rundir.read_config()  # a folder that is not a run, or has no checkpoint, is refused before anything is written
+    rundir.read_state_record()
+    with _session(rundir if distributed.env_rank() == 0 else None, False):
+        return _resume(rundir, epochs, runtime)
+
+
+def _resume(rundir: RunDir, epochs: int | None, runtime: dict[str, Any]) -> dict[str, Any]:
+    """:func:`resume` once the run is held and up to date with its last commit."""
+    run_dir = rundir.path
     saved = rundir.read_config()
     config = _saved_run_config(rundir, saved)
     done = rundir.read_state_record()["run"]["epoch"]  # an integer: read_state_record checks the counters
@@ -93,5 +167,5 @@ def _saved_run_config(rundir: RunDir, saved: Any) -> TrainConfig:
 
 
 __all__ = ["DECAYING", "DEFAULT_MODEL", "MODEL_SHAPE", "NORMALIZE", "OPTIMIZERS", "PRESETS", "RUNTIME_OPTIONS",
-           "Interrupted", "Run", "TrainConfig", "TrainingDiverged", "build_run", "fit", "resolve_config", "resume",
-           "seed_epoch", "train", "train_step"]
+           "Interrupted", "Run", "TrainConfig", "TrainingDiverged", "build_run", "check_out", "fit", "resolve_config",
+           "resume", "seed_epoch", "train", "train_step"]

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from ..errors import CheckpointError, ConfigError, VggnetError
 from ..evaluation import EvalResult
 from ..files import optimizer_from_tensors, optimizer_to_tensors
-from ..rundir import ModelCard
+from ..rundir import Checkpoint, ModelCard
 from ..schedule import Plateau, lr_factor
 from .build import Run
 
@@ -300,19 +300,17 @@ def epoch_metrics(record: dict[str, Any]) -> dict[str, Any]:
 
 def save_epoch(run: Run, state: RunState, history: list[dict[str, Any]], test: EvalResult, best: bool,
                plots: bool = True) -> None:
-    """The end-of-epoch checkpoint: weights and card (also as the best ones when ``best``), state, metrics, the
-    test evaluation, and with ``plots`` the confusion matrix and curves (see :data:`PLOT_SECONDS`)."""
-    record = history[-1]
+    """The end-of-epoch checkpoint, committed as one (:meth:`vggnet.rundir.RunDir.commit`): the state with the
+    epoch's card (its weights, also the best ones when ``best``) and test evaluation, then the files derived from
+    it: weights and cards, metrics, eval.json, with ``plots`` the confusion matrix and curves (see
+    :data:`PLOT_SECONDS`), config.json and state.json."""
     card = ModelCard(model=run.model.config, classes=run.classes, preprocess=run.preprocess.to_dict(),
-                     dataset=run.config.dataset, image_size=run.config.image_size, metrics=epoch_metrics(record),
+                     dataset=run.config.dataset, image_size=run.config.image_size, metrics=epoch_metrics(history[-1]),
                      train_config=run.saved_config)
-    run.rundir.save_weights(run.model, card, {"epoch": record["epoch"], "metrics": card.metrics} if best else None)
-    save_state(run, state, history)
-    run.rundir.write_metrics(history)
-    title = f"{run.config.model} on {run.config.dataset}"
-    run.rundir.write_eval(test.to_dict(), f"{title}: test top-1 {100 * test.top1:.2f}%", plot=plots)
-    if plots:
-        run.rundir.write_curves(history, title)
+    tensors, record = snapshot(run, state, history)
+    checkpoint = Checkpoint(state=record, config=run.saved_config, card=card.to_dict(), best=best,
+                            evaluation=test.to_dict(), title=f"{run.config.model} on {run.config.dataset}")
+    run.rundir.commit(tensors, checkpoint, plots)
 
 
 def rng_state(run: Run) -> dict[str, torch.Tensor]:
@@ -322,25 +320,35 @@ def rng_state(run: Run) -> dict[str, torch.Tensor]:
     return states
 
 
-def save_state(run: Run, state: RunState, history: list[dict[str, Any]],
-               extra: dict[str, torch.Tensor] | None = None) -> None:
-    """Model, optimizer, gradient scaler, RNG and counters: enough for --resume to continue exactly here (rank 0
-    writes). The scaler's few numbers (scale, growth tracker, factors) go into the JSON record."""
-    if not run.dist.is_main:
-        return
+def snapshot(run: Run, state: RunState, history: list[dict[str, Any]],
+             extra: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The state's tensors (model, optimizer, RNG; ``extra``: under torchrun every rank's random streams) and its
+    record (state.json's: the counters, the optimizer's non-tensor state, the history and the gradient scaler's
+    few numbers: scale, growth tracker, factors)."""
     tensors, rest = optimizer_to_tensors(run.optimizer)
     tensors.update(rng_state(run))
     tensors.update({f"model/{k}": v for k, v in run.model.state_dict().items()})
     record = {"run": asdict(state), "optimizer": rest, "history": history}
     if run.scaler is not None:
         record["scaler"] = run.scaler.state_dict()  # reads the scale from the device: a sync, at saves only
-    run.rundir.write_config(run.saved_config)
-    run.rundir.save_state({**tensors, **(extra or {})}, record)
+    return {**tensors, **(extra or {})}, record
+
+
+def save_state(run: Run, state: RunState, history: list[dict[str, Any]],
+               extra: dict[str, torch.Tensor] | None = None) -> None:
+    """A checkpoint where the loop stands (a stop mid-epoch): model, optimizer, gradient scaler, RNG and counters,
+    enough for --resume to continue exactly here (rank 0 writes). It carries no card: its weights are not an
+    epoch's, and model.safetensors stays the last epoch's."""
+    if not run.dist.is_main:
+        return
+    tensors, record = snapshot(run, state, history, extra)
+    run.rundir.commit(tensors, Checkpoint(state=record, config=run.saved_config))
 
 
 def load_state(run: Run) -> tuple[RunState, list[dict[str, Any]], tuple]:
-    """The saved state loaded into ``run``'s model, optimizer and gradient scaler; the counters, history and random
-    states. A state without a scaler (an fp32 or bf16 run's) leaves a new scaler at its initial scale."""
+    """The committed state (state.safetensors alone; state.json is its mirror) loaded into ``run``'s model, optimizer
+    and gradient scaler; the counters, history and random states. A state without a scaler (an fp32 or bf16 run's)
+    leaves a new scaler at its initial scale."""
     record, tensors = run.rundir.read_state()
     model_state = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
     try:
