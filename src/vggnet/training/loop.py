@@ -351,6 +351,7 @@ def load_state(run: Run) -> tuple[RunState, list[dict[str, Any]], tuple]:
     leaves a new scaler at its initial scale."""
     record, tensors = run.rundir.read_state()
     model_state = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
+    check_state_dtypes(run, model_state, tensors)
     try:
         run.model.load_state_dict(model_state)
         optimizer_from_tensors(run.optimizer, tensors, record["optimizer"])
@@ -366,6 +367,22 @@ def load_state(run: Run) -> tuple[RunState, list[dict[str, Any]], tuple]:
     if not run.dist.is_main:
         state.loss_sum, state.correct = 0.0, 0
     return state, list(record.get("history", [])), saved_rng
+
+
+def check_state_dtypes(run: Run, model_state: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> None:
+    """CheckpointError when a state tensor's dtype is not what this run keeps there (the model's own dtypes, float32
+    optimizer buffers, uint8 random states): ``load_state_dict`` would convert a header's lie silently."""
+    expected = run.model.state_dict()
+    wrong = [(f"model/{k}", v.dtype, expected[k].dtype) for k, v in model_state.items()
+             if k in expected and v.dtype != expected[k].dtype]
+    wrong += [(k, v.dtype, torch.float32) for k, v in tensors.items()
+              if k.startswith("optimizer/") and v.dtype != torch.float32]
+    wrong += [(k, v.dtype, torch.uint8) for k, v in tensors.items() if k.startswith("rng/") and v.dtype != torch.uint8]
+    if wrong:
+        key, found, want = wrong[0]
+        raise CheckpointError(f"{run.rundir.state_tensors} is corrupt: {key} is {str(found).replace('torch.', '')}, "
+                              f"this run keeps {str(want).replace('torch.', '')} there ({len(wrong)} tensor(s) of "
+                              "another dtype); start again from an intact run")
 
 
 class TensorBoard:
