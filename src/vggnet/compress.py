@@ -35,7 +35,6 @@ import copy
 import re
 import shutil
 import statistics
-import time
 import uuid
 import warnings
 from dataclasses import asdict, dataclass, field, replace
@@ -525,18 +524,14 @@ def parameter_count(model: nn.Module) -> int:
 def latency(models: dict[str, nn.Module], input_shape: tuple[int, ...], rounds: int = 10, warmup: int = 2
             ) -> dict[str, list[float]]:
     """Seconds per batch-1 fp32 forward of each model on the CPU, timed in ``rounds`` interleaved rounds after
-    ``warmup`` calls each, on the current intra-op thread count."""
+    ``warmup`` calls each (the bench's harness, :func:`vggnet.bench.timing.interleaved`), on the current intra-op
+    thread count."""
+    from functools import partial
+
+    from .bench.timing import interleaved
+
     x = torch.randn(input_shape, generator=torch.Generator().manual_seed(0))
-    for model in models.values():
-        for _ in range(warmup):
-            model(x)
-    times: dict[str, list[float]] = {name: [] for name in models}
-    for _ in range(rounds):
-        for name, model in models.items():
-            start = time.perf_counter()
-            model(x)
-            times[name].append(time.perf_counter() - start)
-    return times
+    return interleaved({name: partial(model, x) for name, model in models.items()}, rounds, warmup)
 
 
 @dataclass
