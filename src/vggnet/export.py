@@ -58,8 +58,8 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from .errors import ConfigError, DataError, OutputError, VggnetError
-from .files import atomic_write_bytes, atomic_write_json
+from .errors import ConfigError, DataError, VggnetError
+from .files import atomic_write_bytes, atomic_write_json, check_out_path
 from .models import VGG, to_dense
 from .rundir import LoadedModel
 
@@ -91,20 +91,6 @@ def require_onnx() -> None:
             __import__(name)
         except ImportError:
             raise ExportError(f"--format onnx needs the {name} package, which is not installed: {ONNX_HINT}") from None
-
-
-def check_out_path(path: str | os.PathLike) -> Path:
-    """``path`` when a file can be written there: its folder exists and is writable and it is not a folder itself.
-    Call it before the export work."""
-    path = Path(path)
-    if path.is_dir():
-        raise OutputError(f"cannot write {path}: it is a folder; give a file name, e.g. {path / 'model.onnx'}")
-    folder = path.parent
-    if not folder.is_dir():
-        raise OutputError(f"cannot write {path}: the folder {folder} does not exist (create it first)")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise OutputError(f"cannot write {path}: the folder {folder} is not writable")
-    return path
 
 
 def card_path(path: str | os.PathLike) -> Path:
@@ -514,7 +500,7 @@ def export_model(model: VGG, fmt: str, path: str | os.PathLike, *, dynamic_batch
                  any_size: bool = False) -> Path:
     """Export ``model`` (eager fp32 on the CPU; ``to_dense`` of it with ``any_size``) to ``path`` in ``fmt``,
     atomically, without checking it or writing a card (:func:`export_checked` does both)."""
-    path = check_out_path(path)
+    path = check_out_path(path, "model.onnx")
     module, spec = export_module(model, dynamic_batch=dynamic_batch, any_size=any_size)
     atomic_write_bytes(path, export_bytes(module, fmt, spec))
     return path
@@ -543,7 +529,7 @@ def export_checked(loaded: LoadedModel, fmt: str, out: str | os.PathLike, *, ima
         raise ConfigError(f"unknown export format {fmt!r}: choose one of {', '.join(FORMATS)}")
     if not tolerance > 0:
         raise ConfigError(f"the tolerance must be > 0, got {tolerance}")
-    out = check_out_path(out)
+    out = check_out_path(out, "model.onnx")
     if fmt == "onnx":
         require_onnx()
     source = str(source if source is not None else loaded.run_dir or "model")
@@ -584,6 +570,6 @@ def human_size(n: int) -> str:
 
 
 __all__ = ["DEFAULT_TOLERANCE", "FORMATS", "ExportCheck", "ExportError", "ExportResult", "InputSpec", "SizeCheck",
-           "card_path", "check_export", "check_images_of", "check_out_path", "commit", "export_bytes",
+           "card_path", "check_export", "check_images_of", "commit", "export_bytes",
            "export_checked", "export_model", "export_module", "load_runner", "make_card", "random_images", "recipe",
            "require_onnx"]

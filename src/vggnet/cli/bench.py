@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..bench import BenchConfig, render, run
 from ..bench.config import ALL_SECTIONS, GPU_SECTIONS, SECTIONS
-from ..files import atomic_write_json, make_dirs
+from ..files import atomic_write_json, check_out_path, make_dirs
 from ..training.config import RANGES, Range
 from .common import device_name, in_range, print_json, rounds_type, threads_type, user_path
 
@@ -56,10 +56,8 @@ def run_bench(args: argparse.Namespace) -> int:
                       rounds=args.rounds, e2e_subset=args.subset, wait_idle=args.wait_idle, device=args.device,
                       progress=lambda message: print(f"vggnet bench: {message}", file=sys.stderr, flush=True))
     if args.out:  # found unwritable now, not after the whole benchmark
-        from ..export import check_out_path
-
         make_dirs(Path(args.out).parent)
-        check_out_path(args.out)
+        check_out_path(args.out, "bench.json")
     results = run(cfg)
     if args.out:
         atomic_write_json(args.out, results)

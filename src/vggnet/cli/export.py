@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import argparse
 
-from ..export import (DEFAULT_TOLERANCE, EXTENSIONS, FORMATS, check_images_of, check_out_path, export_checked,
-                      human_size, require_onnx)
 from ..evaluation import auto_batch_size
+from ..export import DEFAULT_TOLERANCE, EXTENSIONS, FORMATS, check_images_of, export_checked, human_size, require_onnx
+from ..files import check_out_path
 from ..training.config import Range
 from .common import SOURCE_HELP, add_source_options, batch_size_type, in_range, load_source
 
@@ -46,7 +46,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    check_out_path(args.out)  # a bad --out or a missing ONNX package fails before any work
+    check_out_path(args.out, "model.onnx")  # a bad --out or a missing ONNX package fails before any work
     if args.fmt == "onnx":
         require_onnx()
     loaded = load_source(args, "cpu")
