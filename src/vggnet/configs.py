@@ -38,6 +38,8 @@ D2L_VGG11_BLOCKS = ((1, 64), (1, 128), (2, 256), (2, 512), (2, 512))
 MAX_CHANNELS = 8192  # channels of one convolution (VGG's widest is 512)
 MAX_KERNEL = 15  # side of a convolution's kernel (VGG's are 3 and 1)
 MAX_WIDTH = 16.0  # channel multiplier (scale_width)
+MAX_CLASSES = 100_000  # classes of a model or a data set (ImageNet-21k has 21,841)
+MAX_IMAGE_SIZE = 8192  # pixels of an image or input side
 
 
 @dataclass(frozen=True)

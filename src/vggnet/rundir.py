@@ -52,7 +52,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from .errors import CheckpointError, ConfigError, OutputError, VggnetError
-from .configs import MAX_CHANNELS, Conv, parse_arch, scale_width
+from .configs import MAX_CHANNELS, MAX_CLASSES, MAX_IMAGE_SIZE, Conv, parse_arch, scale_width
 from .files import (TEMP_NAME, TensorEntry, atomic_write_bytes, atomic_write_json, load_tensors, make_dirs,
                     model_state, read_header, read_json, read_metadata, read_safetensors, remove_temp_files,
                     safetensors_bytes, save_tensors, strip_prefixes)
@@ -72,12 +72,10 @@ LOCK_NAME = ".lock"
 RUN_NAMES = frozenset({"config.json", "model.safetensors", "model.json", "best.safetensors", "best.json",
                        "state.safetensors", "state.json", "metrics.jsonl", "metrics.csv", "eval.json", "curves.png",
                        "confusion.png", "tensorboard", "evals"})
-#: The largest values a model.json may give (VGG-16: 1,000 classes, 4,096 hidden, 224 pixels, 21 layers; a
-#: convolution's channels are capped at vggnet.configs.MAX_CHANNELS): beyond them the file is forged or mistyped, and
-#: is refused before anything is built or read.
-MAX_CLASSES = 100_000
+#: The largest values a model.json may give beyond vggnet.configs' (MAX_CLASSES, MAX_IMAGE_SIZE, MAX_CHANNELS; VGG-16
+#: has 1,000 classes, 4,096 hidden, 224 pixels, 21 layers): beyond them the file is forged or mistyped, and is
+#: refused before anything is built or read.
 MAX_HIDDEN = 65_536
-MAX_INPUT_SIZE = 8192
 MAX_LAYERS = 256
 
 
@@ -202,16 +200,16 @@ def _size_problem(card: "ModelCard") -> str | None:
     ints = [(f"model.{key}", model[key], largest) for key, largest in
             (("num_classes", MAX_CLASSES), ("in_channels", MAX_CHANNELS), ("hidden", MAX_HIDDEN)) if key in model]
     size = model.get("input_size", 224)
-    ints += [("model.input_size", side, MAX_INPUT_SIZE) for side in (size if isinstance(size, list) else [size])]
-    ints += [(key, value, MAX_INPUT_SIZE) for key, value in (("image_size", card.image_size),
+    ints += [("model.input_size", side, MAX_IMAGE_SIZE) for side in (size if isinstance(size, list) else [size])]
+    ints += [(key, value, MAX_IMAGE_SIZE) for key, value in (("image_size", card.image_size),
              ("preprocess.image_size", prep.get("image_size")), ("preprocess.in_size", prep.get("in_size")))
              if value is not None]
     for key, value, largest in ints:
         if not _is_int(value, largest):
             return f"{key} must be an integer from 1 to {largest}, got {value!r}"
     crop = prep.get("crop_fraction", 1.0)
-    if "image_size" in prep and isinstance(crop, (int, float)) and 0 < crop * MAX_INPUT_SIZE < prep["image_size"]:
-        return (f"preprocess.crop_fraction {crop!r} decodes images at more than {MAX_INPUT_SIZE} pixels "
+    if "image_size" in prep and isinstance(crop, (int, float)) and 0 < crop * MAX_IMAGE_SIZE < prep["image_size"]:
+        return (f"preprocess.crop_fraction {crop!r} decodes images at more than {MAX_IMAGE_SIZE} pixels "
                 f"(image_size / crop_fraction)")
     layers = _layer_count(model.get("arch", "D"))
     if layers > MAX_LAYERS:

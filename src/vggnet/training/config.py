@@ -19,7 +19,7 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Iterator
 
-from ..configs import MAX_WIDTH, parse_arch
+from ..configs import MAX_CLASSES, MAX_IMAGE_SIZE, MAX_WIDTH, parse_arch
 from ..errors import ConfigError
 from ..models import HEADS, INITS, MODELS, VGG, list_models
 from ..runtime import PRECISIONS
@@ -40,9 +40,7 @@ MODEL_DEFAULTS = {name: inspect.signature(VGG.__init__).parameters[name].default
 # ------------------------------------------------------------------------------------------------- sane ranges
 MAX_EPOCHS = 10**6
 MAX_BATCH = 2**20  # images in one batch
-MAX_IMAGE_SIZE = 8192  # pixels of an image side
 MAX_IMAGES = 2**31 - 1  # images of a data set
-MAX_CLASSES = 100_000  # classes of a data set (ImageNet-21k has 21,841)
 #: Far beyond any useful rate (1e4 already diverges in the tests' tiny run): the bound stops float overflows, and a
 #: rate that is merely too large is for the training loop's divergence check to report ("lower --lr").
 MAX_LR = 1e6
