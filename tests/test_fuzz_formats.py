@@ -14,7 +14,7 @@ import tracemalloc
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from vggnet.errors import VggnetError
@@ -161,6 +161,7 @@ def tiny_run(tmp_path_factory):
 
 
 @FUZZ
+@example(section="preprocess", key="image_size", value=None)  # found by this test: a TypeError in the size check
 @given(section=st.sampled_from(["model", "preprocess", None]), key=st.text(max_size=12) | st.sampled_from(
     ["num_classes", "in_channels", "input_size", "arch", "width", "head", "hidden", "image_size", "mean", "std",
      "classes", "dataset", "crop_fraction", "channel_order", "batch_norm", "dropout"]), value=JSON_VALUES)

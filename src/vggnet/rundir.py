@@ -208,7 +208,8 @@ def _size_problem(card: "ModelCard") -> str | None:
         if not _is_int(value, largest):
             return f"{key} must be an integer from 1 to {largest}, got {value!r}"
     crop = prep.get("crop_fraction", 1.0)
-    if "image_size" in prep and isinstance(crop, (int, float)) and 0 < crop * MAX_IMAGE_SIZE < prep["image_size"]:
+    prep_size = prep.get("image_size")  # None here is Preprocess's to refuse
+    if _is_int(prep_size, MAX_IMAGE_SIZE) and isinstance(crop, (int, float)) and 0 < crop * MAX_IMAGE_SIZE < prep_size:
         return (f"preprocess.crop_fraction {crop!r} decodes images at more than {MAX_IMAGE_SIZE} pixels "
                 f"(image_size / crop_fraction)")
     layers = _layer_count(model.get("arch", "D"))
