@@ -229,3 +229,22 @@ def test_a_tall_thin_png_is_refused_from_its_header(tmp_path):
     path.write_bytes(png)
     assert len(png) < 1_000_000
     assert isinstance(bounded(lambda: decode_image(path, 32)), VggnetError)
+
+
+def test_a_forged_memo_index_is_refused_before_the_unpickler_grows_its_memo():
+    from vggnet.data.cifar import parse_batch
+
+    raw = b"\x80\x02}r\x00(X\x04"  # PROTO 2, EMPTY_DICT, LONG_BINPUT 72886272: found by the fuzz (1.2 GB before)
+    result = bounded(lambda: parse_batch(raw, "forged batch", "labels", 10))
+    assert isinstance(result, VggnetError) and "memo index 72886272" in str(result)
+
+
+def test_a_png_declaring_a_2_gb_chunk_is_read_within_the_file(tmp_path):
+    from vggnet.data.images import decode_image
+
+    raw = bytearray(_png(5, 7))
+    raw[33] = 127  # the IDAT chunk's length, now about 2**31: found by the fuzz (2 GB allocated before)
+    path = tmp_path / "forged.png"
+    path.write_bytes(bytes(raw))
+    result = bounded(lambda: decode_image(path, None, channels=3))
+    assert isinstance(result, VggnetError) or result.shape == (7, 5, 3)

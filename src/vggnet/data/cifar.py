@@ -156,6 +156,28 @@ def _unwrap(obj):
     return obj.array if isinstance(obj, _ArrayBuilder) else obj
 
 
+#: Opcodes that store into the unpickler's memo: an explicit index (PUT, BINPUT, LONG_BINPUT) or the next one.
+_MEMO_PUTS = ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE")
+
+
+def _memo_problem(raw: bytes) -> str | None:
+    """What is wrong with the memo indices of the pickle ``raw``, read without running it, or None. A pickler numbers
+    its memo entries 0, 1, 2, ...; an index beyond the entries so far is forged, and costs memory: CPython's
+    unpickler grows its memo table to the index, so 8 bytes with ``LONG_BINPUT 72886272`` allocate 1.2 GB."""
+    import pickletools
+
+    puts = 0
+    try:
+        for opcode, arg, _ in pickletools.genops(raw):
+            if opcode.name in _MEMO_PUTS:
+                if arg is not None and not 0 <= int(arg) <= puts:
+                    return f"memo index {arg} after {puts} entries"
+                puts += 1
+    except Exception as exc:  # noqa: BLE001 - a garbled stream: the unpickler would fail on it too
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
 def restricted_loads(raw: bytes, source: str):
     """Unpickle ``raw`` with :class:`RestrictedUnpickler` (``encoding='bytes'`` as the official loader does).
 
@@ -163,6 +185,10 @@ def restricted_loads(raw: bytes, source: str):
     in the result fails the batch checks. Any failure -- a forbidden global, a truncated or garbled stream, arrays
     larger than the stream -- is a DataError naming ``source``.
     """
+    problem = _memo_problem(raw)
+    if problem is not None:
+        raise DataError(f"{source}: not a plain CIFAR pickle ({problem}); download the dataset again from the "
+                        "official site")
     try:
         loaded = RestrictedUnpickler(io.BytesIO(raw), budget=len(raw)).load()
     except Exception as exc:  # a corrupt pickle can raise almost anything; all of it means "bad file"
