@@ -28,6 +28,7 @@ it, so a change of definition (bump it) never serves pixels of another one.
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 
@@ -77,6 +78,21 @@ def _resize_and_crop(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
+class _BoundedReads(io.BufferedReader):
+    """An image file whose reads never ask for more bytes than remain in it. Decoders trust a chunk's declared
+    length (Pillow reads a PNG's IDAT chunk with one ``read(length)``), and CPython allocates a read's whole size
+    before it fills it: a 69-byte PNG declaring a 2 GB chunk allocated 2 GB."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        super().__init__(io.FileIO(path, "rb"))
+        self._size = os.fstat(self.fileno()).st_size
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is not None and size > 0:
+            size = min(size, max(0, self._size - self.tell()))
+        return super().read(size)
+
+
 class _Refused(Exception):
     """An image refused by the decoder's own checks; its message is the reason."""
 
@@ -116,7 +132,7 @@ def _to_8bit(image: Image.Image) -> Image.Image:
 def _decode(path: str | os.PathLike, image_size: int | None, channels: int) -> np.ndarray:
     if not stat.S_ISREG(os.stat(path).st_mode):  # before opening: opening a FIFO blocks
         raise _Refused("not a regular file; pass an image file")
-    with Image.open(path) as opened:
+    with _BoundedReads(path) as f, Image.open(f) as opened:
         _check_size(opened, image_size)
         image = _to_8bit(ImageOps.exif_transpose(opened))
         if _has_transparency(image):
