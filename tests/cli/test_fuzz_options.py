@@ -87,7 +87,7 @@ def fuzz_cli(cli, data_env, tmp_path, monkeypatch):
     return run
 
 
-FUZZ = settings(max_examples=120, deadline=None, database=None,
+FUZZ = settings(max_examples=120, deadline=None, database=None, derandomize=True,  # the same examples in every run
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
