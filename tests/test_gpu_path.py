@@ -91,7 +91,7 @@ def _cuda_args(train_cli_args, *extra):
 def test_cuda_training_keeps_the_data_on_the_gpu_and_evaluates_there(train_options, tmp_path):
     from vggnet.training import build_run, fit, resolve_config
 
-    run = build_run(resolve_config(**train_options(device="cuda", precision="bf16", epochs=1,
+    run = build_run(resolve_config(**train_options(device="cuda", precision="bf16", epochs=1, threads=None,
                                                    out=str(tmp_path / "run"))))
     assert run.runtime.device.type == "cuda" and run.runtime.threads == min(2, runtime.available_cores())
     assert run.train_set.images.device.type == run.test_set.images.device.type == "cuda"

@@ -149,7 +149,8 @@ def _cuda_child(build, device: str) -> dict[str, Any]:
     """- ``tensor_peak_bytes``: ``torch.cuda.max_memory_allocated`` over a fresh model's first two steps (every
       block of PyTorch's caching allocator: tensors and the cuDNN/cuBLAS workspaces it hands out);
     - ``rss_peak_bytes``: the host process's peak RSS growth over the same two steps (not compared)."""
-    torch.cuda.set_device(device)
+    if torch.device(device).index is not None:  # plain "cuda" is the current device (set_device needs an index)
+        torch.cuda.set_device(device)
     model, opt, step = build()
     torch.cuda.synchronize()
     base = status_bytes("VmRSS")
