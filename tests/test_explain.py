@@ -20,7 +20,15 @@ from vggnet.errors import ConfigError, OutputError
 from vggnet.explain import (CMAP, default_layer, grad_cam, model_input_images, normalise, overlay, peak, png_names,
                             raw_grad_cam, resolve_class, write_overlay)
 from vggnet.predict import predict_files
+from vggnet.runtime import resolve_runtime
 from vggnet.rundir import load
+
+
+def fp32():
+    """The CPU in fp32: the predictions are compared with the model's own fp32 softmax (on a CPU with native bf16,
+    predict's default precision would be bf16)."""
+    return resolve_runtime("cpu", "fp32", threads=torch.get_num_threads())
+
 
 # ------------------------------------------------------------------------------------------- hand-built models
 
@@ -261,7 +269,7 @@ def test_cli_writes_one_png_per_image_and_explain_json(cli, run_dir, grey_files,
     assert [e["png"] for e in entries] == [str(out / n) for n in ("shoe.png", "shoe-2.png", "bag.png")]
     assert len(stdout.strip().splitlines()) == 4  # one line per image and the summary
     loaded = load(run_dir)
-    predictions = predict_files(loaded, grey_files, top_k=1)
+    predictions = predict_files(loaded, grey_files, top_k=1, runtime=fp32())
     for e, p in zip(entries, predictions):
         assert e["index"] == e["predicted"]["index"] == p.top[0]["index"]
         assert e["class"] == p.top[0]["class"] and e["prob"] == pytest.approx(p.top[0]["prob"], rel=1e-5)

@@ -13,8 +13,15 @@ from vggnet.files import load_tensors, safetensors_bytes
 from vggnet.rundir import CARD_KEY, load
 from vggnet.data import decode_image
 from vggnet.predict import predict_files
+from vggnet.runtime import resolve_runtime
 
 ORANGE, BLUE = (200, 100, 50), (10, 20, 250)
+
+
+def fp32():
+    """The CPU in fp32: the predictions are compared with the model's own fp32 softmax (on a CPU with native bf16,
+    predict's default precision would be bf16)."""
+    return resolve_runtime("cpu", "fp32", threads=torch.get_num_threads())
 
 
 def halves(left, right, mode="RGB", size=(28, 28)):
@@ -47,7 +54,7 @@ def by_hand(loaded, path, flip=False):
 
 def test_predict_files_equals_the_models_softmax(loaded, images):
     paths = [images[k] for k in ("rgb", "rgba", "palette", "large", "tiny", "jpeg")]
-    results = predict_files(loaded, [str(p) for p in paths], top_k=5)
+    results = predict_files(loaded, [str(p) for p in paths], top_k=5, runtime=fp32())
     assert [r.file for r in results] == [str(p) for p in paths]
     for path, result in zip(paths, results):
         assert result.error is None and len(result.top) == 5
@@ -63,7 +70,7 @@ def test_predict_files_equals_the_models_softmax(loaded, images):
 def test_predict_on_a_test_image_matches_the_training_pipeline(loaded, train_run_one_epoch, tmp_path):
     dataset = train_run_one_epoch["test_set"]
     Image.fromarray(dataset.images[3, 0].numpy()).save(tmp_path / "test3.png")
-    (result,) = predict_files(loaded, [str(tmp_path / "test3.png")], top_k=10)
+    (result,) = predict_files(loaded, [str(tmp_path / "test3.png")], top_k=10, runtime=fp32())
     with torch.no_grad():
         probs = train_run_one_epoch["model"](train_run_one_epoch["preprocess"](dataset.images[3:4])).softmax(1)[0]
     assert sorted(t["index"] for t in result.top) == list(range(10))
@@ -73,7 +80,7 @@ def test_predict_on_a_test_image_matches_the_training_pipeline(loaded, train_run
 
 
 def test_top_k_is_capped_at_the_number_of_classes_and_flip_tta_averages(loaded, images):
-    (result,) = predict_files(loaded, [str(images["large"])], top_k=50, tta="flip")
+    (result,) = predict_files(loaded, [str(images["large"])], top_k=50, runtime=fp32(), tta="flip")
     expected = by_hand(loaded, images["large"], flip=True)
     assert len(result.top) == 10
     assert [t["prob"] for t in result.top] == pytest.approx(expected.sort(descending=True).values.tolist(), abs=1e-6)
@@ -87,7 +94,7 @@ def test_class_names_come_from_model_json(train_run_one_epoch, tmp_path, images)
     weights = run_dir / "model.safetensors"  # the card loading reads is the one inside the weights file
     weights.write_bytes(safetensors_bytes(load_tensors(weights), {CARD_KEY: json.dumps(meta)}))
     (run_dir / "model.json").write_text(json.dumps(meta))
-    (result,) = predict_files(load(run_dir), [str(images["rgb"])], top_k=3)
+    (result,) = predict_files(load(run_dir), [str(images["rgb"])], top_k=3, runtime=fp32())
     assert [t["class"] for t in result.top] == [f"kind-{t['index']}" for t in result.top]
 
 
@@ -95,7 +102,7 @@ def test_unreadable_files_get_their_own_error(loaded, images, tmp_path):
     (tmp_path / "text.png").write_text("not an image")
     files = [str(images["rgb"]), str(tmp_path / "text.png"), str(tmp_path / "missing.png"), str(tmp_path),
              str(images["tiny"])]
-    results = predict_files(loaded, files, top_k=2)
+    results = predict_files(loaded, files, top_k=2, runtime=fp32())
     assert [r.file for r in results] == files
     assert [r.error is None for r in results] == [True, False, False, False, True]
     assert "not a readable image" in results[1].error and "no such file" in results[2].error
@@ -107,7 +114,8 @@ def test_unreadable_files_get_their_own_error(loaded, images, tmp_path):
 def test_cli_predict_json_with_a_bad_file(train_run_one_epoch, images, tmp_path, train_cli):
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-    code, out, err = train_cli(["predict", train_run_one_epoch["dir"], images["rgb"], bad, "--json", "--top-k", "3"])
+    code, out, err = train_cli(["predict", train_run_one_epoch["dir"], images["rgb"], bad, "--json", "--top-k", "3",
+                                   "--precision", "fp32"])
     assert code == 2
     records = json.loads(out)
     assert [set(r) for r in records] == [{"file", "top"}, {"file", "error"}]
