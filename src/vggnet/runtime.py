@@ -74,6 +74,57 @@ def default_threads(device: torch.device) -> int:
     return min(GPU_HOST_THREADS, cores) if device.type == "cuda" else cores
 
 
+#: Seconds of training between two looks at the other processes' load (:class:`AdaptiveThreads`).
+LOAD_WINDOW_SECONDS = 3.0
+
+
+def threads_for_load(cores: int, other_cores: float) -> int:
+    """Intra-op threads on ``cores`` cores while other processes keep ``other_cores`` cores busy: one thread per
+    core they leave free (a core counts as taken from half its time on), at least one. OpenMP threads wait for
+    each other at every barrier, so one that shares its core with another process stalls the whole team: with 2
+    threads beside one busy process a training step ran at 30-35% of its idle speed on a 2-core AMD EPYC, with
+    1 thread at 56-59% (``scripts/contention_probe.py``)."""
+    return max(1, min(cores, cores - int(other_cores + 0.5)))
+
+
+class AdaptiveThreads:
+    """The CPU thread count of a training run that was given none: every :data:`LOAD_WINDOW_SECONDS`, at the
+    loop's sync points, it reads the other processes' load over the window just ended and sets
+    :func:`threads_for_load`'s count (``torch.set_num_threads``). A machine that gets busy mid-run costs one window
+    of slow steps, and the threads come back when it is quiet again. ``window`` is a
+    :class:`vggnet.cpuload.LoadWindow` (injectable for tests)."""
+
+    def __init__(self, cores: int, window=None, seconds: float = LOAD_WINDOW_SECONDS) -> None:
+        from .cpuload import LoadWindow, affinity
+
+        self.cores, self.seconds = cores, seconds
+        self.window = window if window is not None else LoadWindow(affinity())
+        self.threads = torch.get_num_threads()
+
+    def poll(self) -> int | None:
+        """Adapt when a window has ended; returns the new thread count when it changed, else None."""
+        if self.window.elapsed() < self.seconds:
+            return None
+        other = self.window.read()
+        if other is None:
+            return None
+        wanted = threads_for_load(self.cores, other)
+        if wanted == self.threads:
+            return None
+        torch.set_num_threads(wanted)
+        self.threads = wanted
+        return wanted
+
+
+def adaptive_threads(runtime: "Runtime", threads_given: bool, distributed: bool) -> AdaptiveThreads | None:
+    """The one decision whether a training run adapts its thread count to the load: on the CPU, when no
+    ``--threads`` was given, alone (torchrun ranks share the cores by rank) and not ``--deterministic`` (the
+    thread count changes how oneDNN splits its sums, so a run that adapts is reproducible only up to rounding)."""
+    if runtime.device.type != "cpu" or threads_given or distributed or runtime.deterministic:
+        return None
+    return AdaptiveThreads(available_cores())
+
+
 def set_threads(threads: int | None = None, device: torch.device | None = None) -> int:
     """Use ``threads`` intra-op threads, or :func:`default_threads` for ``device`` (the CPU when not given)."""
     n = threads or default_threads(device or torch.device("cpu"))

@@ -15,54 +15,9 @@ from typing import Any, Callable
 
 import torch
 
+from ..cpuload import other_load
+
 BF16_UNSUPPORTED = "bf16 convolutions are not supported by this CPU"
-
-
-class CpuMonitor:
-    """CPU time that *other* processes used during a block, in cores (busy time of /proc/stat minus our own).
-
-    Our own time includes reaped children (DataLoader workers, the memory subprocesses).
-    """
-
-    def __enter__(self) -> "CpuMonitor":
-        self.start = (proc_stat_busy(), own_cpu(), time.perf_counter())
-        self.other_cores: float | None = None
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        busy0, own0, t0 = self.start
-        busy1, own1, t1 = proc_stat_busy(), own_cpu(), time.perf_counter()
-        if busy0 is None or busy1 is None or t1 <= t0:
-            return
-        self.other_cores = max(0.0, ((busy1 - busy0) - (own1 - own0)) / (t1 - t0))
-
-
-def proc_stat_busy() -> float | None:
-    """Seconds of non-idle CPU time of the whole machine since boot (None where /proc/stat is missing)."""
-    try:
-        with open("/proc/stat", encoding="ascii") as f:
-            fields = f.readline().split()[1:]
-    except OSError:
-        return None
-    ticks = [int(v) for v in fields[:8]]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = ticks
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-def own_cpu() -> float:
-    """CPU seconds of this process and its reaped children."""
-    import resource
-
-    own = resource.getrusage(resource.RUSAGE_SELF)
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
-
-
-def other_load(seconds: float = 1.0) -> float | None:
-    """Average cores used by other processes over the next ``seconds``."""
-    with CpuMonitor() as mon:
-        time.sleep(seconds)
-    return mon.other_cores
 
 
 def wait_for_quiet(max_seconds: float, threshold: float = 0.15, log: Callable[[str], None] = lambda m: None) -> float:
@@ -83,6 +38,39 @@ def bf16_skip() -> dict[str, str] | None:
     return None if cpu_runs_bf16() else {"skipped": BF16_UNSUPPORTED}
 
 
+#: A bf16-capable or fp32 3x3 convolution run with oneDNN's verbose log on, in a fresh process: the log names the ISA
+#: oneDNN dispatches to (after ``ONEDNN_MAX_CPU_ISA``) and the convolution implementation it picked.
+_ONEDNN_PROBE = """
+import sys, torch
+dtype = torch.bfloat16 if sys.argv[1] == "bf16" else torch.float32
+x = torch.randn(32, 64, 16, 16, dtype=dtype).contiguous(memory_format=torch.channels_last)
+w = torch.randn(64, 64, 3, 3, dtype=dtype).contiguous(memory_format=torch.channels_last)
+torch.nn.functional.conv2d(x, w, padding=1)
+"""
+
+
+def onednn_dispatch(precision: str = "fp32") -> dict[str, str | None]:
+    """``{"isa": "Intel AVX2", "convolution": "brg_conv_fwd:avx2"}``: what oneDNN used for a ``precision`` 3x3
+    convolution on this CPU (None for what its log did not say, or where the probe failed)."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "ONEDNN_VERBOSE": "1"}
+    try:
+        log = subprocess.run([sys.executable, "-c", _ONEDNN_PROBE, precision], capture_output=True, text=True,
+                             env=env, timeout=120, check=False).stdout
+    except (OSError, subprocess.SubprocessError):
+        log = ""
+    return parse_onednn_log(log)
+
+
+def parse_onednn_log(log: str) -> dict[str, str | None]:
+    """The ISA line and the first convolution's implementation of a oneDNN verbose log (see :func:`onednn_dispatch`)."""
+    isa = re.search(r"^onednn_verbose,(?:v\d+,)?info,cpu,isa:(.*?)\s*$", log, re.M)
+    conv = re.search(r"^onednn_verbose,(?:v\d+,)?primitive,exec,cpu,convolution,([^,]+),", log, re.M)
+    return {"isa": isa.group(1) if isa else None, "convolution": conv.group(1) if conv else None}
+
+
 def machine_info(threads: int) -> dict[str, Any]:
     from .. import __version__
     from ..runtime import available_cores, cpu_has_bf16, cpu_runs_bf16
@@ -101,5 +89,8 @@ def machine_info(threads: int) -> dict[str, Any]:
             # What ATen dispatched to, and oneDNN's ISA cap when one is set (unset: oneDNN uses the best it finds).
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA"),
+            # What oneDNN actually used (its verbose log): the AMX and the non-AMX columns of docs/BENCHMARKS.md.
+            "onednn_fp32": onednn_dispatch("fp32"),
+            "onednn_bf16": onednn_dispatch("bf16") if cpu_runs_bf16() else None,
             "torch": torch.__version__, "vggnet": __version__, "python": platform.python_version(),
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}

@@ -26,6 +26,9 @@ def summarize_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         add("inference, images/s vs reference", results["infer"]["ratio"], TARGETS["infer_ratio"])
     if "e2e" in results:
         add("end-to-end epoch, wall time vs reference", results["e2e"]["ratio"], TARGETS["e2e_ratio"])
+    if "contention" in results:
+        add("training beside one busy process, share of quiet images/s", results["contention"]["share_default"],
+            TARGETS["contention_share"])
     if "gpu_epoch" in results:
         add("GPU epoch, wall time vs the typical GPU pipeline", results["gpu_epoch"]["ratio"],
             TARGETS["gpu_epoch_ratio"])
@@ -64,6 +67,11 @@ def render_header(results: dict[str, Any]) -> list[str]:
     c = results["conditions"]
     lines = [f"vggnet bench on {c['cpu']}, {c['threads']} threads of {c['cores']} cores, torch {c['torch']}, "
              f"bf16 native: {c['bf16_native']}{' (quick)' if results.get('quick') else ''}"]
+    dispatch = [f"{p} {d['convolution']} ({d['isa']})" for p, d in (("fp32", c.get("onednn_fp32")),
+                ("bf16", c.get("onednn_bf16"))) if d]
+    if dispatch:
+        cap = f", ONEDNN_MAX_CPU_ISA={c['onednn_max_cpu_isa']}" if c.get("onednn_max_cpu_isa") else ""
+        lines.append(f"oneDNN convolutions: {', '.join(dispatch)}{cap}")
     if "gpu" in c:
         lines += render_gpu_header(c)
     loads = {k: v for k, v in c.get("other_load_cores", {}).items() if v is not None}
@@ -253,6 +261,20 @@ def render_profile(profile: dict[str, Any]) -> list[str]:
     return lines
 
 
+def render_contention(r: dict[str, Any]) -> list[str]:
+    """The three contention runs: quiet, beside a busy process on every core, beside it with default threads."""
+    from ..report import table
+
+    rows = []
+    for key, label in (("idle", "quiet machine, default threads"), ("busy_all_cores", f"beside {r['competitor']}, "
+                       f"--threads {r['cores']}"), ("busy_default", f"beside {r['competitor']}, default threads")):
+        t = r[key]
+        rows.append([label, _fmt(t["train_images_per_second"]), str(t["threads_at_end"]),
+                     _share(t["train_images_per_second"] / r["idle"]["train_images_per_second"])])
+    return ["", f"contention: vggnet train --epochs 1 --subset {r['subset']} --batch-size {r['batch_size']} on "
+                f"{r['cores']} cores", table(["run", "train images/s", "threads at end", "of quiet"], rows, "lrrr")]
+
+
 def render(results: dict[str, Any]) -> str:
     """Text tables of :func:`vggnet.bench.run`'s results."""
     from ..report import table
@@ -266,6 +288,8 @@ def render(results: dict[str, Any]) -> str:
             lines += render_gpu(results[key])
     if "memory" in results:
         lines += render_memory(results["memory"])
+    if "contention" in results:
+        lines += render_contention(results["contention"])
     if "ablation" in results:
         lines += render_ablation(results["ablation"])
     if "profile" in results:

@@ -8,8 +8,10 @@ from __future__ import annotations
 import time
 from typing import Any, Callable
 
+from ..cpuload import CpuMonitor
 from .ablation import bench_ablation, bench_profile
-from .conditions import CpuMonitor, machine_info, other_load, wait_for_quiet
+from .conditions import machine_info, other_load, wait_for_quiet
+from .contention import bench_contention
 from .config import ALL_SECTIONS, SCHEMA, BenchConfig, device_targets, is_cuda
 from .e2e import bench_e2e
 from .gpu import bench_gpu_epoch, bench_gpu_infer, bench_gpu_step, start_gpu
@@ -22,6 +24,7 @@ from .train import bench_train
 
 RUNNERS: dict[str, Callable[[BenchConfig, dict[str, Any]], dict[str, Any]]] = {
     "peak": bench_peak, "train": bench_train, "infer": bench_infer, "e2e": bench_e2e, "memory": bench_memory,
+    "contention": bench_contention,
     "ablation": bench_ablation, "profile": bench_profile,
     "gpu_epoch": bench_gpu_epoch, "gpu_step": bench_gpu_step, "gpu_infer": bench_gpu_infer,
 }

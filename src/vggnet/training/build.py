@@ -19,7 +19,7 @@ from ..data import Augment, BatchLoader, ImageDataset, Preprocess, channel_stats
 from ..errors import CheckpointError, ConfigError
 from ..models import create_model
 from ..rundir import RunDir
-from ..runtime import Runtime, compile_module, keeps_data_on_device, resolve_runtime
+from ..runtime import AdaptiveThreads, Runtime, adaptive_threads, compile_module, keeps_data_on_device, resolve_runtime
 from .config import TrainConfig
 from .transfer import TransferRecord, freeze, hold_in_eval, init_from_source, parameter_groups
 
@@ -48,6 +48,7 @@ class Run:
     total_steps: int  # the learning-rate schedule's length in steps
     warmup_steps: int
     scaler: torch.amp.GradScaler | None = None  # fp16's gradient scaler (build_scaler); None otherwise
+    threads: AdaptiveThreads | None = None  # the CPU thread count that follows the load (runtime.adaptive_threads)
 
 
 def build_runtime(config: TrainConfig, dist: distributed.Dist) -> Runtime:
@@ -193,6 +194,7 @@ def build_run(config: TrainConfig, data: tuple[ImageDataset, ImageDataset] | Non
     if runtime.compile:
         net = compile_module(net)  # the step's network; evaluation and checkpoints use the bare model
     hold_in_eval(model, frozen)  # after wrapping: SyncBatchNorm replaces the BN modules
+    threads = adaptive_threads(runtime, config.threads is not None, dist.enabled)
     return Run(config=config, runtime=runtime, dist=dist, rundir=rundir,
                saved_config=saved_config if saved_config is not None else config.to_dict(),
                train_set=train_set, val_set=val_set, test_set=test_set, classes=list(train_set.classes),
@@ -201,4 +203,5 @@ def build_run(config: TrainConfig, data: tuple[ImageDataset, ImageDataset] | Non
                                erasing=config.erasing),
                model=model, net=net, optimizer=optimizer, loader=loader,
                generator=torch.Generator(runtime.device), total_steps=config.schedule_epochs * len(loader),
-               warmup_steps=int(config.warmup_epochs * len(loader)), scaler=build_scaler(runtime))
+               warmup_steps=int(config.warmup_epochs * len(loader)), scaler=build_scaler(runtime),
+               threads=threads)

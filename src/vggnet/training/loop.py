@@ -192,6 +192,8 @@ def fit(run: Run, resume: bool = False) -> dict[str, Any]:
     final = history[-1] if history else {}
     result = {"run_dir": str(run.rundir), "test_acc": final.get("test_acc"), "epochs": state.epoch,
               "history": history}
+    if "test_acc_tta" in final:
+        result["test_acc_tta"] = final["test_acc_tta"]
     if run.val_set is not None:
         result["val_acc"] = final.get("val_acc")
         result["best_val_acc"] = state.best_acc
@@ -232,6 +234,8 @@ def train_epoch(run: Run, state: RunState, history: list[dict[str, Any]], epoch:
         # Under torchrun a collective, so every rank votes at the same sync points; alone, the local flag every step.
         stopping = (at_sync or not dist.enabled) and dist.stop_requested(stop["signum"])
         if stopping or at_sync:
+            if run.threads is not None:
+                run.threads.poll()  # the CPU thread count follows the other processes' load
             sync_sums(run, state, sums, diverged, epoch, synced_step)
             synced_step = state.step
             bar.set_postfix(loss=f"{state.loss_sum / (state.seen / ranks):.3f}",
@@ -260,10 +264,10 @@ def sync_sums(run: Run, state: RunState, sums: torch.Tensor, diverged: torch.Ten
     state.loss_sum, state.correct = loss_sum, int(correct)
 
 
-def evaluate(run: Run, dataset) -> EvalResult:
+def evaluate(run: Run, dataset, tta: str | None = None) -> EvalResult:
     """``dataset`` scored by the model (under torchrun every rank scores a share and gets the whole result)."""
     return run.dist.evaluate(run.model, dataset, run.preprocess, run.runtime.precision, run.config.eval_batch_size,
-                             run.runtime.channels_last, run.config.progress)
+                             run.runtime.channels_last, run.config.progress, tta=tta)
 
 
 def end_epoch(run: Run, state: RunState, epoch: int) -> tuple[dict[str, Any], EvalResult | None, EvalResult]:
@@ -277,7 +281,11 @@ def end_epoch(run: Run, state: RunState, epoch: int) -> tuple[dict[str, Any], Ev
         record.update(val_loss=val.loss, val_acc=val.top1, val_top5=val.top5)
     record.update(test_loss=test.loss, test_acc=test.top1, test_top5=test.top5, lr=learning_rate(run, state),
                   epoch_seconds=state.seconds,
-                  train_images_per_second=seen / state.seconds if state.seconds else float("nan"), step=state.step)
+                  train_images_per_second=seen / state.seconds if state.seconds else float("nan"), step=state.step,
+                  threads=torch.get_num_threads())
+    if run.config.tta and epoch + 1 == run.config.epochs:  # the final model, also with test-time augmentation
+        tta = evaluate(run, run.test_set, run.config.tta)
+        record.update(test_loss_tta=tta.loss, test_acc_tta=tta.top1, test_top5_tta=tta.top5)
     state.epoch, state.batch, state.loss_sum, state.correct, state.seen, state.seconds = epoch + 1, 0, 0.0, 0, 0, 0.0
     return record, val, test
 
@@ -294,7 +302,8 @@ def epoch_line(record: dict[str, Any], epochs: int) -> str:
 # ------------------------------------------------------------------------------------------- files (rank 0 only)
 def epoch_metrics(record: dict[str, Any]) -> dict[str, Any]:
     """The metrics a model card carries for the weights of the epoch of ``record``."""
-    keys = ("epoch", "val_acc", "val_top5", "val_loss", "test_acc", "test_top5", "test_loss")
+    keys = ("epoch", "val_acc", "val_top5", "val_loss", "test_acc", "test_top5", "test_loss", "test_acc_tta",
+            "test_top5_tta", "test_loss_tta")
     return {k: record[k] for k in keys if k in record}
 
 
