@@ -147,7 +147,7 @@ class Dist:
                 torch.distributed.broadcast(buffer, src=0)
 
     def evaluate(self, model: torch.nn.Module, dataset, preprocess, precision: str, batch_size: int | None,
-                 channels_last: bool = True, progress: bool = False):
+                 channels_last: bool = True, progress: bool = False, tta: str | None = None):
         """Every rank scores a contiguous share of ``dataset`` with rank 0's weights; all get the whole result.
 
         The same :class:`~vggnet.evaluation.EvalResult` as a single process would compute (every sample counts once),
@@ -157,7 +157,7 @@ class Dist:
 
         if not self.enabled:  # on the model's own device (a single process may use any one)
             device = next(model.parameters()).device
-            return evaluate(model, dataset, preprocess, device, precision, batch_size,
+            return evaluate(model, dataset, preprocess, device, precision, batch_size, tta=tta,
                             channels_last=channels_last, progress=progress)
         self.sync_buffers(model)
         n, k = len(dataset), len(dataset.classes)
@@ -165,7 +165,7 @@ class Dist:
         padded = torch.zeros(share, k, device=self.device)
         if hi > lo:
             logits = predict_logits(model, dataset.images[lo:hi], preprocess, self.device, precision, batch_size,
-                                    channels_last=channels_last, progress=progress and self.is_main)
+                                    tta=tta, channels_last=channels_last, progress=progress and self.is_main)
             padded[:hi - lo] = logits.to(self.device)
         parts = [torch.empty_like(padded) for _ in range(self.world_size)]
         torch.distributed.all_gather(parts, padded)

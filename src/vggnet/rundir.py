@@ -257,7 +257,9 @@ class LoadedModel:
 
 def _to_csv(records: list[dict[str, Any]]) -> str:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(records[0]))
+    # Every key of every record, in order of appearance: the last epoch may carry more (--tta's scores), and a run
+    # resumed by a newer vggnet may add keys its first epochs lack (their cells stay empty).
+    writer = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in records for k in r)), restval="")
     writer.writeheader()
     writer.writerows(records)
     return buf.getvalue()

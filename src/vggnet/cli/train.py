@@ -10,7 +10,7 @@ from ..runtime import PRECISIONS
 from ..schedule import SCHEDULES
 from ..training import (DECAYING, NORMALIZE, OPTIMIZERS, PRESETS, RUNTIME_OPTIONS, Interrupted, resolve_config,
                         resume, train)
-from ..training.config import MAX_CLASSES, Range
+from ..training.config import MAX_CLASSES, TTAS, Range
 from ..training.transfer import INIT_SCHEMES
 from .common import (add_model_options, device_name, fraction, in_range, integer, number, one_line, print_json,
                      shown, unit_interval, user_path)
@@ -89,6 +89,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--erasing", type=unit_interval, metavar="P", help="random-erasing probability")
     p.add_argument("--scale-jitter", type=in_range(Range(0, 1, open_low=True)), nargs=2, metavar=("LO", "HI"),
                    help="zoom window as fractions of the side, e.g. 0.44 0.88")
+    p.add_argument("--tta", choices=TTAS, help="flip: also score the final model on the test set averaged with its "
+                   "mirrored images (recorded as test_acc_tta; the per-epoch scores stay plain)")
     p.add_argument("--preset", choices=sorted(PRESETS))
     p.add_argument("--val-split", type=integer, metavar="N",
                    help="hold out N training images (stratified, the same for every seed) for validation: the best "
@@ -157,7 +159,9 @@ def run(args: argparse.Namespace) -> int:
 def summary_line(result: dict) -> str:
     val = (f", validation {100 * result['val_acc']:.2f}% (best {100 * result['best_val_acc']:.2f}%)"
            if result.get("best_val_acc") is not None else "")
-    return (f"test accuracy {100 * result['test_acc']:.2f}%{val} after {result['epochs']} epochs; run directory "
+    tta = (f" ({100 * result['test_acc_tta']:.2f}% with test-time augmentation)"
+           if result.get("test_acc_tta") is not None else "")
+    return (f"test accuracy {100 * result['test_acc']:.2f}%{tta}{val} after {result['epochs']} epochs; run directory "
             f"{result['run_dir']}")
 
 
