@@ -74,8 +74,10 @@ def default_threads(device: torch.device) -> int:
     return min(GPU_HOST_THREADS, cores) if device.type == "cuda" else cores
 
 
-#: Seconds of training between two looks at the other processes' load (:class:`AdaptiveThreads`).
-LOAD_WINDOW_SECONDS = 3.0
+#: Least seconds of training between two looks at the other processes' load (:class:`AdaptiveThreads`); the looks
+#: happen at the loop's sync points (every 10 steps), so a run reacts within about 10 steps. A reading of /proc/stat
+#: costs tens of microseconds; a window of 1 s holds 100 scheduler ticks per core, enough to tell a busy core.
+LOAD_WINDOW_SECONDS = 1.0
 
 
 def threads_for_load(cores: int, other_cores: float) -> int:
@@ -88,10 +90,10 @@ def threads_for_load(cores: int, other_cores: float) -> int:
 
 
 class AdaptiveThreads:
-    """The CPU thread count of a training run that was given none: every :data:`LOAD_WINDOW_SECONDS`, at the
-    loop's sync points, it reads the other processes' load over the window just ended and sets
-    :func:`threads_for_load`'s count (``torch.set_num_threads``). A machine that gets busy mid-run costs one window
-    of slow steps, and the threads come back when it is quiet again. ``window`` is a
+    """The CPU thread count of a training run that was given none: at the loop's sync points, once at least
+    :data:`LOAD_WINDOW_SECONDS` have passed, it reads the other processes' load over the window just ended and sets
+    :func:`threads_for_load`'s count (``torch.set_num_threads``). A machine that gets busy mid-run costs about 10
+    slow steps, and the threads come back when it is quiet again. ``window`` is a
     :class:`vggnet.cpuload.LoadWindow` (injectable for tests)."""
 
     def __init__(self, cores: int, window=None, seconds: float = LOAD_WINDOW_SECONDS) -> None:
