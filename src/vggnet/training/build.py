@@ -163,6 +163,9 @@ def build_run(config: TrainConfig, data: tuple[ImageDataset, ImageDataset] | Non
     rundir = RunDir(dist.broadcast_object(str(config.out or default_run_dir(config))))  # rank 0's timestamp
     config.out = str(rundir.path)
     runtime = build_runtime(config, dist)
+    # Its first window spans the data loading and model building below, so the first sync point (step 0) already
+    # knows the load: a busy machine costs no slow steps at the start.
+    threads = adaptive_threads(runtime, config.threads is not None, dist.enabled)
     if config.batch_size % dist.world_size:
         raise ConfigError(f"--batch-size {config.batch_size} (global) does not divide among {dist.world_size} "
                           f"processes: use a multiple of {dist.world_size}")
@@ -194,7 +197,6 @@ def build_run(config: TrainConfig, data: tuple[ImageDataset, ImageDataset] | Non
     if runtime.compile:
         net = compile_module(net)  # the step's network; evaluation and checkpoints use the bare model
     hold_in_eval(model, frozen)  # after wrapping: SyncBatchNorm replaces the BN modules
-    threads = adaptive_threads(runtime, config.threads is not None, dist.enabled)
     return Run(config=config, runtime=runtime, dist=dist, rundir=rundir,
                saved_config=saved_config if saved_config is not None else config.to_dict(),
                train_set=train_set, val_set=val_set, test_set=test_set, classes=list(train_set.classes),
