@@ -103,7 +103,6 @@ def test_adaptive_threads_wait_for_the_window_to_end(restore_threads):
     assert threads.poll() is None  # 1 s of 3: the window is not read
     assert threads.poll() is None  # 2.5 s of 3
     torch.set_num_threads(2)
-    threads.threads = 2
     assert threads.poll() == 1  # 3 s: 9 busy seconds of others / 3 s = 3 cores -> 1 thread
 
 

@@ -33,15 +33,13 @@ def busy_seconds(cpus: set[int] | None = None, path: str = PROC_STAT) -> float |
             lines = f.read().splitlines()
     except OSError:
         return None
+    counted = {"cpu"} if cpus is None else {f"cpu{n}" for n in cpus}  # the machine's total line, or cpuN lines
     ticks = 0
     for line in lines:
         name, _, rest = line.partition(" ")
-        if cpus is None and name != "cpu":
-            continue
-        if cpus is not None and not (name[3:].isdigit() and name.startswith("cpu") and int(name[3:]) in cpus):
-            continue
-        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in rest.split()[:8])
-        ticks += user + nice + system + irq + softirq + steal
+        if name in counted:
+            user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in rest.split()[:8])
+            ticks += user + nice + system + irq + softirq + steal
     return ticks / os.sysconf("SC_CLK_TCK")
 
 

@@ -21,6 +21,7 @@ from functools import lru_cache
 
 import torch
 
+from .cpuload import LoadWindow, affinity
 from .errors import ConfigError
 
 #: The precision choices of every verb (``auto`` resolves to one of the others).
@@ -54,10 +55,8 @@ def cpu_runs_bf16() -> bool:
 
 
 def available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+    cpus = affinity()
+    return len(cpus) if cpus is not None else os.cpu_count() or 1  # None: not Linux
 
 
 #: Intra-op threads by default when a GPU does the work: the host only launches kernels and indexes batches, and
@@ -97,11 +96,8 @@ class AdaptiveThreads:
     :class:`vggnet.cpuload.LoadWindow` (injectable for tests)."""
 
     def __init__(self, cores: int, window=None, seconds: float = LOAD_WINDOW_SECONDS) -> None:
-        from .cpuload import LoadWindow, affinity
-
         self.cores, self.seconds = cores, seconds
         self.window = window if window is not None else LoadWindow(affinity())
-        self.threads = torch.get_num_threads()
 
     def poll(self) -> int | None:
         """Adapt when a window has ended; returns the new thread count when it changed, else None."""
@@ -111,10 +107,9 @@ class AdaptiveThreads:
         if other is None:
             return None
         wanted = threads_for_load(self.cores, other)
-        if wanted == self.threads:
+        if wanted == torch.get_num_threads():
             return None
         torch.set_num_threads(wanted)
-        self.threads = wanted
         return wanted
 
 
