@@ -17,7 +17,7 @@ import time
 STEP = r"""
 import sys, time, torch
 import torch.nn.functional as F
-from vggnet.models import create_model
+from vggnet.net.models import create_model
 torch.set_num_threads(int(sys.argv[1]))
 model = create_model("vgg11_bn", num_classes=10, in_channels=1, input_size=32, width=0.25, head="gap", dropout=0.0)
 model = model.to(memory_format=torch.channels_last)

@@ -2,7 +2,7 @@
 
 Usage: python scripts/paper_tables.py NAME=RUN_DIR:Q1,Q2,... [NAME=RUN_DIR:Q...] [--crops 5x5] [--out FILE.md]
 
-Every number comes from :func:`vggnet.multiscale.multiscale_log_probs` (what ``vggnet eval --scales`` runs; equal
+Every number comes from :func:`vggnet.evaluation.multiscale.multiscale_log_probs` (what ``vggnet eval --scales`` runs; equal
 by test), one call per run, scale and protocol (dense + flip; R x C crops + flip). Protocols mix linearly in
 probability (the mean over scales of the mean over dense and crops), so the multi-scale and combined rows are means
 of these per-scale probabilities; each row also gives the ``vggnet eval`` command that prints the same top-1.
@@ -16,9 +16,9 @@ import time
 
 import torch
 
-from vggnet.evaluation import load_test_set
-from vggnet.multiscale import Protocol, multiscale_log_probs
-from vggnet.rundir import load
+from vggnet.evaluation.metrics import load_test_set
+from vggnet.evaluation.multiscale import Protocol, multiscale_log_probs
+from vggnet.store.rundir import load
 
 
 def top1(probs: torch.Tensor, labels: torch.Tensor) -> float:

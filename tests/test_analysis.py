@@ -1,4 +1,4 @@
-"""Tests for vggnet.analysis: per-layer records, totals, training-memory estimate, byte-size parsing.
+"""Tests for vggnet.net.analysis: per-layer records, totals, training-memory estimate, byte-size parsing.
 
 Every expected number here is derived by hand, not by the code under test:
 
@@ -24,8 +24,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import vggnet
-from vggnet.analysis import OPTIMIZER_STATE, PRECISIONS, parse_bytes, summarize
-from vggnet.errors import ConfigError
+from vggnet.net.analysis import OPTIMIZER_STATE, PRECISIONS, parse_bytes, summarize
+from vggnet.base.errors import ConfigError
 
 MiB = 2**20
 

@@ -3,7 +3,10 @@
 import torch
 
 import vggnet
-from vggnet import evaluation, rundir, source, training
+from vggnet import training
+from vggnet.evaluation import metrics as evaluation
+from vggnet.store import card, rundir
+from vggnet.store import load as source
 
 
 def test_package_level_names_are_the_module_functions():
@@ -12,7 +15,8 @@ def test_package_level_names_are_the_module_functions():
     assert vggnet.TrainConfig is training.TrainConfig
     assert vggnet.evaluate is evaluation.evaluate
     assert vggnet.load is source.load
-    assert vggnet.ModelCard is rundir.ModelCard
+    assert vggnet.ModelCard is card.ModelCard
+    assert vggnet.RunDir is rundir.RunDir
     # The modules stay reachable under their own names.
     assert vggnet.training.build_run is training.build_run
 

@@ -12,8 +12,8 @@ import torch
 
 import vggnet
 from vggnet.data import Preprocess
-from vggnet.errors import ConfigError
-from vggnet.evaluation import predict_logits
+from vggnet.base.errors import ConfigError
+from vggnet.evaluation.metrics import predict_logits
 from vggnet.runtime import resolve_runtime
 
 CPU = torch.device("cpu")
@@ -28,11 +28,11 @@ def recorded(monkeypatch):
         seen.append(module)
         return module
 
-    import vggnet.evaluation
-    import vggnet.inference
+    import vggnet.evaluation.metrics
+    import vggnet.evaluation.inference
     import vggnet.training.build
 
-    for where in (vggnet.evaluation, vggnet.inference, vggnet.training.build):
+    for where in (vggnet.evaluation.metrics, vggnet.evaluation.inference, vggnet.training.build):
         monkeypatch.setattr(where, "compile_module", record)
     return seen
 

@@ -11,13 +11,14 @@ from safetensors.torch import load_file
 from torch import nn
 
 import vggnet
-from vggnet.compress import (Compression, Int8Linear, LowRankLinear, compress_model, energy_rank, int8_backend,
+from vggnet.use.compress import (Compression, Int8Linear, LowRankLinear, compress_model, energy_rank, int8_backend,
                              parameter_count)
 from vggnet.data import load_dataset
-from vggnet.errors import CheckpointError
-from vggnet.evaluation import evaluate
-from vggnet.files import load_tensors, safetensors_bytes
-from vggnet.rundir import CARD_KEY, RunDir, load, read_json, save_model
+from vggnet.base.errors import CheckpointError
+from vggnet.evaluation.metrics import evaluate
+from vggnet.base.files import load_tensors, safetensors_bytes
+from vggnet.store.card import CARD_KEY
+from vggnet.store.rundir import RunDir, load, read_json, save_model
 
 needs_int8 = pytest.mark.skipif(int8_backend() is None, reason="torch has no x86/fbgemm quantized engine")
 
@@ -256,8 +257,8 @@ def test_compressed_run_loads_through_load_eval_and_predict(tmp_path, cli, train
     assert report["compressed"]["params"] == parameter_count(done.model) == convs + factors
     code, text, err = cli(["predict", out, image_files["rgb"], "--json", "--device", "cpu", "--top-k", "3"])
     assert code == 0, err
-    from vggnet.predict import predict_files
-    from vggnet.rundir import LoadedModel
+    from vggnet.use.predict import predict_files
+    from vggnet.store.card import LoadedModel
 
     in_memory = predict_files(LoadedModel(done.model, source.card, None), [str(image_files["rgb"])], 3)
     assert json.loads(text)[0]["top"] == in_memory[0].to_dict()["top"]

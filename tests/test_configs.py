@@ -1,4 +1,4 @@
-"""Tests for vggnet.configs: the paper's Table 1 as data and the architecture parser.
+"""Tests for vggnet.net.configs: the paper's Table 1 as data and the architecture parser.
 
 Every expected value here is written out by hand from the paper (arXiv:1409.1556, Table 1) or from the token rules
 in the module docstring, not computed by the code under test.
@@ -11,7 +11,7 @@ import json
 import pytest
 
 import vggnet
-from vggnet.configs import (
+from vggnet.net.configs import (
     CFGS,
     D2L_VGG11_BLOCKS,
     LRN,

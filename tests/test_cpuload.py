@@ -1,4 +1,4 @@
-"""Other processes' CPU load (vggnet.cpuload) and the thread count that follows it (vggnet.runtime): hand-computed
+"""Other processes' CPU load (vggnet.base.cpuload) and the thread count that follows it (vggnet.runtime): hand-computed
 oracles on fake /proc/stat files and fake clocks, on the CPU."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from vggnet import runtime
-from vggnet.cpuload import LoadWindow, busy_seconds
+from vggnet.base.cpuload import LoadWindow, busy_seconds
 from vggnet.runtime import AdaptiveThreads, Runtime, adaptive_threads, threads_for_load
 
 CPU = torch.device("cpu")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from vggnet.data import ImageDataset, Preprocess
-from vggnet.evaluation import evaluate, metrics_from_logits
+from vggnet.evaluation.metrics import evaluate, metrics_from_logits
 
 # Six samples, three classes. Predictions (argmax): 0, 1, 2, 2, 0, 1.
 LOGITS = [[2.0, 1.0, 0.0],
@@ -119,14 +119,14 @@ def test_flip_tta_averages_the_probabilities_of_the_image_and_its_mirror():
 
 @pytest.mark.parametrize("size, batch", [(4, 256), (28, 256), (32, 256), (64, 196), (224, 16), (2000, 1)])
 def test_default_batch_follows_the_image_size(size, batch):
-    from vggnet.evaluation import EVAL_PIXELS, MAX_EVAL_BATCH, auto_batch_size
+    from vggnet.evaluation.metrics import EVAL_PIXELS, MAX_EVAL_BATCH, auto_batch_size
 
     assert auto_batch_size(size, size) == batch
     assert batch == max(1, min(MAX_EVAL_BATCH, EVAL_PIXELS // (size * size)))  # 16 * 224 * 224 pixels, at most 256
 
 
 def _small_bn_vgg():
-    from vggnet.models import create_model
+    from vggnet.net.models import create_model
 
     torch.manual_seed(0)
     model = create_model("vgg11_bn", num_classes=10, in_channels=1, width=0.25, head="gap", input_size=32)
@@ -141,13 +141,13 @@ def _small_bn_vgg():
 
 @pytest.mark.cpu_bf16
 def test_bf16_evaluation_runs_the_fast_path_without_touching_the_model(monkeypatch):
-    import vggnet.inference
-    from vggnet.evaluation import predict_logits
-    from vggnet.inference import BF16_RTOL
+    import vggnet.evaluation.inference
+    from vggnet.evaluation.metrics import predict_logits
+    from vggnet.evaluation.inference import BF16_RTOL
 
     built = []
-    real = vggnet.inference.optimize_for_inference
-    monkeypatch.setattr(vggnet.inference, "optimize_for_inference", lambda *a, **k: built.append(a[1:]) or real(*a, **k))
+    real = vggnet.evaluation.inference.optimize_for_inference
+    monkeypatch.setattr(vggnet.evaluation.inference, "optimize_for_inference", lambda *a, **k: built.append(a[1:]) or real(*a, **k))
 
     model = _small_bn_vgg()
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -1,4 +1,4 @@
-"""Grad-CAM (:mod:`vggnet.explain`) and ``vggnet explain``.
+"""Grad-CAM (:mod:`vggnet.use.explain`) and ``vggnet explain``.
 
 Oracles: hand-built models whose evidence sits in a known place (a quadrant that only the head reads; a bar that
 only one channel detects), so the map's peak and mass must land there; Grad-CAM of a one-conv BN model computed by
@@ -16,12 +16,12 @@ from PIL import Image
 
 from vggnet import VGG
 from vggnet.data import Preprocess, decode_image
-from vggnet.errors import ConfigError, OutputError
-from vggnet.explain import (CMAP, default_layer, grad_cam, model_input_images, normalise, overlay, peak, png_names,
+from vggnet.base.errors import ConfigError, OutputError
+from vggnet.use.explain import (CMAP, default_layer, grad_cam, model_input_images, normalise, overlay, peak, png_names,
                             raw_grad_cam, resolve_class, write_overlay)
-from vggnet.predict import predict_files
+from vggnet.use.predict import predict_files
 from vggnet.runtime import resolve_runtime
-from vggnet.rundir import load
+from vggnet.store.rundir import load
 
 
 def fp32():
@@ -333,6 +333,6 @@ def test_cli_refuses_an_out_that_is_a_file(cli, one_line_error, run_dir, grey_fi
     one_line_error(code, err, "existing file")
     assert taken.read_text() == "mine"
     with pytest.raises(OutputError):
-        from vggnet.explain import check_out_dir
+        from vggnet.use.explain import check_out_dir
 
         check_out_dir(taken)

@@ -16,8 +16,9 @@ import torch
 
 import vggnet
 from vggnet.data import Preprocess, load_dataset
-from vggnet.export import ExportError, card_path, commit, compare, export_model, recipe
-from vggnet.rundir import ModelCard, load, save_model
+from vggnet.use.export import ExportError, card_path, commit, compare, export_model, recipe
+from vggnet.store.card import ModelCard
+from vggnet.store.rundir import load, save_model
 
 ATOL = 1e-5
 
@@ -200,7 +201,7 @@ def test_top1_rule_allows_only_ties_within_the_error():
     flip = compare(Logits(), lambda t: t.flatten(1) + shift * (t.flatten(1)[:, :1] < 1), x, dynamic_batch=True)
     assert (flip.max_abs_error, flip.top1_agree, flip.top1_allowed) == (pytest.approx(0.008, abs=1e-6), 1, 0)
     assert flip.batch_sizes == [1, 2] and tie.batch_sizes == [1]
-    from vggnet.export import ExportCheck
+    from vggnet.use.export import ExportCheck
 
     assert ExportCheck("x", False, 0.05, [tie]).passed and not ExportCheck("x", False, 0.01, [tie]).passed
     assert not ExportCheck("x", False, 1.0, [flip]).passed
@@ -222,7 +223,7 @@ def test_recipe_in_plain_numbers():
 
 # ------------------------------------------------------------------------------------------------ failures
 def test_tolerance_exceeded_exits_2_and_writes_nothing(train_run, tmp_path, cli, one_line_error, monkeypatch):
-    import vggnet.export as export
+    import vggnet.use.export as export
 
     real = export.load_runner
     monkeypatch.setattr(export, "load_runner", lambda fmt, data: (lambda x, run=real(fmt, data): run(x) * 1.001))
@@ -269,10 +270,10 @@ def test_a_read_only_folder_is_refused_before_the_work(train_run, tmp_path, cli,
 
 
 def test_a_features_only_source_is_refused(train_run, tmp_path, cli, one_line_error, monkeypatch):
-    import vggnet.source
+    import vggnet.store.load
 
-    real = vggnet.source.load
-    monkeypatch.setattr(vggnet.source, "load",
+    real = vggnet.store.load.load
+    monkeypatch.setattr(vggnet.store.load, "load",
                         lambda *args, **kwargs: dataclasses.replace(real(*args, **kwargs), features_only=True))
     code, _, err = cli(["export", train_run["dir"], "--format", "torchscript", "--out", tmp_path / "m.pt"])
     one_line_error(code, err, "convolutional weights only", "no classes to export")
@@ -280,7 +281,7 @@ def test_a_features_only_source_is_refused(train_run, tmp_path, cli, one_line_er
 
 
 def test_a_card_that_cannot_be_written_takes_the_file_with_it(tmp_path, monkeypatch):
-    import vggnet.export as export
+    import vggnet.use.export as export
 
     def fail(path, obj):
         raise vggnet.OutputError(f"cannot write {path}: disk full")
@@ -332,7 +333,7 @@ def test_a_compressed_run_exports_int8_weights_and_checks_against_their_arithmet
     import onnx
     import onnxruntime
 
-    from vggnet.compress import Int8Linear
+    from vggnet.use.compress import Int8Linear
 
     graph = onnx.load(str(out)).graph
     int8 = sorted(tuple(t.dims) for t in graph.initializer if t.data_type == onnx.TensorProto.INT8)

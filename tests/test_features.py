@@ -13,11 +13,11 @@ from PIL import Image
 
 import vggnet
 from vggnet.data import decode_image
-from vggnet.errors import ConfigError, InputSizeError
-from vggnet.features import (FeaturesOnly, check_output, extract_features, features_only, inference_copy,
-                             load_features, save_features, sidecar)
-from vggnet.files import load_tensors
-from vggnet.rundir import load
+from vggnet.base.errors import ConfigError, InputSizeError
+from vggnet.net.features_only import FeaturesOnly, features_only
+from vggnet.use.features import check_output, extract_features, inference_copy, load_features, save_features, sidecar
+from vggnet.base.files import load_tensors
+from vggnet.store.rundir import load
 from vggnet.runtime import resolve_runtime
 
 FP32 = dict(device="cpu", precision="fp32", threads=1)

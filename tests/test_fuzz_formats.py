@@ -17,7 +17,7 @@ import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from vggnet.errors import VggnetError
+from vggnet.base.errors import VggnetError
 
 MEMORY_CAP = 32 * 2**20  # bytes of traced allocations for one input under 1 MB
 FUZZ = settings(max_examples=60, deadline=None, derandomize=True,  # the same examples in every CI run
@@ -123,7 +123,7 @@ def test_cifar_batch_reader_on_mutated_bytes(cut, flips):
                            "data_offsets": st.lists(st.integers(-1, 2**40), min_size=0, max_size=3)}),
     max_size=3), payload=st.binary(max_size=2048), lie=st.integers(-16, 16))
 def test_safetensors_reader_on_any_header(tmp_path, entries, payload, lie):
-    from vggnet.files import load_tensors
+    from vggnet.base.files import load_tensors
 
     header = json.dumps(entries).encode()
     path = tmp_path / "fuzz.safetensors"
@@ -134,7 +134,7 @@ def test_safetensors_reader_on_any_header(tmp_path, entries, payload, lie):
 
 
 def test_a_huge_declared_header_length_is_refused_without_reading(tmp_path):
-    from vggnet.files import load_tensors
+    from vggnet.base.files import load_tensors
 
     path = tmp_path / "huge.safetensors"
     path.write_bytes(struct.pack("<Q", 2**62) + b"{}")
@@ -149,8 +149,9 @@ JSON_VALUES = st.none() | st.booleans() | st.integers(-2**64, 2**64) | st.floats
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """A run directory of a tiny model saved by vggnet itself (model.json + model.safetensors)."""
-    from vggnet.models import create_model
-    from vggnet.rundir import ModelCard, save_model
+    from vggnet.net.models import create_model
+    from vggnet.store.card import ModelCard
+    from vggnet.store.rundir import save_model
 
     model = create_model("custom", arch=[4, "M"], num_classes=3, in_channels=1, input_size=8, head="gap")
     card = ModelCard(model=model.config, classes=["a", "b", "c"],
@@ -169,8 +170,9 @@ def tiny_run(tmp_path_factory):
 def test_a_run_with_any_model_json_value_loads_or_is_refused(tmp_path, tiny_run, section, key, value):
     import shutil
 
-    from vggnet.files import load_tensors, safetensors_bytes
-    from vggnet.rundir import CARD_KEY, RunDir
+    from vggnet.base.files import load_tensors, safetensors_bytes
+    from vggnet.store.card import CARD_KEY
+    from vggnet.store.rundir import RunDir
 
     run = tmp_path / "run"
     shutil.rmtree(run, ignore_errors=True)

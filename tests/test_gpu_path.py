@@ -13,8 +13,8 @@ import torch
 
 from vggnet import runtime
 from vggnet.data import ImageDataset
-from vggnet.distributed import Dist
-from vggnet.evaluation import auto_batch_size
+from vggnet.training.distributed import Dist
+from vggnet.evaluation.metrics import auto_batch_size
 
 CUDA = torch.device("cuda")
 CPU = torch.device("cpu")
@@ -31,7 +31,7 @@ def test_threads_default_to_every_core_on_the_cpu_and_two_beside_a_gpu(monkeypat
 @pytest.mark.parametrize("device, local_ranks, expected", [("cpu", 2, 8), ("cpu", 16, 1), ("cuda", 2, 2),
                                                            ("cuda", 8, 2), ("cuda", 16, 1)])
 def test_torchrun_ranks_share_the_cores_and_take_at_most_two_beside_a_gpu(monkeypatch, device, local_ranks, expected):
-    import vggnet.distributed as distributed
+    import vggnet.training.distributed as distributed
 
     monkeypatch.setattr(runtime, "available_cores", lambda: 16)
     monkeypatch.setattr(distributed, "available_cores", lambda: 16)
@@ -121,7 +121,7 @@ def test_cuda_cli_train_eval_predict_agree(train_cli, train_cli_args, tmp_path, 
 
 @pytest.mark.cuda
 def test_cuda_predict_equals_cpu_predict_in_fp32(train_run_one_epoch, tmp_path):
-    from vggnet.evaluation import predict_logits
+    from vggnet.evaluation.metrics import predict_logits
 
     model, preprocess = train_run_one_epoch["model"], train_run_one_epoch["preprocess"]
     images = train_run_one_epoch["test_set"].images[:32]
@@ -143,7 +143,7 @@ def test_nccl_with_one_process_trains_like_a_single_process(train_cli, train_cli
     result = subprocess.run(command, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
-    from vggnet.files import load_tensors
+    from vggnet.base.files import load_tensors
 
     a, b = load_tensors(single / "model.safetensors"), load_tensors(ddp / "model.safetensors")
     assert a.keys() == b.keys()

@@ -11,11 +11,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from vggnet import create_model
-from vggnet.errors import ConfigError
+from vggnet.base.errors import ConfigError
 from vggnet.runtime import cpu_has_bf16
-from vggnet.cpu_bf16 import (SmallMapConv2d, _GemmConv3x3, im2col3x3, pool_before_relu, tune_for_cpu_bf16,
+from vggnet.net.cpu_bf16 import (SmallMapConv2d, _GemmConv3x3, im2col3x3, pool_before_relu, tune_for_cpu_bf16,
                              use_small_map_convs)
-from vggnet.inference import (BF16_RTOL, ConvReLU, InferenceModel, fold_batch_norms, fold_conv_bn,
+from vggnet.evaluation.inference import (BF16_RTOL, ConvReLU, InferenceModel, fold_batch_norms, fold_conv_bn,
                               fuse_conv_relu, optimize_for_inference, resolve_precision)
 
 

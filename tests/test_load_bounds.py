@@ -16,13 +16,15 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import vggnet
-from vggnet import rundir
-from vggnet.compress import compress_model
+from vggnet.store import rundir
+from vggnet.use.compress import compress_model
 from vggnet.data import Preprocess, load_dataset
-from vggnet.errors import CheckpointError
-from vggnet.evaluation import load_test_set
-from vggnet.files import MAX_HEADER_BYTES, read_header
-from vggnet.rundir import MAX_CLASSES, ModelCard, save_model
+from vggnet.base.errors import CheckpointError
+from vggnet.evaluation.metrics import load_test_set
+from vggnet.base.files import MAX_HEADER_BYTES, read_header
+from vggnet.base.limits import MAX_CLASSES
+from vggnet.store.rundir import save_model
+from vggnet.store.card import ModelCard
 
 CLASSES = ["cat", "dog", "eel"]
 
@@ -53,7 +55,7 @@ def edit_card(run_dir, **model_keys):
     card["model"].update(model_keys)
     (run_dir / "model.json").write_text(json.dumps(card))
     header, data = split_file(run_dir / "model.safetensors")
-    header["__metadata__"] = {rundir.CARD_KEY: json.dumps(card)}
+    header["__metadata__"] = {card.CARD_KEY: json.dumps(card)}
     write_file(run_dir / "model.safetensors", header, data)
 
 
@@ -82,7 +84,7 @@ def refuse_reading(monkeypatch):
 CHILD = textwrap.dedent("""
     import json, resource, sys, time
     import vggnet
-    from vggnet.errors import VggnetError
+    from vggnet.base.errors import VggnetError
 
     def rss_mb():
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -225,7 +227,7 @@ def test_a_header_length_over_the_cap_is_refused_before_it_is_read(tmp_path, mon
         f.truncate(8 + MAX_HEADER_BYTES + 64)  # sparse: the claimed header is there, in holes
     with pytest.raises(CheckpointError, match=rf"claims {MAX_HEADER_BYTES + 1} bytes, more than the "
                                               rf"{MAX_HEADER_BYTES} vggnet reads"):
-        vggnet.files.load_tensors(path)
+        vggnet.base.files.load_tensors(path)
 
 
 # ------------------------------------------------------------------------------------------- header against model

@@ -1,4 +1,4 @@
-"""Tests for vggnet.models: registry, parameter counts, torchvision layout, heads, to_dense, input checks, init.
+"""Tests for vggnet.net.models: registry, parameter counts, torchvision layout, heads, to_dense, input checks, init.
 
 Expected numbers are hand-derived (formulas written out below) or taken from REFERENCE.md / the paper; the
 torchvision comparison uses an independent torchvision-style model written here (torchvision is not installed).
@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import vggnet
-from vggnet.models import HEADS
+from vggnet.net.models import HEADS
 
 SMALL = dict(width=0.125, hidden=64, num_classes=7)
 

@@ -1,4 +1,4 @@
-"""The paper's test protocols (vggnet.multiscale, ``vggnet eval --scales``) against a hand-written loop.
+"""The paper's test protocols (vggnet.evaluation.multiscale, ``vggnet eval --scales``) against a hand-written loop.
 
 The oracle below walks images, scales, crop positions and flips one at a time with torch ops directly
 (F.interpolate, slicing, softmax, mean), with the crop offsets listed by hand; the library batches all of that and
@@ -14,9 +14,9 @@ import torch.nn.functional as F
 
 from vggnet import VGG, to_dense
 from vggnet.data import ImageDataset, Preprocess
-from vggnet.errors import ConfigError, InputSizeError
-from vggnet.evaluation import evaluate, predict_logits
-from vggnet.multiscale import (Protocol, crop_positions, evaluate_multiscale, grid_offsets, multiscale_log_probs,
+from vggnet.base.errors import ConfigError, InputSizeError
+from vggnet.evaluation.metrics import evaluate, predict_logits
+from vggnet.evaluation.multiscale import (Protocol, crop_positions, evaluate_multiscale, grid_offsets, multiscale_log_probs,
                                parse_crops, parse_scales)
 
 S = 8  # the tiny model's training size; its 6x6 test images are padded to 8x8 by the preprocessing

@@ -11,9 +11,9 @@ from torch import nn
 
 import vggnet
 from vggnet.data import Preprocess
-from vggnet.errors import ConfigError, InputSizeError
-from vggnet.perceptual import PerceptualLoss, colour_transform, gram_matrix
-from vggnet.rundir import load
+from vggnet.base.errors import ConfigError, InputSizeError
+from vggnet.use.perceptual import PerceptualLoss, colour_transform, gram_matrix
+from vggnet.store.rundir import load
 
 MEAN, STD = (0.4, 0.5, 0.6), (0.2, 0.3, 0.25)
 LAYERS = ("relu1_2", "relu2_1", "pool2", "conv3_1")

@@ -9,10 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from vggnet.files import load_tensors, safetensors_bytes
-from vggnet.rundir import CARD_KEY, load
+from vggnet.base.files import load_tensors, safetensors_bytes
+from vggnet.store.card import CARD_KEY
+from vggnet.store.rundir import load
 from vggnet.data import decode_image
-from vggnet.predict import predict_files
+from vggnet.use.predict import predict_files
 from vggnet.runtime import resolve_runtime
 
 ORANGE, BLUE = (200, 100, 50), (10, 20, 250)

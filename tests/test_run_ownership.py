@@ -14,10 +14,10 @@ import sys
 
 import pytest
 
-from vggnet.errors import ConfigError
-from vggnet.files import atomic_write_bytes, remove_temp_files
-from vggnet.multiscale import Protocol
-from vggnet.rundir import RunDir
+from vggnet.base.errors import ConfigError
+from vggnet.base.files import atomic_write_bytes, remove_temp_files
+from vggnet.evaluation.multiscale import Protocol
+from vggnet.store.rundir import RunDir
 from vggnet.training import check_out, resume, train
 
 TIMING = ("epoch_seconds", "train_images_per_second")
@@ -118,7 +118,7 @@ def test_a_second_writer_is_refused_in_one_line_naming_the_holders_pid(tmp_path,
 
 HOLDER = """
 import sys, time
-from vggnet.rundir import RunDir
+from vggnet.store.rundir import RunDir
 with RunDir(sys.argv[1]).lock():
     print("held", flush=True)
     time.sleep(600)
@@ -210,7 +210,7 @@ def test_eval_never_writes_into_another_run(train_run_copy, train_run, tmp_path,
 
 # ------------------------------------------------------------------------------------------------ files
 def test_a_write_fsyncs_the_file_then_its_folder_after_the_rename(tmp_path, monkeypatch):
-    import vggnet.files
+    import vggnet.base.files
 
     target = tmp_path / "x.json"
     target.write_bytes(b"old")
@@ -221,7 +221,7 @@ def test_a_write_fsyncs_the_file_then_its_folder_after_the_rename(tmp_path, monk
         synced.append((stat.S_ISDIR(os.fstat(fd).st_mode), target.read_bytes()))
         real_fsync(fd)
 
-    monkeypatch.setattr(vggnet.files.os, "fsync", record)
+    monkeypatch.setattr(vggnet.base.files.os, "fsync", record)
     atomic_write_bytes(target, b"new")
     assert synced == [(False, b"old"), (True, b"new")]  # the file's data, then the folder holding the rename
 
@@ -239,7 +239,7 @@ def test_only_vggnets_temporary_files_are_removed(tmp_path):
 def test_eval_of_a_run_being_trained_reads_one_version_of_its_weights(train_run_copy, monkeypatch):
     """The card and the tensors of a weights file come from one version of it: a file replaced between the header
     read and the tensor read is read again."""
-    import vggnet.rundir as rundir
+    import vggnet.store.rundir as rundir
 
     real = rundir.read_safetensors
     replaced = []
@@ -248,9 +248,9 @@ def test_eval_of_a_run_being_trained_reads_one_version_of_its_weights(train_run_
         if not replaced:  # a training run renames a newer file into place just now
             replaced.append(path)
             tensors, metadata = real(path)
-            card = json.loads(metadata[rundir.CARD_KEY])
+            card = json.loads(metadata[card.CARD_KEY])
             card["metrics"]["epoch"] = 2
-            data = rundir.safetensors_bytes(tensors, {rundir.CARD_KEY: json.dumps(card)})
+            data = rundir.safetensors_bytes(tensors, {card.CARD_KEY: json.dumps(card)})
             atomic_write_bytes(path, data)
         return real(path)
 

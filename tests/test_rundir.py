@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from vggnet import create_model
-from vggnet.files import (atomic_write_bytes, load_tensors, model_state, optimizer_from_tensors, optimizer_to_tensors,
+from vggnet.base.files import (atomic_write_bytes, load_tensors, model_state, optimizer_from_tensors, optimizer_to_tensors,
                           safetensors_bytes, save_tensors)
-from vggnet.rundir import CARD_KEY, FORMAT, ModelCard, RunDir, load, save_model
-from vggnet.errors import CheckpointError
+from vggnet.store.card import CARD_KEY, FORMAT, ModelCard
+from vggnet.store.rundir import RunDir, load, save_model
+from vggnet.base.errors import CheckpointError
 
 
 def write_card(run_dir, text):
@@ -180,8 +181,8 @@ def test_state_tensors_restore_the_trainers_model(train_run_one_epoch):
 
 
 def test_unwritable_places_are_one_line_output_errors(tmp_path):
-    from vggnet.errors import OutputError, VggnetError
-    from vggnet.files import make_dirs
+    from vggnet.base.errors import OutputError, VggnetError
+    from vggnet.base.files import make_dirs
 
     (tmp_path / "file").write_text("x")
     with pytest.raises(OutputError, match=r"cannot write .*file/x\.json") as err:
@@ -195,7 +196,7 @@ def test_unwritable_places_are_one_line_output_errors(tmp_path):
 def test_unreadable_files_are_checkpoint_errors(tmp_path, monkeypatch):
     from pathlib import Path
 
-    from vggnet.files import read_json
+    from vggnet.base.files import read_json
 
     (tmp_path / "x.json").write_text("{}")
     (tmp_path / "x.safetensors").write_bytes(b"\x00")

@@ -5,8 +5,8 @@ import pytest
 
 from vggnet.data import load_dataset
 from vggnet.data.folder import _hash
-from vggnet.errors import CheckpointError, ConfigError, DataError
-from vggnet.files import read_json
+from vggnet.base.errors import CheckpointError, ConfigError, DataError
+from vggnet.base.files import read_json
 from vggnet.runtime import pick_device
 
 

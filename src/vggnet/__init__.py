@@ -30,40 +30,42 @@ Ship it and read it like the paper (``vggnet export``, ``compress``, ``eval --sc
 from importlib import import_module
 from typing import Any
 
-from .analysis import Summary, summarize
-from .errors import CheckpointError, ConfigError, DataError, InputSizeError, OutputError, VggnetError
-from .models import VGG, create_model, list_models, model_from_config, to_dense
+from vggnet.base.errors import CheckpointError, ConfigError, DataError, InputSizeError, OutputError, VggnetError
+from vggnet.base.version import __version__
+from vggnet.net.analysis import Summary, summarize
+from vggnet.net.dense import to_dense
+from vggnet.net.models import VGG, list_models, model_from_config
 
-__version__ = "0.1.0"
-
-# Imported on first use, so `import vggnet` (and the CLI's start) stays light.
+# Imported on first use, so `import vggnet` (and the CLI's start) stays light. Nothing inside the package imports
+# this module (an import-linter contract): it is the public face of every layer.
 _LAZY = {
-    "train": ".training",
-    "resume": ".training",
-    "TrainConfig": ".training",
-    "resolve_config": ".training",
-    "evaluate": ".evaluation",
-    "EvalResult": ".evaluation",
-    "load": ".source",  # a run directory or a weights file
-    "LoadedModel": ".rundir",
-    "ModelCard": ".rundir",
-    "RunDir": ".rundir",
-    "load_dataset": ".data",
-    "optimize_for_inference": ".inference",
-    "extract_features": ".features",
-    "FeaturesOnly": ".features",
-    "PerceptualLoss": ".perceptual",
-    "export_model": ".export",
-    "compress_model": ".compress",
-    "evaluate_multiscale": ".multiscale",
-    "Protocol": ".multiscale",
-    "grad_cam": ".explain",
+    "create_model": "vggnet.store.build",  # with weights= and features_only=
+    "train": "vggnet.training",
+    "resume": "vggnet.training",
+    "TrainConfig": "vggnet.training",
+    "resolve_config": "vggnet.training",
+    "evaluate": "vggnet.evaluation.metrics",
+    "EvalResult": "vggnet.evaluation.metrics",
+    "load": "vggnet.store.load",  # a run directory or a weights file
+    "LoadedModel": "vggnet.store.card",
+    "ModelCard": "vggnet.store.card",
+    "RunDir": "vggnet.store.rundir",
+    "load_dataset": "vggnet.data",
+    "optimize_for_inference": "vggnet.evaluation.inference",
+    "extract_features": "vggnet.use.features",
+    "FeaturesOnly": "vggnet.net.features_only",
+    "PerceptualLoss": "vggnet.use.perceptual",
+    "export_model": "vggnet.use.export",
+    "compress_model": "vggnet.use.compress",
+    "evaluate_multiscale": "vggnet.evaluation.multiscale",
+    "Protocol": "vggnet.evaluation.multiscale",
+    "grad_cam": "vggnet.use.explain",
 }
 
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        value = getattr(import_module(_LAZY[name], __name__), name)
+        value = getattr(import_module(_LAZY[name]), name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'vggnet' has no attribute {name!r}")
@@ -78,7 +80,6 @@ __all__ = [
     "OutputError",
     "Summary",
     "VggnetError",
-    "create_model",
     "list_models",
     "model_from_config",
     "summarize",

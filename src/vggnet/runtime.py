@@ -2,8 +2,8 @@
 
 Every verb that runs a model (train, eval, predict, bench) calls :func:`resolve_runtime` and passes the resulting
 :class:`Runtime` along; nothing else picks a device or a precision. :func:`uses_cpu_bf16_path` is the one place
-that decides whether the CPU-bf16 speed-ups (:mod:`vggnet.cpu_bf16` for training, the folded bf16 copy of
-:mod:`vggnet.inference` for evaluation and prediction) apply.
+that decides whether the CPU-bf16 speed-ups (:mod:`vggnet.net.cpu_bf16` for training, the folded bf16 copy of
+:mod:`vggnet.evaluation.inference` for evaluation and prediction) apply.
 
 Precision ``auto`` means: bf16 on CPUs that run it natively (AVX512_BF16 or AMX) and on CUDA GPUs that support
 it, fp16 on older GPUs, fp32 elsewhere. On CPUs without native bf16 (AVX2-only, for example), bf16 autocast is far
@@ -21,8 +21,8 @@ from functools import lru_cache
 
 import torch
 
-from .cpuload import LoadWindow, affinity
-from .errors import ConfigError
+from vggnet.base.cpuload import LoadWindow, affinity
+from vggnet.base.errors import ConfigError
 
 #: The precision choices of every verb (``auto`` resolves to one of the others).
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -93,7 +93,7 @@ class AdaptiveThreads:
     :data:`LOAD_WINDOW_SECONDS` have passed, it reads the other processes' load over the window just ended and sets
     :func:`threads_for_load`'s count (``torch.set_num_threads``). A machine that gets busy mid-run costs about 10
     slow steps, and the threads come back when it is quiet again. ``window`` is a
-    :class:`vggnet.cpuload.LoadWindow` (injectable for tests)."""
+    :class:`vggnet.base.cpuload.LoadWindow` (injectable for tests)."""
 
     def __init__(self, cores: int, window=None, seconds: float = LOAD_WINDOW_SECONDS) -> None:
         self.cores, self.seconds = cores, seconds
@@ -178,8 +178,8 @@ def pick_precision(device: torch.device, requested: str = "auto") -> str:
 
 
 def uses_cpu_bf16_path(device: torch.device, precision: str) -> bool:
-    """The one decision for the CPU-bf16 speed-ups: training tunes the model (:func:`vggnet.cpu_bf16.tune_for_cpu_bf16`),
-    evaluation and inference run a folded bf16 copy (:func:`vggnet.inference.optimize_for_inference`)."""
+    """The one decision for the CPU-bf16 speed-ups: training tunes the model (:func:`vggnet.net.cpu_bf16.tune_for_cpu_bf16`),
+    evaluation and inference run a folded bf16 copy (:func:`vggnet.evaluation.inference.optimize_for_inference`)."""
     return device.type == "cpu" and precision == "bf16"
 
 
@@ -232,7 +232,7 @@ def check_compile(device: torch.device) -> None:
 def compile_module(module: torch.nn.Module) -> torch.nn.Module:
     """``torch.compile(module)`` with inductor's defaults: the first call compiles (tens of seconds on 2 CPU cores;
     once per input shape), later calls run the generated kernels. State-dict keys gain ``_orig_mod.``, which
-    :func:`vggnet.files.model_state` strips."""
+    :func:`vggnet.base.files.model_state` strips."""
     return torch.compile(module)
 
 

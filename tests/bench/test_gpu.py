@@ -13,8 +13,8 @@ from vggnet.bench import BenchConfig, render, summarize_targets
 from vggnet.bench.config import GPU_SECTIONS, SECTIONS, TARGETS, device_targets
 from vggnet.bench.gpu import epoch_comparison, infer_comparison, logit_errors, module_comparison, step_comparison
 from vggnet.bench.reference import epoch_model
-from vggnet.bench.timing import interleaved
-from vggnet.models import create_model
+from vggnet.base.timing import interleaved
+from vggnet.net.models import create_model
 
 # VGG-16 at width 0.125 (8..64 channels): the tiny network of these tests.
 TINY_VGG16 = [8, 8, "M", 16, 16, "M", 32, 32, 32, "M", 64, 64, 64, "M", 64, 64, 64, "M"]

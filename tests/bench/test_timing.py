@@ -8,7 +8,7 @@ import torch
 
 from vggnet import create_model
 from vggnet.bench import Timing, comparison, forward_macs
-from vggnet.bench.timing import interleaved, rows_against
+from vggnet.base.timing import interleaved, rows_against
 
 # VGG-11 (config A) at 32x32, 10 classes, GAP head, by hand (out_h * out_w * out_c * in_c * 3 * 3 per conv):
 VGG11_32_CONV_MACS = [

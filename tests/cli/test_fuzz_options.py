@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import vggnet.cli.bench as cli_bench
-from vggnet.errors import ConfigError
+from vggnet.base.errors import ConfigError
 
 VALUES = st.one_of(
     st.integers().map(str),

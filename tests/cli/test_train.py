@@ -11,10 +11,11 @@ import pytest
 import torch
 
 import vggnet.cli.train as cli_train
-from vggnet.files import load_tensors, safetensors_bytes
-from vggnet.rundir import CARD_KEY, load
+from vggnet.base.files import load_tensors, safetensors_bytes
+from vggnet.store.card import CARD_KEY
+from vggnet.store.rundir import load
 from vggnet.data import load_dataset
-from vggnet.evaluation import evaluate
+from vggnet.evaluation.metrics import evaluate
 from vggnet.training import resolve_config, train
 
 TIMEOUT_S = 120

@@ -12,9 +12,9 @@ import sys
 import pytest
 
 import vggnet.cli.models as cli_models
-from vggnet.errors import CheckpointError, ConfigError
-from vggnet.files import read_safetensors, safetensors_bytes
-from vggnet.rundir import CHECKPOINT_KEY, STATE_COUNTERS
+from vggnet.base.errors import CheckpointError, ConfigError
+from vggnet.base.files import read_safetensors, safetensors_bytes
+from vggnet.store.checkpoint import CHECKPOINT_KEY, STATE_COUNTERS
 from vggnet.training import resolve_config, resume
 from vggnet.training.config import RANGES, Range
 from vggnet.training.loop import RunState
@@ -275,12 +275,12 @@ def test_a_path_that_is_too_long_is_one_line(cli, one_line_error, tmp_path, trai
 
 def test_writers_name_the_file_they_cannot_write(cli, one_line_error, train_run, train_data_dir, tmp_path,
                                                  monkeypatch):
-    import vggnet.files
+    import vggnet.base.files
 
     def full_disk(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(vggnet.files.os, "fsync", full_disk)
+    monkeypatch.setattr(vggnet.base.files.os, "fsync", full_disk)
     out = tmp_path / "ev"
     code, _, err = cli(["eval", train_run["dir"], "--data-dir", train_data_dir, "--device", "cpu", "--threads", "1",
                         "--out", out, "--json"])

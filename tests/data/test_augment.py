@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from vggnet.data import Augment
-from vggnet.errors import ConfigError, InputSizeError
+from vggnet.base.errors import ConfigError, InputSizeError
 
 
 def gen(seed=0):

@@ -24,7 +24,7 @@ from vggnet.data import decode_image, load_dataset, load_folder
 from vggnet.data.cifar import load_cifar, parse_batch
 from vggnet.data.folder import _cache_filename, _fingerprint, cache_dir, plan_split
 from vggnet.data.idx import MAGIC_IMAGES, MAGIC_LABELS, read_idx
-from vggnet.errors import DataError
+from vggnet.base.errors import DataError
 
 MB = 1 << 20
 ROW = 3072  # bytes of one CIFAR image

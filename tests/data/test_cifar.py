@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from vggnet.data import find_cifar, load_cifar, load_dataset
-from vggnet.errors import DataError
+from vggnet.base.errors import DataError
 
 CIFAR10_NAMES = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse", b"ship", b"truck"]
 

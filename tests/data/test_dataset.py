@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from vggnet.data import ImageDataset
-from vggnet.errors import DataError
+from vggnet.base.errors import DataError
 
 
 def test_image_dataset_validates_and_subsets():

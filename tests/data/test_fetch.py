@@ -6,7 +6,7 @@ import io
 import pytest
 
 from vggnet.data import DATASETS, fetch, find_fashion_mnist, load_dataset
-from vggnet.errors import DataError
+from vggnet.base.errors import DataError
 
 FM_FILES = list(DATASETS["fashion-mnist"]["files"])
 

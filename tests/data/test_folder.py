@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from vggnet.data import decode_image, load_dataset, load_folder
 from vggnet.data.folder import cache_dir, plan_split
 from vggnet.data.images import DECODER_VERSION
-from vggnet.errors import DataError
+from vggnet.base.errors import DataError
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 

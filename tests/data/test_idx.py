@@ -8,7 +8,7 @@ import torch
 
 from vggnet.data import find_fashion_mnist, load_dataset, load_fashion_mnist, read_idx
 from vggnet.data.idx import MAGIC_IMAGES, MAGIC_LABELS
-from vggnet.errors import DataError
+from vggnet.base.errors import DataError
 
 SYSTEM_DIR = pathlib.Path("/usr/share/datasets/fashion-mnist")
 FIRST_TRAIN_LABELS = [9, 0, 0, 3, 0]  # Ankle boot, T-shirt/top, T-shirt/top, Dress, T-shirt/top

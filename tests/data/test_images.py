@@ -10,7 +10,7 @@ from PIL import Image
 from vggnet.data import Preprocess, decode_image, load_folder
 from vggnet.data.folder import plan_split
 from vggnet.data.images import ImageFileError
-from vggnet.errors import DataError
+from vggnet.base.errors import DataError
 
 ORANGE, BLUE = (200, 100, 50), (10, 20, 250)
 # Luminance by hand (ITU-R 601-2, as Pillow's "L" conversion): 0.299 R + 0.587 G + 0.114 B, rounded down.
@@ -198,7 +198,7 @@ def folder_pixels(root):
 
 def predict_pixels(paths, channels, monkeypatch):
     """The uint8 batch ``predict_files`` hands to the model, for a ``channels``-channel model whose input is S."""
-    import vggnet.predict
+    import vggnet.use.predict
 
     seen = []
 
@@ -206,15 +206,15 @@ def predict_pixels(paths, channels, monkeypatch):
         seen.append(images.clone())
         return torch.zeros(len(images), 2)
 
-    monkeypatch.setattr(vggnet.predict, "predict_logits", fake_predict_logits)
+    monkeypatch.setattr(vggnet.use.predict, "predict_logits", fake_predict_logits)
     model = torch.nn.Identity()
     model.num_classes, model.in_channels = 2, channels
-    from vggnet.rundir import LoadedModel, ModelCard
+    from vggnet.store.card import LoadedModel, ModelCard
 
     preprocess = Preprocess(S, (0.5,) * channels, (0.25,) * channels)
     card = ModelCard(model={}, classes=["a", "b"], preprocess=preprocess.to_dict())
     loaded = LoadedModel(model, card, None)
-    results = vggnet.predict.predict_files(loaded, [str(p) for p in paths], top_k=1)
+    results = vggnet.use.predict.predict_files(loaded, [str(p) for p in paths], top_k=1)
     assert [r.error for r in results] == [None] * len(paths) and len(seen) == 1
     return seen[0]
 

@@ -3,7 +3,7 @@
 import pytest
 
 from vggnet.data import load_dataset
-from vggnet.errors import DataError
+from vggnet.base.errors import DataError
 
 
 def test_dispatch_fashion_mnist_aliases(data_env, data_fake_fashion_mnist):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from vggnet.data import BatchLoader, ImageDataset
-from vggnet.errors import ConfigError
+from vggnet.base.errors import ConfigError
 
 
 def numbered(n):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from vggnet.data import ImageDataset, Preprocess, channel_stats
-from vggnet.errors import ConfigError, DataError, InputSizeError
+from vggnet.base.errors import ConfigError, DataError, InputSizeError
 
 
 def batch(*shape, seed=0):

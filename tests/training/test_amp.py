@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from vggnet.distributed import Dist
-from vggnet.files import load_tensors
+from vggnet.training.distributed import Dist
+from vggnet.base.files import load_tensors
 from vggnet.training import build, build_run, loop, resolve_config, resume, train
 
 

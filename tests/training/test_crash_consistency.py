@@ -20,8 +20,10 @@ import pytest
 import torch
 from PIL import Image
 
-from vggnet.files import TEMP_NAME, load_tensors, read_safetensors, safetensors_bytes
-from vggnet.rundir import CARD_KEY, CHECKPOINT_KEY, RunDir, load
+from vggnet.base.files import TEMP_NAME, load_tensors, read_safetensors, safetensors_bytes
+from vggnet.store.card import CARD_KEY
+from vggnet.store.checkpoint import CHECKPOINT_KEY
+from vggnet.store.rundir import RunDir, load
 from vggnet.training import resume
 
 TIMING = ("epoch_seconds", "train_images_per_second")

@@ -13,12 +13,12 @@ import pytest
 import torch
 
 import vggnet
-from vggnet.analysis import summarize
+from vggnet.net.analysis import summarize
 from vggnet.cli import build_parser
 from vggnet.data.split import stratified_holdout
-from vggnet.errors import ConfigError
-from vggnet.rundir import load
-from vggnet.schedule import Plateau
+from vggnet.base.errors import ConfigError
+from vggnet.store.rundir import load
+from vggnet.base.schedule import Plateau
 from vggnet.training import PRESETS, TrainConfig, resolve_config, resume, train
 from vggnet.training.build import build_model
 
@@ -198,7 +198,7 @@ def test_tensorboard_is_an_extra_with_an_install_hint(tmp_path, train_options, m
 
 def test_predict_logits_leaves_the_callers_model_in_its_mode():
     from vggnet.data import Preprocess
-    from vggnet.evaluation import predict_logits
+    from vggnet.evaluation.metrics import predict_logits
 
     model = vggnet.create_model("custom", arch=[4, "M"], batch_norm=True, num_classes=3, in_channels=1, input_size=8,
                                 head="gap")
@@ -214,7 +214,7 @@ def test_predict_logits_leaves_the_callers_model_in_its_mode():
 def test_predict_runs_in_the_runtimes_precision(train_run_copy, monkeypatch, tmp_path):
     from PIL import Image
 
-    from vggnet import predict
+    from vggnet.use import predict
     from vggnet.runtime import Runtime
 
     seen = []
@@ -230,7 +230,7 @@ def test_predict_runs_in_the_runtimes_precision(train_run_copy, monkeypatch, tmp
 def test_files_reads_the_umask_without_changing_it(monkeypatch, tmp_path):
     import importlib
 
-    from vggnet import files
+    from vggnet.base import files
 
     changes = []
     monkeypatch.setattr(os, "umask", lambda mask: changes.append(mask) or 0o022)

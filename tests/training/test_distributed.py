@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from vggnet import distributed
-from vggnet.files import load_tensors
-from vggnet.distributed import Dist
-from vggnet.errors import ConfigError
+from vggnet.training import distributed
+from vggnet.base.files import load_tensors
+from vggnet.training.distributed import Dist
+from vggnet.base.errors import ConfigError
 
 LAUNCH_TIMEOUT = 240  # seconds for one torchrun job on a busy 2-core machine (a run takes about 10)
 TIMING = ("epoch_seconds", "train_images_per_second")
@@ -347,7 +347,7 @@ def test_lost_peers_become_one_line_naming_the_cause_and_the_resume(tmp_path, gr
 
 def test_evaluation_in_a_group_equals_the_single_process_one(group_of_one):
     from vggnet.data import ImageDataset, Preprocess
-    from vggnet.evaluation import evaluate
+    from vggnet.evaluation.metrics import evaluate
 
     torch.manual_seed(0)
     images = torch.randint(0, 256, (37, 1, 8, 8), dtype=torch.uint8)

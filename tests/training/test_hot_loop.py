@@ -63,7 +63,7 @@ def test_a_non_finite_loss_is_caught_at_the_next_read_before_anything_is_saved(t
 @pytest.mark.parametrize("plot_seconds, drawn", [(1e9, [3]), (0.0, [1, 2, 3])])
 def test_plots_are_redrawn_only_when_stale_and_always_after_the_last_epoch(train_options, tmp_path, monkeypatch,
                                                                            plot_seconds, drawn):
-    from vggnet.rundir import RunDir
+    from vggnet.store.rundir import RunDir
 
     monkeypatch.setattr(loop, "PLOT_SECONDS", plot_seconds)
     curves, confusions = [], []
@@ -82,7 +82,7 @@ def test_plots_are_redrawn_only_when_stale_and_always_after_the_last_epoch(train
 
 
 def test_a_stop_after_an_epoch_draws_the_plots(train_options, tmp_path, monkeypatch):
-    from vggnet.rundir import RunDir
+    from vggnet.store.rundir import RunDir
 
     monkeypatch.setattr(loop, "PLOT_SECONDS", 1e9)
     curves = []

@@ -4,7 +4,7 @@ convert the values silently (a float16 label on float32 bytes trains from garbag
 import pytest
 import torch
 
-from vggnet.errors import CheckpointError
+from vggnet.base.errors import CheckpointError
 from vggnet.training import build_run, loop, resolve_config
 
 

@@ -15,12 +15,12 @@ import torch
 import torch.nn.functional as F
 
 import vggnet
-from vggnet import rundir
+from vggnet.store import rundir
 from vggnet.data import DATASETS
-from vggnet.errors import CheckpointError, ConfigError, VggnetError
-from vggnet.files import load_tensors
-from vggnet.rundir import load
-from vggnet.schedule import Plateau, lr_factor
+from vggnet.base.errors import CheckpointError, ConfigError, VggnetError
+from vggnet.base.files import load_tensors
+from vggnet.store.rundir import load
+from vggnet.base.schedule import Plateau, lr_factor
 from vggnet.training import (PRESETS, TrainConfig, TrainingDiverged, build_run, loop, resolve_config, resume,
                              seed_epoch, train, train_step)
 

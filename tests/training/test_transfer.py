@@ -9,9 +9,10 @@ import torch
 
 from vggnet import VGG
 from vggnet.data import Preprocess
-from vggnet.errors import ConfigError
-from vggnet.files import load_tensors
-from vggnet.rundir import ModelCard, load, save_model
+from vggnet.base.errors import ConfigError
+from vggnet.base.files import load_tensors
+from vggnet.store.card import ModelCard
+from vggnet.store.rundir import load, save_model
 from vggnet.training import build_run, fit, resolve_config, resume, seed_epoch, train_step
 from vggnet.training.transfer import (PAPER_REST, TransferRecord, adapt_input_conv, freeze_choices, model_layers,
                                       transfer_weights)

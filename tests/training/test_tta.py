@@ -1,14 +1,14 @@
 """--tta flip in training and the ``hour`` preset: the final model's test score with mirrored images averaged in,
-against vggnet.evaluation run independently on the saved weights (CPU)."""
+against vggnet.evaluation.metrics run independently on the saved weights (CPU)."""
 
 import csv
 import json
 
 import pytest
 
-from vggnet.errors import ConfigError
-from vggnet.evaluation import evaluate
-from vggnet.rundir import load
+from vggnet.base.errors import ConfigError
+from vggnet.evaluation.metrics import evaluate
+from vggnet.store.rundir import load
 from vggnet.training import PRESETS, resolve_config, train
 
 

@@ -10,9 +10,9 @@ from PIL import Image
 
 import vggnet
 from vggnet.data import decode_image
-from vggnet.errors import CheckpointError
-from vggnet.weights import OFFICIAL, imagenet
-from vggnet.weights.official import Official, fetch
+from vggnet.base.errors import CheckpointError
+from vggnet.store.weights import OFFICIAL, imagenet
+from vggnet.store.weights.official import Official, fetch
 
 
 def test_official_table_is_torchvisions():

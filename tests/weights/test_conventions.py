@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from vggnet.data import Preprocess, decode_image
-from vggnet.errors import ConfigError
-from vggnet.weights import imagenet
+from vggnet.base.errors import ConfigError
+from vggnet.store.weights import imagenet
 
 
 def batch(*shape, seed=0):

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import vggnet
-from vggnet.errors import CheckpointError
-from vggnet.files import save_tensors
-from vggnet.weights import load_file, read_file
-from vggnet.weights.layout import detect
+from vggnet.base.errors import CheckpointError
+from vggnet.base.files import save_tensors
+from vggnet.store.weights import load_file, read_file
+from vggnet.store.weights.layout import detect
 
 NAMES = vggnet.list_models()
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import vggnet
-from vggnet.errors import CheckpointError
-from vggnet.weights import imagenet, keras, load_file, read_file
-from vggnet.weights.layout import detect
+from vggnet.base.errors import CheckpointError
+from vggnet.store.weights import imagenet, keras, load_file, read_file
+from vggnet.store.weights.layout import detect
 
 
 def nchw(x_nhwc):

@@ -6,9 +6,9 @@ import torch
 from safetensors.torch import save_file
 
 import vggnet
-from vggnet.errors import CheckpointError
-from vggnet.weights import load_file, read_file, timm
-from vggnet.weights.layout import detect
+from vggnet.base.errors import CheckpointError
+from vggnet.store.weights import load_file, read_file, timm
+from vggnet.store.weights.layout import detect
 
 
 def test_timm_safetensors_gives_the_reference_outputs(tmp_path, w_ref):

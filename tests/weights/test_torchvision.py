@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import vggnet
-from vggnet.errors import CheckpointError
-from vggnet.weights import load_file, read_file
+from vggnet.base.errors import CheckpointError
+from vggnet.store.weights import load_file, read_file
 
 
 def save(state, path, legacy=False):
@@ -30,7 +30,7 @@ def test_torchvision_file_gives_the_reference_outputs(tmp_path, w_ref, legacy, n
     ref = w_ref.fill(w_ref.TorchvisionVGG(w_ref.scaled(name, 16), batch_norm, hidden=64, classes=10))
     path = save(ref.state_dict(), tmp_path / "weights.pth", legacy)
     loaded = load_file(path)
-    assert isinstance(loaded, vggnet.rundir.LoadedModel) and not loaded.model.training
+    assert isinstance(loaded, vggnet.store.card.LoadedModel) and not loaded.model.training
     assert loaded.card.model["name"] == name + ("_bn" if batch_norm else "") and loaded.card.model["width"] == 1 / 16
     assert loaded.format == "torchvision" and loaded.run_dir is None and loaded.path == path
     assert read_file(path).container == ("torch-legacy" if legacy else "torch-zip")

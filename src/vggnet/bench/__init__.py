@@ -7,7 +7,7 @@ Sections (``--only`` picks some), one module each:
 - ``train`` (:mod:`.train`): one training step of VGG-11-BN at 32x32, batch 128: an eager fp32 ``nn.Sequential``
   against :func:`vggnet.training.train_step`.
 - ``infer`` (:mod:`.infer`): VGG-16 at 224x224, batch 8: eager fp32 against
-  :func:`vggnet.inference.optimize_for_inference`, with the logits' error.
+  :func:`vggnet.evaluation.inference.optimize_for_inference`, with the logits' error.
 - ``e2e`` (:mod:`.e2e`): one Fashion-MNIST epoch plus the test set, files to test accuracy: a user's Dataset +
   DataLoader pipeline against ``vggnet train --epochs 1``.
 - ``memory`` (:mod:`.memory`): the analysis' training-memory estimate against measured peaks.
@@ -27,11 +27,11 @@ is recorded as ``{"skipped": reason}`` and the rest of the bench runs.
 Compute (:func:`run`) returns plain records (dicts); :func:`render` formats them.
 """
 
-from .config import DEFAULT_SECTIONS, SCHEMA, SECTIONS, TARGETS, BenchConfig
-from .reference import ReferenceVGG, forward_macs, read_idx_file
-from .render import render, summarize_targets
-from .runner import run
-from .timing import Timing, comparison
+from vggnet.bench.config import DEFAULT_SECTIONS, SCHEMA, SECTIONS, TARGETS, BenchConfig
+from vggnet.bench.reference import ReferenceVGG, forward_macs, read_idx_file
+from vggnet.bench.render import render, summarize_targets
+from vggnet.bench.runner import run
+from vggnet.base.timing import Timing, comparison
 
 __all__ = ["BenchConfig", "DEFAULT_SECTIONS", "ReferenceVGG", "SCHEMA", "SECTIONS", "TARGETS", "Timing", "comparison",
            "forward_macs", "read_idx_file", "render", "run", "summarize_targets"]

@@ -4,7 +4,7 @@ prints :func:`vggnet.bench.memory.memory_child`'s record as one JSON line."""
 import json
 import sys
 
-from .memory import memory_child
+from vggnet.bench.memory import memory_child
 
 if len(sys.argv) == 3 and sys.argv[1] == "--memory-child":
     print(json.dumps(memory_child(*json.loads(sys.argv[2]))))

@@ -18,12 +18,12 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from .conditions import bf16_skip
-from .config import BenchConfig
-from .infer import inference_call, infer_models, logit_error
-from .reference import forward_macs, reference_train_step
-from .runs import first_batches, make_run, preprocessed, step_setup, vggnet_step
-from .timing import interleaved, rows_against
+from vggnet.bench.conditions import bf16_skip
+from vggnet.bench.config import BenchConfig
+from vggnet.bench.infer import inference_call, infer_models, logit_error
+from vggnet.bench.reference import forward_macs, reference_train_step
+from vggnet.bench.runs import first_batches, make_run, preprocessed, step_setup, vggnet_step
+from vggnet.base.timing import interleaved, rows_against
 
 REFERENCE = "reference: eager fp32 NCHW"
 
@@ -37,7 +37,7 @@ def in_order(labels: list[str], timed: list[dict[str, Any]], skipped: dict[str, 
 
 def ablation_train(cfg: BenchConfig, tmp: Path) -> list[dict[str, Any]]:
     """Training step: fp32 NCHW, + channels_last, + bf16 autocast, + small-map GEMM convs."""
-    from ..cpu_bf16 import SmallMapConv2d
+    from vggnet.net.cpu_bf16 import SmallMapConv2d
 
     variants = [("vggnet fp32, NCHW", dict(precision="fp32", channels_last=False), True),
                 ("+ channels_last", dict(precision="fp32"), True),
@@ -68,7 +68,7 @@ def ablation_train(cfg: BenchConfig, tmp: Path) -> list[dict[str, Any]]:
 
 def ablation_infer(cfg: BenchConfig) -> dict[str, Any]:
     """Inference: VGG-16-BN (so that folding BN has something to do), one change at a time."""
-    from ..inference import optimize_for_inference
+    from vggnet.evaluation.inference import optimize_for_inference
 
     name, size, batch, head = cfg.pick(("vgg16_bn", 224, 8, "classic"), ("vgg11_bn", 32, 2, "gap"))
     reference, model = infer_models(name, size, head)
@@ -133,11 +133,11 @@ def profile_table(fn: Callable[[], Any], steps: int = 3, rows: int = 15) -> list
 
 def small_map_sweep(cfg: BenchConfig) -> list[dict[str, Any]] | dict[str, str]:
     """Forward + backward of each 3x3 conv of VGG-11 at 32x32 (full and quarter width), bf16 channels_last:
-    oneDNN against the im2col + GEMM path of :mod:`vggnet.cpu_bf16` (the evidence for its dispatch rule)."""
+    oneDNN against the im2col + GEMM path of :mod:`vggnet.net.cpu_bf16` (the evidence for its dispatch rule)."""
     skip = bf16_skip()
     if skip:
         return skip
-    from ..cpu_bf16 import gemm_conv3x3  # the GEMM path itself, whatever SmallMapConv2d's dispatch rule says
+    from vggnet.net.cpu_bf16 import gemm_conv3x3  # the GEMM path itself, whatever SmallMapConv2d's dispatch rule says
 
     batch = cfg.pick(128, 8)
     shapes = [(64, 128, 16), (128, 256, 8), (256, 256, 8), (256, 512, 4), (512, 512, 4), (512, 512, 2),
@@ -168,7 +168,7 @@ def small_map_sweep(cfg: BenchConfig) -> list[dict[str, Any]] | dict[str, str]:
 
 
 def bench_profile(cfg: BenchConfig, results: dict[str, Any]) -> dict[str, Any]:
-    from ..inference import optimize_for_inference
+    from vggnet.evaluation.inference import optimize_for_inference
 
     out: dict[str, Any] = {"small_map_sweep": small_map_sweep(cfg)}
     with tempfile.TemporaryDirectory(prefix="vggnet-bench-") as tmp:

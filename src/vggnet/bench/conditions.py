@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..cpuload import other_load
+from vggnet.base.cpuload import other_load
 
 BF16_UNSUPPORTED = "bf16 convolutions are not supported by this CPU"
 
@@ -33,7 +33,7 @@ def wait_for_quiet(max_seconds: float, threshold: float = 0.15, log: Callable[[s
 
 def bf16_skip() -> dict[str, str] | None:
     """``{"skipped": reason}`` where bf16 convolutions cannot run on this CPU at all, else None."""
-    from ..runtime import cpu_runs_bf16
+    from vggnet.runtime import cpu_runs_bf16
 
     return None if cpu_runs_bf16() else {"skipped": BF16_UNSUPPORTED}
 
@@ -72,8 +72,8 @@ def parse_onednn_log(log: str) -> dict[str, str | None]:
 
 
 def machine_info(threads: int) -> dict[str, Any]:
-    from .. import __version__
-    from ..runtime import available_cores, cpu_has_bf16, cpu_runs_bf16
+    from vggnet.base.version import __version__
+    from vggnet.runtime import available_cores, cpu_has_bf16, cpu_runs_bf16
 
     model = platform.processor() or platform.machine()
     try:

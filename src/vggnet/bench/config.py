@@ -71,8 +71,8 @@ class BenchConfig:
     def validate(self) -> None:
         """ConfigError (one line, naming the option and the fix) unless the device exists and runs every chosen
         section; called before any work."""
-        from ..errors import ConfigError
-        from ..runtime import pick_device
+        from vggnet.base.errors import ConfigError
+        from vggnet.runtime import pick_device
 
         if not _DEVICE.fullmatch(self.device):
             raise ConfigError(f"--device must be cpu, cuda or cuda:N for vggnet bench, got {self.device!r}")

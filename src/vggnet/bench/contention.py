@@ -20,8 +20,8 @@ from typing import Any, Iterator
 
 import torch
 
-from .config import TARGETS, BenchConfig
-from .runs import fit_quietly, make_run
+from vggnet.bench.config import TARGETS, BenchConfig
+from vggnet.bench.runs import fit_quietly, make_run
 
 #: The competitor: one process that keeps one core busy until it is killed.
 BUSY_LOOP = "while True: pass"
@@ -41,7 +41,7 @@ def busy_process() -> Iterator[subprocess.Popen]:
 
 def epoch_throughput(cfg: BenchConfig, subset: int, threads: int | None, **overrides: Any) -> dict[str, Any]:
     """One epoch of ``vggnet train`` on ``subset`` images with ``threads`` (None: the default, which adapts)."""
-    from ..runtime import set_threads
+    from vggnet.runtime import set_threads
 
     before = torch.get_num_threads()  # what the bench set (run() sets cfg.threads, or every core)
     try:
@@ -56,7 +56,7 @@ def epoch_throughput(cfg: BenchConfig, subset: int, threads: int | None, **overr
 
 
 def bench_contention(cfg: BenchConfig, results: dict[str, Any]) -> dict[str, Any]:
-    from ..runtime import available_cores
+    from vggnet.runtime import available_cores
 
     cores = available_cores()
     subset = cfg.e2e_subset if cfg.e2e_subset is not None else cfg.pick(20480, 512)

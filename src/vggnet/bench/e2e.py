@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import TARGETS, BenchConfig
-from .reference import reference_epoch
-from .runs import fit_quietly, make_run
+from vggnet.bench.config import TARGETS, BenchConfig
+from vggnet.bench.reference import reference_epoch
+from vggnet.bench.runs import fit_quietly, make_run
 
 WORKERS = 2  # the reference's DataLoader workers
 

@@ -7,10 +7,10 @@
 - ``gpu_step``: (a) VGG-16-BN at 224x224 (classic head, 1000 classes) on random images: vggnet's model through
   :func:`vggnet.training.train_step` against the reference in eager fp32 NCHW and in eager bf16 autocast +
   channels_last; (b) the module-overhead check: VGG-16-BN (classic head) at 32x32, batch 512, bf16 +
-  channels_last, vggnet's module (:func:`vggnet.models.create_model`) and the reference's through the very same SGD
+  channels_last, vggnet's module (:func:`vggnet.net.models.create_model`) and the reference's through the very same SGD
   step (:func:`.reference.sgd_train_step`) with the same weights, so their ratio is the module's own cost.
 - ``gpu_infer``: VGG-16 at 224x224: the reference in eager fp32 and in eager bf16 autocast + channels_last against
-  :func:`vggnet.evaluation.predict_logits` (the path of ``vggnet eval --precision auto`` on CUDA), with each one's
+  :func:`vggnet.evaluation.metrics.predict_logits` (the path of ``vggnet eval --precision auto`` on CUDA), with each one's
   logit error against fp32.
 
 "bf16" is fp16 on a GPU without bf16 (:func:`amp_precision`). The comparison functions take their sizes and device
@@ -26,13 +26,13 @@ from typing import Any
 
 import torch
 
-from .config import TARGETS, BenchConfig
-from .e2e import vggnet_epoch
-from .infer import logit_error
-from .reference import ReferenceVGG, epoch_model, forward_macs, reference_gpu_epoch, reference_train_step
-from .reference import autocast_to, sgd_train_step
-from .runs import first_batches, layout, preprocessed, quiet_stdout, vggnet_step
-from .timing import Timing, comparison, interleaved
+from vggnet.bench.config import TARGETS, BenchConfig
+from vggnet.bench.e2e import vggnet_epoch
+from vggnet.bench.infer import logit_error
+from vggnet.bench.reference import ReferenceVGG, epoch_model, forward_macs, reference_gpu_epoch, reference_train_step
+from vggnet.bench.reference import autocast_to, sgd_train_step
+from vggnet.bench.runs import first_batches, layout, preprocessed, quiet_stdout, vggnet_step
+from vggnet.base.timing import Timing, comparison, interleaved
 
 WORKERS = 4  # the typical GPU pipeline's DataLoader workers
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -74,7 +74,7 @@ def epoch_comparison(cfg: BenchConfig, device: str, subset: int | None, batch_si
                      workers: int = WORKERS) -> dict[str, Any]:
     """vggnet's epoch (``vggnet train --epochs 1 --device DEVICE``) against the typical GPU pipeline on the same
     data and architecture; ``ratio``: the reference's wall seconds over vggnet's."""
-    from ..models import model_from_config
+    from vggnet.net.models import model_from_config
 
     overrides = {"batch_size": batch_size} if batch_size else {}
     cfg.log(f"gpu_epoch: vggnet train --epochs 1 --device {device}")
@@ -109,8 +109,8 @@ def random_run(cfg: BenchConfig, run_dir: Path, device: str, name: str, size: in
                width: float, head: str, batches: int = 4):
     """A :func:`vggnet.training.build_run` run of ``vggnet train --model NAME`` at ``size`` x ``size`` on
     ``device``, on random uint8 images: ``batches`` training batches and one test batch."""
-    from ..data import ImageDataset
-    from ..training import build_run, resolve_config
+    from vggnet.data import ImageDataset
+    from vggnet.training import build_run, resolve_config
 
     gen = torch.Generator().manual_seed(0)
     n = (batches + 1) * batch
@@ -160,7 +160,7 @@ def module_comparison(device: str, name: str = "vgg16_bn", size: int = 32, batch
     """vggnet's module and the reference's (the same architecture and weights) through the same SGD step
     (:func:`.reference.sgd_train_step`, autocast + channels_last) on the same random batches: ``ratio`` below 1
     is time vggnet's module itself costs per forward/backward."""
-    from ..models import create_model
+    from vggnet.net.models import create_model
 
     precision = precision or amp_precision(device)
     torch.manual_seed(0)
@@ -175,7 +175,7 @@ def module_comparison(device: str, name: str = "vgg16_bn", size: int = 32, batch
     times = interleaved(fns, rounds, warmup, device=device)
     flops = 3 * 2 * forward_macs(model.config, size) * batch
     ref = Timing("reference: ReferenceVGG (nn.Sequential)", precision, batch, times["reference"], flops)
-    fast = Timing("vggnet: vggnet.models.create_model", precision, batch, times["vggnet"], flops)
+    fast = Timing("vggnet: vggnet.net.models.create_model", precision, batch, times["vggnet"], flops)
     return comparison(ref, fast, model=name, head=head, width=width, input_size=size, batch=batch, classes=classes,
                       layout="channels_last", flops_per_step=flops,
                       parameters={"reference": parameter_count(reference), "vggnet": parameter_count(model)},
@@ -195,12 +195,12 @@ def bench_gpu_step(cfg: BenchConfig, results: dict[str, Any]) -> dict[str, Any]:
 def infer_comparison(device: str, name: str = "vgg16", size: int = 224, batch: int = 64, classes: int = 1000,
                      width: float = 1.0, head: str = "classic", precision: str | None = None, rounds: int = 10,
                      warmup: int = 3) -> dict[str, Any]:
-    """The reference (eager fp32; eager autocast + channels_last) against :func:`vggnet.evaluation.predict_logits`
+    """The reference (eager fp32; eager autocast + channels_last) against :func:`vggnet.evaluation.metrics.predict_logits`
     with the same weights on the same uint8 batch, already on ``device`` (the references get it preprocessed, so
     vggnet alone pays for preprocessing and for copying its logits to the host); logit errors against fp32."""
-    from ..data import Preprocess
-    from ..evaluation import predict_logits
-    from ..models import create_model
+    from vggnet.data import Preprocess
+    from vggnet.evaluation.metrics import predict_logits
+    from vggnet.net.models import create_model
 
     precision = precision or amp_precision(device)
     torch.manual_seed(0)

@@ -1,7 +1,7 @@
 """The ``infer`` section: VGG-16 (classic head) at 224x224, batch 8.
 
 Reference: the same network in eager fp32 NCHW under ``torch.no_grad``. vggnet:
-:func:`vggnet.inference.optimize_for_inference` with its defaults, same weights; the relative error of its logits
+:func:`vggnet.evaluation.inference.optimize_for_inference` with its defaults, same weights; the relative error of its logits
 against the reference is reported with the tolerance.
 """
 
@@ -12,14 +12,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import TARGETS, BenchConfig
-from .reference import ReferenceVGG, forward_macs
-from .timing import Timing, comparison, interleaved
+from vggnet.bench.config import TARGETS, BenchConfig
+from vggnet.bench.reference import ReferenceVGG, forward_macs
+from vggnet.base.timing import Timing, comparison, interleaved
 
 
 def infer_models(name: str, input_size: int, head: str = "classic", seed: int = 0):
     """The reference network and the same weights in a vggnet model (torchvision state-dict layout), both eval."""
-    from ..models import create_model
+    from vggnet.net.models import create_model
 
     torch.manual_seed(seed)
     reference = ReferenceVGG(name, head=head, input_size=input_size).eval()
@@ -55,7 +55,7 @@ def inference_call(module: nn.Module, x: torch.Tensor, grad_mode=torch.inference
 
 
 def bench_infer(cfg: BenchConfig, results: dict[str, Any]) -> dict[str, Any]:
-    from ..inference import BF16_RTOL, optimize_for_inference
+    from vggnet.evaluation.inference import BF16_RTOL, optimize_for_inference
 
     name, size, batch, head = cfg.pick(("vgg16", 224, 8, "classic"), ("vgg11", 32, 2, "gap"))
     reference, model = infer_models(name, size, head)

@@ -13,9 +13,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .conditions import bf16_skip
-from .config import BenchConfig
-from .timing import interleaved
+from vggnet.bench.conditions import bf16_skip
+from vggnet.bench.config import BenchConfig
+from vggnet.base.timing import interleaved
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .config import TARGETS
+from vggnet.bench.config import TARGETS
 
 
 def summarize_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -94,7 +94,7 @@ def render_gpu_header(c: dict[str, Any]) -> list[str]:
 
 def render_comparisons(results: dict[str, Any]) -> list[str]:
     """The training step and inference against their references."""
-    from ..report import table
+    from vggnet.net.report import table
 
     lines: list[str] = []
     rows = []
@@ -124,7 +124,7 @@ def render_comparisons(results: dict[str, Any]) -> list[str]:
 
 
 def render_e2e(r: dict[str, Any]) -> list[str]:
-    from ..report import table
+    from vggnet.net.report import table
 
     rows = []
     for side in ("reference", "vggnet"):
@@ -143,7 +143,7 @@ def render_e2e(r: dict[str, Any]) -> list[str]:
 
 
 def render_gpu_epoch(r: dict[str, Any]) -> list[str]:
-    from ..report import table
+    from vggnet.net.report import table
 
     rows = []
     for side in ("reference", "vggnet"):
@@ -166,7 +166,7 @@ def _tflops(value: float | None) -> str:
 
 
 def render_gpu_step(step: dict[str, Any]) -> list[str]:
-    from ..report import table
+    from vggnet.net.report import table
 
     r, m = step["train_224"], step["module_32"]
     rows = []
@@ -186,7 +186,7 @@ def render_gpu_step(step: dict[str, Any]) -> list[str]:
 
 
 def render_gpu_infer(r: dict[str, Any]) -> list[str]:
-    from ..report import table
+    from vggnet.net.report import table
 
     rows = []
     for key in ("reference_fp32", "reference_amp", "vggnet"):
@@ -202,7 +202,7 @@ def render_gpu_infer(r: dict[str, Any]) -> list[str]:
 
 
 def render_memory(memory: dict[str, Any]) -> list[str]:
-    from ..report import human_bytes, table
+    from vggnet.net.report import human_bytes, table
 
     rows = []
     for row in memory["rows"]:
@@ -218,7 +218,7 @@ def render_memory(memory: dict[str, Any]) -> list[str]:
 
 
 def render_ablation(a: dict[str, Any]) -> list[str]:
-    from ..report import table
+    from vggnet.net.report import table
 
     lines: list[str] = []
     for key, title in (("train", "ablation, training step"), ("infer", "ablation, inference")):
@@ -239,7 +239,7 @@ def render_ablation(a: dict[str, Any]) -> list[str]:
 
 
 def render_profile(profile: dict[str, Any]) -> list[str]:
-    from ..report import table
+    from vggnet.net.report import table
 
     lines: list[str] = []
     sweep = profile.get("small_map_sweep", [])
@@ -263,7 +263,7 @@ def render_profile(profile: dict[str, Any]) -> list[str]:
 
 def render_contention(r: dict[str, Any]) -> list[str]:
     """The three contention runs: quiet, beside a busy process on every core, beside it with default threads."""
-    from ..report import table
+    from vggnet.net.report import table
 
     rows = []
     for key, label in (("idle", "quiet machine, default threads"), ("busy_all_cores", f"beside {r['competitor']}, "
@@ -277,7 +277,7 @@ def render_contention(r: dict[str, Any]) -> list[str]:
 
 def render(results: dict[str, Any]) -> str:
     """Text tables of :func:`vggnet.bench.run`'s results."""
-    from ..report import table
+    from vggnet.net.report import table
 
     lines = render_header(results) + render_comparisons(results)
     if "e2e" in results:

@@ -8,19 +8,19 @@ from __future__ import annotations
 import time
 from typing import Any, Callable
 
-from ..cpuload import CpuMonitor
-from .ablation import bench_ablation, bench_profile
-from .conditions import machine_info, other_load, wait_for_quiet
-from .contention import bench_contention
-from .config import ALL_SECTIONS, SCHEMA, BenchConfig, device_targets, is_cuda
-from .e2e import bench_e2e
-from .gpu import bench_gpu_epoch, bench_gpu_infer, bench_gpu_step, start_gpu
-from .infer import bench_infer
-from .memory import bench_memory
-from .peak import apply_peak, bench_peak, keep_best
-from .render import summarize_targets
-from .runs import fashion_mnist
-from .train import bench_train
+from vggnet.base.cpuload import CpuMonitor
+from vggnet.bench.ablation import bench_ablation, bench_profile
+from vggnet.bench.conditions import machine_info, other_load, wait_for_quiet
+from vggnet.bench.contention import bench_contention
+from vggnet.bench.config import ALL_SECTIONS, SCHEMA, BenchConfig, device_targets, is_cuda
+from vggnet.bench.e2e import bench_e2e
+from vggnet.bench.gpu import bench_gpu_epoch, bench_gpu_infer, bench_gpu_step, start_gpu
+from vggnet.bench.infer import bench_infer
+from vggnet.bench.memory import bench_memory
+from vggnet.bench.peak import apply_peak, bench_peak, keep_best
+from vggnet.bench.render import summarize_targets
+from vggnet.bench.runs import fashion_mnist
+from vggnet.bench.train import bench_train
 
 RUNNERS: dict[str, Callable[[BenchConfig, dict[str, Any]], dict[str, Any]]] = {
     "peak": bench_peak, "train": bench_train, "infer": bench_infer, "e2e": bench_e2e, "memory": bench_memory,
@@ -33,7 +33,7 @@ assert tuple(RUNNERS) == ALL_SECTIONS
 
 def run(cfg: BenchConfig) -> dict[str, Any]:
     """Run the chosen sections; returns one JSON-able dict (see docs/BENCHMARKS.md for the keys)."""
-    from ..runtime import set_threads
+    from vggnet.runtime import set_threads
 
     cfg.validate()
     threads = set_threads(cfg.threads)

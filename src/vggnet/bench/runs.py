@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from .config import BenchConfig
+from vggnet.bench.config import BenchConfig
 
 
 @contextlib.contextmanager
@@ -31,7 +31,7 @@ def quiet_stdout() -> Iterator[None]:
 @lru_cache(maxsize=1)
 def fashion_mnist(data_dir: str | None) -> tuple[Any, Any]:
     """Fashion-MNIST's (train, test) :class:`vggnet.data.ImageDataset` pair, loaded once per ``data_dir``."""
-    from ..data import load_dataset
+    from vggnet.data import load_dataset
 
     return load_dataset("fashion-mnist", data_dir)
 
@@ -39,7 +39,7 @@ def fashion_mnist(data_dir: str | None) -> tuple[Any, Any]:
 def make_run(cfg: BenchConfig, run_dir: Path, shared_data: bool = True, **overrides: Any):
     """A :func:`vggnet.training.build_run` run on Fashion-MNIST (``vggnet train``'s defaults, then ``overrides``),
     writing under ``run_dir``; on the data set :func:`fashion_mnist` loaded unless ``shared_data`` is False."""
-    from ..training import build_run, resolve_config
+    from vggnet.training import build_run, resolve_config
 
     options = {"epochs": 1, "progress": False, "out": str(run_dir), "data_dir": cfg.data_dir,
                "threads": cfg.threads, **overrides}
@@ -57,7 +57,7 @@ def step_setup(cfg: BenchConfig, run_dir: Path, **overrides: Any):
 
 def first_batches(run, n: int = 4) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Put ``run`` in training mode at epoch 0 and take the first ``n`` (images, labels) batches of its loader."""
-    from ..training import seed_epoch
+    from vggnet.training import seed_epoch
 
     run.net.train()
     seed_epoch(run, 0)
@@ -71,7 +71,7 @@ def preprocessed(run, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> list[
 
 def vggnet_step(run, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> Callable[[], float]:
     """One :func:`vggnet.training.train_step` per call (at the configured learning rate), cycling through ``batches``."""
-    from ..training import train_step
+    from vggnet.training import train_step
 
     lr = run.config.lr
     state = {"i": 0}
@@ -87,7 +87,7 @@ def vggnet_step(run, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> Callab
 
 def fit_quietly(run) -> dict[str, Any]:
     """:func:`vggnet.training.fit`: train ``run`` to the end and write its run directory, printing nothing."""
-    from ..training import fit
+    from vggnet.training import fit
 
     with quiet_stdout():
         return fit(run)

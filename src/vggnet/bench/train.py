@@ -13,10 +13,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .config import TARGETS, BenchConfig
-from .reference import forward_macs, reference_train_step
-from .runs import layout, preprocessed, step_setup, vggnet_step
-from .timing import Timing, comparison, interleaved
+from vggnet.bench.config import TARGETS, BenchConfig
+from vggnet.bench.reference import forward_macs, reference_train_step
+from vggnet.bench.runs import layout, preprocessed, step_setup, vggnet_step
+from vggnet.base.timing import Timing, comparison, interleaved
 
 
 def bench_train(cfg: BenchConfig, results: dict[str, Any]) -> dict[str, Any]:

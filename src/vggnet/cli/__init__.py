@@ -15,8 +15,8 @@ import sys
 from importlib import import_module
 from typing import Iterator, Sequence
 
-from ..errors import VggnetError
-from .common import one_line
+from vggnet.base.errors import VggnetError
+from vggnet.cli.common import one_line
 
 # Verb modules; each defines ``add_parser(subparsers)`` and ``run(args) -> int``.
 VERBS = ("models", "summary", "train", "eval", "predict", "features", "weights", "data", "bench", "export",
@@ -31,7 +31,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def build_parser() -> ArgumentParser:
-    from .. import __version__
+    from vggnet.base.version import __version__
 
     parser = ArgumentParser(prog="vggnet", description="VGG networks: build, analyse, train, evaluate, use.")
     parser.add_argument("--version", action="version", version=f"vggnet {__version__}")

@@ -6,11 +6,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..bench import BenchConfig, render, run
-from ..bench.config import ALL_SECTIONS, GPU_SECTIONS, SECTIONS
-from ..files import atomic_write_json, check_out_path, make_dirs
-from ..training.config import RANGES, Range
-from .common import device_name, in_range, print_json, rounds_type, threads_type, user_path
+from vggnet.bench import BenchConfig, render, run
+from vggnet.bench.config import ALL_SECTIONS, GPU_SECTIONS, SECTIONS
+from vggnet.base.files import atomic_write_json, check_out_path, make_dirs
+from vggnet.base.limits import Range
+from vggnet.training.config import RANGES
+from vggnet.cli.common import device_name, in_range, print_json, rounds_type, threads_type, user_path
 
 
 def sections(text: str) -> tuple[str, ...]:

@@ -9,9 +9,9 @@ import os
 import re
 from typing import Any, Callable
 
-from ..configs import MAX_CHANNELS
-from ..models import HEADS
-from ..training.config import DEVICE_NAME, MAX_BATCH, MAX_CLASSES, MAX_IMAGE_SIZE, RANGES, Range
+from vggnet.net.models import HEADS
+from vggnet.base.limits import DEVICE_NAME, MAX_CHANNELS, MAX_BATCH, MAX_CLASSES, MAX_IMAGE_SIZE, Range
+from vggnet.training.config import RANGES
 
 #: Longer than any number anyone types: refused before int() (which gives up past 4300 digits) or float() see it.
 MAX_NUMBER_CHARS = 100
@@ -166,7 +166,7 @@ SOURCE_HELP = "run directory written by vggnet train, or a weights file (torchvi
 
 def add_source_options(parser: argparse.ArgumentParser) -> None:
     """``--weights`` (run directories: final or best) and ``--model`` (weights files: the architecture to load into)."""
-    from ..rundir import WEIGHTS
+    from vggnet.store.rundir import WEIGHTS
 
     parser.add_argument("--weights", choices=tuple(WEIGHTS), help="run directories: final weights (default), or the "
                         "best by validation accuracy (runs with --val-split)")
@@ -179,7 +179,7 @@ def add_runtime_options(parser: argparse.ArgumentParser, precision: str = "auto"
                         compile: bool = False) -> None:
     """``--device``, ``--precision``, ``--threads`` (and with ``compile``, ``--compile``): what
     :func:`vggnet.runtime.resolve_runtime` takes."""
-    from ..runtime import PRECISIONS
+    from vggnet.runtime import PRECISIONS
 
     parser.add_argument("--device", type=device_name, default="auto", help="auto (default), cpu, cuda, cuda:N")
     parser.add_argument("--precision", choices=PRECISIONS, default=precision, help=precision_help)
@@ -192,7 +192,7 @@ def add_runtime_options(parser: argparse.ArgumentParser, precision: str = "auto"
 def load_source(args: argparse.Namespace, device, need_head: bool = True):
     """The model of ``args.source`` (``--weights`` for run directories, ``--model`` for files); with ``need_head``,
     a features-only file (Keras notop) is refused: it has no classifier to use."""
-    from ..source import load
+    from vggnet.store.load import load
 
     loaded = load(args.source, args.weights or "model", device, model=args.model)
     if need_head:

@@ -1,18 +1,18 @@
 """``vggnet compress SOURCE --out RUN``: a smaller run directory (SVD, int8 and/or float16 weights), measured against
 the original.
 
-The work is :func:`vggnet.compress.compress_run`; this module parses the options and prints the comparison: weights
+The work is :func:`vggnet.use.compress.compress_run`; this module parses the options and prints the comparison: weights
 file size, parameters, test accuracy and CPU latency (batch 1, fp32) of the original and the compressed model."""
 
 from __future__ import annotations
 
 import argparse
 
-from ..compress import compress_run, parse_ranks
-from ..report import human_bytes, table
-from ..runtime import resolve_runtime
-from ..training.config import Range
-from .common import (SOURCE_HELP, add_source_options, batch_size_type, in_range, numbers_at_most, print_json,
+from vggnet.use.compress import compress_run, parse_ranks
+from vggnet.net.report import human_bytes, table
+from vggnet.runtime import resolve_runtime
+from vggnet.base.limits import Range
+from vggnet.cli.common import (SOURCE_HELP, add_source_options, batch_size_type, in_range, numbers_at_most, print_json,
                      rounds_type, threads_type, user_path)
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from ..data import DATASETS, fetch, load_dataset
-from ..training.config import RANGES
-from .common import in_range, user_path
+from vggnet.data import DATASETS, fetch, load_dataset
+from vggnet.training.config import RANGES
+from vggnet.cli.common import in_range, user_path
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -1,6 +1,6 @@
 """``vggnet eval SOURCE``: top-1, top-5, per-class accuracy and the confusion matrix on a whole test set.
 
-SOURCE is a run directory (evaluated on its own dataset by default) or a weights file (:mod:`vggnet.weights`), which
+SOURCE is a run directory (evaluated on its own dataset by default) or a weights file (:mod:`vggnet.store.weights`), which
 has no dataset of its own: ``--dataset`` is required, and the results are written only with ``--out``.
 
 Where the results go: beside a run's own files, never over training's eval.json and confusion.png:
@@ -9,7 +9,7 @@ Where the results go: beside a run's own files, never over training's eval.json 
 ``DIR/eval.json`` and ``DIR/confusion.png`` instead, unless DIR is a run directory: then only the evaluated run itself
 (its evals/), never another run.
 
-``--scales Q1,Q2,...`` switches to the paper's test protocols (:mod:`vggnet.multiscale`): dense evaluation (the
+``--scales Q1,Q2,...`` switches to the paper's test protocols (:mod:`vggnet.evaluation.multiscale`): dense evaluation (the
 default, or ``--dense``), a grid of crops (``--crops 5x5``), or both averaged, with ``--flip`` for the mirrored
 images; eval.json then records the protocol under ``"protocol"`` beside the numbers."""
 
@@ -20,14 +20,14 @@ import os
 import re
 from pathlib import Path
 
-from ..errors import ConfigError, DataError
-from ..evaluation import check_fits, evaluate, load_test_set
-from ..multiscale import Protocol, check_protocol, evaluate_multiscale, parse_crops, parse_scales
-from ..report import table
-from ..rundir import RunDir, write_evaluation
-from ..runtime import resolve_runtime
-from ..training.config import MAX_IMAGE_SIZE
-from .common import (SOURCE_HELP, add_runtime_options, add_source_options, batch_size_type, load_source,
+from vggnet.base.errors import ConfigError, DataError
+from vggnet.evaluation.metrics import check_fits, evaluate, load_test_set
+from vggnet.evaluation.multiscale import Protocol, check_protocol, evaluate_multiscale, parse_crops, parse_scales
+from vggnet.net.report import table
+from vggnet.store.rundir import RunDir, write_evaluation
+from vggnet.runtime import resolve_runtime
+from vggnet.base.limits import MAX_IMAGE_SIZE
+from vggnet.cli.common import (SOURCE_HELP, add_runtime_options, add_source_options, batch_size_type, load_source,
                      numbers_at_most, print_json, user_path)
 
 #: The largest side of a --crops grid (the paper's is 5x5).

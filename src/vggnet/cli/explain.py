@@ -1,6 +1,6 @@
 """``vggnet explain SOURCE IMAGE... --out DIR``: Grad-CAM heat maps of image files, one PNG each and explain.json.
 
-The images are decoded and preprocessed as ``vggnet predict`` does; the work is :func:`vggnet.explain.explain_files`.
+The images are decoded and preprocessed as ``vggnet predict`` does; the work is :func:`vggnet.use.explain.explain_files`.
 """
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..errors import ConfigError
-from ..explain import check_out_dir, explain_files
-from ..runtime import resolve_runtime
-from .common import SOURCE_HELP, add_runtime_options, add_source_options, load_source, one_line, unit_interval
+from vggnet.base.errors import ConfigError
+from vggnet.use.explain import check_out_dir, explain_files
+from vggnet.runtime import resolve_runtime
+from vggnet.cli.common import SOURCE_HELP, add_runtime_options, add_source_options, load_source, one_line, unit_interval
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -1,6 +1,6 @@
 """``vggnet export SOURCE --format onnx|torchscript|exported --out FILE``: a file other runtimes load, checked.
 
-The work is :func:`vggnet.export.export_checked`: export the eager fp32 model, load the file back in its own runtime,
+The work is :func:`vggnet.use.export.export_checked`: export the eager fp32 model, load the file back in its own runtime,
 compare it with the eager model on real images (the run's test set, or ``--check-images``; random pixels only when
 there are none, and the output says so), and write the file and ``FILE.json`` (input spec, classes, preprocessing,
 check results) only when the check passes."""
@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import argparse
 
-from ..evaluation import auto_batch_size
-from ..export import DEFAULT_TOLERANCE, EXTENSIONS, FORMATS, check_images_of, export_checked, human_size, require_onnx
-from ..files import check_out_path
-from ..training.config import Range
-from .common import SOURCE_HELP, add_source_options, batch_size_type, in_range, load_source
+from vggnet.evaluation.metrics import auto_batch_size
+from vggnet.use.export import DEFAULT_TOLERANCE, EXTENSIONS, FORMATS, check_images_of, export_checked, human_size, require_onnx
+from vggnet.base.files import check_out_path
+from vggnet.base.limits import Range
+from vggnet.cli.common import SOURCE_HELP, add_source_options, batch_size_type, in_range, load_source
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

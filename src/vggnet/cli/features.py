@@ -1,7 +1,7 @@
 """``vggnet features SOURCE IMAGE... --layer NAME --out FILE``: named layers' maps of image files, saved to a file.
 
-The images are decoded and preprocessed as ``vggnet predict`` does; the work is :func:`vggnet.features.extract_features`
-and :func:`vggnet.features.save_features`.
+The images are decoded and preprocessed as ``vggnet predict`` does; the work is :func:`vggnet.use.features.extract_features`
+and :func:`vggnet.use.features.save_features`.
 """
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..features import FORMATS, POOLS, check_output, extract_features, save_features
-from ..runtime import resolve_runtime
-from .common import SOURCE_HELP, add_runtime_options, add_source_options, batch_size_type, load_source, one_line
+from vggnet.use.features import FORMATS, POOLS, check_output, extract_features, save_features
+from vggnet.runtime import resolve_runtime
+from vggnet.cli.common import SOURCE_HELP, add_runtime_options, add_source_options, batch_size_type, load_source, one_line
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

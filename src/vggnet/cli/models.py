@@ -6,11 +6,11 @@ import argparse
 
 import torch
 
-from ..analysis import summarize
-from ..configs import CFGS
-from ..models import MODELS, create_model, list_models
-from ..report import table
-from .common import print_json
+from vggnet.net.analysis import summarize
+from vggnet.net.configs import CFGS
+from vggnet.net.models import MODELS, create_model, list_models
+from vggnet.net.report import table
+from vggnet.cli.common import print_json
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -1,17 +1,17 @@
 """``vggnet predict SOURCE IMAGE...``: top-k classes with probabilities, with the model's own preprocessing.
 
 SOURCE is a run directory (``vggnet train``) or a weights file (torchvision ``.pth``, timm ``.safetensors``, Keras
-``.h5``; :mod:`vggnet.weights`), whose ImageNet class names and preprocessing come with it."""
+``.h5``; :mod:`vggnet.store.weights`), whose ImageNet class names and preprocessing come with it."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from ..predict import predict_files
-from ..runtime import resolve_runtime
-from ..training.config import MAX_CLASSES, Range
-from .common import SOURCE_HELP, add_runtime_options, add_source_options, in_range, load_source, one_line, print_json
+from vggnet.use.predict import predict_files
+from vggnet.runtime import resolve_runtime
+from vggnet.base.limits import MAX_CLASSES, Range
+from vggnet.cli.common import SOURCE_HELP, add_runtime_options, add_source_options, in_range, load_source, one_line, print_json
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

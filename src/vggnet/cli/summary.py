@@ -6,18 +6,18 @@ import argparse
 
 import torch
 
-from ..analysis import OPTIMIZER_STATE, parse_bytes, summarize
-from ..errors import ConfigError
-from ..models import create_model
-from ..report import render_summary
-from .common import add_model_options, batch_size_type, model_kwargs, print_json, shown
+from vggnet.net.analysis import OPTIMIZER_STATE, parse_bytes, summarize
+from vggnet.base.errors import ConfigError
+from vggnet.net.models import create_model
+from vggnet.net.report import render_summary
+from vggnet.cli.common import add_model_options, batch_size_type, model_kwargs, print_json, shown
 
 #: The largest --memory-budget: an exbibyte (a larger one would overflow the estimate's float arithmetic).
 MAX_BUDGET = 2**60
 
 
 def memory_size(text: str) -> int:
-    """``--memory-budget``: a size :func:`vggnet.analysis.parse_bytes` reads, up to :data:`MAX_BUDGET`."""
+    """``--memory-budget``: a size :func:`vggnet.net.analysis.parse_bytes` reads, up to :data:`MAX_BUDGET`."""
     try:
         size = parse_bytes(text)
     except ConfigError as err:

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import argparse
 
-from ..errors import ConfigError
-from ..models import INITS
-from ..runtime import PRECISIONS
-from ..schedule import SCHEDULES
-from ..training import (DECAYING, NORMALIZE, OPTIMIZERS, PRESETS, RUNTIME_OPTIONS, Interrupted, resolve_config,
+from vggnet.base.errors import ConfigError
+from vggnet.net.models import INITS
+from vggnet.runtime import PRECISIONS
+from vggnet.base.schedule import SCHEDULES
+from vggnet.training import (DECAYING, NORMALIZE, OPTIMIZERS, PRESETS, RUNTIME_OPTIONS, Interrupted, resolve_config,
                         resume, train)
-from ..training.config import MAX_CLASSES, TTAS, Range
-from ..training.transfer import INIT_SCHEMES
-from .common import (add_model_options, device_name, fraction, in_range, integer, number, one_line, print_json,
+from vggnet.base.limits import MAX_CLASSES, Range
+from vggnet.training.config import TTAS
+from vggnet.training.transfer import INIT_SCHEMES
+from vggnet.cli.common import (add_model_options, device_name, fraction, in_range, integer, number, one_line, print_json,
                      shown, unit_interval, user_path)
 
 
@@ -169,12 +170,12 @@ def _guarded(fn, run_dir):
     """Run ``fn`` (train or resume); the result on rank 0, None on the other torchrun ranks.
 
     A signal leaves with one line (from rank 0) and status 128 + signal; a lost torchrun peer becomes one line
-    naming the cause (:func:`vggnet.distributed.peer_failures`); the process group is left on the way out, except
+    naming the cause (:func:`vggnet.training.distributed.peer_failures`); the process group is left on the way out, except
     when it is broken.
     """
     import sys
 
-    from .. import distributed
+    from vggnet.training import distributed
 
     broken, together = False, False
     try:

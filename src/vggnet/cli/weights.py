@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..report import table
-from ..weights.official import BASE_URL, OFFICIAL, default_dir, fetch
-from .common import print_json, user_path
+from vggnet.net.report import table
+from vggnet.store.weights.official import BASE_URL, OFFICIAL, default_dir, fetch
+from vggnet.cli.common import print_json, user_path
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -59,7 +59,7 @@ def run_fetch(args: argparse.Namespace) -> int:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    from ..weights import read_file
+    from vggnet.store.weights import read_file
 
     wf = read_file(args.file)
     prep = wf.card.preprocessing()

@@ -11,7 +11,7 @@ Typical use::
     for images, labels in BatchLoader(train, batch_size=128, shuffle=True):
         x = aug(prep(images))
 
-Every user-caused problem (missing, truncated, corrupt or unsafe data) raises :class:`vggnet.errors.DataError`
+Every user-caused problem (missing, truncated, corrupt or unsafe data) raises :class:`vggnet.base.errors.DataError`
 with a one-line message naming the file, what is wrong and the fix.
 """
 

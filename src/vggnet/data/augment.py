@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from vggnet.data.dataset import ImageDataset
-from vggnet.errors import ConfigError, DataError, InputSizeError
+from vggnet.base.errors import ConfigError, DataError, InputSizeError
 
 FITS = ("auto", "pad", "resize")
 #: ``fit="auto"`` pads when the input is at most this many pixels smaller than ``image_size`` (28 -> 32), else resizes.
@@ -49,7 +49,7 @@ class Preprocess:
     ``in_size`` records the native size of the training data (for ``model.json`` and :meth:`resolved_fit`).
     An input already S x S is only normalised.
 
-    Conventions of weights trained elsewhere (:mod:`vggnet.weights`):
+    Conventions of weights trained elsewhere (:mod:`vggnet.store.weights`):
 
     - ``crop_fraction``: the centre fraction of the incoming image that is kept before fitting to S (torchvision's
       ``CenterCrop`` rounding); 1.0 keeps all of it. Image files are decoded at :attr:`decode_size`

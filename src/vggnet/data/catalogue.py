@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import pathlib
 
-from vggnet.errors import DataError
+from vggnet.base.errors import DataError
 
 FASHION_MNIST_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",

@@ -32,7 +32,7 @@ import torch
 
 from vggnet.data.catalogue import DATASETS, canonical_name, not_found_fix, search_dirs
 from vggnet.data.dataset import ImageDataset
-from vggnet.errors import DataError
+from vggnet.base.errors import DataError
 
 CIFAR_IMAGE_SHAPE = (3, 32, 32)
 CIFAR_ROW_BYTES = 3 * 32 * 32

@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from vggnet.errors import DataError
+from vggnet.base.errors import DataError
 
 
 @dataclass(repr=False)

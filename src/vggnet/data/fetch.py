@@ -6,7 +6,7 @@ tampered download never leaves a file under the final name. Files already presen
 downloaded again. Only the standard library's :mod:`urllib` is used, so ``file://`` URLs work too.
 
 :func:`fetch_file` (keep a verified file, else :func:`download_verified`: temp file, progress bar, digest, atomic
-rename) is the one download routine; ``vggnet weights fetch`` (:mod:`vggnet.weights.official`) uses it too, with
+rename) is the one download routine; ``vggnet weights fetch`` (:mod:`vggnet.store.weights.official`) uses it too, with
 SHA-256 prefixes.
 """
 
@@ -23,7 +23,7 @@ import urllib.request
 from tqdm import tqdm
 
 from vggnet.data.catalogue import DATASETS, canonical_name, download_root
-from vggnet.errors import DataError
+from vggnet.base.errors import DataError
 
 CHUNK_BYTES = 1 << 20
 TIMEOUT_S = 60

@@ -46,7 +46,7 @@ from tqdm import tqdm
 from vggnet.data.catalogue import cache_root
 from vggnet.data.dataset import ImageDataset
 from vggnet.data.images import DECODER_VERSION, ImageFileError, decode_image
-from vggnet.errors import ConfigError, DataError
+from vggnet.base.errors import ConfigError, DataError
 
 CACHE_VERSION = 1
 DEFAULT_TEST_FRACTION = 0.2

@@ -23,7 +23,7 @@ import torch
 
 from vggnet.data.catalogue import DATASETS, not_found_fix, search_dirs
 from vggnet.data.dataset import ImageDataset
-from vggnet.errors import DataError
+from vggnet.base.errors import DataError
 
 IDX_UBYTE = 0x08
 MAGIC_IMAGES = 0x00000803

@@ -1,7 +1,7 @@
 """The one image decoder: what a model sees of an image file, in training (``folder:PATH``) and in prediction.
 
 :func:`decode_image` is used by both the image-folder loader (:mod:`vggnet.data.folder`) and ``vggnet predict``
-(:mod:`vggnet.predict`), so a file gives the same pixels in training and at predict time. Steps, in order:
+(:mod:`vggnet.use.predict`), so a file gives the same pixels in training and at predict time. Steps, in order:
 
 1. refuse what is not a regular file (a FIFO would block the reader forever) and, from the header alone, before
    any pixel is decoded, images with a side over :data:`MAX_IMAGE_SIDE` or more than :data:`MAX_IMAGE_PIXELS`
@@ -35,7 +35,7 @@ import stat
 import numpy as np
 from PIL import Image, ImageOps
 
-from vggnet.errors import ConfigError, DataError
+from vggnet.base.errors import ConfigError, DataError
 
 #: Version of the decoding definition above. Version 1 was the folder loader's own decoder (alpha dropped without
 #: compositing); 2 fitted with one resampling of the centre box (``ImageOps.fit``); 3 introduced torchvision's
@@ -153,7 +153,7 @@ def decode_image(path: str | os.PathLike, image_size: int | None = None, channel
     ``image_size=None`` keeps the image's own (upright) size; otherwise the result is ``(image_size, image_size,
     channels)``. A file that cannot be decoded -- missing, a directory or another non-regular file, not an image,
     truncated, corrupt, too large (:data:`MAX_IMAGE_SIDE`, :data:`MAX_IMAGE_PIXELS`), or float pixels outside
-    [0, 1] -- raises :class:`ImageFileError`, a :class:`vggnet.errors.DataError` whose message names the file.
+    [0, 1] -- raises :class:`ImageFileError`, a :class:`vggnet.base.errors.DataError` whose message names the file.
     """
     if image_size is not None and image_size < 1:
         raise ConfigError(f"image_size must be >= 1 pixel, got {image_size}")

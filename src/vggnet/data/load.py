@@ -9,7 +9,7 @@ from vggnet.data.cifar import load_cifar
 from vggnet.data.dataset import ImageDataset
 from vggnet.data.folder import load_folder
 from vggnet.data.idx import load_fashion_mnist
-from vggnet.errors import DataError
+from vggnet.base.errors import DataError
 
 
 def load_dataset(spec: str, data_dir: str | os.PathLike | None = None,

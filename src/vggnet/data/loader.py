@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from vggnet.data.dataset import ImageDataset
-from vggnet.errors import ConfigError
+from vggnet.base.errors import ConfigError
 
 
 def epoch_seed(seed: int, epoch: int) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from vggnet.errors import ConfigError
+from vggnet.base.errors import ConfigError
 
 #: The hold-out is drawn with this seed whatever the training seed, so runs with different seeds validate on the
 #: same images.

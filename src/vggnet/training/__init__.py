@@ -1,12 +1,12 @@
 """Training: ``config`` (what a run depends on) -> ``build`` (a ready run) -> ``loop`` (epochs and steps), writing
-the run directory through :mod:`vggnet.rundir`.
+the run directory through :mod:`vggnet.store.rundir`.
 
 ``train(config)`` starts a run; ``resume(run_dir)`` continues one exactly where it stopped.
 
-Both hold the run directory for their whole session (rank 0, :meth:`vggnet.rundir.RunDir.lock`): a second process
+Both hold the run directory for their whole session (rank 0, :meth:`vggnet.store.rundir.RunDir.lock`): a second process
 writing the same run is refused in one line, before anything is written. Then the temporary files of a killed
 write are removed and, on resume, the files a killed save left behind its commit are brought up to it
-(:meth:`~vggnet.rundir.RunDir.roll_forward`). ``--out`` only ever writes into a new folder, an empty one, or a run
+(:meth:`~vggnet.store.rundir.RunDir.roll_forward`). ``--out`` only ever writes into a new folder, an empty one, or a run
 of vggnet's own that has no checkpoint yet (see :func:`check_out`): never over someone else's files.
 """
 
@@ -17,14 +17,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from .. import distributed
-from ..errors import CheckpointError, ConfigError
-from ..files import read_json
-from ..rundir import RUN_NAMES, RunDir
-from ..runtime import deterministic_algorithms
-from .build import Run, build_run, default_run_dir
-from .config import DEFAULT_MODEL, MODEL_SHAPE, NORMALIZE, OPTIMIZERS, PRESETS, RANGES, TrainConfig, resolve_config
-from .loop import Interrupted, TrainingDiverged, fit, seed_epoch, train_step
+from vggnet.training import distributed
+from vggnet.base.errors import CheckpointError, ConfigError
+from vggnet.base.files import read_json
+from vggnet.store.rundir import RUN_NAMES, RunDir
+from vggnet.runtime import deterministic_algorithms
+from vggnet.training.build import Run, build_run, default_run_dir
+from vggnet.training.config import DEFAULT_MODEL, MODEL_SHAPE, NORMALIZE, OPTIMIZERS, PRESETS, RANGES, TrainConfig, resolve_config
+from vggnet.training.loop import Interrupted, TrainingDiverged, fit, seed_epoch, train_step
 
 #: Options that change how a run executes, not what it computes: --resume may set them anew for its session
 #: (they are not written back to config.json).

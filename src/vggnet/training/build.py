@@ -13,15 +13,15 @@ from typing import Any
 
 import torch
 
-from .. import distributed
-from ..cpu_bf16 import tune_for_cpu_bf16
-from ..data import Augment, BatchLoader, ImageDataset, Preprocess, channel_stats, load_dataset, stratified_holdout
-from ..errors import CheckpointError, ConfigError
-from ..models import create_model
-from ..rundir import RunDir
-from ..runtime import AdaptiveThreads, Runtime, adaptive_threads, compile_module, keeps_data_on_device, resolve_runtime
-from .config import TrainConfig
-from .transfer import TransferRecord, freeze, hold_in_eval, init_from_source, parameter_groups
+from vggnet.training import distributed
+from vggnet.net.cpu_bf16 import tune_for_cpu_bf16
+from vggnet.data import Augment, BatchLoader, ImageDataset, Preprocess, channel_stats, load_dataset, stratified_holdout
+from vggnet.base.errors import CheckpointError, ConfigError
+from vggnet.net.models import create_model
+from vggnet.store.rundir import RunDir
+from vggnet.runtime import AdaptiveThreads, Runtime, adaptive_threads, compile_module, keeps_data_on_device, resolve_runtime
+from vggnet.training.config import TrainConfig
+from vggnet.training.transfer import TransferRecord, freeze, hold_in_eval, init_from_source, parameter_groups
 
 
 @dataclass
@@ -181,7 +181,7 @@ def build_run(config: TrainConfig, data: tuple[ImageDataset, ImageDataset] | Non
     if runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if runtime.cpu_bf16:
-        tune_for_cpu_bf16(model)  # GEMM small-map convs, pool before ReLU: the same numbers (vggnet.cpu_bf16)
+        tune_for_cpu_bf16(model)  # GEMM small-map convs, pool before ReLU: the same numbers (vggnet.net.cpu_bf16)
     frozen = freeze(model, config.freeze)
     if not any(p.requires_grad for p in model.parameters()):
         raise ConfigError(f"--freeze {','.join(config.freeze)} leaves no parameter to train: freeze fewer layers")

@@ -1,7 +1,7 @@
 """What a training run depends on: :class:`TrainConfig`, the named presets, and :func:`resolve_config`.
 
 The choice tuples here (:data:`OPTIMIZERS`, :data:`NORMALIZE`, and :data:`vggnet.runtime.PRECISIONS`,
-:data:`vggnet.schedule.SCHEDULES`, :data:`vggnet.models.HEADS`, :data:`vggnet.training.transfer.INIT_SCHEMES`) are
+:data:`vggnet.base.schedule.SCHEDULES`, :data:`vggnet.net.models.HEADS`, :data:`vggnet.training.transfer.INIT_SCHEMES`) are
 the ones the CLI offers.
 
 The model's shape (:data:`MODEL_SHAPE`: model, arch, batch_norm, width, head, dropout) follows one rule: a preset's
@@ -14,17 +14,17 @@ classic torchvision head, dropout 0.5, as :func:`vggnet.create_model` builds it)
 from __future__ import annotations
 
 import inspect
-import math
-import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Iterator
 
-from ..configs import MAX_CLASSES, MAX_IMAGE_SIZE, MAX_WIDTH, parse_arch
-from ..errors import ConfigError
-from ..models import HEADS, INITS, MODELS, VGG, list_models
-from ..runtime import PRECISIONS
-from ..schedule import SCHEDULES
-from .transfer import INIT_SCHEMES
+from vggnet.base.limits import (MAX_BATCH, MAX_CLASSES, MAX_EPOCHS, MAX_IMAGE_SIZE, MAX_IMAGES, MAX_LR, MAX_SEED,
+                                MAX_THREADS, MAX_WIDTH, DEVICE_NAME, Range)
+from vggnet.net.configs import parse_arch
+from vggnet.base.errors import ConfigError
+from vggnet.net.models import HEADS, INITS, MODELS, VGG, list_models
+from vggnet.runtime import PRECISIONS
+from vggnet.base.schedule import SCHEDULES
+from vggnet.training.transfer import INIT_SCHEMES
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 #: Test-time augmentation of the final test evaluation (--tta): flip averages with the mirrored images.
@@ -37,63 +37,6 @@ MODEL_SHAPE = ("model", "arch", "batch_norm", "width", "head", "dropout")
 DEFAULT_MODEL = {"model": "vgg11_bn", "width": 0.25, "head": "gap", "dropout": 0.0}
 #: What a named model is built with when its shape options are not given: the model's own defaults.
 MODEL_DEFAULTS = {name: inspect.signature(VGG.__init__).parameters[name].default for name in ("width", "head", "dropout")}
-
-
-# ------------------------------------------------------------------------------------------------- sane ranges
-MAX_EPOCHS = 10**6
-MAX_BATCH = 2**20  # images in one batch
-MAX_IMAGES = 2**31 - 1  # images of a data set
-#: Far beyond any useful rate (1e4 already diverges in the tests' tiny run): the bound stops float overflows, and a
-#: rate that is merely too large is for the training loop's divergence check to report ("lower --lr").
-MAX_LR = 1e6
-#: torch seeds are 64-bit and the loop seeds each epoch with seed * 1_000_003 + epoch * 7919 + rank: 32 bits keep
-#: that in range.
-MAX_SEED = 2**32 - 1
-MAX_THREADS = 1024
-#: The devices a run may name (vggnet.runtime.pick_device's forms), with an index torch can parse.
-DEVICE_NAME = re.compile(r"auto|(cpu|cuda)(:[0-9]{1,4})?")
-
-
-def _shown(value: Any) -> str:
-    """``value`` as a message shows it: a huge integer (JSON allows any) by its size, not by thousands of digits
-    (which ``str`` refuses past 4300)."""
-    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 100:
-        return f"an integer of about {round(value.bit_length() * math.log10(2))} digits"
-    return repr(value)
-
-
-def _plain(number: float) -> str:
-    """``1000000`` rather than ``1e+06`` or ``1000000.0``: how a bound reads in a message."""
-    return str(int(number)) if float(number).is_integer() else repr(number)
-
-
-@dataclass(frozen=True)
-class Range:
-    """The sane values of a numeric option: ``low`` to ``high`` (``open_low``/``open_high``: that end excluded),
-    whole numbers only with ``integer``. Beyond them a value is a typo, or it overflows deep inside torch. The CLI's
-    argument types (:mod:`vggnet.cli.common`) and :meth:`TrainConfig.validate` check the same ranges."""
-
-    low: float
-    high: float
-    integer: bool = False
-    open_low: bool = False
-    open_high: bool = False
-
-    def problem(self, value: Any) -> str | None:
-        """What is wrong with ``value`` (``"must be >= 1, got 0"``), or ``None`` when it is in range."""
-        if isinstance(value, bool) or not isinstance(value, int if self.integer else (int, float)):
-            return f"must be {'an integer' if self.integer else 'a number'}, got {_shown(value)}"
-        if isinstance(value, float) and not math.isfinite(value):
-            return f"must be a finite number, got {value}"
-        below = value < self.low or (self.open_low and value == self.low)
-        above = value > self.high or (self.open_high and value == self.high)
-        if (self.low, self.high) == (0, 1) and (below or above):  # a fraction: its interval says it best
-            return f"must be in {'(' if self.open_low else '['}0, 1{')' if self.open_high else ']'}, got {value}"
-        if below:
-            return f"must be {'>' if self.open_low else '>='} {_plain(self.low)}, got {_shown(value)}"
-        if above:
-            return f"must be {'<' if self.open_high else '<='} {_plain(self.high)}, got {_shown(value)}"
-        return None
 
 
 #: The numeric fields of TrainConfig and their ranges; those in OPTIONAL may also be None (not set).
@@ -143,7 +86,7 @@ class TrainConfig:
 
     # model
     model: str | None = None  # registry name, or "custom" with arch (None: the default recipe's vgg11_bn)
-    arch: Any = None  # custom architecture tokens (see vggnet.configs)
+    arch: Any = None  # custom architecture tokens (see vggnet.net.configs)
     batch_norm: bool | None = None  # BN after every conv (None: the registry name decides; custom: no BN)
     width: float | None = None  # channel multiplier (default recipe 0.25: 16..128 channels; a named model: 1.0)
     head: str | None = None  # classic | fitted | dense | gap (default recipe gap; a named model: classic)
@@ -190,7 +133,7 @@ class TrainConfig:
     threads: int | None = None  # intra-op threads (default: every available core)
     compile: bool = False  # torch.compile the training step's network (runtime only: may change on resume)
     deterministic: bool = False  # deterministic algorithms (cuDNN, cuBLAS): bit-identical runs on CUDA too
-    eval_batch_size: int | None = None  # None: by image size (vggnet.evaluation.auto_batch_size)
+    eval_batch_size: int | None = None  # None: by image size (vggnet.evaluation.metrics.auto_batch_size)
     tta: str | None = None  # flip: the last epoch's test evaluation is also made with mirrored images averaged in
     sync_bn: bool = False  # SyncBatchNorm under DDP
     tensorboard: bool = False  # also write TensorBoard logs (pip install 'vggnet[tensorboard]')

@@ -33,12 +33,13 @@ from typing import Any, Iterator
 import torch
 import torch.nn.functional as F
 
-from ..errors import CheckpointError, ConfigError, VggnetError
-from ..evaluation import EvalResult
-from ..files import optimizer_from_tensors, optimizer_to_tensors
-from ..rundir import Checkpoint, ModelCard
-from ..schedule import Plateau, lr_factor
-from .build import Run
+from vggnet.base.errors import CheckpointError, ConfigError, VggnetError
+from vggnet.evaluation.metrics import EvalResult
+from vggnet.base.files import optimizer_from_tensors, optimizer_to_tensors
+from vggnet.store.checkpoint import Checkpoint
+from vggnet.store.card import ModelCard
+from vggnet.base.schedule import Plateau, lr_factor
+from vggnet.training.build import Run
 
 
 #: The plots (curves.png, confusion.png) are redrawn after an epoch only when the last drawing is this many seconds
@@ -309,7 +310,7 @@ def epoch_metrics(record: dict[str, Any]) -> dict[str, Any]:
 
 def save_epoch(run: Run, state: RunState, history: list[dict[str, Any]], test: EvalResult, best: bool,
                plots: bool = True) -> None:
-    """The end-of-epoch checkpoint, committed as one (:meth:`vggnet.rundir.RunDir.commit`): the state with the
+    """The end-of-epoch checkpoint, committed as one (:meth:`vggnet.store.rundir.RunDir.commit`): the state with the
     epoch's card (its weights, also the best ones when ``best``) and test evaluation, then the files derived from
     it: weights and cards, metrics, eval.json, with ``plots`` the confusion matrix and curves (see
     :data:`PLOT_SECONDS`), config.json and state.json."""

@@ -1,5 +1,5 @@
 """Starting a run from another model's weights (``vggnet train --init-from SOURCE``), freezing layers, and the
-optimizer's learning-rate groups for loaded layers. Model-agnostic where it can be; :mod:`vggnet.models` never
+optimizer's learning-rate groups for loaded layers. Model-agnostic where it can be; :mod:`vggnet.net.models` never
 learns where its weights came from.
 
 **What loads.** Layers are named by the model's own naming: VGG's :attr:`~vggnet.VGG.layer_names` inside
@@ -38,7 +38,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ..errors import CheckpointError, ConfigError, VggnetError
+from vggnet.base.errors import CheckpointError, ConfigError, VggnetError
 
 INIT_SCHEMES = ("all", "paper")
 #: Section 3.1: the deeper nets took "the first four convolutional layers and the last three fully-connected
@@ -220,7 +220,7 @@ def init_from_source(model: nn.Module, source: str, scheme: str = "all",
                      classes: Sequence[str] | None = None) -> TransferRecord:
     """Load ``source`` with :func:`vggnet.load` (run directory or weights file; it draws no random numbers, so the
     run's random state does not depend on SOURCE) and copy what fits into ``model``. ConfigError when nothing fits."""
-    from .. import load
+    from vggnet.store.load import load
 
     try:
         loaded = load(source)  # built on the meta device and filled: no random draws
