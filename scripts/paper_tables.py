@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from vggnet.evaluation.metrics import load_test_set
+from vggnet.evaluation.testset import load_test_set
 from vggnet.evaluation.multiscale import Protocol, multiscale_log_probs
 from vggnet.store.rundir import load
 

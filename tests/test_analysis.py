@@ -1,4 +1,5 @@
-"""Tests for vggnet.net.analysis: per-layer records, totals, training-memory estimate, byte-size parsing.
+"""Tests for vggnet.net.analysis (per-layer records, totals) and vggnet.net.memory (training-memory estimate,
+byte-size parsing).
 
 Every expected number here is derived by hand, not by the code under test:
 
@@ -24,7 +25,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 import vggnet
-from vggnet.net.analysis import OPTIMIZER_STATE, PRECISIONS, parse_bytes, summarize
+from vggnet.net.analysis import summarize
+from vggnet.net.memory import (OPTIMIZER_STATE, PRECISIONS, max_batch_size, parse_bytes, saved_bytes, summary_dict,
+                                 training_memory)
 from vggnet.base.errors import ConfigError
 
 MiB = 2**20
@@ -433,7 +436,7 @@ def test_saved_bytes_equal_what_autograd_saves_on_cpu(case, frozen, precision):
         p.requires_grad_(False)  # then the frozen layers save nothing, and the first linear no weight copy
     summary = summarize(model)
     for batch in (1, 3):
-        assert summary.saved_bytes(batch, precision, "cpu") == saved_by_autograd(model, batch, precision)
+        assert saved_bytes(summary, batch, precision, "cpu") == saved_by_autograd(model, batch, precision)
 
 
 def test_saved_bytes_of_vgg16_by_hand(vgg16_summary):
@@ -445,13 +448,13 @@ def test_saved_bytes_of_vgg16_by_hand(vgg16_summary):
     indices = 8 * (64 * 112**2 + 128 * 56**2 + 256 * 28**2 + 512 * 14**2 + 512 * 7**2)  # int64, per pool output
     masks = 2 * 4096  # CUDA dropout: one bool per value
     assert (values, indices) == (15_269_888, 12_242_944)
-    assert vgg16_summary.saved_bytes(2, "fp32") == 2 * (4 * values + indices + masks)
+    assert saved_bytes(vgg16_summary, 2, "fp32") == 2 * (4 * values + indices + masks)
     # bf16 autocast: every value in 2 bytes (the input through its cast copy), the same indices and masks, and the
     # 2-byte copies of the 13 conv and 3 linear weights (not the biases) once per batch.
     weights = 138_357_544 - 13_416
-    assert vgg16_summary.saved_bytes(2, "bf16") == 2 * (2 * values + indices + masks) + 2 * weights
+    assert saved_bytes(vgg16_summary, 2, "bf16") == 2 * (2 * values + indices + masks) + 2 * weights
     # On the CPU dropout keeps a noise tensor of its input's dtype instead of a bool mask.
-    assert vgg16_summary.saved_bytes(2, "fp32", "cpu") == 2 * (4 * values + indices + 4 * masks)
+    assert saved_bytes(vgg16_summary, 2, "fp32", "cpu") == 2 * (4 * values + indices + 4 * masks)
 
 
 class Toy(nn.Module):
@@ -487,7 +490,7 @@ TOY_PEAK = {"peak_at": "backward act", "weights": 476, "gradients": 396, "optimi
 
 @pytest.mark.parametrize("batch", [1, 5])
 def test_toy_peak_by_hand(toy, batch):
-    mem = toy.training_memory(batch, "sgd")
+    mem = training_memory(toy, batch, "sgd")
     assert mem.to_dict() == {"batch_size": batch, "optimizer": "sgd", "precision": "fp32", "device": "cuda",
                              **TOY_PEAK, "activations": 212 * batch, "weight_copies": 0,
                              "backward_workspace": 256 * batch, "total": 1348 + 468 * batch}
@@ -496,11 +499,11 @@ def test_toy_peak_by_hand(toy, batch):
 def test_toy_peak_with_adam_is_the_optimizer_step(toy):
     # Adam: state 952 B. On CUDA, foreach Adam's sqrt(v) temporaries: one more 4 B per parameter (476 B); at batch
     # 1 the step (476 + 952 + 476 + 476 + 84 = 2464) beats backward act (476 + 952 + 396 + 468 = 2292).
-    mem = toy.training_memory(1, "adam")
+    mem = training_memory(toy, 1, "adam")
     assert (mem.peak_at, mem.backward_workspace, mem.total) == ("optimizer step", 476, 2464)
-    assert toy.training_memory(2, "adam").total == 1824 + 468 * 2  # the activations win from batch 2
+    assert training_memory(toy, 2, "adam").total == 1824 + 468 * 2  # the activations win from batch 2
     # On the CPU, torch's per-tensor Adam makes two temporaries of the largest tensor (fc weight, 96 x 4 B).
-    assert toy.training_memory(1, "adam", device="cpu").total == 1904 + 2 * 384 + 84
+    assert training_memory(toy, 1, "adam", device="cpu").total == 1904 + 2 * 384 + 84
 
 
 # bf16 autocast, per image: x 64 B + labels 8 B; conv keeps a 2-byte copy of x (32 B) and of its weight (36 B per
@@ -513,36 +516,51 @@ def test_toy_peak_with_adam_is_the_optimizer_step(toy):
 @pytest.mark.parametrize("batch,peak_at,total,copies", [(1, "backward fc", 1774 + 244, 228),
                                                        (8, "backward act", 1384 + 302 * 8, 36)])
 def test_toy_peak_by_hand_in_bf16(toy, batch, peak_at, total, copies):
-    mem = toy.training_memory(batch, "sgd", "bf16")
+    mem = training_memory(toy, batch, "sgd", "bf16")
     assert (mem.peak_at, mem.total, mem.weight_copies, mem.precision) == (peak_at, total, copies, "bf16")
-    assert toy.saved_bytes(batch, "bf16") == (32 + 64) * batch + 36 + 192
-    assert toy.saved_bytes(batch, "fp32") == (64 + 128) * batch
+    assert saved_bytes(toy, batch, "bf16") == (32 + 64) * batch + 36 + 192
+    assert saved_bytes(toy, batch, "fp32") == (64 + 128) * batch
 
 
 def test_toy_max_batch_size_by_hand(toy):
     # Every moment is linear in b; the peak moment (backward act, 1348 + 468 b) binds first.
-    assert toy.max_batch_size(1348 + 468 * 7) == 7
-    assert toy.max_batch_size(1348 + 468 * 7 - 1) == 6
-    assert toy.max_batch_size(5_000) == 7  # 4,624 <= 5,000 < 5,092
-    assert toy.max_batch_size(1_000) == 0  # not even the weights fit
-    assert toy.max_batch_size(2_463, "adam") == 0 and toy.max_batch_size(2_464, "adam") == 1  # the step binds
+    assert max_batch_size(toy, 1348 + 468 * 7) == 7
+    assert max_batch_size(toy, 1348 + 468 * 7 - 1) == 6
+    assert max_batch_size(toy, 5_000) == 7  # 4,624 <= 5,000 < 5,092
+    assert max_batch_size(toy, 1_000) == 0  # not even the weights fit
+    assert max_batch_size(toy, 2_463, "adam") == 0 and max_batch_size(toy, 2_464, "adam") == 1  # the step binds
+
+
+def test_summary_dict_adds_the_estimate_for_the_device_asked(toy):
+    # Adam at batch 1 peaks at the optimizer step, whose temporaries differ per device: CUDA 476 B (2,464 in all),
+    # the CPU 2 x 384 B (2,756), so a 2,464 B budget fits one image for CUDA and none for the CPU.
+    base = toy.to_dict()
+    assert "training_memory" not in base and summary_dict(toy) == base
+    cuda = summary_dict(toy, 1, "adam", budget=2_464, device="cuda")
+    cpu = summary_dict(toy, 1, "adam", budget=2_464, device="cpu")
+    assert {k: v for k, v in cuda.items() if k not in ("training_memory", "memory_budget", "max_batch_size")} == base
+    assert cuda["training_memory"] == training_memory(toy, 1, "adam", device="cuda").to_dict()
+    assert (cuda["training_memory"]["device"], cuda["training_memory"]["total"]) == ("cuda", 2_464)
+    assert (cpu["training_memory"]["device"], cpu["training_memory"]["total"]) == ("cpu", 1904 + 2 * 384 + 84)
+    assert (cuda["memory_budget"], cuda["max_batch_size"], cpu["max_batch_size"]) == (2_464, 1, 0)
 
 
 @settings(max_examples=60, deadline=None)
 @given(budget=st.integers(min_value=0, max_value=10**8), optimizer=st.sampled_from(sorted(OPTIMIZER_STATE)),
        precision=st.sampled_from(sorted(PRECISIONS)), device=st.sampled_from(["cuda", "cpu"]))
 def test_max_batch_size_property(tiny, budget, optimizer, precision, device):
-    b = tiny.max_batch_size(budget, optimizer, precision, device)
+    b = max_batch_size(tiny, budget, optimizer, precision, device)
     if b >= 1:
-        assert tiny.training_memory(b, optimizer, precision, device).total <= budget
-    assert tiny.training_memory(b + 1, optimizer, precision, device).total > budget
+        assert training_memory(tiny, b, optimizer, precision, device).total <= budget
+    assert training_memory(tiny, b + 1, optimizer, precision, device).total > budget
 
 
 @settings(max_examples=40, deadline=None)
 @given(batch=st.integers(min_value=1, max_value=10_000), optimizer=st.sampled_from(sorted(OPTIMIZER_STATE)),
        precision=st.sampled_from(sorted(PRECISIONS)))
 def test_training_memory_is_monotone_and_adds_up(tiny, batch, optimizer, precision):
-    mem, more = tiny.training_memory(batch, optimizer, precision), tiny.training_memory(batch + 1, optimizer, precision)
+    mem = training_memory(tiny, batch, optimizer, precision)
+    more = training_memory(tiny, batch + 1, optimizer, precision)
     assert more.total > mem.total
     terms = ("weights", "gradients", "optimizer_state", "activations", "weight_copies", "backward_workspace")
     assert mem.total == sum(getattr(mem, t) for t in terms) == mem.to_dict()["total"]
@@ -560,24 +578,24 @@ def test_frozen_features_reduce_gradients_and_optimizer_state():
     assert s.totals["frozen_params"] == 1_248
     assert s.totals["trainable_params"] == trainable == 3_466
     assert s.totals["params"] == TINY_PARAMS  # frozen weights still sit in memory
-    mem = s.training_memory(2, "adam")
+    mem = training_memory(s, 2, "adam")
     assert (mem.weights, mem.optimizer_state) == (4 * TINY_PARAMS, 8 * trainable)
     assert mem.gradients <= 4 * trainable
     # Nothing before fc6 needs a gradient: autograd keeps only fc6's input (pool2's output, 64 values).
-    assert s.saved_bytes(2) < summarize(vggnet.create_model("custom", **TINY)).saved_bytes(2)
+    assert saved_bytes(s, 2) < saved_bytes(summarize(vggnet.create_model("custom", **TINY)), 2)
     assert s.to_dict()["totals"]["frozen_params"] == 1_248
 
 
 def test_training_memory_rejects_bad_arguments(tiny):
     with pytest.raises(ConfigError, match="unknown optimizer 'rmsprop'"):
-        tiny.training_memory(1, "rmsprop")
+        training_memory(tiny, 1, "rmsprop")
     with pytest.raises(ConfigError, match="batch size must be >= 1"):
-        tiny.training_memory(0)
+        training_memory(tiny, 0)
     with pytest.raises(ConfigError, match="unknown precision 'int8'"):
-        tiny.training_memory(1, "sgd", "int8")
+        training_memory(tiny, 1, "sgd", "int8")
     with pytest.raises(ConfigError, match="unknown device 'mps'"):
-        tiny.max_batch_size(10**6, device="mps")
-    assert tiny.training_memory(1, device="cuda:1").device == "cuda"
+        max_batch_size(tiny, 10**6, device="mps")
+    assert training_memory(tiny, 1, device="cuda:1").device == "cuda"
 
 
 def test_vgg16_training_memory_at_batch_32(vgg16_summary):
@@ -586,16 +604,16 @@ def test_vgg16_training_memory_at_batch_32(vgg16_summary):
     params = 138_357_544
     per_image = 4 * 15_269_888 + 12_242_944 + 2 * 4096 + 8 + 4 * 1000 + 4 * 1000
     assert per_image == 73_338_696
-    sgd = vgg16_summary.training_memory(32, "sgd")
+    sgd = training_memory(vgg16_summary, 32, "sgd")
     assert (sgd.peak_at, sgd.backward_workspace) == ("loss", 0)
     assert sgd.total == 3 * 4 * params + 32 * per_image == 4_007_128_800
-    adam = vgg16_summary.training_memory(32, "adam")
+    adam = training_memory(vgg16_summary, 32, "adam")
     assert adam.total == 4 * 4 * params + 32 * per_image == 4_560_558_976
     # No backward moment grows faster per image (at most x + two conv1 maps saved + two in flight), so the loss
     # moment binds at every batch size.
-    assert vgg16_summary.max_batch_size(11 * 2**30, "sgd") == (11 * 2**30 - 12 * params) // per_image == 138
-    assert vgg16_summary.max_batch_size(11 * 10**9, "sgd") == 127
-    assert vgg16_summary.max_batch_size(11 * 2**30, "adam") == 130
+    assert max_batch_size(vgg16_summary, 11 * 2**30, "sgd") == (11 * 2**30 - 12 * params) // per_image == 138
+    assert max_batch_size(vgg16_summary, 11 * 10**9, "sgd") == 127
+    assert max_batch_size(vgg16_summary, 11 * 2**30, "adam") == 130
 
 
 # ---------------------------------------------------------------------------------------------- parse_bytes

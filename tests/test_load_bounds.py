@@ -16,11 +16,12 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import vggnet
+from vggnet.store import card as card_module
 from vggnet.store import rundir
 from vggnet.use.compress import compress_model
 from vggnet.data import Preprocess, load_dataset
 from vggnet.base.errors import CheckpointError
-from vggnet.evaluation.metrics import load_test_set
+from vggnet.evaluation.testset import load_test_set
 from vggnet.base.files import MAX_HEADER_BYTES, read_header
 from vggnet.base.limits import MAX_CLASSES
 from vggnet.store.rundir import save_model
@@ -55,7 +56,7 @@ def edit_card(run_dir, **model_keys):
     card["model"].update(model_keys)
     (run_dir / "model.json").write_text(json.dumps(card))
     header, data = split_file(run_dir / "model.safetensors")
-    header["__metadata__"] = {card.CARD_KEY: json.dumps(card)}
+    header["__metadata__"] = {card_module.CARD_KEY: json.dumps(card)}
     write_file(run_dir / "model.safetensors", header, data)
 
 
@@ -77,7 +78,7 @@ def refuse_reading(monkeypatch):
         raise AssertionError("tensor data was read before the header was checked")
 
     monkeypatch.setattr(rundir, "load_tensors", read)
-    monkeypatch.setattr(rundir, "read_safetensors", read)
+    monkeypatch.setattr(card_module, "read_safetensors", read)
 
 
 # ------------------------------------------------------------------------------------------- memory, in a subprocess

@@ -172,7 +172,7 @@ def test_two_runs_started_into_one_folder_one_succeeds_and_the_other_says_why(tm
     (None, None, "model", "folder:/data/my shots/", "test-on-folder-data-my-shots"),
 ])
 def test_eval_names_its_files_by_what_it_measured(protocol, tta, weights, dataset, name):
-    from vggnet.cli.eval import eval_name
+    from vggnet.evaluation.source import eval_name
 
     assert eval_name(protocol, tta, weights, dataset, "fashion-mnist") == name
 
@@ -239,21 +239,22 @@ def test_only_vggnets_temporary_files_are_removed(tmp_path):
 def test_eval_of_a_run_being_trained_reads_one_version_of_its_weights(train_run_copy, monkeypatch):
     """The card and the tensors of a weights file come from one version of it: a file replaced between the header
     read and the tensor read is read again."""
-    import vggnet.store.rundir as rundir
+    import vggnet.store.card as card_module
+    from vggnet.base.files import safetensors_bytes
 
-    real = rundir.read_safetensors
+    real = card_module.read_safetensors
     replaced = []
 
     def replace_first(path):
         if not replaced:  # a training run renames a newer file into place just now
             replaced.append(path)
             tensors, metadata = real(path)
-            card = json.loads(metadata[card.CARD_KEY])
+            card = json.loads(metadata[card_module.CARD_KEY])
             card["metrics"]["epoch"] = 2
-            data = rundir.safetensors_bytes(tensors, {card.CARD_KEY: json.dumps(card)})
+            data = safetensors_bytes(tensors, {card_module.CARD_KEY: json.dumps(card)})
             atomic_write_bytes(path, data)
         return real(path)
 
-    monkeypatch.setattr(rundir, "read_safetensors", replace_first)
+    monkeypatch.setattr(card_module, "read_safetensors", replace_first)
     loaded = RunDir(train_run_copy).load()
     assert replaced and loaded.card.metrics["epoch"] == 2

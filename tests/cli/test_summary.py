@@ -5,7 +5,9 @@ The CLI is called in-process through ``vggnet.cli.main`` (fast, output captured 
 
 Expected numbers are hand-derived (see tests/test_analysis.py for the formulas): VGG16 at 224x224x3 has
 138,357,544 parameters and 15,470,264,320 MACs; its training-memory estimate peaks at the loss: 12 * params
-bytes for fp32 weights + last step's gradients + momentum (16 * params with Adam) plus 73,338,696 bytes per image.
+bytes for fp32 weights + last step's gradients + momentum (16 * params with Adam) plus 73,338,696 bytes per image
+on CUDA. The tests that use these numbers pass ``--device cuda``: without it the estimate is for the device this
+machine would train on.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from vggnet.cli import main
 
@@ -31,6 +34,11 @@ MEMORY_KEYS = {"batch_size", "optimizer", "precision", "device", "peak_at", "wei
 
 VGG16_PARAMS = 138_357_544
 VGG16_PER_IMAGE = 73_338_696  # saved for backward 73,326,688 + labels 8 + logits and log-probs 2 x 4,000
+# On the CPU dropout keeps a noise tensor of its input's dtype (fp32) instead of CUDA's bool mask: 3 B more for
+# each of the 2 x 4,096 dropout values.
+VGG16_PER_IMAGE_CPU = VGG16_PER_IMAGE + 3 * 2 * 4096  # 73,363,272
+VGG16_FC6_WEIGHT = 25_088 * 4096  # the largest tensor: CPU Adam's two temporaries are this size
+VGG16_STEP_PER_IMAGE = 4 * 150_528 + 8 + 4 * 1000  # alive at the optimizer step: the batch, labels and logits
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -51,7 +59,7 @@ def run_json(capsys, *argv: str):
 
 # --------------------------------------------------------------------------------------------- summary --json
 def test_summary_json_vgg16_keys_and_totals(capsys):
-    data = run_json(capsys, "summary", "vgg16", "--input-size", "224")
+    data = run_json(capsys, "summary", "vgg16", "--input-size", "224", "--device", "cuda")
     assert data["model"] == "vgg16"
     assert data["input_shape"] == [3, 224, 224]
     assert data["dtype"] == "float32"
@@ -82,7 +90,7 @@ def test_summary_json_vgg16_keys_and_totals(capsys):
 
 def test_summary_json_training_memory_fields(capsys):
     data = run_json(capsys, "summary", "vgg16", "--batch-size", "32", "--optimizer", "adam",
-                    "--memory-budget", "11GiB")
+                    "--memory-budget", "11GiB", "--device", "cuda")
     mem = data["training_memory"]
     assert set(mem) == MEMORY_KEYS
     assert (mem["batch_size"], mem["optimizer"]) == (32, "adam")
@@ -101,7 +109,8 @@ def test_summary_json_training_memory_fields(capsys):
 @pytest.mark.parametrize("budget,optimizer,expected", [("11GiB", "sgd", 138), ("11GB", "sgd", 127),
                                                        ("11GiB", "sgd-nomomentum", 145), ("1GB", "sgd", 0)])
 def test_summary_max_batch_size_for_budgets(capsys, budget, optimizer, expected):
-    data = run_json(capsys, "summary", "vgg16", "--memory-budget", budget, "--optimizer", optimizer)
+    data = run_json(capsys, "summary", "vgg16", "--memory-budget", budget, "--optimizer", optimizer,
+                    "--device", "cuda")
     static = 4 * VGG16_PARAMS * {"sgd": 3, "sgd-nomomentum": 2}[optimizer]
     assert data["max_batch_size"] == max(0, (data["memory_budget"] - static) // VGG16_PER_IMAGE) == expected
 
@@ -118,11 +127,48 @@ def test_summary_fitted_cifar_head(capsys):
 
 
 def test_summary_text_reports_budget(capsys):
-    code, out, err = run(capsys, "summary", "vgg16", "--batch-size", "32", "--memory-budget", "11GiB")
+    code, out, err = run(capsys, "summary", "vgg16", "--batch-size", "32", "--memory-budget", "11GiB",
+                         "--device", "cuda")
     assert (code, err) == (0, "")
-    assert "training memory, batch 32, sgd: 3.73 GiB" in out
+    assert "training memory on cuda (fp32), batch 32, sgd: 3.73 GiB" in out
     assert out.rstrip().endswith("largest batch within 11.00 GiB: 138")
     assert "total                                     15,262,696              58.22 MiB  138,357,544  15,470,264,320" in out
+
+
+# ------------------------------------------------------------------------------------------ summary --device
+@pytest.mark.parametrize("cuda_available,expected", [(False, "cpu"), (True, "cuda")])
+def test_summary_device_defaults_to_the_device_training_would_use(capsys, monkeypatch, cuda_available, expected):
+    """The bug: the estimate was always for CUDA, also on a CPU-only machine. Now the default is the device
+    ``vggnet train`` would pick (cuda when available, else cpu), and the JSON and the text say which."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda_available)
+    data = run_json(capsys, "summary", "vgg16")
+    per_image = VGG16_PER_IMAGE_CPU if expected == "cpu" else VGG16_PER_IMAGE
+    assert (data["training_memory"]["device"], data["training_memory"]["peak_at"]) == (expected, "loss")
+    assert data["training_memory"]["total"] == 12 * VGG16_PARAMS + per_image
+    assert data["training_memory"] == run_json(capsys, "summary", "vgg16", "--device", expected)["training_memory"]
+    code, out, err = run(capsys, "summary", "vgg16", "--batch-size", "32")
+    assert (code, err) == (0, "")
+    assert f"training memory on {expected} (fp32), batch 32, sgd: 3.73 GiB" in out
+
+
+def test_summary_device_cpu_and_cuda_follow_their_own_kernels(capsys):
+    """``--device`` picks the rules that differ per device, whatever this machine has: dropout's mask (CUDA 1 B,
+    CPU 4 B per value) and Adam's temporaries at the step (CUDA: 4 B per parameter; CPU: 2 x the largest tensor)."""
+    cpu = run_json(capsys, "summary", "vgg16", "--device", "cpu")["training_memory"]
+    cuda = run_json(capsys, "summary", "vgg16", "--device", "cuda")["training_memory"]
+    assert (cpu["device"], cuda["device"]) == ("cpu", "cuda")
+    assert cpu["total"] - cuda["total"] == VGG16_PER_IMAGE_CPU - VGG16_PER_IMAGE == 24_576
+    # Adam at batch 1 peaks at the optimizer step; a budget of CUDA's peak fits one image there, none on the CPU.
+    cuda_step = 20 * VGG16_PARAMS + VGG16_STEP_PER_IMAGE
+    cpu_step = 16 * VGG16_PARAMS + 2 * 4 * VGG16_FC6_WEIGHT + VGG16_STEP_PER_IMAGE
+    assert (cuda_step, cpu_step) == (2_767_757_000, 3_036_410_408)
+    for device, step, workspace, fits in (("cuda", cuda_step, 4 * VGG16_PARAMS, 1),
+                                          ("cpu", cpu_step, 8 * VGG16_FC6_WEIGHT, 0)):
+        data = run_json(capsys, "summary", "vgg16", "--optimizer", "adam", "--memory-budget", str(cuda_step),
+                        "--device", device)
+        mem = data["training_memory"]
+        assert (mem["peak_at"], mem["backward_workspace"], mem["total"]) == ("optimizer step", workspace, step)
+        assert data["max_batch_size"] == fits, device
 
 
 def test_summary_custom_arch(capsys):
@@ -139,11 +185,13 @@ def test_summary_custom_arch(capsys):
 
 
 # ------------------------------------------------------------------------------------------------------ golden
-GOLDEN_ARGS = ["summary", "vgg11", "--input-size", "32", "--num-classes", "10", "--in-channels", "1"]
+GOLDEN_ARGS = ["summary", "vgg11", "--input-size", "32", "--num-classes", "10", "--in-channels", "1",
+               "--device", "cuda"]
 
 
 def test_summary_golden_table(capsys):
-    """``vggnet summary vgg11 --input-size 32 --num-classes 10 --in-channels 1`` equals the stored table exactly.
+    """``vggnet summary vgg11 --input-size 32 --num-classes 10 --in-channels 1 --device cuda`` equals the stored
+    table exactly.
 
     After an intended change to the table, regenerate the file with
 
@@ -203,6 +251,7 @@ BAD = {
     "arch on a fixed model": (["summary", "vgg16", "--arch", "64,M"], "fixed architecture"),
     "zero batch": (["summary", "vgg16", "--batch-size", "0"], "must be >= 1"),
     "unknown optimizer": (["summary", "vgg16", "--optimizer", "rmsprop"], "invalid choice: 'rmsprop'"),
+    "unknown device": (["summary", "vgg16", "--device", "mps"], "invalid choice: 'mps'"),
 }
 
 

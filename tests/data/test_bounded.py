@@ -362,7 +362,7 @@ def test_folder_cache_with_test_images_of_another_size_is_not_served(tmp_path, d
             Image.new("RGB", (20 + i, 16), colour).save(root / name / f"{name}{i}.png")
     root = root.resolve()
     classes, splits = plan_split(root, 0.2)
-    name = _cache_filename(12, _fingerprint(root, 12, 0.2, splits))
+    name = _cache_filename(12, 3, _fingerprint(root, 12, 3, 0.2, splits))
     cache_dir(root).mkdir(parents=True)
     forged = {f"{split}_images": torch.zeros((len(splits[split]), 3, size, size), dtype=torch.uint8)
               for split, size in (("train", 12), ("test", 10))}

@@ -151,6 +151,17 @@ def test_errors_name_the_file(tmp_path):
     assert info.value.path == str(tmp_path / "cut.png") and info.value.reason.startswith("not a readable image (")
 
 
+def test_an_unreadable_file_is_named_as_given_not_by_the_reader_object(tmp_path, monkeypatch):
+    """Pillow's "cannot identify image file <_BoundedReads name='imgs/broken.png'>" showed an internal name."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "broken.png").write_bytes(b"not an image at all")
+    with pytest.raises(ImageFileError) as info:
+        decode_image("imgs/broken.png", 8)
+    assert str(info.value) == "imgs/broken.png: not a readable image (not in any image format Pillow reads)"
+    assert info.value.path == "imgs/broken.png"
+
+
 def test_decompression_bombs_are_refused(tmp_path, monkeypatch):
     Image.new("RGB", (30, 30)).save(tmp_path / "bomb.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 400)  # 900 pixels > 2 x 400: Pillow's DecompressionBombError

@@ -107,6 +107,32 @@ def test_a_payload_pickle_does_not_run(tmp_path, w_ref, legacy, w_cli):
 
 
 @pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_a_protocol_4_payload_is_refused_in_one_line_without_torchs_warning(tmp_path, w_ref, legacy, capsys,
+                                                                             monkeypatch):
+    """torch's weights-only unpickler warns about any pickle protocol but 2 ("Detected pickle protocol 4 ..." and its
+    source line on stderr, before vggnet's one-line refusal). Warnings are shown here as a terminal shows them."""
+    import sys
+    import warnings
+
+    from vggnet.cli import main
+
+    marker = tmp_path / "PWNED"
+    ref = w_ref.TorchvisionVGG(w_ref.scaled("vgg11", 16), hidden=32, classes=5)
+    path = tmp_path / "evil.pth"
+    torch.save({**ref.state_dict(), "extra": Payload(marker)}, path, pickle_protocol=4,
+               _use_new_zipfile_serialization=not legacy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        monkeypatch.setattr(warnings, "showwarning", lambda message, category, filename, lineno, file=None, line=None:
+                            sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line)))
+        capsys.readouterr()
+        code = main(["predict", str(path), str(tmp_path / "any.png")])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == "" and not marker.exists()
+    assert len(err.splitlines()) == 1 and err.startswith(f"vggnet predict: error: {path} holds Python objects"), err
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
 def test_truncated_file(tmp_path, w_ref, legacy):
     ref = w_ref.TorchvisionVGG(w_ref.scaled("vgg11", 16), hidden=32, classes=5)
     full = save(ref.state_dict(), tmp_path / "full.pth", legacy).read_bytes()

@@ -30,6 +30,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from vggnet.base.errors import CheckpointError, OutputError
+from vggnet.base.strictjson import dumps as strict_json
 
 
 @lru_cache(maxsize=None)
@@ -142,7 +143,8 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+    """``obj`` as strict JSON (non-finite floats as strings: :mod:`vggnet.base.strictjson`), indented."""
+    atomic_write_text(path, strict_json(obj, indent=2) + "\n")
 
 
 def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:

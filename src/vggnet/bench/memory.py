@@ -183,6 +183,7 @@ def _cases(cfg: BenchConfig) -> list[tuple[str, int, str, int, str]]:
 
 def bench_memory(cfg: BenchConfig, results: dict[str, Any]) -> dict[str, Any]:
     from vggnet.net.analysis import summarize
+    from vggnet.net.memory import training_memory
     from vggnet.net.models import create_model
 
     threads = results["conditions"]["threads"]  # what run() set
@@ -192,7 +193,7 @@ def bench_memory(cfg: BenchConfig, results: dict[str, Any]) -> dict[str, Any]:
         cfg.log(f"memory: {name} {head} head, {size}x{size}, batch {batch}, {precision} on {cfg.device}")
         with torch.device("meta"):
             summary = summarize(create_model(name, num_classes=10, input_size=size, head=head))
-        estimate = summary.training_memory(batch, "sgd", precision, device)
+        estimate = training_memory(summary, batch, "sgd", precision, device)
         args = json.dumps([name, size, head, batch, threads, cfg.device, precision])
         proc = subprocess.run([sys.executable, "-m", "vggnet.bench", "--memory-child", args],
                               capture_output=True, text=True, check=False)

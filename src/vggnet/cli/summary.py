@@ -6,10 +6,12 @@ import argparse
 
 import torch
 
-from vggnet.net.analysis import OPTIMIZER_STATE, parse_bytes, summarize
 from vggnet.base.errors import ConfigError
+from vggnet.net.analysis import summarize
+from vggnet.net.memory import DEVICES, OPTIMIZER_STATE, max_batch_size, parse_bytes, summary_dict, training_memory
 from vggnet.net.models import create_model
 from vggnet.net.report import render_summary
+from vggnet.runtime import pick_device
 from vggnet.cli.common import add_model_options, batch_size_type, model_kwargs, print_json, shown
 
 #: The largest --memory-budget: an exbibyte (a larger one would overflow the estimate's float arithmetic).
@@ -17,7 +19,7 @@ MAX_BUDGET = 2**60
 
 
 def memory_size(text: str) -> int:
-    """``--memory-budget``: a size :func:`vggnet.net.analysis.parse_bytes` reads, up to :data:`MAX_BUDGET`."""
+    """``--memory-budget``: a size :func:`vggnet.net.memory.parse_bytes` reads, up to :data:`MAX_BUDGET`."""
     try:
         size = parse_bytes(text)
     except ConfigError as err:
@@ -35,6 +37,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="batch size for the training-memory estimate (default 1)")
     p.add_argument("--optimizer", choices=sorted(OPTIMIZER_STATE), default="sgd",
                    help="optimizer for the estimate: sgd (momentum), adam, adamw, sgd-nomomentum")
+    p.add_argument("--device", choices=DEVICES, default=None,
+                   help="device the estimate is for (dropout masks and Adam's temporaries differ); default: the one "
+                        "training would use here, cuda when available, else cpu")
     p.add_argument("--memory-budget", type=memory_size, metavar="SIZE",
                    help="report the largest batch within SIZE, e.g. 11GiB")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -45,11 +50,11 @@ def run(args: argparse.Namespace) -> int:
     with torch.device("meta"):
         model = create_model(args.name, **model_kwargs(args))
     summary = summarize(model)
-    batch = args.batch_size or 1
-    budget = args.memory_budget
-    max_batch = summary.max_batch_size(budget, args.optimizer) if budget is not None else None
+    batch, budget = args.batch_size or 1, args.memory_budget
+    device = args.device or pick_device("auto").type  # the device `vggnet train` would pick here
     if args.json:
-        print_json(summary.to_dict(batch, args.optimizer, budget))
-    else:
-        print(render_summary(summary, summary.training_memory(batch, args.optimizer), budget, max_batch))
+        print_json(summary_dict(summary, batch, args.optimizer, budget, device=device))
+        return 0
+    max_batch = max_batch_size(summary, budget, args.optimizer, device=device) if budget is not None else None
+    print(render_summary(summary, training_memory(summary, batch, args.optimizer, device=device), budget, max_batch))
     return 0

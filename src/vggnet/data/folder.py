@@ -127,7 +127,7 @@ def plan_split(root: pathlib.Path, test_fraction: float) -> tuple[list[str], dic
     return classes, splits
 
 
-def _fingerprint(root: pathlib.Path, image_size: int, test_fraction: float,
+def _fingerprint(root: pathlib.Path, image_size: int, channels: int, test_fraction: float,
                  splits: dict[str, list[tuple[str, int]]]) -> str:
     """Digest of everything the cached tensors depend on: sizes, decoder, split rule, every file's name/size/mtime."""
     files = []
@@ -135,7 +135,8 @@ def _fingerprint(root: pathlib.Path, image_size: int, test_fraction: float,
         for rel, label in splits[split]:
             stat = (root / rel).stat()
             files.append([split, rel, label, stat.st_size, stat.st_mtime_ns])
-    key = json.dumps([CACHE_VERSION, DECODER_VERSION, image_size, test_fraction, files])
+    shape = image_size if channels == 3 else [image_size, channels]  # RGB keys stay those of earlier versions
+    key = json.dumps([CACHE_VERSION, DECODER_VERSION, shape, test_fraction, files])
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
@@ -146,7 +147,7 @@ def cache_dir(root: str | os.PathLike) -> pathlib.Path:
 
 
 def _read_cache(root: pathlib.Path, filename: str, classes: list[str], splits: dict[str, list[tuple[str, int]]],
-                image_size: int) -> dict[str, torch.Tensor] | None:
+                image_size: int, channels: int) -> dict[str, torch.Tensor] | None:
     """The cached tensors if a cache file exists and matches the plan (classes, shapes, labels), else None: a bad or
     foreign cache is ignored, and the images decoded again. Shapes are checked from the file's header, before any
     tensor is read."""
@@ -155,7 +156,7 @@ def _read_cache(root: pathlib.Path, filename: str, classes: list[str], splits: d
         return None
     try:
         with safe_open(str(path), framework="pt") as f:
-            if json.loads(f.metadata()["classes"]) != classes or not _cache_shapes_match(f, splits, image_size):
+            if json.loads(f.metadata()["classes"]) != classes or not _cache_shapes_match(f, splits, image_size, channels):
                 return None
             cached = {k: f.get_tensor(k) for k in ("train_images", "train_labels", "test_images", "test_labels")}
     except Exception:  # unreadable or foreign cache: decode again and overwrite it
@@ -165,27 +166,27 @@ def _read_cache(root: pathlib.Path, filename: str, classes: list[str], splits: d
     return None
 
 
-def _cache_shapes_match(f, splits: dict[str, list[tuple[str, int]]], image_size: int) -> bool:
+def _cache_shapes_match(f, splits: dict[str, list[tuple[str, int]]], image_size: int, channels: int) -> bool:
     """The cache file ``f`` (open with ``safe_open``) holds what decoding would give: per split, uint8 ``(n, 3,
     image_size, image_size)`` images -- so train and test are never of different sizes -- and ``n`` int64 labels."""
     expected = {}
     for split, items in splits.items():
-        expected[f"{split}_images"] = ([len(items), 3, image_size, image_size], "U8")
+        expected[f"{split}_images"] = ([len(items), channels, image_size, image_size], "U8")
         expected[f"{split}_labels"] = ([len(items)], "I64")
     return all((f.get_slice(k).get_shape(), f.get_slice(k).get_dtype()) == want for k, want in expected.items())
 
 
-def _cache_prefix(image_size: int) -> str:
+def _cache_prefix(image_size: int, channels: int) -> str:
     """What every cache file of this size starts with, whatever decoder or files it was made from."""
-    return f"folder-{image_size}px-"
+    return f"folder-{image_size}px-" + ("" if channels == 3 else f"{channels}ch-")
 
 
-def _cache_filename(image_size: int, fingerprint: str) -> str:
-    return f"{_cache_prefix(image_size)}dec{DECODER_VERSION}-{fingerprint[:20]}.safetensors"
+def _cache_filename(image_size: int, channels: int, fingerprint: str) -> str:
+    return f"{_cache_prefix(image_size, channels)}dec{DECODER_VERSION}-{fingerprint[:20]}.safetensors"
 
 
 def _write_cache(root: pathlib.Path, filename: str, tensors: dict[str, torch.Tensor], classes: list[str],
-                 image_size: int) -> None:
+                 image_size: int, channels: int) -> None:
     """Write atomically (temp file + os.replace) into :func:`cache_dir`; drop stale files of this size (older file
     sets or older decoders). A cache that cannot be written is a warning: the next load decodes again."""
     directory, tmp = cache_dir(root), None
@@ -201,23 +202,23 @@ def _write_cache(root: pathlib.Path, filename: str, tensors: dict[str, torch.Ten
         warnings.warn(f"could not write a decode cache for {root} in {directory}; the next load decodes the images "
                       "again", stacklevel=3)
         return
-    for stale in directory.glob(f"{_cache_prefix(image_size)}*.safetensors"):
+    for stale in directory.glob(f"{_cache_prefix(image_size, channels)}dec*.safetensors"):
         if stale.name != filename:
             stale.unlink(missing_ok=True)
 
 
 def _decode_all(root: pathlib.Path, splits: dict[str, list[tuple[str, int]]],
-                image_size: int) -> dict[str, torch.Tensor]:
+                image_size: int, channels: int = 3) -> dict[str, torch.Tensor]:
     """Decode every image of both splits (with a progress bar); DataError listing the ones that fail."""
     out: dict[str, torch.Tensor] = {}
     failures: list[str] = []
     total = sum(len(items) for items in splits.values())
     with tqdm(total=total, desc=f"decoding {root.name}", unit="img", disable=None, leave=False) as bar:
         for split, items in splits.items():
-            pixels = np.zeros((len(items), image_size, image_size, 3), dtype=np.uint8)
+            pixels = np.zeros((len(items), image_size, image_size, channels), dtype=np.uint8)
             for i, (rel, _) in enumerate(items):
                 try:
-                    pixels[i] = decode_image(root / rel, image_size)
+                    pixels[i] = decode_image(root / rel, image_size, channels)
                 except ImageFileError as exc:  # collected, reported together by relative path
                     failures.append(f"{rel} ({exc.reason})")
                 bar.update(1)
@@ -231,8 +232,9 @@ def _decode_all(root: pathlib.Path, splits: dict[str, list[tuple[str, int]]],
 
 
 def load_folder(path: str | os.PathLike, image_size: int = 64, test_fraction: float = DEFAULT_TEST_FRACTION,
-                cache: bool = True) -> tuple[ImageDataset, ImageDataset]:
-    """``(train, test)`` from an image folder, images uint8 ``(N, 3, image_size, image_size)``.
+                cache: bool = True, channels: int = 3) -> tuple[ImageDataset, ImageDataset]:
+    """``(train, test)`` from an image folder, images uint8 ``(N, channels, image_size, image_size)`` (``channels``:
+    3 decodes RGB, 1 grey, as :func:`vggnet.data.images.decode_image` converts).
 
     See the module docstring for the layout, split, decoding and cache rules. ``cache=False`` always decodes and
     writes nothing.
@@ -245,11 +247,11 @@ def load_folder(path: str | os.PathLike, image_size: int = 64, test_fraction: fl
     if not 0.0 < test_fraction < 1.0:
         raise ConfigError(f"test_fraction must be in (0, 1), got {test_fraction}")
     classes, splits = plan_split(root, test_fraction)
-    filename = _cache_filename(image_size, _fingerprint(root, image_size, test_fraction, splits))
-    tensors = _read_cache(root, filename, classes, splits, image_size) if cache else None
+    filename = _cache_filename(image_size, channels, _fingerprint(root, image_size, channels, test_fraction, splits))
+    tensors = _read_cache(root, filename, classes, splits, image_size, channels) if cache else None
     if tensors is None:
-        tensors = _decode_all(root, splits, image_size)
+        tensors = _decode_all(root, splits, image_size, channels)
         if cache:
-            _write_cache(root, filename, tensors, classes, image_size)
+            _write_cache(root, filename, tensors, classes, image_size, channels)
     return (ImageDataset(tensors["train_images"], tensors["train_labels"], classes, root.name),
             ImageDataset(tensors["test_images"], tensors["test_labels"], classes, root.name))

@@ -31,9 +31,11 @@ from __future__ import annotations
 import io
 import os
 import stat
+from typing import Sequence
 
 import numpy as np
-from PIL import Image, ImageOps
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from vggnet.base.errors import ConfigError, DataError
 
@@ -86,6 +88,10 @@ class _BoundedReads(io.BufferedReader):
     def __init__(self, path: str | os.PathLike) -> None:
         super().__init__(io.FileIO(path, "rb"))
         self._size = os.fstat(self.fileno()).st_size
+        self._path = path
+
+    def __repr__(self) -> str:  # what a decoder's message shows for the file: its path as given
+        return repr(str(self._path))
 
     def read(self, size: int | None = -1) -> bytes:
         if size is not None and size > 0:
@@ -167,6 +173,24 @@ def decode_image(path: str | os.PathLike, image_size: int | None = None, channel
         raise ImageFileError(path, "no such file") from None
     except _Refused as err:
         raise ImageFileError(path, str(err)) from None
+    except UnidentifiedImageError:  # Pillow's message names the file object; ours names the file already
+        raise ImageFileError(path, "not a readable image (not in any image format Pillow reads)") from None
     except Exception as err:  # Pillow raises many types for bad files (OSError, SyntaxError, struct.error, ...)
         reason = " ".join(str(err).split()) or type(err).__name__
         raise ImageFileError(path, f"not a readable image ({reason})") from None
+
+
+def decode_files(files: Sequence[str | os.PathLike], image_size: int | None, channels: int
+                 ) -> tuple[torch.Tensor | None, list[int], list[tuple[int, str]]]:
+    """Decode image files into one uint8 batch ``(n, C, h, w)`` (:func:`decode_image` each, at ``image_size`` with
+    ``channels`` channels). Returns the batch of the readable files (``None`` when there is none), the position in
+    ``files`` of each of its rows, and ``(position, message)`` for each unreadable file (the message names it): one
+    bad file never stops the others."""
+    images, where, errors = [], [], []
+    for position, path in enumerate(files):
+        try:
+            images.append(torch.from_numpy(decode_image(path, image_size, channels)).permute(2, 0, 1))
+            where.append(position)
+        except DataError as err:
+            errors.append((position, str(err)))
+    return (torch.stack(images) if images else None), where, errors

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -119,31 +118,6 @@ def _logits(model, images, preprocess, device, batch_size, mixed, tta, channels_
         bar.update(len(x))
     bar.close()
     return torch.cat(out).cpu() if out else torch.zeros(0, 0)
-
-
-def load_test_set(loaded, dataset: str, data_dir: str | None = None):
-    """The test split of ``dataset`` as ``loaded`` (a :class:`~vggnet.store.card.LoadedModel`) is scored on: a run
-    directory at its training image size, from its own data directory unless ``data_dir`` is given; a weights file
-    at its preprocessing's decode size (folder images decoded as ``vggnet predict`` decodes files)."""
-    from vggnet.data import load_dataset
-
-    if loaded.run_dir is not None:
-        recorded = (loaded.card.train_config or {}).get("data_dir")
-        if data_dir is None and recorded and os.path.isdir(recorded):  # the run's own copy, while it is there
-            data_dir = recorded
-        image_size = loaded.card.image_size
-    else:
-        image_size = loaded.preprocess.decode_size
-    return load_dataset(dataset, data_dir, image_size)[1]
-
-
-def check_fits(test, model: torch.nn.Module, dataset: str, source) -> None:
-    """DataError unless ``test``'s images and classes are what ``model`` takes and gives."""
-    from vggnet.base.errors import DataError
-
-    if test.images.shape[1] != model.in_channels or len(test.classes) != model.num_classes:
-        raise DataError(f"{dataset} has {test.images.shape[1]} channel(s) and {len(test.classes)} classes; the model "
-                        f"in {source} expects {model.in_channels} and {model.num_classes}")
 
 
 def evaluate(model: torch.nn.Module, dataset, preprocess, device: torch.device | str = "cpu",

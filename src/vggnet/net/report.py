@@ -1,10 +1,12 @@
-"""Render analysis records as text tables. Computing lives in :mod:`vggnet.net.analysis`; this only formats."""
+"""Render analysis records as text tables. Computing lives in :mod:`vggnet.net.analysis` and
+:mod:`vggnet.net.memory`; this only formats."""
 
 from __future__ import annotations
 
 from typing import Sequence
 
-from vggnet.net.analysis import Summary, TrainingMemory
+from vggnet.net.analysis import Summary
+from vggnet.net.memory import TrainingMemory
 
 
 def human_bytes(n: float) -> str:
@@ -55,7 +57,8 @@ def render_summary(summary: Summary, memory: TrainingMemory | None = None, budge
     if memory is not None:
         lines += [
             "",
-            f"training memory, batch {memory.batch_size}, {memory.optimizer}: {human_bytes(memory.total)}",
+            f"training memory on {memory.device} ({memory.precision}), batch {memory.batch_size}, {memory.optimizer}: "
+            f"{human_bytes(memory.total)}",
             f"  weights {human_bytes(memory.weights)} + gradients {human_bytes(memory.gradients)} + optimizer state "
             f"{human_bytes(memory.optimizer_state)} + activations kept for backward {human_bytes(memory.activations)}"
             f" + backward buffers {human_bytes(memory.backward_workspace)}",

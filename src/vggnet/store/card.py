@@ -13,7 +13,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -21,6 +21,7 @@ from vggnet.base.errors import CheckpointError, VggnetError
 from vggnet.base.files import TensorEntry, read_header, read_metadata, read_safetensors
 from vggnet.base.limits import MAX_CHANNELS, MAX_CLASSES, MAX_IMAGE_SIZE
 from vggnet.data import Preprocess
+from vggnet.data.images import decode_files
 from vggnet.net.compressed import Compression, restructure, stored_dtypes
 from vggnet.net.configs import Conv, parse_arch, scale_width
 from vggnet.net.models import VGG, SkipInit, model_from_config
@@ -190,6 +191,14 @@ class LoadedModel:
     @property
     def classes(self) -> list[str]:
         return self.card.classes
+
+    def decode_files(self, files: Sequence[str | os.PathLike]
+                     ) -> tuple[torch.Tensor | None, list[int], list[tuple[int, str]]]:
+        """Image files decoded as this model's training images were (:func:`vggnet.data.images.decode_files`): at
+        the native input size (``preprocess.decode_size``: ``in_size``, else ``image_size / crop_fraction``, e.g.
+        256 for ImageNet weights, whose preprocessing then crops the centre 224) with the model's channel count.
+        The one decoder of predict, features, explain and export."""
+        return decode_files(files, self.preprocess.decode_size, int(self.model.in_channels))
 
     @property
     def preprocess(self) -> Preprocess:

@@ -11,6 +11,7 @@ from typing import Any
 
 from vggnet.base.errors import CheckpointError
 from vggnet.base.schedule import Plateau
+from vggnet.base.strictjson import decode_nonfinite, dumps as strict_json
 
 CHECKPOINT_KEY = "vggnet.checkpoint"
 
@@ -28,7 +29,9 @@ class Checkpoint:
     title: str = ""  # the plots' title
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self))
+        """The record as strict JSON: a non-finite float (the plateau schedule's initial best, -inf) is a string,
+        which :func:`checked_state` decodes (:mod:`vggnet.base.strictjson`)."""
+        return strict_json(asdict(self))
 
     @classmethod
     def from_json(cls, text: str, where: Path) -> "Checkpoint":
@@ -48,15 +51,20 @@ class Checkpoint:
 
 def checked_state(record: Any, where: Path) -> dict[str, Any]:
     """``record`` when it is a usable state record (:func:`_state_problem`), else a one-line CheckpointError naming
-    ``where``."""
+    ``where``. Its numbers written as strings (``"-Infinity"``: :mod:`vggnet.base.strictjson`) are numbers again: in
+    the counters (the plateau's best among them), the history, the optimizer's and the scaler's records, which hold
+    no text of their own. Records of older versions hold the bare tokens, which the JSON reader took already."""
     if not isinstance(record, dict) or not isinstance(record.get("run"), dict):
         raise CheckpointError(f"{where} is corrupt (no run counters)")
+    record = {key: decode_nonfinite(value) if key in _NUMERIC_PARTS else value for key, value in record.items()}
     problem = _state_problem(record)
     if problem is not None:
         raise CheckpointError(f"{where} is corrupt ({problem}): restore it, or start the run again")
     return record
 
 
+#: The parts of a state record that hold only numbers (and structure, booleans, null): where checked_state decodes.
+_NUMERIC_PARTS = ("run", "history", "optimizer", "scaler")
 #: state.json's loop counters (the fields of vggnet.training.loop.RunState) and their JSON types: a file edited by
 #: hand fails on reading, in one line, not deep inside the resumed loop.
 STATE_COUNTERS = {"epoch": int, "batch": int, "step": int, "correct": int, "seen": int, "best_acc": float,

@@ -53,6 +53,7 @@ from vggnet.base.files import (TEMP_NAME, atomic_write_bytes, atomic_write_json,
                                read_json, read_metadata, read_safetensors, remove_temp_files, safetensors_bytes,
                                save_tensors, strip_prefixes)
 from vggnet.base.plots import plot_confusion, plot_curves
+from vggnet.base.strictjson import dumps as strict_json
 from vggnet.base.version import __version__
 from vggnet.store.card import CARD_KEY, LoadedModel, ModelCard, load_carded, read_embedded_card
 from vggnet.store.checkpoint import CHECKPOINT_KEY, Checkpoint, checked_state
@@ -76,8 +77,9 @@ def _to_csv(records: list[dict[str, Any]]) -> str:
 
 
 def _json_bytes(obj: Any) -> bytes:
-    """``obj`` as vggnet's JSON files hold it (indented, one trailing newline): the bytes a mirror is compared by."""
-    return (json.dumps(obj, indent=2) + "\n").encode("utf-8")
+    """``obj`` as vggnet's JSON files hold it (strict JSON: non-finite floats as strings, :mod:`vggnet.base.strictjson`;
+    indented, one trailing newline): the bytes a mirror is compared by."""
+    return (strict_json(obj, indent=2) + "\n").encode("utf-8")
 
 
 def _write_changed(path: Path, data: bytes) -> None:
@@ -182,7 +184,7 @@ class RunDir:
         disk = strip_prefixes(card.stored_dtypes(model))  # a compressed model may store tensors in another dtype
         card.vggnet_version = __version__
         data = safetensors_bytes({k: v.to(disk[k]) if k in disk else v for k, v in state.items()},
-                                 {CARD_KEY: json.dumps(card.to_dict())})
+                                 {CARD_KEY: strict_json(card.to_dict())})
         atomic_write_bytes(self.weights("model"), data)
         atomic_write_json(self.card, card.to_dict())
         if best is not None:
@@ -232,7 +234,7 @@ class RunDir:
         """The files derived from ``checkpoint`` (``tensors()`` gives the state's tensors, read only if weights are
         to be written), each skipped where it holds its content already; state.json last."""
         if checkpoint.card is not None:
-            text = json.dumps(checkpoint.card)
+            text = strict_json(checkpoint.card)
             data = None
             for which, wanted in (("model", True), ("best", checkpoint.best)):
                 if wanted and self._card_text(which) != text:
@@ -289,7 +291,7 @@ class RunDir:
         return checked_state(Checkpoint.from_json(text, self.state_tensors).state, self.state_tensors)
 
     def write_metrics(self, history: list[dict[str, Any]]) -> None:
-        _write_changed(self.metrics_jsonl, "".join(json.dumps(r) + "\n" for r in history).encode("utf-8"))
+        _write_changed(self.metrics_jsonl, "".join(strict_json(r) + "\n" for r in history).encode("utf-8"))
         _write_changed(self.metrics_csv, _to_csv(history).encode("utf-8"))
 
     def write_eval(self, result: dict[str, Any], title: str, out: str | os.PathLike | None = None,
@@ -299,6 +301,11 @@ class RunDir:
         where = make_dirs(out if out is not None else self.path)
         write_evaluation(result, title, where / self.eval.name, where / self.confusion.name if plot else None)
         return where
+
+    def eval_files(self, name: str) -> tuple[Path, Path]:
+        """Where ``vggnet eval`` writes the evaluation ``name`` of this run: ``evals/NAME.json`` and ``.png`` (never
+        over training's own eval.json and confusion.png)."""
+        return self.evals / f"{name}.json", self.evals / f"{name}.png"
 
     def write_curves(self, history: list[dict[str, Any]], title: str) -> None:
         plot_curves(history, self.curves, title)

@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from vggnet.base.errors import ConfigError, OutputError
+from vggnet.evaluation.testset import load_test_set
 from vggnet.net.compressed import (Compression, Int8Linear, LowRankLinear, Spectrum, check_int8_backend, dense_weight,
                                    fc_layers, int8_backend, low_rank_factors, quantize_symmetric, replace_linears,
                                    restructure, stored_dtypes, weight_spectrum)
@@ -255,16 +256,12 @@ def check_out(out: str | Path) -> Path:
 
 def _test_set(loaded, source: Path, dataset: str | None, data_dir: str | None):
     """The test set to measure accuracy on, as ``vggnet eval`` picks it (None and a note when there is none)."""
-    from vggnet.evaluation.metrics import check_fits, load_test_set
-
     card, is_run = loaded.card, loaded.run_dir is not None
     if not dataset and not (is_run and card.dataset):
         what = "the run's model.json names no dataset" if is_run else "a weights file has no dataset of its own"
         return None, None, f"n/a: {what} (give --dataset)"
     name = dataset or card.dataset
-    test = load_test_set(loaded, name, data_dir)
-    check_fits(test, loaded.model, name, source)
-    return name, test, ""
+    return name, load_test_set(loaded, name, data_dir, source), ""
 
 
 def _weights_bytes(loaded, source: Path, weights: str) -> int:

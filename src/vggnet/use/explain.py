@@ -306,7 +306,6 @@ def explain_files(loaded, files: Sequence[str | os.PathLike], out_dir: str | os.
     from tqdm.auto import tqdm
 
     from vggnet.evaluation.metrics import auto_batch_size
-    from vggnet.use.predict import decode_files
     from vggnet.runtime import resolve_runtime
 
     model = loaded.model
@@ -335,7 +334,7 @@ def explain_files(loaded, files: Sequence[str | os.PathLike], out_dir: str | os.
     try:
         for start in range(0, len(files), batch_size):
             batch = files[start:start + batch_size]
-            images, where, errors = decode_files(loaded, batch)
+            images, where, errors = loaded.decode_files(batch)
             for position, message in errors:
                 results[start + position].error = message
             if images is not None:

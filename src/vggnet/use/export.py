@@ -390,9 +390,8 @@ def check_images_of(loaded: LoadedModel, source: str | os.PathLike, files: Seque
     directory, the first ``limit`` images of its own test set (found as ``vggnet eval`` finds it); else
     :func:`random_images`, saying why."""
     if files:
-        from vggnet.use.predict import decode_files
 
-        images, _, errors = decode_files(loaded, files)
+        images, _, errors = loaded.decode_files(files)
         if errors:
             raise DataError(f"--check-images: {errors[0][1]}")
         return images, f"{len(files)} image file(s) given with --check-images", False

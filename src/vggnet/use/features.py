@@ -7,7 +7,7 @@ Image files -> named layers::
     result.maps["relu5_3"]          # float32 (2, 512): row i is result.files[i]
     save_features("feats.safetensors", result)                                      # atomic; metadata inside
 
-Each file is decoded and preprocessed exactly as ``vggnet predict`` does it (:func:`vggnet.use.predict.decode_files`,
+Each file is decoded and preprocessed exactly as ``vggnet predict`` does it (:meth:`~vggnet.store.card.LoadedModel.decode_files`,
 then the model's own :class:`~vggnet.data.Preprocess`), and the maps are what :meth:`VGG.forward_named` returns on
 that batch, optionally reduced over space (``pool``: ``avg`` or ``max`` -> ``(n, C)``; ``none`` keeps
 ``(n, C, h, w)``). Layer names are the model's ``layer_names``: ``conv3_1``, ``bn3_1``, ``relu3_1``, ``pool3`` ...
@@ -119,7 +119,6 @@ def extract_features(loaded, files: Sequence[str | os.PathLike], layers: Sequenc
     from tqdm.auto import tqdm
 
     from vggnet.evaluation.metrics import auto_batch_size
-    from vggnet.use.predict import decode_files
     from vggnet.runtime import resolve_runtime
 
     source = None
@@ -148,7 +147,7 @@ def extract_features(loaded, files: Sequence[str | os.PathLike], layers: Sequenc
         with torch.no_grad():
             for start in range(0, len(files), batch_size):
                 batch = files[start:start + batch_size]
-                images, where, errors = decode_files(loaded, batch)
+                images, where, errors = loaded.decode_files(batch)
                 failed.extend((batch[position], message) for position, message in errors)
                 if images is not None:
                     x = prep(images.to(runtime.device))

@@ -134,18 +134,24 @@ def _card(arch: Architecture, fmt: str, official: Official | None) -> ModelCard:
                      vggnet_version=__version__)
 
 
-def read_file(path: str | os.PathLike) -> WeightsFile:
-    """Read a weights file (any supported container and layout) into vggnet's layout and detect its architecture."""
-    path = Path(path)
+def checked_container(path: Path) -> str:
+    """The container of the weights file ``path`` (:func:`sniff`), once it is known to be a readable file whose
+    SHA-256 starts with the prefix its name may carry (:func:`verify_name`); CheckpointError naming it otherwise."""
     if not path.exists():
         raise CheckpointError(f"{path} does not exist")
     if not path.is_file():
         raise CheckpointError(f"{path} is not a file")
     try:
         verify_name(path)
-        container = sniff(path)
+        return sniff(path)
     except OSError as err:  # unreadable: permissions, I/O errors
         raise CheckpointError(f"{path} cannot be read ({err.strerror or err})") from None
+
+
+def read_file(path: str | os.PathLike) -> WeightsFile:
+    """Read a weights file (any supported container and layout) into vggnet's layout and detect its architecture."""
+    path = Path(path)
+    container = checked_container(path)
     if container == "hdf5":
         from vggnet.store.weights import keras
 
@@ -219,4 +225,4 @@ def build_model(path: str | os.PathLike, name: str, **kwargs: Any) -> VGG:
 
 
 __all__ = ["CONTAINERS", "FORMATS", "OFFICIAL", "Architecture", "LoadedWeights", "Official", "WeightsFile",
-           "build_model", "detect", "load_file", "read_file", "sniff"]
+           "build_model", "checked_container", "detect", "load_file", "read_file", "sniff"]

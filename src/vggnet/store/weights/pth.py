@@ -11,12 +11,15 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import warnings
 
 import torch
 
 from vggnet.base.errors import CheckpointError
 
 WRAPPERS = ("state_dict", "model_state_dict", "model", "module", "net", "ema")
+#: torch's weights-only unpickler warns (on stderr, with its source line) about any pickle protocol but 2.
+_PROTOCOL_WARNING = r"Detected pickle protocol \d+ in the checkpoint"
 _GLOBAL = re.compile(r"(unsupported\s+GLOBAL\s+[\w.]+|Unsupported global:\s*GLOBAL\s+[\w.]+)", re.IGNORECASE)
 
 
@@ -28,7 +31,9 @@ def read(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The tensors of a ``torch.save`` file, unwrapped to the state dict; CheckpointError (one line, naming the
     file) for code-carrying pickles, truncated or corrupt files and anything that is not a state dict."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a file's pickle protocol is no concern of the user's: errors say what matters
+            warnings.filterwarnings("ignore", message=_PROTOCOL_WARNING, category=UserWarning)
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         found = _GLOBAL.search(str(err))
         if found or "Weights only load failed" in str(err):
