@@ -26,7 +26,9 @@ data:
 	@[ -f $(FMNIST) ] || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist >/dev/null; } \
 	  || echo "could not install dataset-fashion-mnist; real-data tests will be skipped"
 
+# The layer contract (pyproject.toml [tool.importlinter]: layers import only downward, no circle), then the suite.
 test: install data
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest
 
 # The main job: train the default recipe on the real Fashion-MNIST training set, evaluate on the real test set.

@@ -141,13 +141,14 @@ def _small_bn_vgg():
 
 @pytest.mark.cpu_bf16
 def test_bf16_evaluation_runs_the_fast_path_without_touching_the_model(monkeypatch):
-    import vggnet.evaluation.inference
+    import vggnet.evaluation.metrics
     from vggnet.evaluation.metrics import predict_logits
     from vggnet.evaluation.inference import BF16_RTOL
 
     built = []
-    real = vggnet.evaluation.inference.optimize_for_inference
-    monkeypatch.setattr(vggnet.evaluation.inference, "optimize_for_inference", lambda *a, **k: built.append(a[1:]) or real(*a, **k))
+    real = vggnet.evaluation.metrics.optimize_for_inference
+    monkeypatch.setattr(vggnet.evaluation.metrics, "optimize_for_inference",
+                        lambda *a, **k: built.append(a[1:]) or real(*a, **k))
 
     model = _small_bn_vgg()
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -13,7 +13,7 @@ from PIL import Image
 
 import vggnet
 from vggnet.data import decode_image
-from vggnet.base.errors import ConfigError, InputSizeError
+from vggnet.base.errors import ConfigError, InputSizeError, OutputError
 from vggnet.net.features_only import FeaturesOnly, features_only
 from vggnet.use.features import check_output, extract_features, inference_copy, load_features, save_features, sidecar
 from vggnet.base.files import load_tensors
@@ -199,14 +199,14 @@ def test_safetensors_round_trip_one_tensor_per_layer(loaded, images, tmp_path):
     assert all(torch.equal(tensors[n], result.maps[n]) for n in layers)
 
 
-@pytest.mark.parametrize("name, layers, fragment", [
-    ("feats.txt", 1, "must end in .npy (one layer) or .safetensors"),
-    ("feats", 1, "must end in .npy"),
-    ("feats.npy", 2, "a .npy file holds one array, but 2 layers"),
-    ("missing/feats.npy", 1, "does not exist"),
+@pytest.mark.parametrize("name, layers, error, fragment", [
+    ("feats.txt", 1, ConfigError, "must end in .npy (one layer) or .safetensors"),
+    ("feats", 1, ConfigError, "must end in .npy"),
+    ("feats.npy", 2, ConfigError, "a .npy file holds one array, but 2 layers"),
+    ("missing/feats.npy", 1, OutputError, "does not exist"),
 ])
-def test_check_output_errors(tmp_path, name, layers, fragment):
-    with pytest.raises(ConfigError, match=fragment.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+def test_check_output_errors(tmp_path, name, layers, error, fragment):
+    with pytest.raises(error, match=fragment.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
         check_output(tmp_path / name, layers)
 
 

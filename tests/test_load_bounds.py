@@ -148,7 +148,7 @@ def test_card_bounds_accept_the_largest_allowed_values(run):
     card = json.loads((run / "model.json").read_text())
     card["model"].update(num_classes=MAX_CLASSES, input_size=[8192, 8192], arch=[[255, 8]], width=16.0)
     card["preprocess"].update(image_size=8192, crop_fraction=1.0)
-    assert ModelCard.from_dict(card).model["num_classes"] == MAX_CLASSES
+    assert ModelCard.from_dict(card).model.num_classes == MAX_CLASSES
     card["model"]["arch"] = [512, "M"]  # 512 x 16 = 8192 channels
     ModelCard.from_dict(card)
     card["preprocess"]["crop_fraction"] = 0.5  # decodes at 16384 pixels

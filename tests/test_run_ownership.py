@@ -62,8 +62,8 @@ def test_out_refuses_a_folder_it_did_not_write_before_any_data_loads(fill, shown
     fill(folder)
     before = train_snapshot(folder)
     code, out, err = cli(train_cli_args("--out", folder, "--data-dir", tmp_path / "no-data-here"))
-    one_line_error(code, err, f"--out {folder} holds files vggnet train did not write ({shown})",
-                   "choose another --out")
+    one_line_error(code, err, f"--out {folder} is not empty ({shown}): vggnet train writes only into a new or empty "
+                   "folder or a run of its own", "choose another --out")
     assert train_snapshot(folder) == before and sorted(p.name for p in folder.iterdir()) == sorted(before)
 
 
@@ -257,4 +257,4 @@ def test_eval_of_a_run_being_trained_reads_one_version_of_its_weights(train_run_
 
     monkeypatch.setattr(card_module, "read_safetensors", replace_first)
     loaded = RunDir(train_run_copy).load()
-    assert replaced and loaded.card.metrics["epoch"] == 2
+    assert replaced and loaded.card.metrics.epoch == 2

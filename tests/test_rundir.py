@@ -1,6 +1,7 @@
 """Checkpoints: round trips to identical logits, atomic writes, optimizer state, and every way loading can fail."""
 
 import json
+import math
 import os
 
 import pytest
@@ -10,7 +11,9 @@ from vggnet import create_model
 from vggnet.base.files import (atomic_write_bytes, load_tensors, model_state, optimizer_from_tensors, optimizer_to_tensors,
                           safetensors_bytes, save_tensors)
 from vggnet.store.card import CARD_KEY, FORMAT, ModelCard
-from vggnet.store.rundir import RunDir, load, save_model
+from vggnet.store.checkpoint import checked_state
+from vggnet.store.rundir import RunDir, load, save_model, write_evaluation
+from vggnet.base.strictjson import decode_nonfinite, dumps
 from vggnet.base.errors import CheckpointError
 
 
@@ -52,8 +55,8 @@ def test_save_model_then_load_round_trip(tmp_path):
     x = torch.randn(4, 2, 8, 8)
     with torch.no_grad():
         assert torch.equal(loaded.model(x), model(x))
-    assert loaded.card.model == model.config and loaded.card.format == FORMAT
-    assert loaded.classes == ["a", "b", "c"] and loaded.card.metrics == {"test_acc": 0.5}
+    assert loaded.card.model.to_dict() == model.config and loaded.card.format == FORMAT
+    assert loaded.classes == ["a", "b", "c"] and loaded.card.metrics.to_dict() == {"test_acc": 0.5} and loaded.card.metrics.test_acc == 0.5
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
@@ -225,3 +228,25 @@ def test_load_refuses_tensors_of_another_dtype_and_draws_no_random_numbers(train
     save_file(tensors, train_run_copy / "model.safetensors")
     with pytest.raises(CheckpointError, match=f"wrong dtype \\['{first}'\\]"):
         load(train_run_copy)
+
+
+def test_non_finite_numbers_are_written_as_strings_and_names_stay_names(tmp_path):
+    """eval.json of a test set lacking a class: its per-class accuracy is NaN, written as strict JSON ("NaN"); a class
+    named "NaN" is still a name, and the state record decodes only where numbers belong."""
+    def refuse(token):
+        raise ValueError(f"{token} is not JSON")
+
+    result = {"loss": float("nan"), "per_class": [1.0, float("nan")], "classes": ["NaN", "b"], "top1": 1.0}
+    write_evaluation(result, "t", tmp_path / "eval.json")
+    assert json.loads((tmp_path / "eval.json").read_text(), parse_constant=refuse) == \
+        {"loss": "NaN", "per_class": [1.0, "NaN"], "classes": ["NaN", "b"], "top1": 1.0}
+    values = [float("inf"), -float("inf"), 0.5, None, True]
+    assert dumps(values) == '["Infinity", "-Infinity", 0.5, null, true]'
+    assert decode_nonfinite(json.loads(dumps(values))) == values
+    assert math.isnan(decode_nonfinite(json.loads(dumps(float("nan")))))
+    record = {"run": {"epoch": 0, "batch": 0, "step": 0, "best_acc": -1.0, "loss_sum": 0.0, "correct": 0, "seen": 0,
+                      "seconds": 0.0, "plateau": {"patience": 2, "factor": 0.1, "scale": 1.0, "best": "-Infinity",
+                                                  "bad_epochs": 0}},
+              "optimizer": {"param_groups": [], "scalars": {}}, "history": [], "note": "NaN"}
+    checked = checked_state(json.loads(dumps(record)), tmp_path / "state.json")
+    assert checked["run"]["plateau"]["best"] == -math.inf and checked["note"] == "NaN"

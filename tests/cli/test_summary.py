@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from vggnet import runtime
 from vggnet.cli import main
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -136,19 +137,35 @@ def test_summary_text_reports_budget(capsys):
 
 
 # ------------------------------------------------------------------------------------------ summary --device
-@pytest.mark.parametrize("cuda_available,expected", [(False, "cpu"), (True, "cuda")])
-def test_summary_device_defaults_to_the_device_training_would_use(capsys, monkeypatch, cuda_available, expected):
+@pytest.mark.parametrize("machine", ["cpu", "cuda"], ids=["cpu_only", "with_gpu"])  # an id "cuda" skips as the marker
+def test_summary_device_defaults_to_the_device_training_would_use(capsys, monkeypatch, machine):
     """The bug: the estimate was always for CUDA, also on a CPU-only machine. Now the default is the device
-    ``vggnet train`` would pick (cuda when available, else cpu), and the JSON and the text say which."""
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda_available)
+    ``vggnet train`` would train on here (``runtime.pick_device("auto")``: cuda when available, else cpu), and the
+    JSON and the text say which. ``machine`` stands for what ``auto`` resolves to."""
+    asked = []
+
+    def pick_device(requested="auto"):
+        asked.append(requested)
+        return torch.device(machine if requested == "auto" else requested)
+
+    monkeypatch.setattr(runtime, "pick_device", pick_device)
     data = run_json(capsys, "summary", "vgg16")
-    per_image = VGG16_PER_IMAGE_CPU if expected == "cpu" else VGG16_PER_IMAGE
-    assert (data["training_memory"]["device"], data["training_memory"]["peak_at"]) == (expected, "loss")
+    assert asked == ["auto"]
+    per_image = VGG16_PER_IMAGE_CPU if machine == "cpu" else VGG16_PER_IMAGE
+    assert (data["training_memory"]["device"], data["training_memory"]["peak_at"]) == (machine, "loss")
     assert data["training_memory"]["total"] == 12 * VGG16_PARAMS + per_image
-    assert data["training_memory"] == run_json(capsys, "summary", "vgg16", "--device", expected)["training_memory"]
+    assert data["training_memory"] == run_json(capsys, "summary", "vgg16", "--device", machine)["training_memory"]
+    assert asked == ["auto"]  # an explicit --device is not resolved
     code, out, err = run(capsys, "summary", "vgg16", "--batch-size", "32")
     assert (code, err) == (0, "")
-    assert f"training memory on {expected} (fp32), batch 32, sgd: 3.73 GiB" in out
+    assert f"training memory on {machine} (fp32), batch 32, sgd: 3.73 GiB" in out
+
+
+def test_summary_device_default_in_the_tests_is_the_cpu(capsys):
+    """The tests' ``auto`` means the CPU (conftest), as on this CPU-only machine: the estimate is for the CPU."""
+    data = run_json(capsys, "summary", "vgg16")
+    assert data["training_memory"]["device"] == "cpu"
+    assert data["training_memory"]["total"] == 12 * VGG16_PARAMS + VGG16_PER_IMAGE_CPU == 1_733_653_800
 
 
 def test_summary_device_cpu_and_cuda_follow_their_own_kernels(capsys):

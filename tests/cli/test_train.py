@@ -238,7 +238,7 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(tmp_path, train_data_di
 
     state = json.loads((run_dir / "state.json").read_text())["run"]
     assert state["epoch"] >= 1 and len(read_history(run_dir)) == state["epoch"]
-    assert load(run_dir).card.metrics["epoch"] == state["epoch"]  # the saved model is readable and current
+    assert load(run_dir).card.metrics.epoch == state["epoch"]  # the saved model is readable and current
     print(f"SIGTERM landed at epoch {state['epoch'] + 1}, batch {state['batch']}")
     epochs = state["epoch"] + 1  # finishes the interrupted epoch, or trains one more after a completed one
 

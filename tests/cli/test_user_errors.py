@@ -17,7 +17,7 @@ from vggnet.base.files import read_safetensors, safetensors_bytes
 from vggnet.store.checkpoint import CHECKPOINT_KEY, STATE_COUNTERS
 from vggnet.training import resolve_config, resume
 from vggnet.training.config import RANGES, Range
-from vggnet.training.loop import RunState
+from vggnet.store.checkpoint import RunState
 
 
 # ------------------------------------------------------------------------------------------------ Range

@@ -15,7 +15,9 @@ import torch
 
 from vggnet.training.distributed import Dist
 from vggnet.base.files import load_tensors
+from vggnet.store.checkpoint import RunState
 from vggnet.training import build, build_run, loop, resolve_config, resume, train
+from vggnet.training import state as state_module
 
 
 def cpu_scaler(init_scale=2.0**16, growth_interval=2000):
@@ -135,13 +137,13 @@ def test_save_and_load_keep_the_scale_and_growth_tracker_exactly(train_options, 
     for _ in range(3):
         loop.train_step(run, *next(batches), run.config.lr)
     run.rundir.create(run.saved_config)
-    loop.save_state(run, loop.RunState(batch=3, step=3), [])
+    state_module.save_state(run, RunState(batch=3, step=3), [])
     saved = {"scale": 2.0**8, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2, "_growth_tracker": 1}
     assert scaler_record(out) == saved
 
     again = tiny_run(train_options, out)
     again.scaler = cpu_scaler()  # the defaults (2^16, every 2000 steps), replaced by the saved state
-    state, _, _ = loop.load_state(again)
+    state, _, _ = state_module.load_state(again)
     assert again.scaler.state_dict() == saved and state.step == 3
     assert again.scaler.scale(torch.ones(())).item() == 2.0**8  # the live scale the next step multiplies by
 
@@ -150,7 +152,7 @@ def test_a_checkpoint_without_scaler_state_loads_and_leaves_a_new_scaler_at_its_
     assert scaler_record(train_run_copy) is None  # an fp32 run's checkpoint has no scaler
     run = tiny_run(train_options, train_run_copy, epochs=1)
     run.scaler = cpu_scaler(init_scale=2.0**5)
-    state, _, _ = loop.load_state(run)
+    state, _, _ = state_module.load_state(run)
     assert state.epoch == 1
     assert run.scaler.state_dict() == {"scale": 2.0**5, "growth_factor": 2.0, "backoff_factor": 0.5,
                                        "growth_interval": 2000, "_growth_tracker": 0}

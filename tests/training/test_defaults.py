@@ -144,9 +144,9 @@ def test_best_checkpoint_and_plateau_follow_validation_accuracy(val_run):
     best = max(history, key=lambda r: r["val_acc"])  # the first of equal maxima
     assert json.loads((run_dir / "best.json").read_text())["epoch"] == best["epoch"]
     card = load(run_dir, "best").card
-    assert card.metrics == {k: best[k] for k in ("epoch", "val_acc", "val_top5", "val_loss", "test_acc", "test_top5",
+    assert card.metrics.to_dict() == {k: best[k] for k in ("epoch", "val_acc", "val_top5", "val_loss", "test_acc", "test_top5",
                                                  "test_loss")}  # the best epoch's metrics, not the last epoch's
-    assert load(run_dir).card.metrics["epoch"] == 3
+    assert load(run_dir).card.metrics.epoch == 3
     assert result["best_val_acc"] == best["val_acc"] and result["val_acc"] == history[-1]["val_acc"]
     plateau = Plateau(patience=0)
     for record in history:
@@ -311,7 +311,7 @@ def test_classes_option_trains_and_tests_on_those_classes_only(tmp_path, train_o
     assert class_list("0-2,7") == [0, 1, 2, 7] and class_list("5,6") == [5, 6]
     result = train(**train_options(epochs=1, classes=[5, 6, 7, 8, 9], batch_size=16, out=str(tmp_path / "run")))
     card = load(tmp_path / "run").card
-    assert card.classes == ["Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"] and card.model["num_classes"] == 5
+    assert card.classes == ["Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"] and card.model.num_classes == 5
     # Labels are i % 10: 63 of the 128 training images (12 x 5 + 3 of 120..127) -> 3 whole batches of 16; 30 of the
     # 64 test images.
     assert result["history"][0]["step"] == 3

@@ -6,6 +6,7 @@ import torch
 
 from vggnet.base.errors import CheckpointError
 from vggnet.training import build_run, loop, resolve_config
+from vggnet.training import state as state_module
 
 
 @pytest.mark.parametrize("key_prefix, dtype", [("model/", torch.float16), ("optimizer/", torch.bfloat16),
@@ -24,11 +25,11 @@ def test_a_state_tensor_of_another_dtype_is_refused(train_options, tmp_path, mon
 
     monkeypatch.setattr(run.rundir, "read_state", lying_state)
     with pytest.raises(CheckpointError, match=r"state.safetensors is corrupt: .* this run keeps"):
-        loop.load_state(run)
+        state_module.load_state(run)
 
 
 def test_an_honest_state_loads(train_options, tmp_path):
     run = build_run(resolve_config(**train_options(out=str(tmp_path / "run"), epochs=1)))
     loop.fit(run)
-    state, history, _ = loop.load_state(run)
+    state, history, _ = state_module.load_state(run)
     assert state.epoch == 1 and len(history) == 1

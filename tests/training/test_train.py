@@ -15,10 +15,13 @@ import torch
 import torch.nn.functional as F
 
 import vggnet
+from vggnet.store import card as card_module
 from vggnet.store import rundir
 from vggnet.data import DATASETS
 from vggnet.base.errors import CheckpointError, ConfigError, VggnetError
-from vggnet.base.files import load_tensors
+from vggnet.base.files import load_tensors, read_metadata, read_safetensors, save_tensors
+from vggnet.store.card import CARD_KEY
+from vggnet.store.checkpoint import CHECKPOINT_KEY
 from vggnet.store.rundir import load
 from vggnet.base.schedule import Plateau, lr_factor
 from vggnet.training import (PRESETS, TrainConfig, TrainingDiverged, build_run, loop, resolve_config, resume,
@@ -229,7 +232,7 @@ def test_run_directory_contents(train_run, train_data_dir):
     assert sum(eval_json["confusion"][i][i] for i in range(10)) / 64 == history[-1]["test_acc"]
 
     meta = json.loads((run_dir / "model.json").read_text())
-    assert meta["format"] == rundir.FORMAT and meta["vggnet_version"] == vggnet.__version__
+    assert meta["format"] == card_module.FORMAT and meta["vggnet_version"] == vggnet.__version__
     assert meta["model"] == {"name": "custom", "arch": [8, "M", 16, "M"], "batch_norm": False, "num_classes": 10,
                              "in_channels": 1, "dropout": 0.1, "width": 1.0, "head": "gap", "input_size": [32, 32],
                              "hidden": 4096, "init": config.init}
@@ -342,7 +345,7 @@ def test_sigterm_mid_epoch_saves_state_and_resume_finishes_identically(tmp_path,
     assert {k: state["run"][k] for k in ("epoch", "batch", "step", "seen")} == \
         {"epoch": 1, "batch": 2, "step": 6, "seen": 64}
     assert len(read_history(run_dir)) == 1
-    assert load(run_dir).card.metrics["epoch"] == 1  # the epoch-1 checkpoint is intact
+    assert load(run_dir).card.metrics.epoch == 1  # the epoch-1 checkpoint is intact
     assert not [p.name for p in run_dir.iterdir() if p.name.startswith(".")]
 
     monkeypatch.setattr(loop, "train_step", original)
@@ -354,7 +357,82 @@ def test_sigterm_mid_epoch_saves_state_and_resume_finishes_identically(tmp_path,
     # The CLI's flags gave exactly run A's configuration (--arch stays the string the user typed).
     config = json.loads((run_dir / "config.json").read_text())
     assert {**config, "out": None, "arch": None} == {**train_run["config"].to_dict(), "out": None, "arch": None}
-    assert config["arch"] == "8,M,16,M" and load(run_dir).card.model["arch"] == [8, "M", 16, "M"]
+    assert config["arch"] == "8,M,16,M" and load(run_dir).card.model.arch == [8, "M", 16, "M"]
+
+
+# ------------------------------------------------------------------------------------------------ strict JSON
+def strict_json(text):
+    """``json.loads`` refusing NaN, Infinity and -Infinity, as JSON (RFC 8259), jq and browsers do."""
+    def refuse(token):
+        raise ValueError(f"{token} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_every_json_record_of_a_run_is_strict_json(train_run):
+    """The plateau schedule's initial best (-inf, in every run's state) is written as the string "-Infinity"."""
+    run_dir = train_run["dir"]
+    files = sorted(p.name for p in run_dir.glob("*.json"))
+    assert files == ["config.json", "eval.json", "model.json", "state.json"]
+    for name in files:
+        strict_json((run_dir / name).read_text())
+    assert [strict_json(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    state = strict_json((run_dir / "state.json").read_text())
+    assert state["run"]["plateau"]["best"] == "-Infinity"
+    assert strict_json(read_metadata(run_dir / "state.safetensors")[CHECKPOINT_KEY])["state"] == state
+    strict_json(read_metadata(run_dir / "model.safetensors")[CARD_KEY])
+    assert rundir.RunDir(run_dir).read_state_record()["run"]["plateau"]["best"] == -math.inf  # read back as a number
+
+
+def test_a_plateau_run_stopped_before_its_first_best_resumes_exactly(tmp_path, train_cli, train_cli_args,
+                                                                    train_options, monkeypatch):
+    """SIGTERM at step 2 of epoch 1 (of 3 steps: 32 of the 128 images are held out): the checkpoint holds the
+    plateau's best still at -inf, as strict JSON; the resumed run equals one trained straight through."""
+    plateau = ("--schedule", "plateau", "--val-split", "32")
+    straight = train(**train_options(schedule="plateau", val_split=32, out=str(tmp_path / "straight")))
+    run_dir = tmp_path / "run"
+    original = loop.train_step
+    steps = []
+
+    def step_then_signal(run, images, labels, lr):
+        out = original(run, images, labels, lr)
+        steps.append(1)
+        if len(steps) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    monkeypatch.setattr(loop, "train_step", step_then_signal)
+    code, out, err = train_cli(train_cli_args(*plateau, "--out", run_dir))
+    assert code == 128 + signal.SIGTERM, err
+    state = strict_json((run_dir / "state.json").read_text())
+    assert (state["run"]["epoch"], state["run"]["batch"], state["run"]["plateau"]["best"]) == (0, 2, "-Infinity")
+    strict_json(read_metadata(run_dir / "state.safetensors")[CHECKPOINT_KEY])
+
+    monkeypatch.setattr(loop, "train_step", original)
+    code, out, err = train_cli(["train", "--resume", run_dir])
+    assert code == 0, err
+    assert without_timing(read_history(run_dir)) == without_timing(straight["history"])
+    assert_same_tensors(load_tensors(run_dir / "model.safetensors"),
+                        load_tensors(tmp_path / "straight" / "model.safetensors"))
+    assert strict_json((run_dir / "state.json").read_text())["run"]["plateau"] == \
+        strict_json((tmp_path / "straight" / "state.json").read_text())["run"]["plateau"]
+
+
+def test_a_run_of_an_older_version_with_bare_infinity_still_resumes(train_run_copy, train_run):
+    """Runs written before the records were strict hold -Infinity tokens in state.json and the checkpoint."""
+    state_path = train_run_copy / "state.safetensors"
+    tensors, metadata = read_safetensors(state_path)
+    record = json.loads(metadata[CHECKPOINT_KEY])
+    record["state"]["run"]["plateau"]["best"] = -math.inf
+    text = json.dumps(record)  # the older writer
+    assert '"best": -Infinity' in text
+    save_tensors(state_path, tensors, {CHECKPOINT_KEY: text})
+    (train_run_copy / "state.json").write_text(json.dumps(record["state"], indent=2) + "\n")
+    result = resume(train_run_copy, epochs=2)
+    assert without_timing(result["history"]) == without_timing(train_run["result"]["history"])
+    assert_same_tensors(load_tensors(train_run_copy / "model.safetensors"),
+                        load_tensors(train_run["dir"] / "model.safetensors"))
+    assert strict_json((train_run_copy / "state.json").read_text())["run"]["plateau"]["best"] == "-Infinity"
 
 
 # ------------------------------------------------------------------------------------------------ divergence

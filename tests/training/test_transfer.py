@@ -14,8 +14,8 @@ from vggnet.base.files import load_tensors
 from vggnet.store.card import ModelCard
 from vggnet.store.rundir import load, save_model
 from vggnet.training import build_run, fit, resolve_config, resume, seed_epoch, train_step
-from vggnet.training.transfer import (PAPER_REST, TransferRecord, adapt_input_conv, freeze_choices, model_layers,
-                                      transfer_weights)
+from vggnet.training.transfer import (PAPER_REST, TransferRecord, adapt_input_conv, freeze_choices, init_from_source,
+                                      model_layers, transfer_weights)
 
 A_LIKE = [4, "M", 8, "M", 16, 16, "M", 32, 32, "M", 32, 32, "M"]  # VGG-11's layout at 1/16 width
 B_LIKE = [4, 4, "M", 8, 8, "M", 16, 16, "M", 32, 32, "M", 32, 32, "M"]  # VGG-13's
@@ -175,12 +175,62 @@ def test_the_paper_scheme_loads_the_first_four_convs_and_the_three_fc_layers():
 def test_the_paper_scheme_through_build_run(tmp_path, train_run, train_options, capsys):
     config = resolve_config(**train_options(arch=[8, 8, "M", 16, 16, "M"], init_from=str(train_run["dir"]),
                                             init_scheme="paper", out=str(tmp_path / "b")))
-    build_run(config)
-    record = TransferRecord.from_dict(config.init_record)
+    run = build_run(config)
+    assert config.init_record is None  # the resolved configuration is never changed: the built run records it
+    record = TransferRecord.from_dict(run.config.init_record)
     assert record.loaded == ["conv1_1", "conv2_1", "classifier.1"]  # SOURCE has two convs and one FC layer
     assert record.reinitialised == {"conv1_2": PAPER_REST, "conv2_2": PAPER_REST}
     assert capsys.readouterr().err == f"vggnet train: {record.summary()}\n"
     assert not (tmp_path / "b").exists()  # building writes nothing
+
+
+# ---------------------------------------------------------------------------------------- another network
+def test_a_quarter_width_source_is_refused_not_fine_tuned_from_two_tensors(tmp_path):
+    """Only the classic head's FC2 (and FC3) fit a network of another width: that is no fine-tuning, but a user
+    error naming how many convolutions fit and the option that builds SOURCE's architecture."""
+    source = write_source(tmp_path / "quarter", tiny(A_LIKE, head="classic", width=0.25), TEN)
+    target = tiny(A_LIKE, head="classic")
+    with pytest.raises(ConfigError) as info:
+        init_from_source(target, str(source), classes=TEN)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(
+        f"--init-from {source}: only 0 of the 8 convolution layers SOURCE shares with the model to train fit it "
+        "(conv1_1: weight shape [4, 1, 3, 3], SOURCE's conv1_1 has [1, 1, 3, 3]); SOURCE is custom (arch")
+    assert message.endswith("train SOURCE's architecture (--width 0.25)")
+    assert transfer_weights(target, tiny(A_LIKE, head="classic", width=0.25)).tensors == 4  # FC2 and FC3 would load
+    with pytest.raises(ConfigError, match="only 0 of the 4 convolution layers"):  # the paper's four
+        init_from_source(tiny(B_LIKE, head="classic"), str(source), scheme="paper", classes=TEN)
+
+
+@pytest.mark.parametrize("target_arch, loaded, refused", [
+    ((8, "M", 16, "M", 16, "M"), ["conv1_1", "conv2_1", "conv3_1"], False),  # the same network
+    ((8, "M", 16, "M", 32, "M"), ["conv1_1", "conv2_1"], False),  # 2 of 3 convs fit: a partial transfer
+    ((8, "M", 32, "M", 32, "M"), None, True),  # 1 of 3: SOURCE is another network
+    ((8, 8, "M", 16, 16, "M", 16, 16, "M"), ["conv1_1", "conv2_1", "conv3_1"], False),  # a deeper one: all it shares
+    ((8, "M", 16, "M"), ["conv1_1", "conv2_1"], False),  # a shallower one
+])
+def test_at_least_half_of_the_shared_convolutions_must_fit(tmp_path, target_arch, loaded, refused):
+    source = write_source(tmp_path / "src", tiny((8, "M", 16, "M", 16, "M")), TEN)
+    target = tiny(target_arch)
+    if refused:
+        expected = (r"only 1 of the 3 convolution layers .* \(conv2_1: weight shape \[32, 8, 3, 3\], SOURCE's conv2_1 "
+                    r"has \[16, 8, 3, 3\]\).*\(--arch 8,M,16,M,16,M\)$")
+        with pytest.raises(ConfigError, match=expected):
+            init_from_source(target, str(source), classes=TEN)
+        return
+    record = init_from_source(target, str(source), classes=TEN)
+    assert [layer for layer in record.loaded if layer.startswith("conv")] == loaded
+
+
+def test_the_paper_init_from_a_into_a_deeper_net_and_other_channels_still_load(tmp_path):
+    source = write_source(tmp_path / "a", tiny(A_LIKE, head="fitted", in_channels=3), TEN)
+    record = init_from_source(tiny(B_LIKE, head="fitted"), str(source), scheme="paper", classes=list("abcde"))
+    assert record.loaded == ["conv1_1", "conv2_1", "conv3_1", "conv3_2", "classifier.0", "classifier.3"]
+    assert record.adapted == {"conv1_1": "3 -> 1 input channels, the sum of the kernels"}
+    assert record.reinitialised["classifier.6"] == "new head for 5 classes"
+    record = init_from_source(tiny(B_LIKE, head="fitted"), str(source), classes=TEN)  # scheme all: A's eight convs
+    assert [layer for layer in record.loaded if layer.startswith("conv")] == [
+        "conv1_1", "conv2_1", "conv3_1", "conv3_2", "conv4_1", "conv4_2", "conv5_1", "conv5_2"]
 
 
 # ------------------------------------------------------------------------------------------ runs and records

@@ -27,13 +27,13 @@ def test_the_last_epoch_is_also_scored_with_flips_as_evaluate_scores_the_saved_m
     assert "test_acc_tta" not in history[0]  # only the final model
     loaded = load(run_dir)
     _, test_set = load_dataset("fashion-mnist", train_options()["data_dir"], 32)
-    flipped = evaluate(loaded.model, test_set, loaded.card.preprocessing(), "cpu", "fp32", tta="flip")
-    plain = evaluate(loaded.model, test_set, loaded.card.preprocessing(), "cpu", "fp32")
+    flipped = evaluate(loaded.model, test_set, loaded.card.preprocess, "cpu", "fp32", tta="flip")
+    plain = evaluate(loaded.model, test_set, loaded.card.preprocess, "cpu", "fp32")
     last = history[-1]
     assert last["test_acc_tta"] == result["test_acc_tta"] == flipped.top1
     assert last["test_top5_tta"] == flipped.top5 and last["test_loss_tta"] == pytest.approx(flipped.loss, rel=1e-6)
     assert last["test_acc"] == plain.top1 and last["test_loss_tta"] != last["test_loss"]
-    assert loaded.card.metrics["test_acc_tta"] == flipped.top1  # the model card carries it
+    assert loaded.card.metrics.test_acc_tta == flipped.top1  # the model card carries it
 
 
 def test_metrics_csv_has_the_tta_columns_empty_before_the_last_epoch(tta_run):

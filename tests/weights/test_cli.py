@@ -7,11 +7,15 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 import vggnet
 from vggnet.data import decode_image
 from vggnet.base.errors import CheckpointError
+from vggnet.base.files import load_tensors
+from vggnet.store.card import read_embedded_card
 from vggnet.store.weights import OFFICIAL, imagenet
+from vggnet.store.weights.info import describe, info_lines
 from vggnet.store.weights.official import Official, fetch
 
 
@@ -24,18 +28,45 @@ def test_official_table_is_torchvisions():
     assert all(len(o.sha256_prefix) == 8 for o in OFFICIAL.values())
 
 
-def test_weights_list_shows_what_is_in_the_directory(tmp_path, w_cli):
-    (tmp_path / "vgg16-397923af.pth").write_bytes(b"")
+def test_weights_list_shows_what_is_in_the_directory(tmp_path, fake_official, w_cli):
+    source, entry = fake_official  # vgg16, under its file's own SHA-256 prefix
+    (tmp_path / entry.file).write_bytes(source.read_bytes())
     code, out, err = w_cli(["weights", "list", "--dir", tmp_path])
     assert code == 0 and err == ""
     rows = {line.split()[0]: line for line in out.splitlines()[2:10]}
     assert list(rows) == list(OFFICIAL)
     assert rows["vgg16"].split()[-1] == "yes" and rows["vgg19"].split()[-1] == "-"
-    assert "71.592" in rows["vgg16"] and "vgg16-397923af.pth" in rows["vgg16"]
+    assert "71.592" in rows["vgg16"] and entry.file in rows["vgg16"]
     code, out, _ = w_cli(["weights", "list", "--dir", tmp_path, "--json"])
     records = json.loads(out)["weights"]
     assert [r["present"] for r in records] == [r["model"] == "vgg16" for r in records]
+    assert [r["status"] for r in records] == ["ok" if r["model"] == "vgg16" else "missing" for r in records]
     assert records[0]["url"] == "https://download.pytorch.org/models/vgg11-8a719046.pth"
+
+
+def test_weights_list_marks_a_file_whose_sha256_does_not_match_its_name(tmp_path, fake_official, w_cli):
+    """A truncated download under the official name is not "present": the digest prefix of the name is checked."""
+    source, entry = fake_official
+    (tmp_path / entry.file).write_bytes(source.read_bytes()[:1000])  # truncated
+    vgg19 = OFFICIAL["vgg19"]
+    (tmp_path / vgg19.file).write_bytes(b"")  # an empty file under the official name
+    code, out, err = w_cli(["weights", "list", "--dir", tmp_path])
+    assert code == 0 and err == ""
+    rows = {line.split()[0]: line for line in out.splitlines()[2:10]}
+    assert rows["vgg16"].split()[-1] == "corrupt" and rows["vgg19"].split()[-1] == "corrupt"
+    assert rows["vgg11"].split()[-1] == "-"
+    truncated = hashlib.sha256(source.read_bytes()[:1000]).hexdigest()[:8]
+    reason = (f"{tmp_path / entry.file}: SHA-256 starts with {truncated}, the name says {entry.sha256_prefix}: "
+              "truncated, corrupt or not the official file; download it again (vggnet weights fetch vgg16)")
+    assert reason in out.splitlines()
+    code, out, _ = w_cli(["weights", "list", "--dir", tmp_path, "--json"])
+    records = {r["model"]: r for r in json.loads(out)["weights"]}
+    assert (records["vgg16"]["present"], records["vgg16"]["status"], records["vgg16"]["reason"]) == \
+        (False, "corrupt", reason)
+    assert (records["vgg19"]["present"], records["vgg19"]["status"]) == (False, "corrupt")
+    assert f"the name says {vgg19.sha256_prefix}" in records["vgg19"]["reason"]
+    assert (records["vgg11"]["present"], records["vgg11"]["status"], records["vgg11"]["reason"]) == \
+        (False, "missing", None)
 
 
 @pytest.fixture
@@ -125,7 +156,7 @@ def test_predict_options_that_do_not_apply(tmp_path, w_cli, train_run_one_epoch)
 def test_vggnet_load_dispatches_on_the_source(tmp_path, train_run_one_epoch):
     path, _ = imagenet_file(tmp_path)
     from_file = vggnet.load(path)
-    assert from_file.path == path and from_file.card.model["name"] == "vgg11" and len(from_file.classes) == 1000
+    assert from_file.path == path and from_file.card.model.name == "vgg11" and len(from_file.classes) == 1000
     from_run = vggnet.load(train_run_one_epoch["dir"])
     assert from_run.run_dir == train_run_one_epoch["dir"] and from_run.card.dataset == "fashion-mnist"
     with pytest.raises(CheckpointError, match="weights='best' .* applies to run directories only"):
@@ -168,3 +199,45 @@ def test_weights_info(tmp_path, w_cli):
     code, out, _ = w_cli(["weights", "info", path, "--json"])
     record = json.loads(out)
     assert record["model"] == "vgg11" and record["classes"] == 1000 and record["official"] is None
+
+
+def test_weights_info_states_the_channels_the_model_takes(tmp_path, w_cli):
+    """A 1-channel model takes grey images: its preprocessing line must not say RGB."""
+    model = vggnet.create_model("vgg11", width=1 / 16, hidden=16, in_channels=1, num_classes=10).eval()
+    torch.save(model.state_dict(), tmp_path / "grey.pth")
+    code, out, err = w_cli(["weights", "info", tmp_path / "grey.pth"])
+    assert code == 0 and err == ""
+    lines = out.splitlines()
+    assert lines[1] == "  model: vgg11 at width 0.0625, 1 input channel, head classic, 10 outputs"
+    assert lines[2] == ("  preprocessing: grey (1 channel), decode at 256 and centre-crop 224, mean [0.449], "
+                        "std [0.226] (on the [0, 1] scale)")
+    assert describe(tmp_path / "grey.pth")["input"] == "grey"
+    path, _ = imagenet_file(tmp_path)
+    assert info_lines(describe(path))[2].startswith("  preprocessing: RGB, decode at 256 and centre-crop 224")
+    code, out, _ = w_cli(["weights", "info", path, "--json"])
+    assert json.loads(out) == json.loads(json.dumps(describe(path))) and json.loads(out)["input"] == "RGB"
+
+
+def test_weights_info_of_a_vggnet_file_is_its_card(tmp_path, train_run_one_epoch, w_cli):
+    """A run's model.safetensors carries its card: described from it, not re-detected as torchvision weights."""
+    path = train_run_one_epoch["dir"] / "model.safetensors"
+    card, _ = read_embedded_card(path)
+    code, out, err = w_cli(["weights", "info", path, "--json"])
+    assert code == 0 and err == ""
+    record = json.loads(out)
+    assert (record["format"], record["container"], record["model"], record["official"]) == \
+        ("vggnet", "safetensors", "custom", None)
+    assert record["config"] == card.model.to_dict() and record["preprocess"] == card.preprocess.to_dict()
+    assert record["classes"] == len(card.classes) == 10 and record["dataset"] == "fashion-mnist"
+    assert record["input"] == "grey" and record["features_only"] is False
+    code, out, _ = w_cli(["weights", "info", path])
+    mean, std = (round(v, 5) for v in (card.preprocess.mean[0], card.preprocess.std[0]))
+    assert out.splitlines() == [
+        f"{path}: vggnet's own file (its model card) in a safetensors file",
+        "  model: a custom VGG, 1 input channel, head gap, 10 outputs (fashion-mnist classes)",
+        f"  preprocessing: grey (1 channel), decode at 28 and pad to 32, mean [{mean}], std [{std}] (on the [0, 1] "
+        "scale)"]
+    # The same tensors without the card are another toolkit's file: detected from their keys and shapes.
+    plain = tmp_path / "plain.safetensors"
+    save_file(load_tensors(path), plain)
+    assert describe(plain)["format"] == "torchvision" and describe(plain)["dataset"] is None

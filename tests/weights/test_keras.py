@@ -26,7 +26,7 @@ def test_keras_h5_gives_the_nhwc_reference_outputs(tmp_path, w_ref, size, old_na
     layers = w_ref.keras_layers(w_ref.scaled("vgg16", 16), hidden=24, classes=10, side=side)
     w_ref.write_keras_h5(tmp_path / "vgg16_weights_tf_dim_ordering_tf_kernels.h5", layers, old_names=old_names)
     loaded = load_file(tmp_path / "vgg16_weights_tf_dim_ordering_tf_kernels.h5")
-    config = loaded.card.model
+    config = loaded.card.model.to_dict()
     assert loaded.format == "keras" and config["name"] == "vgg16" and config["width"] == 1 / 16
     assert config["head"] == ("classic" if side == 7 else "fitted") and config["input_size"] == [size, size]
     x = np.random.default_rng(0).standard_normal((2, size, size, 3)).astype(np.float32)
@@ -68,7 +68,7 @@ def test_notop_file_is_features_only(tmp_path, w_ref, w_cli):
     path = tmp_path / "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5"
     w_ref.write_keras_h5(path, layers, weight_names=False)  # no weight_names attribute: datasets found by walking
     loaded = load_file(path)
-    assert loaded.features_only and loaded.card.model["name"] == "vgg19" and loaded.classes == []
+    assert loaded.features_only and loaded.card.model.name == "vgg19" and loaded.classes == []
     x = np.random.default_rng(1).standard_normal((1, 64, 64, 3)).astype(np.float32)
     with torch.no_grad():
         got = loaded.model.forward_features(nchw(x)).double().numpy().transpose(0, 2, 3, 1)

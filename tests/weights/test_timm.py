@@ -17,7 +17,7 @@ def test_timm_safetensors_gives_the_reference_outputs(tmp_path, w_ref):
     wf = read_file(tmp_path / "model.safetensors")
     assert (wf.format, wf.container, wf.arch.name) == ("timm", "safetensors", "vgg16")
     assert wf.config["head"] == "classic" and wf.config["hidden"] == 48 and wf.config["num_classes"] == 10
-    assert wf.card.preprocessing().crop_fraction == 0.875 and wf.card.preprocessing().mean == (0.485, 0.456, 0.406)
+    assert wf.card.preprocess.crop_fraction == 0.875 and wf.card.preprocess.mean == (0.485, 0.456, 0.406)
     loaded = load_file(tmp_path / "model.safetensors")
     x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -30,7 +30,7 @@ def test_timm_layout_in_a_pth_file_too(tmp_path, w_ref):
     ref = w_ref.fill(w_ref.TimmVGG(w_ref.scaled("vgg11", 16), hidden=16, classes=4))
     torch.save({f"module.{k}": v for k, v in ref.state_dict().items()}, tmp_path / "timm.pth")
     loaded = load_file(tmp_path / "timm.pth")
-    assert loaded.format == "timm" and loaded.card.model["name"] == "vgg11"
+    assert loaded.format == "timm" and loaded.card.model.name == "vgg11"
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(x), ref(x), rtol=0, atol=1e-5)

@@ -31,7 +31,7 @@ def test_torchvision_file_gives_the_reference_outputs(tmp_path, w_ref, legacy, n
     path = save(ref.state_dict(), tmp_path / "weights.pth", legacy)
     loaded = load_file(path)
     assert isinstance(loaded, vggnet.store.card.LoadedModel) and not loaded.model.training
-    assert loaded.card.model["name"] == name + ("_bn" if batch_norm else "") and loaded.card.model["width"] == 1 / 16
+    assert loaded.card.model.name == name + ("_bn" if batch_norm else "") and loaded.card.model.width == 1 / 16
     assert loaded.format == "torchvision" and loaded.run_dir is None and loaded.path == path
     assert read_file(path).container == ("torch-legacy" if legacy else "torch-zip")
     outputs_equal(loaded, ref, torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)))
@@ -45,7 +45,7 @@ def test_full_size_vgg16_at_224(tmp_path, w_ref):
     ref = w_ref.fill(ref.to_empty(device="cpu"))
     path = save(ref.state_dict(), tmp_path / "vgg16-full.pth")
     loaded = load_file(path)
-    assert loaded.card.model["name"] == "vgg16" and loaded.card.model["head"] == "classic"
+    assert loaded.card.model.name == "vgg16" and loaded.card.model.head == "classic"
     assert loaded.classes[:3] == ["tench", "goldfish", "great white shark"] and len(loaded.classes) == 1000
     assert sum(p.numel() for p in loaded.model.parameters()) == 138_357_544
     outputs_equal(loaded, ref, torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0)))
@@ -64,7 +64,7 @@ def test_sha256_prefix_in_the_name_is_checked(tmp_path, w_ref):
     digest = hashlib.sha256(plain.read_bytes()).hexdigest()
     right = tmp_path / f"vgg11-{digest[:8]}.pth"
     right.write_bytes(plain.read_bytes())
-    assert load_file(right).card.model["name"] == "vgg11"
+    assert load_file(right).card.model.name == "vgg11"
     wrong_prefix = "0" * 8 if not digest.startswith("0" * 8) else "1" * 8
     wrong = tmp_path / f"vgg11-{wrong_prefix}.pth"
     wrong.write_bytes(plain.read_bytes())
@@ -163,7 +163,7 @@ def test_bn_weights_into_a_plain_model(tmp_path, w_ref):
         load_file(path, model="vgg16")
     with pytest.raises(CheckpointError, match=r"does not fit vgg16: .*holds vgg16_bn"):
         vggnet.create_model("vgg16", weights=path)
-    assert load_file(path, model="vgg16_bn").card.model["name"] == "vgg16_bn"
+    assert load_file(path, model="vgg16_bn").card.model.name == "vgg16_bn"
 
 
 def test_create_model_with_weights_loads_strictly(tmp_path, w_ref):

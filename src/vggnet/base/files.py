@@ -124,20 +124,6 @@ def make_dirs(path: str | os.PathLike) -> Path:
     return path
 
 
-def check_out_path(path: str | os.PathLike, example: str = "out.json") -> Path:
-    """``path`` when a file can be written there: its folder exists and is writable and it is not a folder itself
-    (``example``: the file name the message suggests inside a folder). Call it before the work that writes it."""
-    path = Path(path)
-    if path.is_dir():
-        raise OutputError(f"cannot write {path}: it is a folder; give a file name, e.g. {path / example}")
-    folder = path.parent
-    if not folder.is_dir():
-        raise OutputError(f"cannot write {path}: the folder {folder} does not exist (create it first)")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise OutputError(f"cannot write {path}: the folder {folder} is not writable")
-    return path
-
-
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 

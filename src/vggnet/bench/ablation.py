@@ -24,6 +24,8 @@ from vggnet.bench.infer import inference_call, infer_models, logit_error
 from vggnet.bench.reference import forward_macs, reference_train_step
 from vggnet.bench.runs import first_batches, make_run, preprocessed, step_setup, vggnet_step
 from vggnet.base.timing import interleaved, rows_against
+from vggnet.evaluation.inference import optimize_for_inference
+from vggnet.net.cpu_bf16 import SmallMapConv2d, gemm_conv3x3
 
 REFERENCE = "reference: eager fp32 NCHW"
 
@@ -37,8 +39,6 @@ def in_order(labels: list[str], timed: list[dict[str, Any]], skipped: dict[str, 
 
 def ablation_train(cfg: BenchConfig, tmp: Path) -> list[dict[str, Any]]:
     """Training step: fp32 NCHW, + channels_last, + bf16 autocast, + small-map GEMM convs."""
-    from vggnet.net.cpu_bf16 import SmallMapConv2d
-
     variants = [("vggnet fp32, NCHW", dict(precision="fp32", channels_last=False), True),
                 ("+ channels_last", dict(precision="fp32"), True),
                 ("+ bf16 autocast", dict(precision="bf16"), False),
@@ -68,8 +68,6 @@ def ablation_train(cfg: BenchConfig, tmp: Path) -> list[dict[str, Any]]:
 
 def ablation_infer(cfg: BenchConfig) -> dict[str, Any]:
     """Inference: VGG-16-BN (so that folding BN has something to do), one change at a time."""
-    from vggnet.evaluation.inference import optimize_for_inference
-
     name, size, batch, head = cfg.pick(("vgg16_bn", 224, 8, "classic"), ("vgg11_bn", 32, 2, "gap"))
     reference, model = infer_models(name, size, head)
     x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
@@ -137,7 +135,6 @@ def small_map_sweep(cfg: BenchConfig) -> list[dict[str, Any]] | dict[str, str]:
     skip = bf16_skip()
     if skip:
         return skip
-    from vggnet.net.cpu_bf16 import gemm_conv3x3  # the GEMM path itself, whatever SmallMapConv2d's dispatch rule says
 
     batch = cfg.pick(128, 8)
     shapes = [(64, 128, 16), (128, 256, 8), (256, 256, 8), (256, 512, 4), (512, 512, 4), (512, 512, 2),
@@ -168,8 +165,6 @@ def small_map_sweep(cfg: BenchConfig) -> list[dict[str, Any]] | dict[str, str]:
 
 
 def bench_profile(cfg: BenchConfig, results: dict[str, Any]) -> dict[str, Any]:
-    from vggnet.evaluation.inference import optimize_for_inference
-
     out: dict[str, Any] = {"small_map_sweep": small_map_sweep(cfg)}
     with tempfile.TemporaryDirectory(prefix="vggnet-bench-") as tmp:
         run, batches = step_setup(cfg, Path(tmp) / "run")

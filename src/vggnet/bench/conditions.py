@@ -16,6 +16,8 @@ from typing import Any, Callable
 import torch
 
 from vggnet.base.cpuload import other_load
+from vggnet.base.version import __version__
+from vggnet.runtime import available_cores, cpu_has_bf16, cpu_runs_bf16
 
 BF16_UNSUPPORTED = "bf16 convolutions are not supported by this CPU"
 
@@ -33,8 +35,6 @@ def wait_for_quiet(max_seconds: float, threshold: float = 0.15, log: Callable[[s
 
 def bf16_skip() -> dict[str, str] | None:
     """``{"skipped": reason}`` where bf16 convolutions cannot run on this CPU at all, else None."""
-    from vggnet.runtime import cpu_runs_bf16
-
     return None if cpu_runs_bf16() else {"skipped": BF16_UNSUPPORTED}
 
 
@@ -72,9 +72,6 @@ def parse_onednn_log(log: str) -> dict[str, str | None]:
 
 
 def machine_info(threads: int) -> dict[str, Any]:
-    from vggnet.base.version import __version__
-    from vggnet.runtime import available_cores, cpu_has_bf16, cpu_runs_bf16
-
     model = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as f:

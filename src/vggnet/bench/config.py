@@ -6,6 +6,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from typing import Any, Callable
+from vggnet.base.errors import ConfigError
+from vggnet.runtime import pick_device
 
 SECTIONS = ("peak", "train", "infer", "e2e", "memory", "contention", "ablation", "profile")  # --device cpu
 DEFAULT_SECTIONS = SECTIONS
@@ -71,9 +73,6 @@ class BenchConfig:
     def validate(self) -> None:
         """ConfigError (one line, naming the option and the fix) unless the device exists and runs every chosen
         section; called before any work."""
-        from vggnet.base.errors import ConfigError
-        from vggnet.runtime import pick_device
-
         if not _DEVICE.fullmatch(self.device):
             raise ConfigError(f"--device must be cpu, cuda or cuda:N for vggnet bench, got {self.device!r}")
         unknown = [s for s in self.sections if s not in ALL_SECTIONS]

@@ -22,6 +22,7 @@ import torch
 
 from vggnet.bench.config import TARGETS, BenchConfig
 from vggnet.bench.runs import fit_quietly, make_run
+from vggnet.runtime import available_cores, set_threads
 
 #: The competitor: one process that keeps one core busy until it is killed.
 BUSY_LOOP = "while True: pass"
@@ -41,8 +42,6 @@ def busy_process() -> Iterator[subprocess.Popen]:
 
 def epoch_throughput(cfg: BenchConfig, subset: int, threads: int | None, **overrides: Any) -> dict[str, Any]:
     """One epoch of ``vggnet train`` on ``subset`` images with ``threads`` (None: the default, which adapts)."""
-    from vggnet.runtime import set_threads
-
     before = torch.get_num_threads()  # what the bench set (run() sets cfg.threads, or every core)
     try:
         with tempfile.TemporaryDirectory(prefix="vggnet-bench-") as tmp:
@@ -56,8 +55,6 @@ def epoch_throughput(cfg: BenchConfig, subset: int, threads: int | None, **overr
 
 
 def bench_contention(cfg: BenchConfig, results: dict[str, Any]) -> dict[str, Any]:
-    from vggnet.runtime import available_cores
-
     cores = available_cores()
     subset = cfg.e2e_subset if cfg.e2e_subset is not None else cfg.pick(20480, 512)
     overrides = {"batch_size": cfg.pick(256, 64)}

@@ -33,6 +33,10 @@ from vggnet.bench.reference import ReferenceVGG, epoch_model, forward_macs, refe
 from vggnet.bench.reference import autocast_to, sgd_train_step
 from vggnet.bench.runs import first_batches, layout, preprocessed, quiet_stdout, vggnet_step
 from vggnet.base.timing import Timing, comparison, interleaved
+from vggnet.data import ImageDataset, Preprocess
+from vggnet.evaluation.metrics import predict_logits
+from vggnet.net.models import create_model, model_from_config
+from vggnet.training import build_run, resolve_config
 
 WORKERS = 4  # the typical GPU pipeline's DataLoader workers
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -74,8 +78,6 @@ def epoch_comparison(cfg: BenchConfig, device: str, subset: int | None, batch_si
                      workers: int = WORKERS) -> dict[str, Any]:
     """vggnet's epoch (``vggnet train --epochs 1 --device DEVICE``) against the typical GPU pipeline on the same
     data and architecture; ``ratio``: the reference's wall seconds over vggnet's."""
-    from vggnet.net.models import model_from_config
-
     overrides = {"batch_size": batch_size} if batch_size else {}
     cfg.log(f"gpu_epoch: vggnet train --epochs 1 --device {device}")
     fast = vggnet_epoch(cfg, subset, device=device, **overrides)
@@ -109,9 +111,6 @@ def random_run(cfg: BenchConfig, run_dir: Path, device: str, name: str, size: in
                width: float, head: str, batches: int = 4):
     """A :func:`vggnet.training.build_run` run of ``vggnet train --model NAME`` at ``size`` x ``size`` on
     ``device``, on random uint8 images: ``batches`` training batches and one test batch."""
-    from vggnet.data import ImageDataset
-    from vggnet.training import build_run, resolve_config
-
     gen = torch.Generator().manual_seed(0)
     n = (batches + 1) * batch
     images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=gen)
@@ -160,8 +159,6 @@ def module_comparison(device: str, name: str = "vgg16_bn", size: int = 32, batch
     """vggnet's module and the reference's (the same architecture and weights) through the same SGD step
     (:func:`.reference.sgd_train_step`, autocast + channels_last) on the same random batches: ``ratio`` below 1
     is time vggnet's module itself costs per forward/backward."""
-    from vggnet.net.models import create_model
-
     precision = precision or amp_precision(device)
     torch.manual_seed(0)
     reference = ReferenceVGG(name, num_classes=classes, width=width, head=head, input_size=size)
@@ -198,10 +195,6 @@ def infer_comparison(device: str, name: str = "vgg16", size: int = 224, batch: i
     """The reference (eager fp32; eager autocast + channels_last) against :func:`vggnet.evaluation.metrics.predict_logits`
     with the same weights on the same uint8 batch, already on ``device`` (the references get it preprocessed, so
     vggnet alone pays for preprocessing and for copying its logits to the host); logit errors against fp32."""
-    from vggnet.data import Preprocess
-    from vggnet.evaluation.metrics import predict_logits
-    from vggnet.net.models import create_model
-
     precision = precision or amp_precision(device)
     torch.manual_seed(0)
     reference = ReferenceVGG(name, num_classes=classes, width=width, head=head, input_size=size).eval()

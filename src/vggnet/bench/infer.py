@@ -15,12 +15,12 @@ from torch import nn
 from vggnet.bench.config import TARGETS, BenchConfig
 from vggnet.bench.reference import ReferenceVGG, forward_macs
 from vggnet.base.timing import Timing, comparison, interleaved
+from vggnet.evaluation.inference import BF16_RTOL, optimize_for_inference
+from vggnet.net.models import create_model
 
 
 def infer_models(name: str, input_size: int, head: str = "classic", seed: int = 0):
     """The reference network and the same weights in a vggnet model (torchvision state-dict layout), both eval."""
-    from vggnet.net.models import create_model
-
     torch.manual_seed(seed)
     reference = ReferenceVGG(name, head=head, input_size=input_size).eval()
     model = create_model(name, head=head, input_size=input_size)
@@ -55,8 +55,6 @@ def inference_call(module: nn.Module, x: torch.Tensor, grad_mode=torch.inference
 
 
 def bench_infer(cfg: BenchConfig, results: dict[str, Any]) -> dict[str, Any]:
-    from vggnet.evaluation.inference import BF16_RTOL, optimize_for_inference
-
     name, size, batch, head = cfg.pick(("vgg16", 224, 8, "classic"), ("vgg11", 32, 2, "gap"))
     reference, model = infer_models(name, size, head)
     fast = optimize_for_inference(model)

@@ -24,6 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from vggnet.bench.config import TARGETS, BenchConfig, is_cuda
+from vggnet.net.analysis import summarize
+from vggnet.net.memory import training_memory
+from vggnet.net.models import create_model
 
 MEMORY_CASES = (("vgg11_bn", 32, "gap"), ("vgg16_bn", 64, "fitted"), ("vgg19", 32, "classic"))
 MEMORY_BATCHES = (32, 128)
@@ -43,8 +46,6 @@ def _builder(name: str, size: int, head: str, batch: int, device: str, precision
     """A function that builds a fresh model, batch and SGD-with-momentum optimizer and returns them with ``step``,
     one training step as ``vggnet train`` runs it (autocast around the forward only; the loss in fp32;
     ``zero_grad(set_to_none=True)`` between forward and backward)."""
-    from vggnet.net.models import create_model
-
     def build():
         torch.manual_seed(0)
         model = create_model(name, num_classes=10, input_size=size, head=head).to(device)
@@ -182,10 +183,6 @@ def _cases(cfg: BenchConfig) -> list[tuple[str, int, str, int, str]]:
 
 
 def bench_memory(cfg: BenchConfig, results: dict[str, Any]) -> dict[str, Any]:
-    from vggnet.net.analysis import summarize
-    from vggnet.net.memory import training_memory
-    from vggnet.net.models import create_model
-
     threads = results["conditions"]["threads"]  # what run() set
     device = "cuda" if is_cuda(cfg.device) else "cpu"
     rows = []

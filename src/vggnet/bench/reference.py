@@ -29,6 +29,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from vggnet.data import find_fashion_mnist
+from vggnet.evaluation.metrics import auto_batch_size
+from vggnet.net.analysis import summarize
+from vggnet.net.models import model_from_config
 
 # torchvision's configurations, written out here so the reference shares no code with vggnet.
 REFERENCE_CFGS = {
@@ -101,9 +105,6 @@ class ReferenceVGG(nn.Module):
 
 def forward_macs(model_config: dict[str, Any], input_size: int) -> int:
     """MACs of one image through the vggnet model described by ``model_config`` (counted on the meta device)."""
-    from vggnet.net.analysis import summarize
-    from vggnet.net.models import model_from_config
-
     with torch.device("meta"):
         model = model_from_config(model_config)
     return summarize(model, input_size=input_size).totals["macs"]
@@ -208,9 +209,6 @@ def reference_epoch(data_dir: str | None, model_config: dict[str, Any], train_co
     Defaults: the CPU pipeline (eager fp32 NCHW). On CUDA every phase ends with a host read of a device value (the
     loss of the last step, the correct count of the last test batch), so the clocks are read after the GPU's work.
     """
-    from vggnet.data import find_fashion_mnist
-    from vggnet.evaluation.metrics import auto_batch_size
-
     start = time.perf_counter()
     torch.manual_seed(seed)
     random.seed(seed)

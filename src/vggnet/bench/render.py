@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from vggnet.bench.config import TARGETS
+from vggnet.net.report import human_bytes, table
 
 
 def summarize_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -94,8 +95,6 @@ def render_gpu_header(c: dict[str, Any]) -> list[str]:
 
 def render_comparisons(results: dict[str, Any]) -> list[str]:
     """The training step and inference against their references."""
-    from vggnet.net.report import table
-
     lines: list[str] = []
     rows = []
     for key, label in (("train", "training step"), ("infer", "inference")):
@@ -124,8 +123,6 @@ def render_comparisons(results: dict[str, Any]) -> list[str]:
 
 
 def render_e2e(r: dict[str, Any]) -> list[str]:
-    from vggnet.net.report import table
-
     rows = []
     for side in ("reference", "vggnet"):
         t = r[side]
@@ -143,8 +140,6 @@ def render_e2e(r: dict[str, Any]) -> list[str]:
 
 
 def render_gpu_epoch(r: dict[str, Any]) -> list[str]:
-    from vggnet.net.report import table
-
     rows = []
     for side in ("reference", "vggnet"):
         t = r[side]
@@ -166,8 +161,6 @@ def _tflops(value: float | None) -> str:
 
 
 def render_gpu_step(step: dict[str, Any]) -> list[str]:
-    from vggnet.net.report import table
-
     r, m = step["train_224"], step["module_32"]
     rows = []
     for key in ("reference_fp32", "reference_amp", "vggnet"):
@@ -186,8 +179,6 @@ def render_gpu_step(step: dict[str, Any]) -> list[str]:
 
 
 def render_gpu_infer(r: dict[str, Any]) -> list[str]:
-    from vggnet.net.report import table
-
     rows = []
     for key in ("reference_fp32", "reference_amp", "vggnet"):
         t = r[key]
@@ -202,8 +193,6 @@ def render_gpu_infer(r: dict[str, Any]) -> list[str]:
 
 
 def render_memory(memory: dict[str, Any]) -> list[str]:
-    from vggnet.net.report import human_bytes, table
-
     rows = []
     for row in memory["rows"]:
         rows.append([row["model"], row["head"], str(row["input_size"]), str(row["batch"]),
@@ -218,8 +207,6 @@ def render_memory(memory: dict[str, Any]) -> list[str]:
 
 
 def render_ablation(a: dict[str, Any]) -> list[str]:
-    from vggnet.net.report import table
-
     lines: list[str] = []
     for key, title in (("train", "ablation, training step"), ("infer", "ablation, inference")):
         if key not in a:
@@ -239,8 +226,6 @@ def render_ablation(a: dict[str, Any]) -> list[str]:
 
 
 def render_profile(profile: dict[str, Any]) -> list[str]:
-    from vggnet.net.report import table
-
     lines: list[str] = []
     sweep = profile.get("small_map_sweep", [])
     title = "3x3 conv forward + backward, bf16 channels_last{}: oneDNN vs im2col + GEMM"
@@ -263,8 +248,6 @@ def render_profile(profile: dict[str, Any]) -> list[str]:
 
 def render_contention(r: dict[str, Any]) -> list[str]:
     """The three contention runs: quiet, beside a busy process on every core, beside it with default threads."""
-    from vggnet.net.report import table
-
     rows = []
     for key, label in (("idle", "quiet machine, default threads"), ("busy_all_cores", f"beside {r['competitor']}, "
                        f"--threads {r['cores']}"), ("busy_default", f"beside {r['competitor']}, default threads")):
@@ -277,8 +260,6 @@ def render_contention(r: dict[str, Any]) -> list[str]:
 
 def render(results: dict[str, Any]) -> str:
     """Text tables of :func:`vggnet.bench.run`'s results."""
-    from vggnet.net.report import table
-
     lines = render_header(results) + render_comparisons(results)
     if "e2e" in results:
         lines += render_e2e(results["e2e"])

@@ -21,6 +21,7 @@ from vggnet.bench.peak import apply_peak, bench_peak, keep_best
 from vggnet.bench.render import summarize_targets
 from vggnet.bench.runs import fashion_mnist
 from vggnet.bench.train import bench_train
+from vggnet.runtime import set_threads
 
 RUNNERS: dict[str, Callable[[BenchConfig, dict[str, Any]], dict[str, Any]]] = {
     "peak": bench_peak, "train": bench_train, "infer": bench_infer, "e2e": bench_e2e, "memory": bench_memory,
@@ -33,8 +34,6 @@ assert tuple(RUNNERS) == ALL_SECTIONS
 
 def run(cfg: BenchConfig) -> dict[str, Any]:
     """Run the chosen sections; returns one JSON-able dict (see docs/BENCHMARKS.md for the keys)."""
-    from vggnet.runtime import set_threads
-
     cfg.validate()
     threads = set_threads(cfg.threads)
     load_before = wait_for_quiet(cfg.wait_idle, log=cfg.log) if cfg.wait_idle else other_load(cfg.pick(1.0, 0.2))

@@ -19,6 +19,8 @@ from typing import Any, Callable, Iterator
 import torch
 
 from vggnet.bench.config import BenchConfig
+from vggnet.data import load_dataset
+from vggnet.training import build_run, fit, resolve_config, seed_epoch, train_step
 
 
 @contextlib.contextmanager
@@ -31,16 +33,12 @@ def quiet_stdout() -> Iterator[None]:
 @lru_cache(maxsize=1)
 def fashion_mnist(data_dir: str | None) -> tuple[Any, Any]:
     """Fashion-MNIST's (train, test) :class:`vggnet.data.ImageDataset` pair, loaded once per ``data_dir``."""
-    from vggnet.data import load_dataset
-
     return load_dataset("fashion-mnist", data_dir)
 
 
 def make_run(cfg: BenchConfig, run_dir: Path, shared_data: bool = True, **overrides: Any):
     """A :func:`vggnet.training.build_run` run on Fashion-MNIST (``vggnet train``'s defaults, then ``overrides``),
     writing under ``run_dir``; on the data set :func:`fashion_mnist` loaded unless ``shared_data`` is False."""
-    from vggnet.training import build_run, resolve_config
-
     options = {"epochs": 1, "progress": False, "out": str(run_dir), "data_dir": cfg.data_dir,
                "threads": cfg.threads, **overrides}
     config = resolve_config(None, **options)
@@ -57,8 +55,6 @@ def step_setup(cfg: BenchConfig, run_dir: Path, **overrides: Any):
 
 def first_batches(run, n: int = 4) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Put ``run`` in training mode at epoch 0 and take the first ``n`` (images, labels) batches of its loader."""
-    from vggnet.training import seed_epoch
-
     run.net.train()
     seed_epoch(run, 0)
     return [batch for _, batch in zip(range(n), run.loader)]
@@ -71,8 +67,6 @@ def preprocessed(run, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> list[
 
 def vggnet_step(run, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> Callable[[], float]:
     """One :func:`vggnet.training.train_step` per call (at the configured learning rate), cycling through ``batches``."""
-    from vggnet.training import train_step
-
     lr = run.config.lr
     state = {"i": 0}
 
@@ -87,8 +81,6 @@ def vggnet_step(run, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> Callab
 
 def fit_quietly(run) -> dict[str, Any]:
     """:func:`vggnet.training.fit`: train ``run`` to the end and write its run directory, printing nothing."""
-    from vggnet.training import fit
-
     with quiet_stdout():
         return fit(run)
 

@@ -1,8 +1,9 @@
 """The ``vggnet`` command: one subcommand per verb, each in its own module of this package.
 
-Every user error leaves as one line on stderr with exit status 2; set ``VGGNET_DEBUG=1`` for tracebacks. So do the
-environment's: a file that cannot be read or written (an ``OSError`` no lower layer named), memory that runs out.
-Only what is left, a bug, is an "internal error" (exit status 1).
+Every user error leaves as one line on stderr with exit status 2. So do the environment's: a file that cannot be
+read or written (an ``OSError`` no lower layer named), memory that runs out. Only what is left, a bug, is an
+"internal error" (exit status 1). With ``VGGNET_DEBUG=1`` (any non-empty value) the traceback comes first: a
+user or environment error's before its one line (same exit status), a bug's instead of its line.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import contextlib
 import errno
 import os
 import sys
+import traceback
 from importlib import import_module
 from typing import Iterator, Sequence
 
@@ -65,7 +67,7 @@ def _run(args: argparse.Namespace) -> int:
     except OSError as err:  # the files.py writers name their paths themselves; this is what other code let through
         return _fail(args, f"error: {_os_error_line(err)}", 2)
     except Exception as err:  # noqa: BLE001 - the CLI never shows a raw traceback unless asked
-        if os.environ.get("VGGNET_DEBUG"):
+        if debugging():
             raise
         if _out_of_memory(err):
             detail = f" ({_first_line(err)})" if str(err).strip() else ""
@@ -77,7 +79,15 @@ def _run(args: argparse.Namespace) -> int:
                            "traceback)", 1)
 
 
+def debugging() -> bool:
+    """Whether ``VGGNET_DEBUG`` asks for tracebacks (set to anything but the empty string)."""
+    return bool(os.environ.get("VGGNET_DEBUG"))
+
+
 def _fail(args: argparse.Namespace, message: str, status: int) -> int:
+    """``message`` as one line on stderr (with ``VGGNET_DEBUG``, after the traceback of the error being handled)."""
+    if debugging() and sys.exc_info()[0] not in (None, KeyboardInterrupt):
+        traceback.print_exc(file=sys.stderr)
     print(one_line(f"vggnet {args.verb}: {message}"), file=sys.stderr)
     return status
 

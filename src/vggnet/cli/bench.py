@@ -8,7 +8,8 @@ from pathlib import Path
 
 from vggnet.bench import BenchConfig, render, run
 from vggnet.bench.config import ALL_SECTIONS, GPU_SECTIONS, SECTIONS
-from vggnet.base.files import atomic_write_json, check_out_path, make_dirs
+from vggnet.base.files import atomic_write_json, make_dirs
+from vggnet.base.guard import json_of, output_file
 from vggnet.base.limits import Range
 from vggnet.training.config import RANGES
 from vggnet.cli.common import device_name, in_range, print_json, rounds_type, threads_type, user_path
@@ -52,13 +53,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run_bench)
 
 
+def bench_results(path: Path) -> bool:
+    """Whether ``path`` holds what an earlier ``vggnet bench --out`` wrote (so it may be replaced)."""
+    results = json_of(path)
+    return isinstance(results, dict) and {"schema", "quick", "targets", "conditions"} <= set(results)
+
+
 def run_bench(args: argparse.Namespace) -> int:
     cfg = BenchConfig(sections=args.only, quick=args.quick, data_dir=args.data_dir, threads=args.threads,
                       rounds=args.rounds, e2e_subset=args.subset, wait_idle=args.wait_idle, device=args.device,
                       progress=lambda message: print(f"vggnet bench: {message}", file=sys.stderr, flush=True))
     if args.out:  # found unwritable now, not after the whole benchmark
         make_dirs(Path(args.out).parent)
-        check_out_path(args.out, "bench.json")
+        output_file(args.out, owned=bench_results, example="bench.json", writer="vggnet bench")
     results = run(cfg)
     if args.out:
         atomic_write_json(args.out, results)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import re
 from typing import Any, Callable
 
 from vggnet.net.models import HEADS
+from vggnet.base.strictjson import dumps as strict_json
 from vggnet.base.limits import DEVICE_NAME, MAX_CHANNELS, MAX_BATCH, MAX_CLASSES, MAX_IMAGE_SIZE, Range
 from vggnet.training.config import RANGES
 
@@ -158,7 +158,8 @@ def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def print_json(obj: Any) -> None:
-    print(json.dumps(obj, indent=2))
+    """``obj`` on stdout as strict JSON (a non-finite number as a string: :mod:`vggnet.base.strictjson`)."""
+    print(strict_json(obj, indent=2))
 
 
 SOURCE_HELP = "run directory written by vggnet train, or a weights file (torchvision .pth, timm .safetensors, Keras .h5)"
@@ -179,11 +180,12 @@ def add_runtime_options(parser: argparse.ArgumentParser, precision: str = "auto"
                         compile: bool = False) -> None:
     """``--device``, ``--precision``, ``--threads`` (and with ``compile``, ``--compile``): what
     :func:`vggnet.runtime.resolve_runtime` takes."""
-    from vggnet.runtime import PRECISIONS
+    from vggnet.runtime import GPU_HOST_THREADS, PRECISIONS
 
     parser.add_argument("--device", type=device_name, default="auto", help="auto (default), cpu, cuda, cuda:N")
     parser.add_argument("--precision", choices=PRECISIONS, default=precision, help=precision_help)
-    parser.add_argument("--threads", type=threads_type, help="intra-op threads (default: every available core)")
+    parser.add_argument("--threads", type=threads_type, help="intra-op threads (default: every available core; beside "
+                        f"a GPU {GPU_HOST_THREADS})")
     if compile:
         parser.add_argument("--compile", action="store_true", help="torch.compile the network first: the first batch "
                             "pays tens of seconds of compilation, so it pays only on many images (docs/BENCHMARKS.md)")

@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     if args.precision not in ("auto", "fp32"):
         raise ConfigError(f"vggnet explain computes in fp32 (gradients in {args.precision} are too coarse for "
                           "the maps), got --precision {args.precision}: leave --precision out")
-    check_out_dir(args.out, create=False)  # a file in the way fails before the model loads
+    check_out_dir(args.out, args.images, create=False)  # a file in the way, or an input, fails before the model loads
     runtime = resolve_runtime(args.device, "fp32", threads=args.threads)
     loaded = load_source(args, runtime.device)
     result = explain_files(loaded, args.images, args.out, args.layer, args.target, args.alpha, runtime,

@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 
 from vggnet.evaluation.metrics import auto_batch_size
-from vggnet.use.export import DEFAULT_TOLERANCE, EXTENSIONS, FORMATS, check_images_of, export_checked, human_size, require_onnx
-from vggnet.base.files import check_out_path
+from vggnet.use.export import (DEFAULT_TOLERANCE, EXTENSIONS, FORMATS, check_images_of, check_out, export_checked,
+                               human_size, require_onnx)
 from vggnet.base.limits import Range
 from vggnet.cli.common import SOURCE_HELP, add_source_options, batch_size_type, in_range, load_source
 
@@ -46,7 +46,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    check_out_path(args.out, "model.onnx")  # a bad --out or a missing ONNX package fails before any work
+    check_out(args.out, [args.source, *(args.check_images or [])])  # a bad --out or no ONNX fails before any work
     if args.fmt == "onnx":
         require_onnx()
     loaded = load_source(args, "cpu")

@@ -35,7 +35,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    check_output(args.out, len(dict.fromkeys(args.layers)))  # a bad --out fails before any work
+    check_output(args.out, len(dict.fromkeys(args.layers)), args.images)  # a bad --out fails before any work
     runtime = resolve_runtime(args.device, args.precision, threads=args.threads)
     loaded = load_source(args, runtime.device, need_head=False)  # features need no classifier
     result = extract_features(loaded, args.images, args.layers, args.pool, runtime, args.batch_size,

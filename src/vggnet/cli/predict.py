@@ -18,9 +18,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="classify image files with a trained run or a weights file")
     p.add_argument("source", metavar="SOURCE", help=SOURCE_HELP)
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format Pillow reads)")
-    p.add_argument("--top-k", type=in_range(Range(1, MAX_CLASSES, integer=True)), default=5, metavar="K")
+    p.add_argument("--top-k", type=in_range(Range(1, MAX_CLASSES, integer=True)), default=5, metavar="K",
+                   help="how many classes to show per image, the most probable first (default %(default)s)")
     add_source_options(p)
-    p.add_argument("--tta", choices=("flip",))
+    p.add_argument("--tta", choices=("flip",), help="flip: average the probabilities with those of the mirrored "
+                   "image (default: none)")
     add_runtime_options(p, compile=True)
     p.add_argument("--json", action="store_true", help='print [{"file", "top": [{"index", "class", "prob"}]}]')
     p.set_defaults(run=run)

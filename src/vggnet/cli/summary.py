@@ -6,12 +6,12 @@ import argparse
 
 import torch
 
+import vggnet.runtime as runtime  # runtime.pick_device looked up at call time (tests replace it)
 from vggnet.base.errors import ConfigError
 from vggnet.net.analysis import summarize
 from vggnet.net.memory import DEVICES, OPTIMIZER_STATE, max_batch_size, parse_bytes, summary_dict, training_memory
 from vggnet.net.models import create_model
 from vggnet.net.report import render_summary
-from vggnet.runtime import pick_device
 from vggnet.cli.common import add_model_options, batch_size_type, model_kwargs, print_json, shown
 
 #: The largest --memory-budget: an exbibyte (a larger one would overflow the estimate's float arithmetic).
@@ -37,7 +37,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="batch size for the training-memory estimate (default 1)")
     p.add_argument("--optimizer", choices=sorted(OPTIMIZER_STATE), default="sgd",
                    help="optimizer for the estimate: sgd (momentum), adam, adamw, sgd-nomomentum")
-    p.add_argument("--device", choices=DEVICES, default=None,
+    p.add_argument("--device", choices=sorted(DEVICES), default=None,
                    help="device the estimate is for (dropout masks and Adam's temporaries differ); default: the one "
                         "training would use here, cuda when available, else cpu")
     p.add_argument("--memory-budget", type=memory_size, metavar="SIZE",
@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
         model = create_model(args.name, **model_kwargs(args))
     summary = summarize(model)
     batch, budget = args.batch_size or 1, args.memory_budget
-    device = args.device or pick_device("auto").type  # the device `vggnet train` would pick here
+    device = args.device or runtime.pick_device("auto").type  # the device `vggnet train` would train on here
     if args.json:
         print_json(summary_dict(summary, batch, args.optimizer, budget, device=device))
         return 0

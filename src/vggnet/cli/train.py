@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+from typing import Callable
 
 from vggnet.base.errors import ConfigError
 from vggnet.net.models import INITS
-from vggnet.runtime import PRECISIONS
+from vggnet.runtime import GPU_HOST_THREADS, PRECISIONS
 from vggnet.base.schedule import SCHEDULES
 from vggnet.training import (DECAYING, NORMALIZE, OPTIMIZERS, PRESETS, RUNTIME_OPTIONS, Interrupted, resolve_config,
                         resume, train)
@@ -45,63 +46,118 @@ def class_list(text: str) -> list[int]:
     return out
 
 
+def _shown_value(value) -> str:
+    """A default as --help writes it: ``15``, ``0.0005``, ``onecycle``, ``none``."""
+    if value is None or value == []:
+        return "none"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, tuple)):
+        return " ".join(_shown_value(v) for v in value)
+    return str(value)
+
+
+def preset_defaults() -> Callable[[str], str]:
+    """``default("epochs")`` -> ``"(default 15; --preset d2l 10, hour 34, paper 74)"``: what the default recipe
+    resolves an option to, and each preset that resolves it otherwise (read from :func:`resolve_config`, so --help
+    cannot drift from the recipes)."""
+    resolved = {name: resolve_config(name) for name in sorted(PRESETS)}
+    recipe = resolve_config()
+
+    def default(field: str) -> str:
+        value = getattr(recipe, field)
+        others = [f"{name} {_shown_value(getattr(config, field))}" for name, config in resolved.items()
+                  if getattr(config, field) != value]
+        return f"(default {_shown_value(value)}" + (f"; --preset {', '.join(others)})" if others else ")")
+
+    return default
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    default = preset_defaults()
     p = sub.add_parser("train", help="train on Fashion-MNIST, CIFAR-10/100 or an image folder",
                        description="Options left out come from --preset (default 'fast'), then the built-in defaults. "
                                    "The model: without --model, the preset's (default: quarter-width vgg11_bn with a "
                                    "GAP head, no dropout); a named --model is that model's own architecture (full "
                                    "width, classic head, dropout 0.5) unless --width/--head/--dropout are given.")
-    p.add_argument("--model", help="model name or 'custom' with --arch (default: the preset's, vgg11_bn)")
+    _add_model_and_data_arguments(p, default)
+    _add_recipe_arguments(p, default)
+    _add_run_arguments(p)
+    p.set_defaults(run=run)
+
+
+def _add_model_and_data_arguments(p: argparse.ArgumentParser, default: Callable[[str], str]) -> None:
+    """The model, its starting weights and the data; ``default`` (:func:`preset_defaults`) writes the defaults."""
+    p.add_argument("--model", help=f"model name or 'custom' with --arch {default('model')}")
     add_model_options(p, training=True)
     p.add_argument("--dropout", type=fraction, help="dropout probability on the head's FC layers (default: the named "
                    "model's 0.5; without --model, the default recipe's 0)")
-    p.add_argument("--init", choices=INITS, help="weight initialisation (default torchvision)")
+    p.add_argument("--init", choices=INITS, help=f"weight initialisation {default('init')}")
     p.add_argument("--init-from", metavar="SOURCE",
                    help="start from the weights of a run directory (or a weights file vggnet.load reads): every layer "
                         "whose name and shapes fit loads, the rest (a new head for the dataset's classes) keeps its "
                         "fresh initialisation and is listed; the first conv adapts to the image's channels (3 -> 1: "
-                        "the sum of its kernels)")
+                        "the sum of its kernels) (default: none, a fresh initialisation)")
     p.add_argument("--init-scheme", choices=INIT_SCHEMES,
                    help="with --init-from: all (default) layers that fit; paper: SOURCE's first four convs and last "
                         "three FC layers, the rest random (the paper's init from net A, section 3.1)")
     p.add_argument("--freeze", type=name_list, metavar="NAME[,NAME]",
                    help="keep these layers fixed (their BN in eval mode): features, block1..block5, conv1_1..conv5_3 "
-                        "(with its BN), classifier")
+                        "(with its BN), classifier (default: none)")
     p.add_argument("--loaded-lr-scale", type=number, metavar="F",
                    help="learning-rate multiplier for the layers --init-from loaded (e.g. 0.1: they move gently while "
                         "new layers learn at the full rate; default 1)")
     p.add_argument("--dataset", help="fashion-mnist (default), cifar10, cifar100 or folder:PATH")
     p.add_argument("--data-dir", type=user_path,
                    help="where the dataset files are (searched alone; default: $VGGNET_DATA, then the usual places)")
-    p.add_argument("--image-size", type=integer, metavar="N", help="input size in pixels (default 32)")
-    p.add_argument("--normalize", choices=NORMALIZE, help="per-channel standardisation, the paper's mean subtraction, or none")
-    p.add_argument("--epochs", type=integer)
-    p.add_argument("--batch-size", type=integer, help="global batch (divided among torchrun processes)")
-    p.add_argument("--optimizer", choices=OPTIMIZERS)
-    p.add_argument("--lr", type=number, help="peak learning rate for the global batch")
-    p.add_argument("--momentum", type=fraction)
-    p.add_argument("--weight-decay", type=number)
-    p.add_argument("--schedule", choices=SCHEDULES)
-    p.add_argument("--warmup-epochs", type=number)
-    p.add_argument("--label-smoothing", type=fraction)
-    p.add_argument("--grad-clip", type=number, metavar="NORM")
-    p.add_argument("--crop-padding", type=integer, metavar="PX")
+    p.add_argument("--image-size", type=integer, metavar="N", help=f"input size in pixels {default('image_size')}")
+    p.add_argument("--normalize", choices=NORMALIZE, help="per-channel standardisation, the paper's mean subtraction, "
+                   f"or none {default('normalize')}")
+
+
+def _add_recipe_arguments(p: argparse.ArgumentParser, default: Callable[[str], str]) -> None:
+    """Optimisation, augmentation, the preset, the validation split and the seed."""
+    p.add_argument("--epochs", type=integer, help=f"epochs to train {default('epochs')}")
+    p.add_argument("--batch-size", type=integer, help="global batch (divided among torchrun processes) "
+                   f"{default('batch_size')}")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, help=f"optimizer {default('optimizer')}")
+    p.add_argument("--lr", type=number, help=f"peak learning rate for the global batch {default('lr')}")
+    p.add_argument("--momentum", type=fraction, help=f"SGD momentum {default('momentum')}")
+    p.add_argument("--weight-decay", type=number, help=f"on conv and linear weights {default('weight_decay')}")
+    p.add_argument("--schedule", choices=SCHEDULES, help=f"learning-rate schedule {default('schedule')}")
+    p.add_argument("--warmup-epochs", type=number, help="linear warm-up length (onecycle without warm-up ramps over "
+                   f"30 percent of training) {default('warmup_epochs')}")
+    p.add_argument("--label-smoothing", type=fraction,
+                   help=f"label smoothing of the targets {default('label_smoothing')}")
+    p.add_argument("--grad-clip", type=number, metavar="NORM", help=f"max global gradient norm {default('grad_clip')}")
+    p.add_argument("--crop-padding", type=integer, metavar="PX", help="padding of the random crops, 0 for no crops "
+                   f"{default('crop_padding')}")
     p.add_argument("--no-flip", dest="flip", action="store_false", default=None, help="no horizontal flips")
-    p.add_argument("--erasing", type=unit_interval, metavar="P", help="random-erasing probability")
+    p.add_argument("--erasing", type=unit_interval, metavar="P",
+                   help=f"random-erasing probability {default('erasing')}")
     p.add_argument("--scale-jitter", type=in_range(Range(0, 1, open_low=True)), nargs=2, metavar=("LO", "HI"),
-                   help="zoom window as fractions of the side, e.g. 0.44 0.88")
+                   help=f"zoom window as fractions of the side, e.g. 0.44 0.88 {default('scale_jitter')}")
     p.add_argument("--tta", choices=TTAS, help="flip: also score the final model on the test set averaged with its "
-                   "mirrored images (recorded as test_acc_tta; the per-epoch scores stay plain)")
-    p.add_argument("--preset", choices=sorted(PRESETS))
+                   "mirrored images (recorded as test_acc_tta; the per-epoch scores stay plain) "
+                   f"{default('tta')}")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="the recipe the other options start from "
+                   f"(default {resolve_config().preset}: the default recipe; docs/RESULTS.md)")
     p.add_argument("--val-split", type=integer, metavar="N",
                    help="hold out N training images (stratified, the same for every seed) for validation: the best "
                         "checkpoint and --schedule plateau follow the validation accuracy; without it there is no "
-                        "best checkpoint (the test set is only reported, never used to select)")
-    p.add_argument("--subset", type=integer, metavar="N", help="train on the first N training images only")
+                        "best checkpoint (the test set is only reported, never used to select) "
+                        f"{default('val_split')}")
+    p.add_argument("--subset", type=integer, metavar="N", help="train on the first N training images only (default: "
+                   "all)")
     p.add_argument("--classes", type=class_list, metavar="LIST",
                    help="train and test on these classes only (indices into the dataset's classes, e.g. 0-4 or "
-                        "5,6,7,8,9), relabelled 0..k-1 in the order given")
-    p.add_argument("--seed", type=integer)
+                        "5,6,7,8,9), relabelled 0..k-1 in the order given (default: all)")
+    p.add_argument("--seed", type=integer, help=f"random seed of initialisation, order and augmentation "
+                   f"{default('seed')}")
+
+
+def _add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """Where the run goes (or which run resumes), the runtime and the output."""
     p.add_argument("--out", metavar="RUN_DIR", help="run directory (default runs/MODEL-DATASET-TIME): a new or empty "
                    "folder, or a run of vggnet's own that stopped before its first checkpoint; a folder holding other "
                    "files, or a run with a checkpoint (--resume it), is refused. One process at a time writes a run "
@@ -113,9 +169,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "total at the first checkpoint. A run killed during a save is first brought up to its last "
                         "committed checkpoint (state.safetensors)")
     p.add_argument("--device", type=device_name, help="auto (default), cpu, cuda, cuda:N")
-    p.add_argument("--precision", choices=PRECISIONS, help="auto: bf16 where the hardware runs it natively")
+    p.add_argument("--precision", choices=PRECISIONS, help="auto (default): bf16 where the hardware runs it natively, "
+                   "else fp32")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false", default=None)
-    p.add_argument("--threads", type=integer)
+    p.add_argument("--threads", type=integer, help="intra-op threads (default: on the CPU one per core that other "
+                   "processes leave free, re-read every few seconds, or a fixed count with --deterministic and under "
+                   f"torchrun; beside a GPU {GPU_HOST_THREADS})")
     p.add_argument("--deterministic", action="store_true", default=None, help="deterministic algorithms only "
                    "(cuDNN, cuBLAS workspace): same-seed and resumed runs bit-identical on CUDA too, at some speed; "
                    "recorded in config.json and kept on resume (the CPU path is bit-identical either way)")
@@ -123,10 +182,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "steps pay tens of seconds of compilation (docs/BENCHMARKS.md says when it pays)")
     p.add_argument("--sync-bn", action="store_true", default=None, help="SyncBatchNorm under torchrun")
     p.add_argument("--tensorboard", action="store_true", default=None,
-                   help="also write TensorBoard logs to RUN_DIR/tensorboard (pip install 'vggnet[tensorboard]')")
+                   help="also write TensorBoard logs to RUN_DIR/tensorboard (needs the tensorboard extra: pip "
+                        "install -e '.[tensorboard]' in a clone, pip install 'vggnet[tensorboard]' for an installed "
+                        "vggnet)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
-    p.set_defaults(run=run)
 
 
 _NOT_CONFIG = {"verb", "run", "resume", "json", "preset"}

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
+from vggnet.evaluation.inference import optimize_for_inference
 from vggnet.runtime import autocast, compile_module, uses_cpu_bf16_path
 
 
@@ -84,30 +86,44 @@ def predict_logits(model: torch.nn.Module, images: torch.Tensor, preprocess, dev
     was_training = model.training
     model.eval()
     batch_size = batch_size or auto_batch_size(*images.shape[-2:], device)
-    mixed = autocast(device, precision)
-    net = model
-    if device.type == "cpu" and (compile or uses_cpu_bf16_path(device, precision)):
-        from vggnet.evaluation.inference import optimize_for_inference
-
-        net = optimize_for_inference(model, "bf16" if uses_cpu_bf16_path(device, precision) else "fp32",
-                                     channels_last, compile=compile)
-        mixed = contextlib.nullcontext()
-    elif compile:
-        net = compile_module(model)
+    net, mixed = inference_form(model, device, precision, channels_last, compile)
     try:
         return _logits(net, images, preprocess, device, batch_size, mixed, tta, channels_last, progress)
     finally:
         model.train(was_training)  # the caller's model leaves in the mode it came in
 
 
-def _logits(model, images, preprocess, device, batch_size, mixed, tta, channels_last, progress) -> torch.Tensor:
-    from tqdm.auto import tqdm
+def inference_form(model: torch.nn.Module, device: torch.device, precision: str, channels_last: bool = True,
+                   compile: bool = False) -> tuple[torch.nn.Module, contextlib.AbstractContextManager]:
+    """The network evaluation runs and the context it runs under: in bf16 on the CPU (or compiled there) the folded,
+    fused copy of :func:`vggnet.evaluation.inference.optimize_for_inference` with no autocast; elsewhere ``model``
+    (compiled with ``compile``) under :func:`vggnet.runtime.autocast`. The one choice of plain and multi-scale
+    evaluation alike."""
+    if device.type == "cpu" and (compile or uses_cpu_bf16_path(device, precision)):
+        net = optimize_for_inference(model, "bf16" if uses_cpu_bf16_path(device, precision) else "fp32",
+                                     channels_last, compile=compile)
+        return net, contextlib.nullcontext()
+    return (compile_module(model) if compile else model), autocast(device, precision)
 
-    out = []
+
+def preprocessed_batches(images: torch.Tensor, preprocess, device: torch.device, batch_size: int,
+                         progress: bool) -> Iterator[torch.Tensor]:
+    """``images`` (uint8, on any device) preprocessed on ``device`` in batches of ``batch_size``, with a progress
+    bar (drawn only on a terminal) when ``progress``: the one batched loop of every evaluation."""
     bar = tqdm(total=len(images), unit="img", unit_scale=True, desc="eval", disable=None if progress else True,
-               leave=False)  # None: draw only on a terminal
-    for start in range(0, len(images), batch_size):
-        x = preprocess(images[start:start + batch_size].to(device, non_blocking=True))
+               leave=False)
+    try:
+        for start in range(0, len(images), batch_size):
+            x = preprocess(images[start:start + batch_size].to(device, non_blocking=True))
+            yield x
+            bar.update(len(x))
+    finally:
+        bar.close()
+
+
+def _logits(model, images, preprocess, device, batch_size, mixed, tta, channels_last, progress) -> torch.Tensor:
+    out = []
+    for x in preprocessed_batches(images, preprocess, device, batch_size, progress):
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with mixed:
@@ -115,8 +131,6 @@ def _logits(model, images, preprocess, device, batch_size, mixed, tta, channels_
             if tta == "flip":
                 logits = (logits.softmax(1) + model(x.flip(3)).float().softmax(1)).div_(2).log_()
         out.append(logits)  # kept on the device: one transfer at the end, not a host wait per batch
-        bar.update(len(x))
-    bar.close()
     return torch.cat(out).cpu() if out else torch.zeros(0, 0)
 
 

@@ -42,7 +42,8 @@ import torch
 import torch.nn.functional as F
 
 from vggnet.base.errors import ConfigError, InputSizeError
-from vggnet.evaluation.metrics import EvalResult, auto_batch_size, metrics_from_logits
+from vggnet.evaluation.metrics import (EvalResult, auto_batch_size, inference_form, metrics_from_logits,
+                                       preprocessed_batches)
 from vggnet.net.models import VGG
 from vggnet.net.dense import to_dense
 from vggnet.runtime import autocast, uses_cpu_bf16_path
@@ -216,9 +217,7 @@ def _networks(model, protocol: Protocol, device: torch.device, precision: str, c
     crop = model if protocol.crops else None
     mixed = autocast(device, precision)
     if uses_cpu_bf16_path(device, precision):  # the folded bf16 copy, as plain evaluation runs it
-        from vggnet.evaluation.inference import optimize_for_inference
-
-        crop, dense = (optimize_for_inference(net, "bf16", channels_last) if net is not None else None
+        crop, dense = (inference_form(net, device, precision, channels_last)[0] if net is not None else None
                        for net in (crop, dense))
         mixed = contextlib.nullcontext()
     return _Nets(crop, dense, mixed)
@@ -226,17 +225,12 @@ def _networks(model, protocol: Protocol, device: torch.device, precision: str, c
 
 def _log_probs(nets: _Nets, images, preprocess, protocol: Protocol, device, batch_size, channels_last,
                progress) -> torch.Tensor:
-    from tqdm.auto import tqdm
-
     size = preprocess.image_size
     flips = (False, True) if protocol.flip else (False,)
     parts = int(protocol.dense) + int(protocol.crops is not None)
     chunk = batch_size or auto_batch_size(size, size)
     out = []
-    bar = tqdm(total=len(images), unit="img", unit_scale=True, desc="eval", disable=None if progress else True,
-               leave=False)  # None: draw only on a terminal
-    for start in range(0, len(images), chunk):
-        x = preprocess(images[start:start + chunk].to(device, non_blocking=True))
+    for x in preprocessed_batches(images, preprocess, device, chunk, progress):
         views: list[torch.Tensor] = []  # log-probabilities (B, K) of every view of this chunk
         weights: list[float] = []  # and each view's share of the average
         for q in protocol.scales:
@@ -258,8 +252,6 @@ def _log_probs(nets: _Nets, images, preprocess, protocol: Protocol, device, batc
                         weights.append(share / (len(positions) * len(flips)))
         log_w = torch.tensor([math.log(w) for w in weights], dtype=torch.float32).view(-1, 1, 1)
         out.append(torch.logsumexp(torch.stack(views) + log_w, dim=0))
-        bar.update(len(x))
-    bar.close()
     return torch.cat(out) if out else torch.zeros(0, 0)
 
 

@@ -38,68 +38,150 @@ MAX_HIDDEN = 65_536
 MAX_LAYERS = 256
 
 
+@dataclass(frozen=True)
+class ModelSpec:
+    """The architecture a card rebuilds: the arguments of :class:`~vggnet.net.models.VGG` (its ``config``), typed.
+    A key a card leaves out takes VGG's default, as it always did."""
+
+    name: str = "custom"
+    arch: str | list = "D"  # a paper letter, a spec string or the JSON list (vggnet.net.configs)
+    batch_norm: bool = False
+    num_classes: int = 1000
+    in_channels: int = 3
+    dropout: float = 0.5
+    width: float = 1.0
+    head: str = "classic"
+    input_size: int | list[int] = 224  # pixels: one side, or [height, width]
+    hidden: int = 4096  # width of the classic/fitted head's hidden layers
+    init: str = "torchvision"
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str | os.PathLike = "model.json") -> "ModelSpec":
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise CheckpointError(f"{where} is corrupt: model has unknown keys {unknown}; it was edited or forged, or "
+                                  "written by another vggnet version")
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+#: The metrics a card may carry: of the epoch its weights come from (vggnet train), or the official ones of a
+#: weights file (ImageNet). Fractions, losses per sample.
+METRICS = ("epoch", "val_acc", "val_top5", "val_loss", "test_acc", "test_top5", "test_loss", "test_acc_tta",
+           "test_top5_tta", "test_loss_tta", "imagenet_top1", "imagenet_top5")
+
+
+@dataclass
+class CardMetrics:
+    """A card's metrics, read by field; a metric not measured is None (and not written)."""
+
+    epoch: int | None = None
+    val_acc: float | None = None
+    val_top5: float | None = None
+    val_loss: float | None = None
+    test_acc: float | None = None
+    test_top5: float | None = None
+    test_loss: float | None = None
+    test_acc_tta: float | None = None
+    test_top5_tta: float | None = None
+    test_loss_tta: float | None = None
+    imagenet_top1: float | None = None
+    imagenet_top5: float | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str | os.PathLike = "model.json") -> "CardMetrics":
+        unknown = sorted(set(d) - set(METRICS))
+        if unknown:
+            raise CheckpointError(f"{where} is corrupt: metrics has unknown keys {unknown} (known: "
+                                  f"{', '.join(METRICS)})")
+        bad = [k for k, v in d.items() if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)))]
+        if bad:
+            raise CheckpointError(f"{where} is corrupt: metrics.{bad[0]} must be a number, got {d[bad[0]]!r}")
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
 @dataclass
 class ModelCard:
-    """What ``model.json`` says about a set of weights: enough to rebuild the model and use it."""
+    """What ``model.json`` says about a set of weights, typed: enough to rebuild the model (:attr:`model`) and use
+    it (:attr:`classes`, :attr:`preprocess`). Dicts given for the typed fields are read into their types."""
 
-    model: dict[str, Any]  # the architecture: VGG.config, rebuilt by vggnet.model_from_config
+    model: ModelSpec  # the architecture (VGG.config), rebuilt by vggnet.net.models.model_from_config
     classes: list[str]  # classes[i] names output i
-    preprocess: dict[str, Any]  # vggnet.data.Preprocess.to_dict()
+    preprocess: Preprocess  # how images become the model's input
     dataset: str | None = None  # what it was trained on
     image_size: int | None = None  # the training input size in pixels
-    metrics: dict[str, Any] = field(default_factory=dict)  # of the epoch these weights come from
+    metrics: CardMetrics = field(default_factory=CardMetrics)  # of the epoch these weights come from
     train_config: dict[str, Any] | None = None  # the TrainConfig, as in config.json
     vggnet_version: str = ""
     format: int = FORMAT
-    # vggnet.use.compress.Compression.to_dict() for a compressed model; not written when None
-    compression: dict[str, Any] | None = None
+    compression: Compression | None = None  # how a compressed model's classifier is restructured; not written when None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model, dict):
+            self.model = ModelSpec.from_dict(self.model)
+        if isinstance(self.preprocess, dict):
+            self.preprocess = _preprocess(self.preprocess)
+        if isinstance(self.metrics, dict):
+            self.metrics = CardMetrics.from_dict(self.metrics)
+        if isinstance(self.compression, dict):
+            self.compression = Compression.from_dict(self.compression)
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        if d["compression"] is None:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d.update(model=self.model.to_dict(), preprocess=self.preprocess.to_dict(), metrics=self.metrics.to_dict(),
+                 classes=list(self.classes))
+        if self.compression is None:
             del d["compression"]  # an ordinary run's model.json stays as it was
+        else:
+            d["compression"] = self.compression.to_dict()
         return d
 
     @classmethod
     def from_dict(cls, d: Any, where: str | os.PathLike = "model.json") -> "ModelCard":
+        """The card of the JSON object ``d`` read from ``where``: every value checked (types, bounds) before anything
+        is built; a one-line CheckpointError naming ``where`` otherwise."""
         if not isinstance(d, dict) or "format" not in d or "model" not in d:
             raise CheckpointError(f"{where} is not a vggnet model description (no format/model)")
         if d["format"] != FORMAT:
             raise CheckpointError(f"{where} was written in checkpoint format {d['format']} (vggnet "
                                   f"{d.get('vggnet_version', '?')}); this vggnet reads format {FORMAT}: use a matching "
                                   "vggnet version")
-        known = {f.name for f in fields(cls)}
-        card = cls(**{k: v for k, v in d.items() if k in known})
-        checks = [(isinstance(card.model, dict), "model must be an object"),
-                  (isinstance(card.classes, list) and all(isinstance(c, str) for c in card.classes),
+        raw = {f.name: d[f.name] for f in fields(cls) if f.name in d}
+        checks = [(isinstance(raw["model"], dict), "model must be an object"),
+                  (isinstance(raw.get("classes"), list) and all(isinstance(c, str) for c in raw["classes"]),
                    "classes must be a list of names"),
-                  (isinstance(card.preprocess, dict), "preprocess must be an object"),
-                  (isinstance(card.metrics, dict), "metrics must be an object")]
+                  (isinstance(raw.get("preprocess"), dict), "preprocess must be an object"),
+                  (isinstance(raw.get("metrics", {}), dict), "metrics must be an object")]
         for ok, message in checks:
             if not ok:
                 raise CheckpointError(f"{where} is corrupt: {message}")
-        problem = _size_problem(card)
+        problem = _size_problem(raw["model"], raw["preprocess"], raw.get("image_size"))
         if problem is not None:
             raise CheckpointError(f"{where} is corrupt: {problem}; it was edited or forged, restore it")
-        if card.compression is not None:
-            card._compression(where)  # unknown or malformed compression records fail here, in one line
-        return card
-
-    def _compression(self, where: str | os.PathLike = "model.json"):
-        return Compression.from_dict(self.compression, str(where))
+        raw["model"] = ModelSpec.from_dict(raw["model"], where)
+        raw["preprocess"] = _preprocess(raw["preprocess"], where)
+        raw["metrics"] = CardMetrics.from_dict(raw.get("metrics", {}), where)
+        if raw.get("compression") is not None:
+            raw["compression"] = Compression.from_dict(raw["compression"], str(where))
+        return cls(**raw)
 
     def build(self, where: str | os.PathLike = "model.json", device: str | torch.device | None = None) -> VGG:
         """The model this card describes: randomly initialised, or on ``device="meta"`` only its shapes (to be
         filled by :func:`load_weights`, with no time spent on an initialisation that would be overwritten). A
         compressed model's classifier layers are replaced as its ``compression`` record says
-        (:func:`vggnet.use.compress.restructure`)."""
-        record = self._compression(where) if self.compression is not None else None
+        (:func:`vggnet.net.compressed.restructure`)."""
+        meta = device is not None and torch.device(device).type == "meta"
         try:
-            with torch.device(device) if device is not None else contextlib.nullcontext(), (SkipInit() if device is not None and torch.device(device).type == "meta"
-                                                                    else contextlib.nullcontext()):
-                model = model_from_config(self.model)
-                if record is not None:
-                    restructure(model, record)
+            with torch.device(device) if device is not None else contextlib.nullcontext(), \
+                    SkipInit() if meta else contextlib.nullcontext():
+                model = model_from_config(self.model.to_dict())
+                if self.compression is not None:
+                    restructure(model, self.compression)
                 return model
         except (VggnetError, TypeError, ValueError) as err:
             raise CheckpointError(f"{where} describes no buildable model: {err}") from None
@@ -107,15 +189,14 @@ class ModelCard:
     def stored_dtypes(self, model: torch.nn.Module) -> dict[str, torch.dtype]:
         """State-dict key -> dtype in the weights file, where the compression record stores it in another dtype
         than ``model`` has (``half``: float16 on disk, float32 in memory); empty for ordinary runs."""
-        if self.compression is None:
-            return {}
-        return stored_dtypes(model, self._compression())
+        return {} if self.compression is None else stored_dtypes(model, self.compression)
 
-    def preprocessing(self) -> Preprocess:
-        try:
-            return Preprocess.from_dict(self.preprocess)
-        except (VggnetError, TypeError, ValueError) as err:
-            raise CheckpointError(f"model.json's preprocessing is invalid: {err}") from None
+
+def _preprocess(d: Any, where: str | os.PathLike = "model.json") -> Preprocess:
+    try:
+        return Preprocess.from_dict(d)
+    except (VggnetError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{where}'s preprocessing is invalid: {err}") from None
 
 
 def _is_int(value: Any, largest: int) -> bool:
@@ -134,16 +215,15 @@ def _layer_count(arch: Any) -> int:
     return sum(max(b[0], 0) + 1 for b in arch) if arch and pairs else len(arch)
 
 
-def _size_problem(card: "ModelCard") -> str | None:
+def _size_problem(model: dict[str, Any], prep: dict[str, Any], image_size: Any) -> str | None:
     """The first value of ``card`` beyond the bounds above (classes, channels per layer, hidden width, input and
     image sizes, layers), as ``key must ..., got value``; None when all are within them (a key left out takes the
     model's default, which is)."""
-    model, prep = card.model, card.preprocess
     ints = [(f"model.{key}", model[key], largest) for key, largest in
             (("num_classes", MAX_CLASSES), ("in_channels", MAX_CHANNELS), ("hidden", MAX_HIDDEN)) if key in model]
     size = model.get("input_size", 224)
     ints += [("model.input_size", side, MAX_IMAGE_SIZE) for side in (size if isinstance(size, list) else [size])]
-    ints += [(key, value, MAX_IMAGE_SIZE) for key, value in (("image_size", card.image_size),
+    ints += [(key, value, MAX_IMAGE_SIZE) for key, value in (("image_size", image_size),
              ("preprocess.image_size", prep.get("image_size")), ("preprocess.in_size", prep.get("in_size")))
              if value is not None]
     for key, value, largest in ints:
@@ -202,7 +282,7 @@ class LoadedModel:
 
     @property
     def preprocess(self) -> Preprocess:
-        return self.card.preprocessing()
+        return self.card.preprocess
 
 
 def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str | os.PathLike,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,10 @@ class Checkpoint:
         return cls(**d)
 
 
+#: The parts of a state record that hold only numbers (and structure, booleans, null): where checked_state decodes.
+_NUMERIC_PARTS = ("run", "history", "optimizer", "scaler")
+
+
 def checked_state(record: Any, where: Path) -> dict[str, Any]:
     """``record`` when it is a usable state record (:func:`_state_problem`), else a one-line CheckpointError naming
     ``where``. Its numbers written as strings (``"-Infinity"``: :mod:`vggnet.base.strictjson`) are numbers again: in
@@ -63,12 +67,24 @@ def checked_state(record: Any, where: Path) -> dict[str, Any]:
     return record
 
 
-#: The parts of a state record that hold only numbers (and structure, booleans, null): where checked_state decodes.
-_NUMERIC_PARTS = ("run", "history", "optimizer", "scaler")
-#: state.json's loop counters (the fields of vggnet.training.loop.RunState) and their JSON types: a file edited by
-#: hand fails on reading, in one line, not deep inside the resumed loop.
-STATE_COUNTERS = {"epoch": int, "batch": int, "step": int, "correct": int, "seen": int, "best_acc": float,
-                  "loss_sum": float, "seconds": float, "plateau": dict}
+@dataclass
+class RunState:
+    """The loop's position and running sums: what resume needs beyond the tensors."""
+
+    epoch: int = 0  # completed epochs
+    batch: int = 0  # batches done in the current (incomplete) epoch
+    step: int = 0  # optimizer steps overall
+    best_acc: float = -1.0  # best validation accuracy so far (-1: no validation split, or none yet)
+    plateau: dict = field(default_factory=lambda: Plateau().to_dict())
+    loss_sum: float = 0.0  # current epoch, summed over samples
+    correct: int = 0
+    seen: int = 0
+    seconds: float = 0.0  # current epoch's training time so far
+
+
+#: state.json's loop counters (the fields of RunState) and their JSON types: a file edited by hand fails on reading,
+#: in one line, not deep inside the resumed loop.
+STATE_COUNTERS = {f.name: {"int": int, "float": float, "dict": dict}[f.type] for f in fields(RunState)}
 
 
 def _is_number(value: Any, allow_infinite: bool = False) -> bool:

@@ -41,7 +41,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
-import json
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -55,7 +54,7 @@ from vggnet.base.files import (TEMP_NAME, atomic_write_bytes, atomic_write_json,
 from vggnet.base.plots import plot_confusion, plot_curves
 from vggnet.base.strictjson import dumps as strict_json
 from vggnet.base.version import __version__
-from vggnet.store.card import CARD_KEY, LoadedModel, ModelCard, load_carded, read_embedded_card
+from vggnet.store.card import CARD_KEY, CardMetrics, LoadedModel, ModelCard, ModelSpec, load_carded, read_embedded_card
 from vggnet.store.checkpoint import CHECKPOINT_KEY, Checkpoint, checked_state
 from vggnet.store.lock import LOCK_NAME, hold
 
@@ -333,7 +332,8 @@ class RunDir:
                 raise CheckpointError(f"{self.path} has no best weights: they are kept only for runs with a "
                                       "validation split (vggnet train --val-split N); use the final weights")
             best = read_json(self.best_card)
-            card.metrics = dict(best.get("metrics", {})) if isinstance(best, dict) else {}
+            card.metrics = CardMetrics.from_dict(dict(best.get("metrics", {})) if isinstance(best, dict) else {},
+                                                 self.best_card)
         return card, None
 
     def load(self, weights: str = "model", device: str | torch.device = "cpu") -> LoadedModel:
@@ -358,5 +358,5 @@ def save_model(run_dir: str | os.PathLike, model: torch.nn.Module, card: ModelCa
                best: dict[str, Any] | None = None) -> None:
     """Write ``model``'s weights and ``card`` into ``run_dir`` (see :meth:`RunDir.save_weights`)."""
     bare = getattr(model, "module", model)
-    card.model = getattr(bare, "_orig_mod", bare).config
+    card.model = ModelSpec.from_dict(getattr(bare, "_orig_mod", bare).config)
     RunDir(run_dir).save_weights(model, card, best)

@@ -13,13 +13,15 @@ of vggnet's own that has no checkpoint yet (see :func:`check_out`): never over s
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
 from vggnet.training import distributed
-from vggnet.base.errors import CheckpointError, ConfigError
+from vggnet.base.errors import CheckpointError, ConfigError, OutputError
 from vggnet.base.files import read_json
+from vggnet.base.guard import new_folder
 from vggnet.store.rundir import RUN_NAMES, RunDir
 from vggnet.runtime import deterministic_algorithms
 from vggnet.training.build import Run, build_run, default_run_dir
@@ -42,10 +44,10 @@ def train(config: TrainConfig | None = None, data=None, **options: Any) -> dict[
         config = resolve_config(options.pop("preset", None), **options)
     elif options:
         raise ConfigError("pass either a TrainConfig or keyword options, not both")
-    config.validate()
+    config = config.validate()
     writer = distributed.env_rank() == 0  # under torchrun rank 0 writes; the others only read the folder
     if writer and not config.out:
-        config.out = str(default_run_dir(config))  # build_run hands rank 0's name to the other ranks
+        config = replace(config, out=str(default_run_dir(config)))  # build_run hands rank 0's name to the others
     if config.out:
         check_out(RunDir(config.out))  # before any data loads
     with deterministic_algorithms(config.deterministic), _session(RunDir(config.out) if writer else None, True):
@@ -53,25 +55,25 @@ def train(config: TrainConfig | None = None, data=None, **options: Any) -> dict[
 
 
 def check_out(rundir: RunDir) -> None:
-    """ConfigError unless ``--out`` may be written by a new run: a new folder, an empty one (but for a lock file
-    and temporary files a killed run left), or a run of vggnet's own without a checkpoint (one stopped before its
-    first epoch ended: starting it again loses nothing). A run with a checkpoint is resumed, not overwritten; a
-    folder with files vggnet train did not write is someone else's."""
+    """OutputError unless ``--out`` may be written by a new run (:func:`vggnet.base.guard.new_folder`): a new
+    folder, an empty one (but for a lock file and temporary files a killed run left), or a run of vggnet's own
+    without a checkpoint (one stopped before its first epoch ended: starting it again loses nothing). A run with a
+    checkpoint is resumed, not overwritten; a folder with files vggnet train did not write is someone else's."""
     path = rundir.path
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"--out {path} is a file: choose a new or empty folder")
-    names = rundir.contents()
-    if not names:
-        return
-    if rundir.has_state():
-        raise ConfigError(f"{path} already holds a run: continue it with --resume {path}, or choose another --out")
-    foreign = [name for name in names if name not in RUN_NAMES]
-    if not foreign and (_written_by_vggnet(rundir) or set(names) <= {"tensorboard"}):
-        return  # its own run, stopped before its first checkpoint (--tensorboard's folder comes before config.json)
-    shown = foreign or names
-    raise ConfigError(f"--out {path} holds files vggnet train did not write ({', '.join(shown[:3])}"
-                      f"{', ...' if len(shown) > 3 else ''}): vggnet writes only into a new or empty folder or a run "
-                      "of its own; choose another --out")
+    if path.is_dir() and rundir.has_state():
+        raise OutputError(f"{path} already holds a run: continue it with --resume {path}, or choose another --out")
+
+    def blocking(names: list[str]) -> list[str]:
+        foreign = [name for name in names if name not in RUN_NAMES]
+        if not foreign and (_written_by_vggnet(rundir) or set(names) <= {"tensorboard"}):
+            return []  # its own run, stopped before its first checkpoint (--tensorboard's folder comes first)
+        return foreign or names
+
+    # No writability check here: the writer creates the folder under its lock at once (one line if it cannot), and
+    # the other torchrun ranks write nothing.
+    new_folder(path, contents=lambda _: rundir.contents(), blocking=blocking, check_writable=False,
+               hint="vggnet train writes only into a new or empty folder or a run of its own without a checkpoint; "
+                    "choose another --out")
 
 
 def _written_by_vggnet(rundir: RunDir) -> bool:
@@ -139,13 +141,10 @@ def _resume(rundir: RunDir, epochs: int | None, runtime: dict[str, Any]) -> dict
             raise ConfigError(f"{run_dir}'s {config.schedule} schedule brings the learning rate to 0 at the end of its "
                               f"{config.schedule_epochs} epochs, so epochs beyond them would not train: start a new "
                               f"run with --epochs {epochs} instead")
-        config.epochs = epochs
-    saved = dict(saved, epochs=config.epochs, schedule_epochs=config.schedule_epochs)
-    for key, value in runtime.items():
-        if value is not None:
-            setattr(config, key, value)
-    config.out = str(rundir.path)
-    config.validate()  # config.json's values passed _saved_run_config: what fails now is a run-time option's
+    saved = dict(saved, epochs=epochs or config.epochs, schedule_epochs=config.schedule_epochs)
+    changes = {key: value for key, value in runtime.items() if value is not None}
+    # config.json's values passed _saved_run_config: what fails now is a run-time option's
+    config = replace(config, epochs=epochs or config.epochs, out=str(rundir.path), **changes).validate()
     if epochs is not None and epochs > config.schedule_epochs and config.progress:
         print(f"vggnet train: extending {run_dir} to {epochs} epochs; the {config.schedule} learning-rate schedule "
               f"keeps its {config.schedule_epochs} epochs and the epochs after them run at its final rate",
@@ -159,8 +158,8 @@ def _saved_run_config(rundir: RunDir, saved: Any) -> TrainConfig:
     edited by hand into wrong types or values is a one-line :class:`CheckpointError` naming it."""
     try:
         config = TrainConfig.from_dict(saved)
-        config.schedule_epochs = config.schedule_epochs or config.epochs  # runs written before it was recorded
-        config.complete().validate()
+        # runs written before schedule_epochs was recorded scheduled over their epochs
+        config = replace(config, schedule_epochs=config.schedule_epochs or config.epochs).validate()
     except ConfigError as err:
         raise CheckpointError(f"{rundir.config} holds an invalid configuration: {err}") from None
     return config

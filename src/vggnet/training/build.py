@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -122,27 +122,26 @@ def build_optimizer(config: TrainConfig, model: torch.nn.Module, loaded: list[st
 
 
 def start_weights(config: TrainConfig, model: torch.nn.Module, rundir: RunDir, classes: list[str],
-                  announce: bool) -> list[str]:
-    """``--init-from``: a new run loads SOURCE's weights into ``model``, records what it did in ``config.init_record``
-    (config.json, model.json) and prints that on one line to stderr when ``announce`` (rank 0); a resumed run's
-    weights come from its state file, so SOURCE is never read again, only the record. Returns the loaded layers."""
+                  announce: bool) -> tuple[list[str], dict[str, Any] | None]:
+    """``--init-from``: a new run loads SOURCE's weights into ``model`` and prints what it did on one line to stderr
+    when ``announce`` (rank 0); a resumed run's weights come from its state file, so SOURCE is never read again,
+    only the record. Returns the loaded layers and the record (config.json's ``init_record``)."""
     if not config.init_from:
-        return []
+        return [], None
     if rundir.has_state():
         if config.init_record is None:
             raise CheckpointError(f"{rundir.config} names --init-from {config.init_from} but has no init_record: it "
                                   "was not written by this vggnet")
-        return TransferRecord.from_dict(config.init_record).loaded
+        return TransferRecord.from_dict(config.init_record).loaded, config.init_record
     record = init_from_source(model, config.init_from, config.init_scheme, classes)
-    config.init_record = record.to_dict()
     if announce:
         print(f"vggnet train: {record.summary()}", file=sys.stderr, flush=True)
-    return record.loaded
+    return record.loaded, record.to_dict()
 
 
 def build_scaler(runtime: Runtime) -> torch.amp.GradScaler | None:
     """fp16's gradient scaler (fp16 gradients underflow to 0 without one); None for fp32 and bf16, whose range is
-    fp32's. Its state is checkpointed with the run (:func:`vggnet.training.loop.save_state`)."""
+    fp32's. Its state is checkpointed with the run (:func:`vggnet.training.state.save_state`)."""
     if runtime.precision != "fp16":
         return None
     return torch.amp.GradScaler(runtime.device.type)
@@ -157,11 +156,10 @@ def build_run(config: TrainConfig, data: tuple[ImageDataset, ImageDataset] | Non
               saved_config: dict[str, Any] | None = None) -> Run:
     """A ready run for ``config`` (completed and validated here). ``data``: ``(train, test)`` already loaded.
     ``saved_config``: what config.json is to hold when it differs from ``config`` (a resumed session's)."""
-    config.complete()
-    config.validate()
+    config = config.validate()  # a new, completed object: what this run records (config.json)
     dist = distributed.setup(config.device)
     rundir = RunDir(dist.broadcast_object(str(config.out or default_run_dir(config))))  # rank 0's timestamp
-    config.out = str(rundir.path)
+    config = replace(config, out=str(rundir.path))
     runtime = build_runtime(config, dist)
     # Its first window spans the data loading and model building below, so the first sync point (step 0) already
     # knows the load: a busy machine costs no slow steps at the start.
@@ -176,7 +174,7 @@ def build_run(config: TrainConfig, data: tuple[ImageDataset, ImageDataset] | Non
     model = build_model(config, train_set)
     # Fail now, with the model's own message, if the images cannot go through it.
     model.check_input(torch.zeros(1, train_set.images.shape[1], config.image_size, config.image_size))
-    loaded = start_weights(config, model, rundir, list(train_set.classes), dist.is_main)
+    loaded, init_record = start_weights(config, model, rundir, list(train_set.classes), dist.is_main)
     model = model.to(runtime.device)
     if runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -191,8 +189,8 @@ def build_run(config: TrainConfig, data: tuple[ImageDataset, ImageDataset] | Non
     if len(loader) == 0:
         raise ConfigError(f"--batch-size {config.batch_size} is larger than the training set ({len(train_set)} "
                           "images): lower it or raise --subset")
-    if config.schedule_epochs is None:
-        config.schedule_epochs = config.epochs  # recorded, so that extending the run does not stretch it
+    # Recorded: the schedule's length (so that extending the run does not stretch it) and what --init-from loaded.
+    config = replace(config, schedule_epochs=config.schedule_epochs or config.epochs, init_record=init_record)
     net = dist.wrap(model, config.sync_bn)
     if runtime.compile:
         net = compile_module(net)  # the step's network; evaluation and checkpoints use the bare model

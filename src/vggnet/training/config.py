@@ -14,7 +14,7 @@ classic torchvision head, dropout 0.5, as :func:`vggnet.create_model` builds it)
 from __future__ import annotations
 
 import inspect
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Iterator
 
 from vggnet.base.limits import (MAX_BATCH, MAX_CLASSES, MAX_EPOCHS, MAX_IMAGE_SIZE, MAX_IMAGES, MAX_LR, MAX_SEED,
@@ -77,7 +77,7 @@ def option_name(field_name: str) -> str:
     return field_name if field_name in _NOT_FLAGS else "--" + field_name.replace("_", "-")
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     """Everything a run depends on. Units are in the comments; ``config.json`` stores the resolved values.
 
@@ -141,26 +141,26 @@ class TrainConfig:
     preset: str | None = None  # the preset these values started from
 
     def complete(self) -> "TrainConfig":
-        """Fill the model-shape fields left at ``None`` (the rule in the module docstring), in place."""
+        """This configuration with the model-shape fields left at ``None`` filled (the rule in the module
+        docstring) and ``freeze`` as a list; a new object: a TrainConfig never changes once made."""
+        changes: dict[str, Any] = {}
         if self.model is None:
-            for key, value in DEFAULT_MODEL.items():
-                if getattr(self, key) is None:
-                    setattr(self, key, value)
-        for key, value in MODEL_DEFAULTS.items():
-            if getattr(self, key) is None:
-                setattr(self, key, value)
+            changes.update({k: v for k, v in DEFAULT_MODEL.items() if getattr(self, k) is None})
+        changes.update({k: v for k, v in MODEL_DEFAULTS.items() if getattr(self, k) is None and k not in changes})
         if isinstance(self.freeze, str):  # "features,conv5_1" as on the command line
-            self.freeze = [name.strip() for name in self.freeze.split(",") if name.strip()]
+            changes["freeze"] = [name.strip() for name in self.freeze.split(",") if name.strip()]
         elif isinstance(self.freeze, tuple):
-            self.freeze = list(self.freeze)
-        return self
+            changes["freeze"] = list(self.freeze)
+        return replace(self, **changes) if changes else self
 
-    def validate(self) -> None:
-        """Raise :class:`ConfigError` naming the first invalid option (after :meth:`complete`): of the wrong type
-        (config.json may have been edited by hand), outside its :data:`RANGES`, or not one of its choices."""
-        self.complete()
-        for problem in self._problems():
+    def validate(self) -> "TrainConfig":
+        """This configuration completed (:meth:`complete`) and checked: raise :class:`ConfigError` naming the first
+        invalid option: of the wrong type (config.json may have been edited by hand), outside its :data:`RANGES`, or
+        not one of its choices."""
+        done = self.complete()
+        for problem in done._problems():
             raise ConfigError(problem)
+        return done
 
     def _problems(self) -> Iterator[str]:
         """The messages of what is wrong, types first: a later check may rely on an earlier one having passed."""
@@ -283,6 +283,4 @@ def resolve_config(preset: str | None = None, **overrides: Any) -> TrainConfig:
     values = PRESETS[name]
     if "model" in given:  # a named model: its own architecture, not the preset's
         values = {k: v for k, v in values.items() if k not in MODEL_SHAPE}
-    config = TrainConfig.from_dict({**values, **given, "preset": name}).complete()
-    config.validate()
-    return config
+    return TrainConfig.from_dict({**values, **given, "preset": name}).validate()

@@ -27,6 +27,8 @@ import torch
 
 from vggnet.base.errors import ConfigError, VggnetError
 from vggnet.runtime import GPU_HOST_THREADS, available_cores
+from vggnet.evaluation.metrics import evaluate, metrics_from_logits, predict_logits
+from vggnet.store.rundir import RunDir
 
 # Seconds a collective waits for a missing rank before the job fails instead of hanging. It must be longer than
 # the longest stretch one rank works alone while the others wait: rank 0 writing checkpoints and plots at the end
@@ -153,8 +155,6 @@ class Dist:
         The same :class:`~vggnet.evaluation.metrics.EvalResult` as a single process would compute (every sample counts once),
         on every rank, so decisions taken from it (plateau schedule, best checkpoint) agree across ranks.
         """
-        from vggnet.evaluation.metrics import evaluate, metrics_from_logits, predict_logits
-
         if not self.enabled:  # on the model's own device (a single process may use any one)
             device = next(model.parameters()).device
             return evaluate(model, dataset, preprocess, device, precision, batch_size, tta=tta,
@@ -261,7 +261,6 @@ def peer_failures(run_dir: Callable[[], str | Path | None]) -> Iterator[None]:
 
         rank, world = tdist.get_rank(), tdist.get_world_size()
         directory = run_dir()
-        from vggnet.store.rundir import RunDir
 
         if directory and RunDir(directory).has_state():
             hint = (f"the last checkpoint is in {directory}: continue with torchrun ... -m vggnet train --resume "

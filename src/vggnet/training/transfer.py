@@ -8,7 +8,10 @@ meets a VGG-16's ``conv3_1`` although their state-dict indices differ, and a ``_
 model's. A layer loads whole (every parameter and buffer) when SOURCE has a layer of that name with the same tensor
 names and shapes; shapes decide, so layers of another width do not load. Scheme ``all`` (the default) loads every
 such layer; scheme ``paper`` is section 3.1's init-from-A (:func:`paper_pairs`). Every other layer keeps the new
-model's own initialisation and is listed with the reason in a :class:`TransferRecord`.
+model's own initialisation and is listed with the reason in a :class:`TransferRecord`. A SOURCE that is another
+network is refused (:func:`init_from_source`, a ConfigError naming the options that build SOURCE's architecture):
+when nothing loads, or fewer than :data:`MIN_CONV_SHARE` of the convolution layers the model shares with SOURCE by
+name (as the scheme pairs them) -- another width fits none, though the classic head's FC2 and FC3 would.
 
 **The head.** The new model's last layer is re-initialised when the run's class names differ from SOURCE's (a new
 head for the dataset's classes), even when their number is the same: its outputs would mean other classes. Other
@@ -39,11 +42,15 @@ import torch
 from torch import nn
 
 from vggnet.base.errors import CheckpointError, ConfigError, VggnetError
+from vggnet.store.load import load
 
 INIT_SCHEMES = ("all", "paper")
 #: Section 3.1: the deeper nets took "the first four convolutional layers and the last three fully-connected
 #: layers" from the trained net A; the rest was initialised randomly.
 PAPER_CONVS, PAPER_FCS = 4, 3
+#: The least fraction of the convolution layers a model shares with SOURCE (by name, as the scheme pairs them) that
+#: must load for ``--init-from`` to go on: below it SOURCE is another network (another width: none loads).
+MIN_CONV_SHARE = 0.5
 PAPER_REST = "random in the paper scheme: not among SOURCE's first four convs and last three FC layers"
 _CONV = re.compile(r"conv(\d+)_(\d+)")
 
@@ -216,12 +223,45 @@ def _describe(model: nn.Module) -> str:
             f"{config.get('in_channels')} input channel(s))")
 
 
+def shared_convs(target: nn.Module, source: nn.Module, scheme: str = "all") -> list[str]:
+    """``target``'s convolution layers that ``scheme`` pairs with a convolution layer ``source`` has, in model order
+    (whether their shapes fit or not)."""
+    ours, theirs = model_layers(target), model_layers(source)
+    pairs = paper_pairs(ours, theirs) if scheme == "paper" else {layer: layer for layer in ours}
+    return [layer for layer in ours if _CONV.fullmatch(layer) and pairs.get(layer) in theirs]
+
+
+def _suggestion(model: nn.Module, source: nn.Module) -> str:
+    """The options that would build SOURCE's architecture, where the two configs differ in them."""
+    mine, theirs = getattr(model, "config", {}), getattr(source, "config", {})
+    options = []
+    if mine.get("name") != theirs.get("name"):
+        options.append(f"--model {theirs.get('name')}")
+    if theirs.get("name") == "custom" and mine.get("arch") != theirs.get("arch"):
+        options.append(f"--arch {','.join(map(str, theirs.get('arch') or []))}")
+    if mine.get("width") != theirs.get("width") and isinstance(theirs.get("width"), (int, float)):
+        options.append(f"--width {theirs['width']:g}")
+    return " ".join(options) if options else "--model, --arch, --width as SOURCE's"
+
+
+def _check_convs(model: nn.Module, source: nn.Module, record: TransferRecord, name: str) -> None:
+    """ConfigError when fewer than :data:`MIN_CONV_SHARE` of the convolution layers ``model`` shares with SOURCE
+    loaded: SOURCE is another network (another width, other channels), and training on would fine-tune nothing."""
+    shared = shared_convs(model, source, record.scheme)
+    failed = [layer for layer in shared if layer not in record.loaded]
+    if not shared or len(shared) - len(failed) >= MIN_CONV_SHARE * len(shared):
+        return
+    raise ConfigError(f"--init-from {name}: only {len(shared) - len(failed)} of the {len(shared)} convolution layers "
+                      f"SOURCE shares with the model to train fit it ({failed[0]}: "
+                      f"{record.reinitialised.get(failed[0], 'does not fit')}); SOURCE is {_describe(source)}, the "
+                      f"model to train {_describe(model)}: train SOURCE's architecture ({_suggestion(model, source)})")
+
+
 def init_from_source(model: nn.Module, source: str, scheme: str = "all",
                      classes: Sequence[str] | None = None) -> TransferRecord:
     """Load ``source`` with :func:`vggnet.load` (run directory or weights file; it draws no random numbers, so the
-    run's random state does not depend on SOURCE) and copy what fits into ``model``. ConfigError when nothing fits."""
-    from vggnet.store.load import load
-
+    run's random state does not depend on SOURCE) and copy what fits into ``model``. ConfigError when nothing fits,
+    and when fewer than half of the convolution layers the two share fit (:func:`_check_convs`)."""
     try:
         loaded = load(source)  # built on the meta device and filled: no random draws
     except VggnetError as err:
@@ -232,6 +272,7 @@ def init_from_source(model: nn.Module, source: str, scheme: str = "all",
         raise ConfigError(f"--init-from {source}: none of its layers fits the model to train, {_describe(model)}; "
                           f"SOURCE is {_describe(loaded.model)}: train SOURCE's architecture (--model, --arch, "
                           "--width, --head as SOURCE's)")
+    _check_convs(model, loaded.model, record, str(source))
     return record
 
 

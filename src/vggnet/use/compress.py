@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from vggnet.base.errors import ConfigError, OutputError
+from vggnet.base.guard import new_folder
 from vggnet.evaluation.testset import load_test_set
 from vggnet.net.compressed import (Compression, Int8Linear, LowRankLinear, Spectrum, check_int8_backend, dense_weight,
                                    fc_layers, int8_backend, low_rank_factors, quantize_symmetric, replace_linears,
@@ -147,7 +148,7 @@ class Compressed:
     def card(self, source_card):
         """``source_card`` (a :class:`vggnet.store.card.ModelCard`) with this compression recorded: save it with the model
         (:func:`vggnet.store.rundir.save_model`) and the run loads as compressed."""
-        return replace(source_card, compression=self.record.to_dict())
+        return replace(source_card, compression=self.record)
 
 
 @torch.no_grad()
@@ -245,13 +246,8 @@ class CompressReport:
 
 
 def check_out(out: str | Path) -> Path:
-    """``out`` must not exist, or be an empty folder."""
-    out = Path(out)
-    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
-        kind = "folder that is not empty" if out.is_dir() else "file"
-        raise OutputError(f"--out {out} is a {kind}: vggnet compress writes a new run directory; give a new path "
-                          "or an empty folder")
-    return out
+    """``out`` must not exist, or be an empty folder (:func:`vggnet.base.guard.new_folder`), in a writable place."""
+    return new_folder(out, hint="vggnet compress writes a new run directory; give a new path or an empty folder")
 
 
 def _test_set(loaded, source: Path, dataset: str | None, data_dir: str | None):
@@ -294,7 +290,7 @@ def compress_run(source: str | Path, out: str | Path, svd: dict[str, int] | None
     loaded = load(source, weights, "cpu", model=model)
     loaded.require_head(source, "compress")
     if loaded.card.compression is not None:
-        raise ConfigError(f"{source} is already compressed ({Compression.from_dict(loaded.card.compression).describe()}"
+        raise ConfigError(f"{source} is already compressed ({loaded.card.compression.describe()}"
                           "): compress the original run")
     check_request(loaded.model, svd, svd_energy, int8, half)
     name, test, note = (_test_set(loaded, source, dataset, data_dir) if evaluate

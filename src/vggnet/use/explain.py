@@ -40,11 +40,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vggnet.base.errors import ConfigError, OutputError
-from vggnet.base.files import atomic_write_bytes, atomic_write_json, make_dirs
+from vggnet.base.errors import ConfigError
+from vggnet.base.files import atomic_write_bytes, atomic_write_json
+from vggnet.base.guard import json_of, output_folder
 
 #: Name and version of explain.json.
 FORMAT_NAME, FORMAT_VERSION = "vggnet-explain", 1
+#: The listing explain writes into its folder.
+JSON_NAME = "explain.json"
+#: The ``Software`` text chunk of every PNG explain writes: how a later run knows the file is its own.
+PNG_SOFTWARE = "vggnet explain"
 #: The smaller side of a written PNG is upscaled (by a whole factor, nearest neighbour) to at least this many pixels.
 MIN_DISPLAY = 224
 #: The colour map of the heat (perceptually uniform: brightness grows with the map's value; 0 is black).
@@ -215,12 +220,15 @@ def write_overlay(path: str | os.PathLike, image: np.ndarray, heatmap, alpha: fl
     enlarged by a whole factor (nearest neighbour, so pixels stay sharp) until its smaller side is at least
     ``min_side`` and the heat map is resampled smoothly to that size. Returns the PNG's (height, width)."""
     from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
 
     scale = max(1, math.ceil(min_side / min(image.shape[:2])))
     big = np.repeat(np.repeat(np.asarray(image), scale, axis=0), scale, axis=1)
     picture = overlay(big, heatmap, alpha)
     buffer = io.BytesIO()
-    Image.fromarray(picture, "RGB").save(buffer, format="PNG")
+    mark = PngInfo()
+    mark.add_text("Software", PNG_SOFTWARE)
+    Image.fromarray(picture, "RGB").save(buffer, format="PNG", pnginfo=mark)
     atomic_write_bytes(path, buffer.getvalue())
     return picture.shape[0], picture.shape[1]
 
@@ -241,13 +249,33 @@ def png_names(files: Sequence[str]) -> list[str]:
     return names
 
 
-def check_out_dir(out_dir: str | os.PathLike, create: bool = True) -> Path:
-    """The output folder ``out_dir``, created unless ``create`` is false; an existing file there is refused in one
-    line."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise OutputError(f"--out {out_dir} is an existing file: name a folder (it is created if missing)")
-    return make_dirs(out_dir) if create else out_dir
+def written_by_explain(out_dir: str | os.PathLike):
+    """``owned(path)`` for the files of ``out_dir``: explain.json when it is explain's listing, a PNG it lists, or a
+    PNG with explain's ``Software`` chunk (an earlier run's, since dropped from the listing). A file PIL cannot
+    open is not explain's (:func:`vggnet.base.guard.output_folder` takes any failure of the test as a no)."""
+    from PIL import Image
+
+    report = json_of(Path(out_dir) / JSON_NAME)
+    entries = report.get("images") if isinstance(report, dict) and report.get("format") == FORMAT_NAME else None
+    listed = {Path(e["png"]).name for e in (entries if isinstance(entries, list) else [])
+              if isinstance(e, dict) and isinstance(e.get("png"), str)}
+
+    def owned(path: Path) -> bool:
+        if path.name == JSON_NAME:
+            return isinstance(entries, list)
+        with Image.open(path) as picture:
+            return path.name in listed or (picture.format == "PNG" and picture.info.get("Software") == PNG_SOFTWARE)
+
+    return owned
+
+
+def check_out_dir(out_dir: str | os.PathLike, files: Sequence[str | os.PathLike] = (), create: bool = True) -> Path:
+    """The output folder ``out_dir`` for explaining ``files`` (:func:`vggnet.base.guard.output_folder`): not a file,
+    writable, and each PNG of :func:`png_names` and explain.json new or explain's own, never one of ``files``;
+    created unless ``create`` is false. Call it before the work."""
+    files = [str(f) for f in files]
+    return output_folder(out_dir, names=[*png_names(files), JSON_NAME], inputs=files,
+                         owned=written_by_explain(out_dir), create=create, writer="vggnet explain")
 
 
 # ------------------------------------------------------------------------------------------------- image files
@@ -296,6 +324,24 @@ class ExplainResult:
                 "images": [e.to_dict(self.layer) for e in self.images]}
 
 
+def _explain_batch(model, x: torch.Tensor, layer: str, target, prep, rows: list[tuple[Explanation, str]],
+                   alpha: float, name_of) -> tuple[int, int]:
+    """Grad-CAM of the preprocessed batch ``x``: row ``i`` fills in ``rows[i]``'s :class:`Explanation` and writes
+    its PNG to ``rows[i]``'s path. Returns the layer's map size."""
+    cams, logits, chosen = raw_grad_cam(model, x, layer, target)
+    maps = normalise(cams, tuple(x.shape[-2:])).cpu()
+    probs = logits.softmax(1).cpu()
+    pictures = model_input_images(x, prep)
+    for row, (r, png) in enumerate(rows):
+        c, top = int(chosen[row]), int(probs[row].argmax())
+        r.index, r.name, r.prob = c, name_of(c), float(probs[row, c])
+        r.predicted = {"index": top, "class": name_of(top), "prob": float(probs[row, top])}
+        r.peak = peak(cams[row].cpu(), tuple(x.shape[-2:]))
+        r.png = png
+        write_overlay(png, pictures[row], maps[row], alpha)
+    return tuple(cams.shape[-2:])
+
+
 def explain_files(loaded, files: Sequence[str | os.PathLike], out_dir: str | os.PathLike, layer: str | None = None,
                   target: int | str | None = None, alpha: float = 0.5, runtime=None, batch_size: int | None = None,
                   progress: bool = False, source: str | None = None) -> ExplainResult:
@@ -316,12 +362,12 @@ def explain_files(loaded, files: Sequence[str | os.PathLike], out_dir: str | os.
     num_classes = model.num_classes
     if target is not None:
         target = resolve_class(target, classes, num_classes)
-    out_dir = check_out_dir(out_dir)
+    files = [str(f) for f in files]
+    out_dir = check_out_dir(out_dir, files)
     runtime = runtime or resolve_runtime("cpu", "fp32", threads=torch.get_num_threads())
     model.to(runtime.device)
     prep = loaded.preprocess
     batch_size = batch_size or min(64, auto_batch_size(prep.image_size, prep.image_size))
-    files = [str(f) for f in files]
     results = [Explanation(f) for f in files]
 
     def name_of(i: int) -> str:
@@ -338,26 +384,15 @@ def explain_files(loaded, files: Sequence[str | os.PathLike], out_dir: str | os.
             for position, message in errors:
                 results[start + position].error = message
             if images is not None:
-                x = prep(images.to(runtime.device))
-                cams, logits, chosen = raw_grad_cam(model, x, layer, target)
-                map_size = tuple(cams.shape[-2:])
-                maps = normalise(cams, tuple(x.shape[-2:])).cpu()
-                probs = logits.softmax(1).cpu()
-                pictures = model_input_images(x, prep)
-                for row, position in enumerate(where):
-                    r = results[start + position]
-                    c, top = int(chosen[row]), int(probs[row].argmax())
-                    r.index, r.name, r.prob = c, name_of(c), float(probs[row, c])
-                    r.predicted = {"index": top, "class": name_of(top), "prob": float(probs[row, top])}
-                    r.peak = peak(cams[row].cpu(), tuple(x.shape[-2:]))
-                    r.png = str(out_dir / names[start + position])
-                    write_overlay(r.png, pictures[row], maps[row], alpha)
+                rows = [(results[start + p], str(out_dir / names[start + p])) for p in where]
+                map_size = _explain_batch(model, prep(images.to(runtime.device)), layer, target, prep, rows, alpha,
+                                          name_of)
             bar.update(len(batch))
     finally:
         bar.close()
     size = prep.image_size
     result = ExplainResult(layer, map_size, (size, size), results)
     if any(r.error is None for r in results):  # nothing explained, nothing written
-        result.json_path = str(out_dir / "explain.json")
+        result.json_path = str(out_dir / JSON_NAME)
         atomic_write_json(result.json_path, result.to_dict(source, alpha))
     return result

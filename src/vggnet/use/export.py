@@ -1,5 +1,5 @@
 """Export a trained VGG to a file other runtimes load (ONNX, TorchScript, torch.export), checked against the eager
-model before anything is written.
+model before anything is written: the public module of ``vggnet export``.
 
 Typical use (the Python side of ``vggnet export``)::
 
@@ -14,405 +14,67 @@ What is exported is the eager fp32 :class:`~vggnet.net.models.VGG` on the CPU (n
 copy), or with ``any_size`` :func:`vggnet.to_dense` of it: fully convolutional, so the file takes any input at least
 the training size (the dense head's kernel was sized for it; a ``gap`` head needs only ``2 ** num_pools``).
 
-Formats:
-
-- ``onnx``: :func:`torch.onnx.export` with ``dynamo=True``, the torch.export-based exporter. The TorchScript-based
-  one (``dynamo=False``) is deprecated since torch 2.9 (it warns that it will be removed) and fails on the classic
-  head's ``AdaptiveAvgPool2d((7, 7))`` whenever the feature map is not a multiple of 7 ("output size that are not
-  factor of input size", e.g. the 1 x 1 map of a five-pool model at 32 px); the dynamo exporter lowers that pooling
-  to exact gathers and means. Needs the optional ``onnx``, ``onnxscript`` and ``onnxruntime`` packages
-  (``pip install 'vggnet[onnx]'``); one file, weights inside (at most 2 GB: protobuf's limit).
-- ``torchscript``: :func:`torch.jit.trace` (deprecated by torch in favour of torch.export, still loadable from C++
-  with libtorch; the deprecation warnings are silenced here).
-- ``exported``: :func:`torch.export.export` + :func:`torch.export.save` (``.pt2``), loaded back with
-  ``torch.export.load(path).module()``, which checks the input shape against the declared ranges.
-
-Dynamic dimensions are declared with :class:`torch.export.Dim` (batch >= 1, height/width >= the minimum size) and
-traced on an example that is not 1 in any of them (torch.export specialises sizes 0 and 1); size-oblivious
-reasoning (``backed_size_oblivious``) keeps the dense head's 1 x 1 class-score map at the minimum size from being
-guarded away. TorchScript traces are shape-generic anyway; the card states what is guaranteed.
-
-The check: the exported bytes are loaded back (onnxruntime, :func:`torch.jit.load`, :func:`torch.export.load`) and
-run on real images, preprocessed as in training, next to the eager model: max absolute logit error, the relative
-error (max abs / max |eager logit|) and top-1 agreement. It passes when the relative error is at most the tolerance
-(default :data:`DEFAULT_TOLERANCE`, fp32 against fp32) and every image whose top-1 class changed had an eager top-2
-margin below the max abs error (a tie the rounding may break). Then the file and its JSON card (``FILE.json``: input
-spec, classes, preprocessing as plain numbers and a recipe, source, check results) are written atomically, the card
-last: both files or neither (:func:`commit`).
+The work is in two modules, re-exported here: :mod:`vggnet.use.export_formats` (the formats, their exporters and
+runtimes, the input spec) and :mod:`vggnet.use.export_check` (the exported file against the eager model on real
+images). This module writes: once the check passes, the file and its JSON card (``FILE.json``: input spec,
+classes, preprocessing as plain numbers and a recipe, source, check results) are written atomically, the card
+last: both files or neither (:func:`commit`). Where they may go is :mod:`vggnet.base.guard`'s rule
+(:func:`check_out`): never over one of the inputs, never over a file that vggnet export did not write (one with an
+export card beside it is its own).
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import io
-import logging
 import math
 import os
 import time
-import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterable
 
 import torch
-from torch import nn
 
-from vggnet.base.errors import ConfigError, DataError, VggnetError
-from vggnet.base.files import atomic_write_bytes, atomic_write_json, check_out_path
+from vggnet.base.errors import ConfigError
+from vggnet.base.files import atomic_write_bytes, atomic_write_json
+from vggnet.base.guard import json_of, output_file
 from vggnet.net.models import VGG
-from vggnet.net.dense import to_dense
 from vggnet.store.card import LoadedModel
+from vggnet.use.export_check import (CHECK_IMAGES, DEFAULT_TOLERANCE, RANDOM_IMAGES, ExportCheck, SizeCheck,
+                                     check_export, check_images_of, compare, random_images)
+from vggnet.use.export_formats import (EXTENSIONS, FORMATS, INPUT_NAME, OUTPUT_NAME, RANDOM_SEED, ExportError,
+                                       InputSpec, export_bytes, export_module, load_runner, onnx_opset, require_onnx)
 
-FORMATS = ("onnx", "torchscript", "exported")
-#: The usual file extension of each format (any name is accepted).
-EXTENSIONS = {"onnx": ".onnx", "torchscript": ".pt", "exported": ".pt2"}
-#: Default relative tolerance: max |exported - eager| / max |eager| over the check images, fp32 against fp32.
-DEFAULT_TOLERANCE = 1e-4
-#: Test-set images checked for a run directory; random images when there are no real ones.
-CHECK_IMAGES, RANDOM_IMAGES, RANDOM_SEED = 256, 8, 0
-#: Images per call when the batch is dynamic.
-CHECK_BATCH = 32
-INPUT_NAME, OUTPUT_NAME = "image", "logits"
-ONNX_HINT = "pip install 'vggnet[onnx]'"
-#: The most weight bytes one ONNX file holds (protobuf's 2 GB limit, less room for the graph).
-ONNX_MAX_BYTES = 2**31 - 2**26
+#: Who writes the files, in the guard's refusals.
+WRITER = "vggnet export"
 
 
-class ExportError(VggnetError):
-    """An export that cannot be made, or whose file does not compute what the eager model computes."""
-
-
-# ------------------------------------------------------------------------------------------------ preconditions
-def require_onnx() -> None:
-    """Import the optional ONNX packages (exporter, its script library, the runtime that checks the file); one-line
-    :class:`ExportError` with the install hint when one is missing."""
-    for name in ("onnx", "onnxscript", "onnxruntime"):
-        try:
-            __import__(name)
-        except ImportError:
-            raise ExportError(f"--format onnx needs the {name} package, which is not installed: {ONNX_HINT}") from None
-
-
+# ------------------------------------------------------------------------------------------------ where it goes
 def card_path(path: str | os.PathLike) -> Path:
     """The JSON card beside an exported file: ``model.onnx`` -> ``model.onnx.json``."""
     path = Path(path)
     return path.with_name(path.name + ".json")
 
 
-# ------------------------------------------------------------------------------------------------ input spec
-@dataclass
-class InputSpec:
-    """What the exported file takes: ``(batch, channels, height, width)`` float32, some dimensions dynamic."""
-
-    channels: int
-    size: tuple[int, int]  # the fixed size, or the smallest when any_size
-    step: int  # 2 ** num_pools: the model's size granularity
-    dynamic_batch: bool = False
-    any_size: bool = False
-
-    @property
-    def dynamic(self) -> list[str]:
-        return (["batch"] if self.dynamic_batch else []) + (["height", "width"] if self.any_size else [])
-
-    def shape(self) -> list[int | str]:
-        """The input shape, a dynamic dimension by its name."""
-        return ["batch" if self.dynamic_batch else 1, self.channels,
-                "height" if self.any_size else self.size[0], "width" if self.any_size else self.size[1]]
-
-    def example(self) -> torch.Tensor:
-        """A traced example: batch 2 when dynamic (torch.export specialises 1), else 1; with any_size,
-        ``size + 2 * step`` (never the minimum, whose dense score map is 1 x 1)."""
-        h, w = (s + 2 * self.step for s in self.size) if self.any_size else self.size
-        gen = torch.Generator().manual_seed(RANDOM_SEED)
-        return torch.randn(2 if self.dynamic_batch else 1, self.channels, h, w, generator=gen)
-
-    def dynamic_shapes(self) -> tuple[dict[int, Any]] | None:
-        from torch.export import Dim
-
-        dims: dict[int, Any] = {}
-        if self.dynamic_batch:
-            dims[0] = Dim("batch", min=1)
-        if self.any_size:
-            dims[2] = Dim("height", min=self.size[0])
-            dims[3] = Dim("width", min=self.size[1])
-        return (dims,) if dims else None
+def is_card(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is an export card (:func:`make_card`'s keys, a known format): vggnet export wrote it."""
+    card = json_of(path)
+    return (isinstance(card, dict) and card.get("format") in FORMATS and isinstance(card.get("check"), dict)
+            and {"input", "output", "classes", "vggnet_version"} <= set(card))
 
 
-def export_module(model: VGG, *, dynamic_batch: bool = False, any_size: bool = False) -> tuple[VGG, InputSpec]:
-    """The eager fp32 CPU module that is exported (``to_dense(model)`` with ``any_size``) and its input spec."""
-    if not isinstance(model, VGG):
-        raise ConfigError(f"export needs a vggnet VGG model, got {type(model).__name__}")
-    int8 = [m for m in model.modules() if hasattr(m, "use_kernel")]  # vggnet.use.compress.Int8Linear layers
-    if int8 or model.training or any(p.device.type != "cpu" or p.dtype != torch.float32 for p in model.parameters()):
-        model = copy.deepcopy(model).float().cpu().eval()  # the caller's model stays as it was
-        for module in model.modules():
-            if hasattr(module, "use_kernel"):
-                # The exporters see the dequantised form (int8 weights, Cast, Mul: the file stays small); the eager
-                # reference runs the same arithmetic, not the kernel that also rounds activations to int8.
-                module.use_kernel = False
-    if any_size:
-        module = to_dense(model).eval()
-        size = module.input_size if model.head in ("classic", "fitted", "dense") else (model.min_size,) * 2
-    else:
-        module, size = model, model.input_size
-    return module, InputSpec(model.in_channels, tuple(size), model.min_size, dynamic_batch, any_size)
+def written_by_export(path: str | os.PathLike) -> bool:
+    """Whether the file at ``path`` is an earlier export: its card is beside it. A file of :func:`export_model`
+    alone has no card, so it is not recognised (move it away, or export to a new name)."""
+    return is_card(card_path(path))
 
 
-# ------------------------------------------------------------------------------------------------ exporting
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """No warnings, exporter progress lines or logger chatter on the user's terminal while torch exports and loads
-    (deprecations of torch.jit, onnxscript's pytree notice, "torchvision is not installed" from the registry)."""
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        logger.setLevel(level)
-
-
-def _size_oblivious() -> contextlib.AbstractContextManager:
-    """torch's size-oblivious shape reasoning where this torch has it: a dynamic size is not assumed to differ from 1
-    (the dense head's 1 x 1 score map at the minimum size would otherwise be guarded out of the range)."""
-    try:
-        from torch.fx.experimental import _config as fx_config
-    except ImportError:  # pragma: no cover - older torch
-        return contextlib.nullcontext()
-    if not hasattr(fx_config, "backed_size_oblivious"):  # pragma: no cover - older torch
-        return contextlib.nullcontext()
-    return fx_config.patch(backed_size_oblivious=True)
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0] if text else ''}"
-
-
-def export_bytes(module: nn.Module, fmt: str, spec: InputSpec) -> bytes:
-    """The file of ``module`` in format ``fmt`` as bytes (nothing is written)."""
-    if fmt not in FORMATS:
-        raise ConfigError(f"unknown export format {fmt!r}: choose one of {', '.join(FORMATS)}")
-    if fmt == "onnx":
-        require_onnx()
-        weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
-        if weight_bytes > ONNX_MAX_BYTES:
-            raise ExportError(f"this model has {weight_bytes / 2**30:.2f} GB of weights, more than one ONNX file holds "
-                              "(2 GB, protobuf's limit): use --format exported or torchscript")
-    example = spec.example()
-    buffer = io.BytesIO()
-    try:
-        with _quiet(), torch.no_grad():
-            if fmt == "torchscript":
-                traced = torch.jit.trace(module, (example,), check_trace=False)
-                torch.jit.save(traced, buffer)
-                return buffer.getvalue()
-            with _size_oblivious():
-                if fmt == "exported":
-                    program = torch.export.export(module, (example,), dynamic_shapes=spec.dynamic_shapes())
-                    torch.export.save(program, buffer)
-                    return buffer.getvalue()
-                onnx_program = torch.onnx.export(module, (example,), None, dynamo=True, verbose=False,
-                                                 input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                                                 dynamic_shapes=spec.dynamic_shapes())
-            return onnx_program.model_proto.SerializeToString()
-    except VggnetError:
-        raise
-    except Exception as err:  # noqa: BLE001 - an exporter failure is one line, never a traceback
-        raise ExportError(f"torch could not export this model to {fmt}: {_first_line(err)}; try another --format "
-                          "(set VGGNET_DEBUG=1 for the traceback)") from err
-
-
-def load_runner(fmt: str, data: bytes) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A function float32 NCHW -> logits running the exported ``data`` as its own runtime does."""
-    with _quiet():
-        if fmt == "onnx":
-            import onnxruntime
-
-            options = onnxruntime.SessionOptions()
-            options.log_severity_level = 3
-            session = onnxruntime.InferenceSession(data, options, providers=["CPUExecutionProvider"])
-
-            def run_onnx(x: torch.Tensor) -> torch.Tensor:
-                return torch.from_numpy(session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0])
-
-            return run_onnx
-        if fmt == "torchscript":
-            module = torch.jit.load(io.BytesIO(data), map_location="cpu")
-        else:
-            module = torch.export.load(io.BytesIO(data)).module()
-
-    def run_torch(x: torch.Tensor) -> torch.Tensor:
-        with _quiet(), torch.no_grad():
-            return module(x)
-
-    return run_torch
-
-
-def onnx_opset(data: bytes) -> int | None:
-    import onnx
-
-    proto = onnx.load_model_from_string(data)
-    return next((int(o.version) for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
-
-
-# ------------------------------------------------------------------------------------------------ checking
-@dataclass
-class SizeCheck:
-    """The comparison at one input size, over every batch size run."""
-
-    size: tuple[int, int]
-    batch_sizes: list[int]
-    images: int
-    max_abs_error: float
-    max_abs_logit: float
-    top1_agree: int  # images with the same argmax (counted on the largest batch run)
-    top1_allowed: int  # of the others, those whose eager top-2 margin is below max_abs_error
-
-    @property
-    def rel_error(self) -> float:
-        return self.max_abs_error / self.max_abs_logit if self.max_abs_logit > 0 else self.max_abs_error
-
-    @property
-    def top1_agreement(self) -> float:
-        return self.top1_agree / self.images
-
-
-@dataclass
-class ExportCheck:
-    """How the exported file compares with the eager model (:func:`check_export`)."""
-
-    images: str  # what was checked on, in words
-    random: bool  # random pixels, no real images were available
-    tolerance: float
-    sizes: list[SizeCheck] = field(default_factory=list)
-
-    @property
-    def max_abs_error(self) -> float:
-        return max(s.max_abs_error for s in self.sizes)
-
-    @property
-    def rel_error(self) -> float:
-        return max(s.rel_error for s in self.sizes)
-
-    @property
-    def top1_agreement(self) -> float:
-        return min(s.top1_agreement for s in self.sizes)
-
-    @property
-    def passed(self) -> bool:
-        return self.rel_error <= self.tolerance and all(
-            s.top1_agree + s.top1_allowed == s.images for s in self.sizes)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"images": self.images, "random_images": self.random, "tolerance": self.tolerance,
-                "rule": f"relative error (max |exported - eager| / max |eager|) <= {self.tolerance:g}, and top-1 "
-                        "classes equal except where the eager top-2 margin is below the max abs error",
-                "passed": self.passed, "max_abs_error": self.max_abs_error, "rel_error": self.rel_error,
-                "top1_agreement": self.top1_agreement,
-                "sizes": [dict(asdict(s), size=list(s.size), rel_error=s.rel_error, top1_agreement=s.top1_agreement)
-                          for s in self.sizes]}
-
-
-def _top2_margin(logits: torch.Tensor) -> torch.Tensor:
-    if logits.shape[1] < 2:
-        return torch.full((logits.shape[0],), math.inf)
-    top = logits.topk(2, dim=1).values
-    return top[:, 0] - top[:, 1]
-
-
-def compare(reference: nn.Module, runner: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
-            dynamic_batch: bool) -> SizeCheck:
-    """Run the float32 batch ``x`` through the eager ``reference`` and the exported ``runner``: one image at a time
-    for a fixed batch of 1; with a dynamic batch, the first image alone and then batches of up to
-    :data:`CHECK_BATCH` (a single image is repeated so that a batch above 1 runs too)."""
-    n = x.shape[0]
-    with torch.no_grad():
-        eager = torch.cat([reference(x[i:i + CHECK_BATCH]) for i in range(0, n, CHECK_BATCH)]).double()
-    runs: list[tuple[int, torch.Tensor]] = []
-    try:
-        if dynamic_batch:
-            runs.append((1, runner(x[:1]).double()))
-            xs = x if n > 1 else x.repeat(2, 1, 1, 1)
-            batch = min(CHECK_BATCH, xs.shape[0])
-            out = torch.cat([runner(xs[i:i + batch]) for i in range(0, xs.shape[0], batch)]).double()[:n]
-            runs.append((batch, out))
-        else:
-            runs.append((1, torch.cat([runner(x[i:i + 1]) for i in range(n)]).double()))
-    except Exception as err:  # noqa: BLE001 - a file that cannot run its own input is a failed export
-        raise ExportError(f"the exported file fails on a {tuple(x.shape[1:])} input: {_first_line(err)}; nothing "
-                          "written") from err
-    max_abs = max(float((out - eager[:out.shape[0]]).abs().max()) for _, out in runs)
-    final = runs[-1][1]
-    same = final.argmax(1) == eager.argmax(1)
-    allowed = (~same) & (_top2_margin(eager) < max_abs)
-    return SizeCheck(size=(int(x.shape[2]), int(x.shape[3])), batch_sizes=[b for b, _ in runs], images=n,
-                     max_abs_error=max_abs, max_abs_logit=float(eager.abs().max()), top1_agree=int(same.sum()),
-                     top1_allowed=int(allowed.sum()))
-
-
-def check_sizes(prep, spec: InputSpec) -> list[int]:
-    """The square sizes checked: the training size, and with ``any_size`` also ``training size + 2 * step``."""
-    return [prep.image_size] + ([prep.image_size + 2 * spec.step] if spec.any_size else [])
-
-
-def check_export(reference: nn.Module, runner: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, prep,
-                 spec: InputSpec, tolerance: float = DEFAULT_TOLERANCE, note: str = "",
-                 random: bool = False) -> ExportCheck:
-    """Compare ``runner`` (the reloaded file) with ``reference`` (the eager module that was exported) on the uint8
-    ``images``, preprocessed by ``prep`` at each of :func:`check_sizes` (a larger size by the same preprocessing
-    with a larger ``image_size``)."""
-    from vggnet.data import Preprocess
-
-    check = ExportCheck(note or f"{images.shape[0]} image(s)", random, tolerance)
-    for size in check_sizes(prep, spec):
-        at_size = prep if size == prep.image_size else Preprocess.from_dict(dict(asdict(prep), image_size=size))
-        check.sizes.append(compare(reference, runner, at_size(images), spec.dynamic_batch))
-    return check
-
-
-def random_images(loaded: LoadedModel, n: int = RANDOM_IMAGES) -> torch.Tensor:
-    """``n`` seeded random uint8 images at the model's decode size: the check when no real images are at hand."""
-    prep = loaded.preprocess
-    gen = torch.Generator().manual_seed(RANDOM_SEED)
-    return torch.randint(0, 256, (n, prep.channels, prep.decode_size, prep.decode_size), dtype=torch.uint8,
-                         generator=gen)
-
-
-def check_images_of(loaded: LoadedModel, source: str | os.PathLike, files: Sequence[str] | None = None,
-                    limit: int = CHECK_IMAGES) -> tuple[torch.Tensor, str, bool]:
-    """The uint8 images to check an export on, what they are in words, and whether they are random.
-
-    ``files`` (decoded as ``vggnet predict`` decodes them; an unreadable one is an error); else, for a run
-    directory, the first ``limit`` images of its own test set (found as ``vggnet eval`` finds it); else
-    :func:`random_images`, saying why."""
-    if files:
-
-        images, _, errors = loaded.decode_files(files)
-        if errors:
-            raise DataError(f"--check-images: {errors[0][1]}")
-        return images, f"{len(files)} image file(s) given with --check-images", False
-    card = loaded.card
-    if loaded.run_dir is not None and card.dataset:
-        from vggnet.evaluation.metrics import load_test_set
-
-        try:
-            test = load_test_set(loaded, card.dataset)
-        except DataError as err:
-            why = f"the run's test set could not be loaded ({err})"
-        else:
-            if test.images.shape[1] == loaded.model.in_channels and len(test):
-                images = test.images[:limit]
-                return images, f"the first {images.shape[0]} images of the {card.dataset} test set", False
-            why = f"the run's test set ({card.dataset}) does not fit the model"
-    elif loaded.run_dir is not None:
-        why = "the run directory names no dataset"
-    else:
-        why = f"{source} is a weights file, with no test set of its own (give images with --check-images)"
-    return random_images(loaded), f"{RANDOM_IMAGES} random images (seed {RANDOM_SEED}): {why}", True
+def check_out(out: str | os.PathLike, inputs: Iterable[str | os.PathLike] = ()) -> Path:
+    """``out`` when the file and its card may be written there (:mod:`vggnet.base.guard`): a folder that exists and
+    is writable, neither one of ``inputs`` (the source, the check images), each new or an earlier export's."""
+    inputs = [str(item) for item in inputs]
+    out = output_file(out, inputs=inputs, owned=written_by_export, example="model.onnx", writer=WRITER)
+    output_file(card_path(out), inputs=inputs, owned=is_card, writer=WRITER)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ the card
@@ -500,7 +162,7 @@ def export_model(model: VGG, fmt: str, path: str | os.PathLike, *, dynamic_batch
                  any_size: bool = False) -> Path:
     """Export ``model`` (eager fp32 on the CPU; ``to_dense`` of it with ``any_size``) to ``path`` in ``fmt``,
     atomically, without checking it or writing a card (:func:`export_checked` does both)."""
-    path = check_out_path(path, "model.onnx")
+    path = output_file(path, owned=written_by_export, example="model.onnx", writer=WRITER)
     module, spec = export_module(model, dynamic_batch=dynamic_batch, any_size=any_size)
     atomic_write_bytes(path, export_bytes(module, fmt, spec))
     return path
@@ -529,7 +191,7 @@ def export_checked(loaded: LoadedModel, fmt: str, out: str | os.PathLike, *, ima
         raise ConfigError(f"unknown export format {fmt!r}: choose one of {', '.join(FORMATS)}")
     if not tolerance > 0:
         raise ConfigError(f"the tolerance must be > 0, got {tolerance}")
-    out = check_out_path(out, "model.onnx")
+    out = check_out(out, [p for p in (source, loaded.run_dir) if p is not None])
     if fmt == "onnx":
         require_onnx()
     source = str(source if source is not None else loaded.run_dir or "model")
@@ -569,7 +231,8 @@ def human_size(n: int) -> str:
     return f"{n / 1024 ** exponent:.1f} {'KMG'[exponent - 1]}B"
 
 
-__all__ = ["DEFAULT_TOLERANCE", "FORMATS", "ExportCheck", "ExportError", "ExportResult", "InputSpec", "SizeCheck",
-           "card_path", "check_export", "check_images_of", "commit", "export_bytes",
-           "export_checked", "export_model", "export_module", "load_runner", "make_card", "random_images", "recipe",
-           "require_onnx"]
+__all__ = ["CHECK_IMAGES", "DEFAULT_TOLERANCE", "EXTENSIONS", "FORMATS", "INPUT_NAME", "OUTPUT_NAME", "RANDOM_IMAGES",
+           "RANDOM_SEED", "ExportCheck", "ExportError", "ExportResult", "InputSpec", "SizeCheck", "card_path",
+           "check_export", "check_images_of", "check_out", "commit", "compare", "export_bytes", "export_checked",
+           "export_model", "export_module", "fitted_from", "human_size", "is_card", "load_runner", "make_card",
+           "onnx_opset", "random_images", "recipe", "require_onnx", "written_by_export"]

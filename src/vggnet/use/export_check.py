@@ -165,7 +165,7 @@ def check_images_of(loaded: LoadedModel, source: str | os.PathLike, files: Seque
         return images, f"{len(files)} image file(s) given with --check-images", False
     card = loaded.card
     if loaded.run_dir is not None and card.dataset:
-        from vggnet.evaluation.metrics import load_test_set
+        from vggnet.evaluation.testset import load_test_set
 
         try:
             test = load_test_set(loaded, card.dataset)

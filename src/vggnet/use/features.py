@@ -26,6 +26,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from vggnet.base.errors import ConfigError, DataError
+from vggnet.base.guard import json_of, output_file
 from vggnet.net.models import VGG
 
 #: Spatial reductions of a layer's map: ``none`` keeps (n, C, h, w); ``avg``/``max`` give (n, C).
@@ -34,6 +35,8 @@ POOLS = ("none", "avg", "max")
 FORMATS = (".npy", ".safetensors")
 #: Name and version of the metadata written beside (.npy) or inside (.safetensors) the features.
 METADATA_FORMAT, METADATA_VERSION = "vggnet-features", 1
+#: Who writes the files, in the guard's refusals.
+WRITER = "vggnet features"
 
 
 # ------------------------------------------------------------------------------------------------ layer names
@@ -170,9 +173,11 @@ def extract_features(loaded, files: Sequence[str | os.PathLike], layers: Sequenc
 
 
 # ------------------------------------------------------------------------------------------------ files
-def check_output(path: str | os.PathLike, n_layers: int) -> str:
+def check_output(path: str | os.PathLike, n_layers: int, inputs: Sequence[str | os.PathLike] = ()) -> str:
     """The format (``.npy`` or ``.safetensors``) of output ``path`` for ``n_layers`` layers; one-line errors for
-    another extension, several layers in a .npy, or a directory that does not exist. Call it before the work."""
+    another extension or several layers in a .npy (:class:`ConfigError`), and where :mod:`vggnet.base.guard` refuses
+    the file or the .npy's sidecar (:class:`OutputError`: a missing folder, one of ``inputs``, a file that vggnet
+    features did not write). Call it before the work."""
     path = Path(path)
     kind = path.suffix.lower()
     if kind not in FORMATS:
@@ -181,11 +186,27 @@ def check_output(path: str | os.PathLike, n_layers: int) -> str:
     if kind == ".npy" and n_layers > 1:
         raise ConfigError(f"a .npy file holds one array, but {n_layers} layers were asked for: write "
                           f"{path.with_suffix('.safetensors')} (one tensor per layer) or ask for one layer")
-    if not path.parent.is_dir():
-        raise ConfigError(f"cannot write {path}: the directory {path.parent} does not exist (create it first)")
-    if path.is_dir():
-        raise ConfigError(f"cannot write {path}: it is a directory")
+    inputs = [str(item) for item in inputs]
+    output_file(path, inputs=inputs, owned=written_by_features, example="features.safetensors", writer=WRITER)
+    if kind == ".npy":
+        output_file(sidecar(path), inputs=inputs, owned=_is_metadata, writer=WRITER)
     return kind
+
+
+def _is_metadata(path: Path) -> bool:
+    meta = json_of(path)
+    return isinstance(meta, dict) and meta.get("format") == METADATA_FORMAT
+
+
+def written_by_features(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a file :func:`save_features` wrote: a .npy with its metadata beside it, a .safetensors
+    with the metadata in its header."""
+    from vggnet.base.files import read_metadata
+
+    path = Path(path)
+    if path.suffix.lower() == ".npy":
+        return _is_metadata(sidecar(path))
+    return read_metadata(path).get("format") == json.dumps(METADATA_FORMAT)
 
 
 def sidecar(path: str | os.PathLike) -> Path:
@@ -202,7 +223,7 @@ def save_features(path: str | os.PathLike, result: Features) -> list[Path]:
     from vggnet.base.files import atomic_write_bytes, atomic_write_json
 
     path = Path(path)
-    kind = check_output(path, len(result.layers))
+    kind = check_output(path, len(result.layers), [*result.files, *(file for file, _ in result.failed)])
     if not result.maps:
         raise DataError(f"none of the {len(result.files) + len(result.failed)} image file(s) could be read: "
                         f"nothing written to {path}")

@@ -34,6 +34,8 @@ from torch import nn
 from vggnet.base.errors import ConfigError, InputSizeError
 from vggnet.use.features import check_layers
 from vggnet.net.models import VGG, tap
+from vggnet.data import Preprocess
+from vggnet.store.load import load
 
 #: Johnson et al.'s content layers of VGG-16 (configs D and E); other configurations name their own.
 DEFAULT_LAYERS = ("relu1_2", "relu2_2", "relu3_3", "relu4_3")
@@ -75,8 +77,6 @@ def colour_transform(preprocess) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _resolve(source: Any, preprocess) -> tuple[VGG, Any]:
     if isinstance(source, (str, os.PathLike)):
-        from vggnet.store.load import load
-
         source = load(source)
     if isinstance(source, VGG):
         return source, preprocess
@@ -134,8 +134,6 @@ class PerceptualLoss(nn.Module):
             matrix, bias = torch.eye(model.in_channels), torch.zeros(model.in_channels)
         else:
             if isinstance(preprocess, dict):
-                from vggnet.data import Preprocess
-
                 preprocess = Preprocess.from_dict(preprocess)
             matrix, bias = colour_transform(preprocess)
         if matrix.shape[0] != model.in_channels:

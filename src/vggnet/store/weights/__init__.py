@@ -23,7 +23,8 @@ fine-tune a new head. Every error is a one-line :class:`vggnet.base.errors.Check
 
 Modules: :mod:`~vggnet.store.weights.pth` (torch.save files), :mod:`~vggnet.store.weights.timm`, :mod:`~vggnet.store.weights.keras`
 (format mappings), :mod:`~vggnet.store.weights.layout` (detection, strict loading), :mod:`~vggnet.store.weights.official` (the
-eight torchvision files, ``vggnet weights list/fetch``), :mod:`~vggnet.store.weights.imagenet` (class names, conventions).
+eight torchvision files, ``vggnet weights list/fetch``), :mod:`~vggnet.store.weights.info` (``vggnet weights info``),
+:mod:`~vggnet.store.weights.imagenet` (class names, conventions).
 """
 
 from __future__ import annotations
@@ -39,10 +40,12 @@ import torch
 from vggnet.base.errors import CheckpointError
 from vggnet.net.models import VGG, create_model
 from vggnet.store.card import LoadedModel, ModelCard
-from vggnet.store.weights import imagenet
-from vggnet.base.files import strip_prefixes
 from vggnet.store.weights.layout import Architecture, check_fits, complete_batch_norm, detect, empty_model, load_strict
 from vggnet.store.weights.official import OFFICIAL, Official, by_file_name, sha256_prefix
+from vggnet.base.files import load_tensors, strip_prefixes
+from vggnet.base.version import __version__
+from vggnet.data.fetch import digest_matches, file_digest
+from vggnet.store.weights import imagenet, keras, pth, timm
 
 CONTAINERS = ("torch-zip", "torch-legacy", "safetensors", "hdf5")
 FORMATS = ("torchvision", "timm", "keras")  # layouts; torchvision's is also vggnet's own model.safetensors
@@ -67,7 +70,7 @@ class WeightsFile:
     @property
     def config(self) -> dict[str, Any]:
         """The model config for :func:`vggnet.model_from_config`."""
-        return self.card.model
+        return self.card.model.to_dict()
 
 
 @dataclass
@@ -106,7 +109,6 @@ def verify_name(path: Path) -> None:
     expected = sha256_prefix(path)
     if expected is None:
         return
-    from vggnet.data.fetch import digest_matches, file_digest
 
     actual = file_digest(path)
     if not digest_matches(actual, expected, prefix=True):
@@ -120,8 +122,6 @@ def _as_float32(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _card(arch: Architecture, fmt: str, official: Official | None) -> ModelCard:
-    from vggnet.base.version import __version__
-
     config = arch.config()
     classes = list(imagenet.CLASSES) if not arch.features_only and config["num_classes"] == 1000 else []
     h, w = config["input_size"]
@@ -153,20 +153,13 @@ def read_file(path: str | os.PathLike) -> WeightsFile:
     path = Path(path)
     container = checked_container(path)
     if container == "hdf5":
-        from vggnet.store.weights import keras
-
         state, fmt = keras.read(path), "keras"
     else:
         if container == "safetensors":
-            from vggnet.base.files import load_tensors
-
             raw = load_tensors(path)
         else:
-            from vggnet.store.weights import pth
-
             raw = pth.read(path)
         raw = strip_prefixes(raw)
-        from vggnet.store.weights import timm
 
         if timm.is_timm(raw):
             state, fmt = timm.to_vggnet(raw, path), "timm"

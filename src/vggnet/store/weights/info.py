@@ -37,11 +37,11 @@ def input_channels(prep: Preprocess, in_channels: int) -> str:
 
 def _record(path: Path, fmt: str, container: str, card: ModelCard, arch: Architecture,
             official: dict[str, Any] | None) -> dict[str, Any]:
-    prep = card.preprocessing()
+    prep = card.preprocess
     return {"file": str(path), "format": fmt, "container": container, "model": arch.name,
-            "architecture": arch.describe(), "features_only": arch.features_only, "config": card.model,
+            "architecture": arch.describe(), "features_only": arch.features_only, "config": card.model.to_dict(),
             "classes": len(card.classes), "dataset": card.dataset, "preprocess": prep.to_dict(),
-            "input": input_channels(prep, int(card.model.get("in_channels", 3))), "official": official}
+            "input": input_channels(prep, card.model.in_channels), "official": official}
 
 
 def _vggnet_card(path: Path, container: str) -> ModelCard | None:
@@ -65,7 +65,7 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
     container = checked_container(path)
     card = _vggnet_card(path, container)
     if card is not None:
-        arch = Architecture(str(card.model.get("name", "custom")), {"width": card.model.get("width", 1.0)})
+        arch = Architecture(card.model.name, {"width": card.model.width})
         return _record(path, "vggnet", container, card, arch, None)
     wf = read_file(path)
     return _record(wf.path, wf.format, wf.container, wf.card, wf.arch, wf.official.to_dict() if wf.official else None)
@@ -80,6 +80,14 @@ def _sizing(prep: Preprocess) -> str:
     return f"decode at {decode}" + ("" if fit == "none" else f" and {fit} to {size}")
 
 
+def _channels_text(channels: str) -> str:
+    if channels == "grey":
+        return "grey (1 channel)"
+    if channels.startswith("grey x "):
+        return f"grey, the luminance in each of {channels[len('grey x '):]} channels"
+    return channels
+
+
 def info_lines(record: dict[str, Any]) -> list[str]:
     """The record of :func:`describe` as the lines ``vggnet weights info`` prints."""
     config, prep = record["config"], Preprocess.from_dict(record["preprocess"])
@@ -91,11 +99,12 @@ def info_lines(record: dict[str, Any]) -> list[str]:
             dataset = record["dataset"]
             named = f" ({_DATASET_NAMES.get(dataset, dataset)} classes)" if dataset else " (named classes)"
         head = f"{config['head']}, {config['num_classes']} outputs{named}"
+    channels = config["in_channels"]
     what = "vggnet's own file (its model card)" if record["format"] == "vggnet" else f"{record['format']} layout"
     lines = [f"{record['file']}: {what} in a {record['container']} file",
-             f"  model: {record['architecture']}, {config['in_channels']} input channels, head {head}",
-             f"  preprocessing: {record['input']}, {_sizing(prep)}, mean {[round(m, 5) for m in prep.mean]}, "
-             f"std {[round(s, 5) for s in prep.std]} (on the [0, 1] scale)"]
+             f"  model: {record['architecture']}, {channels} input channel{'s' if channels != 1 else ''}, head {head}",
+             f"  preprocessing: {_channels_text(record['input'])}, {_sizing(prep)}, "
+             f"mean {[round(m, 5) for m in prep.mean]}, std {[round(s, 5) for s in prep.std]} (on the [0, 1] scale)"]
     official = record["official"]
     if official:
         lines.append(f"  official torchvision weights: ImageNet acc@1 {official['top1']:.3f}%, "

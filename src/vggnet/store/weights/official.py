@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vggnet.base.errors import CheckpointError
+from vggnet.data.catalogue import cache_root
+from vggnet.data.fetch import digest_matches, fetch_file, file_digest, make_download_dir
 
 BASE_URL = "https://download.pytorch.org/models/"
 #: A file name carrying a SHA-256 prefix: ``NAME-HEX.EXT`` with at least 8 hex digits (torchvision's pattern).
@@ -74,11 +76,37 @@ def by_file_name(path: str | os.PathLike) -> Official | None:
     return next((entry for entry in OFFICIAL.values() if entry.file == name), None)
 
 
+def check_present(entry: Official, directory: str | os.PathLike) -> tuple[str, str | None]:
+    """``(status, reason)`` of ``entry``'s file in ``directory``: ``ok`` (there, and its SHA-256 starts with the prefix
+    its name carries), ``missing``, ``corrupt`` (its digest does not: truncated, damaged or another file under the
+    official name) or ``unreadable``; ``reason`` says why for the last two. Reads the whole file."""
+    path = Path(directory) / entry.file
+    if not path.is_file():
+        return "missing", None
+    try:
+        actual = file_digest(path)
+    except OSError as err:
+        return "unreadable", f"{path} cannot be read ({err.strerror or err})"
+    if digest_matches(actual, entry.sha256_prefix, prefix=True):
+        return "ok", None
+    return "corrupt", (f"{path}: SHA-256 starts with {actual[:len(entry.sha256_prefix)]}, the name says "
+                       f"{entry.sha256_prefix}: truncated, corrupt or not the official file; download it again "
+                       f"(vggnet weights fetch {entry.model})")
+
+
+def listing(directory: str | os.PathLike) -> list[dict]:
+    """``vggnet weights list``: each official entry (:meth:`Official.to_dict`) with ``status`` and ``reason`` of its
+    file in ``directory`` (:func:`check_present`) and ``present``: the file is there and verified."""
+    records = []
+    for entry in OFFICIAL.values():
+        status, reason = check_present(entry, directory)
+        records.append(dict(entry.to_dict(), present=status == "ok", status=status, reason=reason))
+    return records
+
+
 def default_dir() -> Path:
     """``$VGGNET_WEIGHTS`` when set, else ``weights`` in vggnet's cache (``~/.cache/vggnet``, ``$XDG_CACHE_HOME``
     honoured: :func:`vggnet.data.catalogue.cache_root`, where ``vggnet data fetch`` stores datasets too)."""
-    from vggnet.data.catalogue import cache_root
-
     root = os.environ.get("VGGNET_WEIGHTS")
     return Path(root).expanduser() if root else cache_root() / "weights"
 
@@ -88,8 +116,6 @@ def fetch(name: str, to: str | os.PathLike | None = None, url: str | None = None
     :func:`default_dir`) under their official file name, verified by the SHA-256 prefix, written atomically; return
     the file. A file already there whose SHA-256 starts with the prefix is kept. ``url`` replaces the official
     address (a mirror; ``file://`` works). Failures raise :class:`vggnet.base.errors.DataError` and leave no file."""
-    from vggnet.data.fetch import fetch_file, make_download_dir
-
     entry = find(name)
     target = make_download_dir(Path(to).expanduser() if to is not None else default_dir()) / entry.file
     fetch_file(url or entry.url, target, "sha256", entry.sha256_prefix, progress=progress, prefix=True)
