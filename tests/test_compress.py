@@ -238,7 +238,7 @@ def test_compressed_run_loads_through_load_eval_and_predict(tmp_path, cli, train
     done = compress_model(source.model, svd={"fc": 4}, int8=True, half=True)
     loaded = vggnet.load(out)
     assert torch.equal(torch.random.get_rng_state(), state)  # neither compressing nor loading draws random numbers
-    assert loaded.card.compression == dict(done.record.to_dict(), source=str(train_run["dir"]))
+    assert loaded.card.compression.to_dict() == dict(done.record.to_dict(), source=str(train_run["dir"]))
     assert (loaded.classes, loaded.card.preprocess, loaded.card.train_config, loaded.card.metrics) == (
         source.classes, source.card.preprocess, source.card.train_config, source.card.metrics)
     for key, value in done.model.state_dict().items():

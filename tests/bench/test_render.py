@@ -19,9 +19,9 @@ def test_summarize_targets_marks_met_and_missed():
 
 
 def test_peak_skips_bf16_where_the_cpu_cannot_run_it(monkeypatch):
-    import vggnet.runtime
+    import vggnet.bench.conditions
 
-    monkeypatch.setattr(vggnet.runtime, "cpu_runs_bf16", lambda: False)
+    monkeypatch.setattr(vggnet.bench.conditions, "cpu_runs_bf16", lambda: False)
     peak = bench_peak(BenchConfig(quick=True))
     assert peak["bf16"] == {"skipped": BF16_UNSUPPORTED}
     assert peak["fp32"]["flop_per_second"] > 0

@@ -18,7 +18,7 @@ import vggnet
 from vggnet.store import card as card_module
 from vggnet.store import rundir
 from vggnet.data import DATASETS
-from vggnet.base.errors import CheckpointError, ConfigError, VggnetError
+from vggnet.base.errors import CheckpointError, ConfigError, OutputError, VggnetError
 from vggnet.base.files import load_tensors, read_metadata, read_safetensors, save_tensors
 from vggnet.store.card import CARD_KEY
 from vggnet.store.checkpoint import CHECKPOINT_KEY
@@ -201,8 +201,11 @@ def test_run_directory_contents(train_run, train_data_dir):
     run_dir, config, result = train_run["dir"], train_run["config"], train_run["result"]
     assert {p.name for p in run_dir.iterdir()} == RUN_FILES  # nothing else: no .NAME.*.tmp left behind
 
-    assert json.loads((run_dir / "config.json").read_text()) == config.to_dict()
-    assert TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text())) == config
+    # What the run recorded: the resolved configuration (never changed) plus what the built run derived from it.
+    recorded = dataclasses.replace(config, schedule_epochs=config.epochs)
+    assert config.schedule_epochs is None
+    assert json.loads((run_dir / "config.json").read_text()) == recorded.to_dict()
+    assert TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text())) == recorded
     assert config.out == str(run_dir)
 
     history = read_history(run_dir)
@@ -237,7 +240,7 @@ def test_run_directory_contents(train_run, train_data_dir):
                              "in_channels": 1, "dropout": 0.1, "width": 1.0, "head": "gap", "input_size": [32, 32],
                              "hidden": 4096, "init": config.init}
     assert meta["classes"] == DATASETS["fashion-mnist"]["classes"]
-    assert meta["dataset"] == "fashion-mnist" and meta["image_size"] == 32 and meta["train_config"] == config.to_dict()
+    assert meta["dataset"] == "fashion-mnist" and meta["image_size"] == 32 and meta["train_config"] == recorded.to_dict()
     assert meta["metrics"] == {"test_acc": history[-1]["test_acc"], "test_top5": history[-1]["test_top5"],
                                "test_loss": history[-1]["test_loss"], "epoch": 2}
     # The preprocessing is the training set's own statistics, by hand: population mean and std of pixels / 255.
@@ -274,7 +277,7 @@ def _train_images(directory):
 
 def test_training_refuses_to_overwrite_a_run(train_run):
     before = (train_run["dir"] / "state.json").read_bytes()
-    with pytest.raises(ConfigError, match="--resume"):
+    with pytest.raises(OutputError, match="--resume"):
         train(dataclasses.replace(train_run["config"]))
     assert (train_run["dir"] / "state.json").read_bytes() == before
 
@@ -356,7 +359,8 @@ def test_sigterm_mid_epoch_saves_state_and_resume_finishes_identically(tmp_path,
     assert without_timing(read_history(run_dir)) == without_timing(read_history(train_run["dir"]))
     # The CLI's flags gave exactly run A's configuration (--arch stays the string the user typed).
     config = json.loads((run_dir / "config.json").read_text())
-    assert {**config, "out": None, "arch": None} == {**train_run["config"].to_dict(), "out": None, "arch": None}
+    assert {**config, "out": None, "arch": None} == {**train_run["config"].to_dict(), "out": None, "arch": None,
+                                                     "schedule_epochs": train_run["config"].epochs}
     assert config["arch"] == "8,M,16,M" and load(run_dir).card.model.arch == [8, "M", 16, "M"]
 
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import pathlib
 import tempfile
 import warnings
@@ -202,8 +203,10 @@ def _write_cache(root: pathlib.Path, filename: str, tensors: dict[str, torch.Ten
         warnings.warn(f"could not write a decode cache for {root} in {directory}; the next load decodes the images "
                       "again", stacklevel=3)
         return
-    for stale in directory.glob(f"{_cache_prefix(image_size, channels)}dec*.safetensors"):
-        if stale.name != filename:
+    prefix = _cache_prefix(image_size, channels)
+    for stale in directory.glob(f"{prefix}*.safetensors"):
+        other_channels = re.match(r"\d+ch-", stale.name[len(prefix):]) is not None and channels == 3
+        if stale.name != filename and not other_channels:  # a grey cache is not an older RGB one
             stale.unlink(missing_ok=True)
 
 

@@ -2,7 +2,7 @@
 
 A run directory written by ``vggnet train`` holds:
 
-- ``config.json``: the resolved :class:`~vggnet.train.config.TrainConfig` (what the run computes);
+- ``config.json``: the resolved :class:`~vggnet.training.config.TrainConfig` (what the run computes);
 - ``model.safetensors`` + ``model.json``: the final weights and their :class:`ModelCard` (architecture,
   preprocessing, class names, metrics, vggnet version, schema version; for a run made by ``vggnet compress``, the
   :class:`vggnet.use.compress.Compression` record that restructures the model and says which tensors are float16);

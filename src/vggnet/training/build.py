@@ -1,6 +1,6 @@
-"""From a :class:`~vggnet.train.config.TrainConfig` to a ready :class:`Run`: runtime, data, preprocessing, model
+"""From a :class:`~vggnet.training.config.TrainConfig` to a ready :class:`Run`: runtime, data, preprocessing, model
 (with ``--init-from``'s weights and ``--freeze``, :mod:`vggnet.training.transfer`), optimizer and loader, in the
-order the data flows. Nothing here trains; :mod:`vggnet.train.loop` does.
+order the data flows. Nothing here trains; :mod:`vggnet.training.loop` does.
 """
 
 from __future__ import annotations
