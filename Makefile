@@ -2,7 +2,8 @@
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
-# torch is pinned here (not in pyproject) so a fresh machine takes the CPU build instead of a multi-GB CUDA one.
+# torch's version is pinned here (not in pyproject); the build is what pip's index offers: this machine's local
+# index has the CPU wheel, PyPI's Linux x86-64 wheel is the CUDA build (README, docs/GPU.md).
 TORCH  := torch==2.13.0
 STAMP  := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz

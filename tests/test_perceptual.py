@@ -283,3 +283,14 @@ def test_input_and_target_must_match_for_feature_distances(model):
     loss = PerceptualLoss(model, ["relu2_1"])
     with pytest.raises(InputSizeError, match="input and target of one shape"):
         loss(images(1), images(2, (2, 3, 16, 20)))
+
+
+def test_the_default_layers_exist_in_every_vgg(train_run):
+    """The default was VGG-16's four layers, so PerceptualLoss(RUN) failed on the default (VGG-11) run: it is the
+    last ReLU of each of the model's first four blocks."""
+    from vggnet.net.models import create_model
+    from vggnet.use.perceptual import DEFAULT_LAYERS, PerceptualLoss, default_layers
+
+    assert tuple(default_layers(create_model("vgg16"))) == DEFAULT_LAYERS
+    assert default_layers(create_model("vgg11_bn")) == ["relu1_1", "relu2_1", "relu3_2", "relu4_2"]
+    assert PerceptualLoss(train_run["dir"]).layers == ("relu1_1", "relu2_1")  # the tiny run's two blocks

@@ -14,17 +14,17 @@ Train, load, evaluate (the Python side of ``vggnet train``, ``vggnet eval``)::
 
 Use what others trained (the Python side of ``vggnet features``)::
 
-    feats = vggnet.extract_features(loaded, ["a.jpg"], ["relu5_3"], pool="avg")   # .maps["relu5_3"]: (1, C)
+    feats = vggnet.extract_features(loaded, ["a.jpg"], ["relu4_2"], pool="avg")   # .maps["relu4_2"]: (1, C)
     stages = vggnet.FeaturesOnly(loaded.model)(x)                 # one map per max-pool, as model.feature_info
     loss = vggnet.PerceptualLoss("runs/quick", layers=["relu1_1", "relu2_1"])(output, target)   # images in [0, 1]
 
 Ship it and read it like the paper (``vggnet export``, ``compress``, ``eval --scales``, ``explain``)::
 
     vggnet.export_model(loaded.model, "onnx", "model.onnx", dynamic_batch=True)   # unchecked; the CLI checks
-    small = vggnet.compress_model(loaded.model, svd={"fc6": 1024}, int8=True).model
+    small = vggnet.compress_model(vggnet.load("vgg16-397923af.pth").model, svd={"fc6": 1024}, int8=True).model
     result = vggnet.evaluate_multiscale(loaded.model, test_set, loaded.preprocess,
                                         vggnet.Protocol((32, 40), dense=True, crops=(5, 5), flip=True))
-    maps, classes, probs = vggnet.grad_cam(loaded.model, x, layer="relu5_3")       # (N, H, W) in [0, 1]
+    maps, classes, probs = vggnet.grad_cam(loaded.model, x, layer="relu4_2")       # (N, H, W) in [0, 1]
 """
 
 from importlib import import_module

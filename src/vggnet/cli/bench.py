@@ -49,7 +49,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--subset", type=in_range(RANGES["subset"]), metavar="N",
                    help="end to end (e2e, gpu_epoch): train on the first N images (default all 60000; quick 1024)")
     p.add_argument("--wait-idle", type=in_range(Range(0, 86400)), default=0.0, metavar="SECONDS",
-                   help="first wait up to SECONDS for other processes to stop using the CPU")
+                   help="first wait up to SECONDS for other processes to stop using the CPU (default 0: no wait)")
     p.set_defaults(run=run_bench)
 
 

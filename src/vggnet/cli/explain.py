@@ -25,7 +25,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="output folder (created): DIR/<stem>.png per image (-2, -3 ... when stems repeat) and "
                         "DIR/explain.json")
     p.add_argument("--layer", metavar="NAME",
-                   help="layer whose maps are weighted, by name (conv5_3, relu5_3, pool4 ...; an unknown name lists "
+                   help="layer whose maps are weighted, by name (conv4_2, relu4_2, pool4 ...; an unknown name lists "
                         "them). Default: the last relu, the last conv's rectified output: the most class-specific "
                         "maps that still have a spatial layout (the next pool halves it, the head discards it) and "
                         "without the negative responses the network itself cuts off. Earlier layers give finer, "

@@ -21,7 +21,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        "the eager model")
     p.add_argument("source", metavar="SOURCE", help=SOURCE_HELP)
     p.add_argument("--format", required=True, choices=FORMATS, dest="fmt",
-                   help="onnx (needs pip install 'vggnet[onnx]'), torchscript (torch.jit.trace) or exported "
+                   help="onnx (needs the onnx extra: pip install -e '.[onnx]' in a clone), torchscript (torch.jit.trace) or exported "
                         "(torch.export, a .pt2 file)")
     p.add_argument("--out", required=True, metavar="FILE",
                    help="the file to write (usually " + ", ".join(f"{e} for {f}" for f, e in EXTENSIONS.items())

@@ -19,7 +19,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("source", metavar="SOURCE", help=SOURCE_HELP)
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format Pillow reads)")
     p.add_argument("--layer", action="append", required=True, dest="layers", metavar="NAME",
-                   help="layer name (relu5_3, conv4_1, pool3 ...; repeat for several); an unknown name lists them")
+                   help="layer name (relu4_2, conv4_1, pool3 ...; repeat for several); an unknown name lists them")
     p.add_argument("--pool", choices=POOLS, default="none",
                    help="none (default): each map (N, C, H, W); avg or max over space: (N, C)")
     p.add_argument("--out", required=True, metavar="FILE",

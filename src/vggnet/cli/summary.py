@@ -36,7 +36,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=batch_size_type, default=None, metavar="N",
                    help="batch size for the training-memory estimate (default 1)")
     p.add_argument("--optimizer", choices=sorted(OPTIMIZER_STATE), default="sgd",
-                   help="optimizer for the estimate: sgd (momentum), adam, adamw, sgd-nomomentum")
+                   help="optimizer for the estimate: sgd (momentum; the default), adam, adamw, sgd-nomomentum")
     p.add_argument("--device", choices=sorted(DEVICES), default=None,
                    help="device the estimate is for (dropout masks and Adam's temporaries differ); default: the one "
                         "training would use here, cuda when available, else cpu")

@@ -291,7 +291,7 @@ class TensorBoard:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise ConfigError("--tensorboard needs the tensorboard package: pip install 'vggnet[tensorboard]'") from None
+            raise ConfigError("--tensorboard needs the tensorboard package: pip install -e '.[tensorboard]' in a clone, pip install 'vggnet[tensorboard]' where vggnet is installed") from None
         self.writer = SummaryWriter(str(run.rundir.tensorboard))  # creates the run directory too
 
     def log(self, record: dict[str, Any]) -> None:

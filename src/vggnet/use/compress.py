@@ -50,6 +50,10 @@ from vggnet.net.compressed import (Compression, Int8Linear, LowRankLinear, Spect
                                    fc_layers, int8_backend, low_rank_factors, quantize_symmetric, replace_linears,
                                    restructure, stored_dtypes, weight_spectrum)
 from vggnet.net.models import VGG
+from vggnet.base.timing import interleaved
+from vggnet.evaluation.metrics import evaluate as run_eval
+from vggnet.store.load import load
+from vggnet.store.rundir import RunDir, load as load_run, save_model
 
 
 # ------------------------------------------------------------------------------------------------------ compressing
@@ -203,8 +207,6 @@ def latency(models: dict[str, nn.Module], input_shape: tuple[int, ...], rounds: 
     thread count."""
     from functools import partial
 
-    from vggnet.base.timing import interleaved
-
     x = torch.randn(input_shape, generator=torch.Generator().manual_seed(0))
     return interleaved({name: partial(model, x) for name, model in models.items()}, rounds, warmup)
 
@@ -261,9 +263,27 @@ def _test_set(loaded, source: Path, dataset: str | None, data_dir: str | None):
 
 
 def _weights_bytes(loaded, source: Path, weights: str) -> int:
-    from vggnet.store.rundir import RunDir
-
     return (RunDir(source).weights(weights) if loaded.run_dir is not None else source).stat().st_size
+
+
+def _measure(models: dict[str, nn.Module], sizes: dict[str, int], test, preprocess, batch_size: int | None,
+             threads: int | None, rounds: int, progress: bool) -> dict[str, Measurement]:
+    """One :class:`Measurement` per model: its file size, parameters, test accuracy (fp32, when ``test`` is given)
+    and median batch-1 latency on ``threads`` threads (default: the current count), in interleaved rounds."""
+    accuracy = {}
+    if test is not None:
+        for label, net in models.items():
+            accuracy[label] = run_eval(net, test, preprocess, "cpu", "fp32", batch_size, progress=progress).top1
+    first = next(iter(models.values()))
+    shape = (1, first.in_channels, *first.input_size)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads or previous)
+    try:
+        times = latency(models, shape, rounds)
+    finally:
+        torch.set_num_threads(previous)
+    return {label: Measurement(label, sizes[label], parameter_count(net), accuracy.get(label),
+                               statistics.median(times[label])) for label, net in models.items()}
 
 
 def compress_run(source: str | Path, out: str | Path, svd: dict[str, int] | None = None,
@@ -281,11 +301,6 @@ def compress_run(source: str | Path, out: str | Path, svd: dict[str, int] | None
     False skips it) is of the reloaded model at ``batch_size`` (default: evaluation's); latency is batch 1, fp32, on
     the CPU with ``threads`` intra-op threads (default: the current count; the SVD and the evaluation always run on
     the current count), the median of ``rounds`` interleaved runs."""
-    from vggnet.evaluation.metrics import evaluate as run_eval
-    from vggnet.store.rundir import load as load_run
-    from vggnet.store.rundir import save_model
-    from vggnet.store.load import load
-
     out, source = check_out(out), Path(source)
     loaded = load(source, weights, "cpu", model=model)
     loaded.require_head(source, "compress")
@@ -305,22 +320,10 @@ def compress_run(source: str | Path, out: str | Path, svd: dict[str, int] | None
     try:
         save_model(tmp, done.model, card)
         reloaded = load_run(tmp).model
-        accuracy = {}
-        if test is not None:
-            for label, net in (("original", loaded.model), ("compressed", reloaded)):
-                accuracy[label] = run_eval(net, test, loaded.preprocess, "cpu", "fp32", batch_size,
-                                           progress=progress).top1
-        shape = (1, loaded.model.in_channels, *loaded.model.input_size)
-        previous = torch.get_num_threads()
-        torch.set_num_threads(threads or previous)
-        try:
-            times = latency({"original": loaded.model, "compressed": reloaded}, shape, rounds)
-        finally:
-            torch.set_num_threads(previous)
-        rows = {label: Measurement(label, size, parameter_count(net), accuracy.get(label),
-                                   statistics.median(times[label]))
-                for label, size, net in (("original", _weights_bytes(loaded, source, weights), loaded.model),
-                                         ("compressed", (tmp / "model.safetensors").stat().st_size, reloaded))}
+        sizes = {"original": _weights_bytes(loaded, source, weights),
+                 "compressed": RunDir(tmp).weights("model").stat().st_size}
+        rows = _measure({"original": loaded.model, "compressed": reloaded}, sizes, test, loaded.preprocess,
+                        batch_size, threads, rounds, progress)
         if out.exists():
             out.rmdir()  # an empty folder (check_out), replaced by the finished run
         tmp.rename(out)

@@ -43,6 +43,8 @@ import torch.nn.functional as F
 from vggnet.base.errors import ConfigError
 from vggnet.base.files import atomic_write_bytes, atomic_write_json
 from vggnet.base.guard import json_of, output_folder
+from vggnet.evaluation.metrics import auto_batch_size
+from vggnet.runtime import resolve_runtime
 
 #: Name and version of explain.json.
 FORMAT_NAME, FORMAT_VERSION = "vggnet-explain", 1
@@ -350,9 +352,6 @@ def explain_files(loaded, files: Sequence[str | os.PathLike], out_dir: str | os.
     ``vggnet predict`` does; an unreadable file gets its error and does not stop the others. ``target``: a class
     index or name for every image (default: each image's top-1). ``runtime``: where to run (fp32 regardless)."""
     from tqdm.auto import tqdm
-
-    from vggnet.evaluation.metrics import auto_batch_size
-    from vggnet.runtime import resolve_runtime
 
     model = loaded.model
     layer = check_layer(model, layer)

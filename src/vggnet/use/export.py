@@ -43,6 +43,7 @@ from vggnet.use.export_check import (CHECK_IMAGES, DEFAULT_TOLERANCE, RANDOM_IMA
                                      check_export, check_images_of, compare, random_images)
 from vggnet.use.export_formats import (EXTENSIONS, FORMATS, INPUT_NAME, OUTPUT_NAME, RANDOM_SEED, ExportError,
                                        InputSpec, export_bytes, export_module, load_runner, onnx_opset, require_onnx)
+from vggnet.base.version import __version__
 
 #: Who writes the files, in the guard's refusals.
 WRITER = "vggnet export"
@@ -113,8 +114,6 @@ def recipe(prep, channels: int) -> str:
 def make_card(loaded: LoadedModel, fmt: str, spec: InputSpec, check: ExportCheck, *, source: str, size_bytes: int,
               export_seconds: float, opset: int | None = None) -> dict[str, Any]:
     """The JSON card of an exported file: what a user of another runtime needs, and how it was checked."""
-    from vggnet.base.version import __version__
-
     prep = loaded.preprocess
     classes = list(loaded.classes) or [str(i) for i in range(loaded.model.num_classes)]
     card: dict[str, Any] = {

@@ -20,6 +20,8 @@ from torch import nn
 from vggnet.base.errors import DataError
 from vggnet.store.card import LoadedModel
 from vggnet.use.export_formats import RANDOM_SEED, ExportError, InputSpec, first_line
+from vggnet.data import Preprocess
+from vggnet.evaluation.testset import load_test_set
 
 #: Default relative tolerance: max |exported - eager| / max |eager| over the check images, fp32 against fp32.
 DEFAULT_TOLERANCE = 1e-4
@@ -134,8 +136,6 @@ def check_export(reference: nn.Module, runner: Callable[[torch.Tensor], torch.Te
     """Compare ``runner`` (the reloaded file) with ``reference`` (the eager module that was exported) on the uint8
     ``images``, preprocessed by ``prep`` at each of :func:`check_sizes` (a larger size by the same preprocessing
     with a larger ``image_size``)."""
-    from vggnet.data import Preprocess
-
     check = ExportCheck(note or f"{images.shape[0]} image(s)", random, tolerance)
     for size in check_sizes(prep, spec):
         at_size = prep if size == prep.image_size else Preprocess.from_dict(dict(asdict(prep), image_size=size))
@@ -165,8 +165,6 @@ def check_images_of(loaded: LoadedModel, source: str | os.PathLike, files: Seque
         return images, f"{len(files)} image file(s) given with --check-images", False
     card = loaded.card
     if loaded.run_dir is not None and card.dataset:
-        from vggnet.evaluation.testset import load_test_set
-
         try:
             test = load_test_set(loaded, card.dataset)
         except DataError as err:

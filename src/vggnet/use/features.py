@@ -25,9 +25,14 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from vggnet.base.errors import ConfigError, DataError
 from vggnet.base.guard import json_of, output_file
 from vggnet.net.models import VGG
+from vggnet.base.errors import CheckpointError, ConfigError, DataError
+from vggnet.base.files import atomic_write_bytes, atomic_write_json, load_tensors, read_json, read_metadata
+from vggnet.evaluation.inference import optimize_for_inference
+from vggnet.evaluation.metrics import auto_batch_size
+from vggnet.runtime import resolve_runtime
+from vggnet.store.load import load
 
 #: Spatial reductions of a layer's map: ``none`` keeps (n, C, h, w); ``avg``/``max`` give (n, C).
 POOLS = ("none", "avg", "max")
@@ -93,8 +98,6 @@ def inference_copy(model: VGG, layers: Sequence[str], precision: str = "bf16", c
     input in ``precision``), with only the rewrites that keep the outputs of ``layers``: no BN folding when a
     ``conv`` output is asked for (it would come out normalised), no conv+ReLU fusion unless every layer is a
     ``relu``, ``lrn`` or ``pool`` output (a fused conv hands back its ReLU's output)."""
-    from vggnet.evaluation.inference import optimize_for_inference
-
     fast = optimize_for_inference(model, precision, channels_last,
                                   fold_bn=not any(name.startswith("conv") for name in layers),
                                   fuse_relu=all(name.startswith(("relu", "lrn", "pool")) for name in layers))
@@ -121,13 +124,8 @@ def extract_features(loaded, files: Sequence[str | os.PathLike], layers: Sequenc
     """
     from tqdm.auto import tqdm
 
-    from vggnet.evaluation.metrics import auto_batch_size
-    from vggnet.runtime import resolve_runtime
-
     source = None
     if isinstance(loaded, (str, os.PathLike)):
-        from vggnet.store.load import load
-
         source, loaded = str(loaded), load(loaded)
     model = loaded.model
     layers = check_layers(model, layers)
@@ -201,8 +199,6 @@ def _is_metadata(path: Path) -> bool:
 def written_by_features(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a file :func:`save_features` wrote: a .npy with its metadata beside it, a .safetensors
     with the metadata in its header."""
-    from vggnet.base.files import read_metadata
-
     path = Path(path)
     if path.suffix.lower() == ".npy":
         return _is_metadata(sidecar(path))
@@ -219,8 +215,6 @@ def save_features(path: str | os.PathLike, result: Features) -> list[Path]:
     """Write ``result`` atomically: a .npy array plus its JSON sidecar (:func:`sidecar`), or a .safetensors file with
     one tensor per layer and the metadata (each value JSON-encoded) in its header. Returns the files written."""
     from safetensors.torch import save as st_save
-
-    from vggnet.base.files import atomic_write_bytes, atomic_write_json
 
     path = Path(path)
     kind = check_output(path, len(result.layers), [*result.files, *(file for file, _ in result.failed)])
@@ -243,9 +237,6 @@ def save_features(path: str | os.PathLike, result: Features) -> list[Path]:
 
 def load_features(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """What :func:`save_features` wrote: ``({layer: tensor}, metadata)``."""
-    from vggnet.base.errors import CheckpointError
-    from vggnet.base.files import load_tensors, read_json
-
     path = Path(path)
     if path.suffix.lower() == ".npy":
         import numpy as np

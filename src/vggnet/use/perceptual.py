@@ -24,6 +24,7 @@ its Gram matrix ``G = F F^T / (C H W)`` (``F`` the map as ``(B, C, H*W)``, :func
 from __future__ import annotations
 
 import copy
+import re
 import os
 from typing import Any, Sequence
 
@@ -38,7 +39,7 @@ from vggnet.data import Preprocess
 from vggnet.store.load import load
 
 #: Johnson et al.'s content layers of VGG-16 (configs D and E); other configurations name their own.
-DEFAULT_LAYERS = ("relu1_2", "relu2_2", "relu3_3", "relu4_3")
+DEFAULT_LAYERS = ("relu1_2", "relu2_2", "relu3_3", "relu4_3")  # VGG-16's: default_layers gives them for it
 CRITERIA = ("mse", "l1")
 
 
@@ -87,6 +88,17 @@ def _resolve(source: Any, preprocess) -> tuple[VGG, Any]:
                       f"{type(source).__name__}")
 
 
+def default_layers(model: VGG) -> list[str]:
+    """The last ReLU of each of the model's first four blocks (VGG-16: :data:`DEFAULT_LAYERS`, Johnson et al.'s
+    choice), so that the default exists in every VGG: VGG-11's are relu1_1, relu2_1, relu3_2, relu4_2."""
+    last: dict[int, str] = {}
+    for name in model.layer_names:
+        match = re.fullmatch(r"relu(\d+)_(\d+)", name)
+        if match:
+            last[int(match.group(1))] = name  # layer_names run in order: the last one of a block wins
+    return [last[block] for block in sorted(last)[:4]]
+
+
 class PerceptualLoss(nn.Module):
     """Feature (``style=False``) or Gram-matrix (``style=True``) distance between two image batches on a frozen VGG.
 
@@ -104,11 +116,11 @@ class PerceptualLoss(nn.Module):
     scalar. The target's maps are computed without a graph unless ``target`` requires a gradient.
     """
 
-    def __init__(self, source: Any, layers: Sequence[str] = DEFAULT_LAYERS, weights: Sequence[float] | None = None,
+    def __init__(self, source: Any, layers: Sequence[str] | None = None, weights: Sequence[float] | None = None,
                  style: bool = False, criterion: str = "mse", preprocess=None) -> None:
         super().__init__()
         model, preprocess = _resolve(source, preprocess)
-        layers = [layers] if isinstance(layers, str) else list(layers)
+        layers = default_layers(model) if layers is None else [layers] if isinstance(layers, str) else list(layers)
         self.layers = tuple(check_layers(model, layers))
         if len(self.layers) != len(layers):
             raise ConfigError(f"layers must not repeat a name, got {list(layers)}")
