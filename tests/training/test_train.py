@@ -325,21 +325,27 @@ def test_resume_to_more_epochs_equals_training_straight_through(tmp_path, train_
                         {k: v for k, v in state_a.items() if k.startswith("optimizer/")})
 
 
-def test_sigterm_mid_epoch_saves_state_and_resume_finishes_identically(tmp_path, train_cli, train_cli_args,
-                                                                       train_run, monkeypatch):
-    """The signal lands after step 6 (epoch 2, batch 2 of 4): RNG and batch position must be restored exactly."""
-    run_dir = tmp_path / "run"
-    original = loop.train_step
-    steps = []
+def sigterm_after_step(monkeypatch, n):
+    """Make the loop's n-th train_step send SIGTERM to this process (through the real handler the loop installed);
+    returns the real train_step, to put back before resuming."""
+    original, steps = loop.train_step, []
 
     def step_then_signal(run, images, labels, lr):
         out = original(run, images, labels, lr)
         steps.append(1)
-        if len(steps) == 6:
-            os.kill(os.getpid(), signal.SIGTERM)  # through the real handler the loop installed
+        if len(steps) == n:
+            os.kill(os.getpid(), signal.SIGTERM)
         return out
 
     monkeypatch.setattr(loop, "train_step", step_then_signal)
+    return original
+
+
+def test_sigterm_mid_epoch_saves_state_and_resume_finishes_identically(tmp_path, train_cli, train_cli_args,
+                                                                       train_run, monkeypatch):
+    """The signal lands after step 6 (epoch 2, batch 2 of 4): RNG and batch position must be restored exactly."""
+    run_dir = tmp_path / "run"
+    original = sigterm_after_step(monkeypatch, 6)
     code, out, err = train_cli(train_cli_args("--out", run_dir))
     assert code == 128 + signal.SIGTERM
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
@@ -395,17 +401,7 @@ def test_a_plateau_run_stopped_before_its_first_best_resumes_exactly(tmp_path, t
     plateau = ("--schedule", "plateau", "--val-split", "32")
     straight = train(**train_options(schedule="plateau", val_split=32, out=str(tmp_path / "straight")))
     run_dir = tmp_path / "run"
-    original = loop.train_step
-    steps = []
-
-    def step_then_signal(run, images, labels, lr):
-        out = original(run, images, labels, lr)
-        steps.append(1)
-        if len(steps) == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return out
-
-    monkeypatch.setattr(loop, "train_step", step_then_signal)
+    original = sigterm_after_step(monkeypatch, 2)
     code, out, err = train_cli(train_cli_args(*plateau, "--out", run_dir))
     assert code == 128 + signal.SIGTERM, err
     state = strict_json((run_dir / "state.json").read_text())

@@ -70,3 +70,11 @@ class Range:
         if above:
             return f"must be {'<' if self.open_high else '<='} {_plain(self.high)}, got {_shown(value)}"
         return None
+
+
+#: Ranges of options that several verbs take (training's others are its own: vggnet.training.config.RANGES).
+THREADS = Range(1, MAX_THREADS, integer=True)  # intra-op threads
+WIDTH = Range(0, MAX_WIDTH, open_low=True)  # channel multiplier
+IMAGE_SIZE = Range(1, MAX_IMAGE_SIZE, integer=True)  # pixels of an image side
+IMAGES = Range(1, MAX_IMAGES, integer=True)  # images of a (sub)set
+BATCH = Range(1, MAX_BATCH, integer=True)  # images per batch

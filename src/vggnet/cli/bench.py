@@ -10,8 +10,7 @@ from vggnet.bench import BenchConfig, render, run
 from vggnet.bench.config import ALL_SECTIONS, GPU_SECTIONS, SECTIONS
 from vggnet.base.files import atomic_write_json, make_dirs
 from vggnet.base.guard import json_of, output_file
-from vggnet.base.limits import Range
-from vggnet.training.config import RANGES
+from vggnet.base.limits import IMAGES, Range
 from vggnet.cli.common import device_name, in_range, print_json, rounds_type, threads_type, user_path
 
 
@@ -46,7 +45,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="where Fashion-MNIST is (searched alone; default: $VGGNET_DATA, then the usual places)")
     p.add_argument("--threads", type=threads_type, help="intra-op threads (default: every available core)")
     p.add_argument("--rounds", type=rounds_type, help="timed rounds per measurement (default 10, quick 2)")
-    p.add_argument("--subset", type=in_range(RANGES["subset"]), metavar="N",
+    p.add_argument("--subset", type=in_range(IMAGES), metavar="N",
                    help="end to end (e2e, gpu_epoch): train on the first N images (default all 60000; quick 1024)")
     p.add_argument("--wait-idle", type=in_range(Range(0, 86400)), default=0.0, metavar="SECONDS",
                    help="first wait up to SECONDS for other processes to stop using the CPU (default 0: no wait)")

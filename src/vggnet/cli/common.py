@@ -10,8 +10,8 @@ from typing import Any, Callable
 
 from vggnet.net.models import HEADS
 from vggnet.base.strictjson import dumps as strict_json
-from vggnet.base.limits import DEVICE_NAME, MAX_CHANNELS, MAX_BATCH, MAX_CLASSES, MAX_IMAGE_SIZE, Range
-from vggnet.training.config import RANGES
+from vggnet.base.limits import (BATCH, DEVICE_NAME, MAX_CHANNELS, MAX_CLASSES, MAX_IMAGE_SIZE, THREADS, WIDTH,
+                               Range)
 
 #: Longer than any number anyone types: refused before int() (which gives up past 4300 digits) or float() see it.
 MAX_NUMBER_CHARS = 100
@@ -102,9 +102,9 @@ def device_name(text: str) -> str:
 
 
 #: Argument types several verbs share.
-batch_size_type = in_range(Range(1, MAX_BATCH, integer=True))
-threads_type = in_range(RANGES["threads"])
-width_type = in_range(RANGES["width"])
+batch_size_type = in_range(BATCH)
+threads_type = in_range(THREADS)
+width_type = in_range(WIDTH)
 rounds_type = in_range(Range(1, 10_000, integer=True))  # timed runs of one measurement: beyond, days
 fraction = in_range(Range(0, 1, open_high=True))  # dropout, momentum, label smoothing
 unit_interval = in_range(Range(0, 1))  # a blend weight, a probability that may be 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from vggnet.data import DATASETS, fetch, load_dataset
-from vggnet.training.config import RANGES
+from vggnet.base.limits import IMAGE_SIZE
 from vggnet.cli.common import in_range, user_path
 
 
@@ -21,7 +21,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     i = verbs.add_parser("info", help="load a dataset and print its size and classes")
     i.add_argument("name", help="fashion-mnist, cifar10, cifar100 or folder:PATH")
     i.add_argument("--data-dir", type=user_path)
-    i.add_argument("--image-size", type=in_range(RANGES["image_size"]), help="folder: decode size (default 64)")
+    i.add_argument("--image-size", type=in_range(IMAGE_SIZE), help="folder: decode size (default 64)")
     i.set_defaults(run=run_info)
 
 

@@ -17,8 +17,8 @@ import inspect
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Iterator
 
-from vggnet.base.limits import (MAX_BATCH, MAX_CLASSES, MAX_EPOCHS, MAX_IMAGE_SIZE, MAX_IMAGES, MAX_LR, MAX_SEED,
-                                MAX_THREADS, MAX_WIDTH, DEVICE_NAME, Range)
+from vggnet.base.limits import (BATCH, DEVICE_NAME, IMAGE_SIZE, IMAGES, MAX_BATCH, MAX_CLASSES, MAX_EPOCHS,
+                                MAX_IMAGE_SIZE, MAX_IMAGES, MAX_LR, MAX_SEED, THREADS, WIDTH, Range)
 from vggnet.net.configs import parse_arch
 from vggnet.base.errors import ConfigError
 from vggnet.net.models import HEADS, INITS, MODELS, VGG, list_models
@@ -41,17 +41,17 @@ MODEL_DEFAULTS = {name: inspect.signature(VGG.__init__).parameters[name].default
 
 #: The numeric fields of TrainConfig and their ranges; those in OPTIONAL may also be None (not set).
 RANGES: dict[str, Range] = {
-    "width": Range(0, MAX_WIDTH, open_low=True),
+    "width": WIDTH,
     "dropout": Range(0, 1, open_high=True),
     "loaded_lr_scale": Range(0, 100, open_low=True),
-    "image_size": Range(1, MAX_IMAGE_SIZE, integer=True),
+    "image_size": IMAGE_SIZE,
     "val_split": Range(0, MAX_IMAGES, integer=True),
-    "subset": Range(1, MAX_IMAGES, integer=True),
+    "subset": IMAGES,
     "crop_padding": Range(0, MAX_IMAGE_SIZE, integer=True),
     "erasing": Range(0, 1),
     "epochs": Range(1, MAX_EPOCHS, integer=True),
     "schedule_epochs": Range(1, MAX_EPOCHS, integer=True),
-    "batch_size": Range(1, MAX_BATCH, integer=True),
+    "batch_size": BATCH,
     "lr": Range(0, MAX_LR, open_low=True),
     "momentum": Range(0, 1, open_high=True),
     "weight_decay": Range(0, 1),
@@ -60,7 +60,7 @@ RANGES: dict[str, Range] = {
     "grad_clip": Range(0, 1e9, open_low=True),
     "plateau_patience": Range(0, MAX_EPOCHS, integer=True),
     "seed": Range(0, MAX_SEED, integer=True),
-    "threads": Range(1, MAX_THREADS, integer=True),
+    "threads": THREADS,
     "eval_batch_size": Range(1, MAX_BATCH, integer=True),
 }
 OPTIONAL = ("subset", "grad_clip", "schedule_epochs", "threads", "eval_batch_size")

@@ -291,7 +291,8 @@ class TensorBoard:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise ConfigError("--tensorboard needs the tensorboard package: pip install -e '.[tensorboard]' in a clone, pip install 'vggnet[tensorboard]' where vggnet is installed") from None
+            raise ConfigError("--tensorboard needs the tensorboard package: pip install 'vggnet[tensorboard]' (in a "
+                              "clone of vggnet: pip install -e '.[tensorboard]')") from None
         self.writer = SummaryWriter(str(run.rundir.tensorboard))  # creates the run directory too
 
     def log(self, record: dict[str, Any]) -> None:

@@ -41,7 +41,7 @@ EXTENSIONS = {"onnx": ".onnx", "torchscript": ".pt", "exported": ".pt2"}
 #: The seed of the traced example and of the random check images.
 RANDOM_SEED = 0
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
-ONNX_HINT = "pip install -e '.[onnx]' in a clone, pip install 'vggnet[onnx]' where vggnet is installed"
+ONNX_HINT = "pip install 'vggnet[onnx]' (in a clone of vggnet: pip install -e '.[onnx]')"
 #: The most weight bytes one ONNX file holds (protobuf's 2 GB limit, less room for the graph).
 ONNX_MAX_BYTES = 2**31 - 2**26
 

@@ -29,7 +29,7 @@ import torch
 
 from vggnet.base.errors import CheckpointError
 
-INSTALL_HINT = "pip install -e '.[keras]' in a clone, pip install 'vggnet[keras]' where vggnet is installed (or pip install h5py)"
+INSTALL_HINT = "pip install 'vggnet[keras]' (in a clone of vggnet: pip install -e '.[keras]'; or pip install h5py)"
 _CONV = re.compile(r"^block(\d+)_conv(\d+)$")
 TOP = ("fc1", "fc2", "predictions")
 
