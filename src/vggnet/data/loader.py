@@ -91,10 +91,14 @@ class BatchLoader:
         return torch.cat([mine, tail[self.rank * share:(self.rank + 1) * share]])
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self.iterate(0)
+
+    def iterate(self, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The batches from batch ``start`` on (a run resumed mid-epoch), the ones before not computed."""
         images, labels = self.ds.images, self.ds.labels
         mine = self.indices().to(images.device)
         pin = self.device.type == "cuda" and images.device.type == "cpu"
-        for i in range(len(self)):
+        for i in range(start, len(self)):
             idx = mine[i * self.batch_size:(i + 1) * self.batch_size]
             x, y = images.index_select(0, idx), labels.index_select(0, idx.to(labels.device))
             if pin:

@@ -202,9 +202,8 @@ def train_epoch(run: Run, state: RunState, history: list[dict[str, Any]], epoch:
     sums = torch.tensor([state.loss_sum, float(state.correct)], dtype=torch.float64, device=run.runtime.device)
     diverged = torch.zeros((), dtype=torch.bool, device=run.runtime.device)
     synced_step = state.step
-    for i, (images, labels) in enumerate(loader):
-        if i < state.batch:
-            continue  # resuming mid-epoch: these batches were already trained on
+    # Resuming mid-epoch: the batches before state.batch were already trained on, and are not even computed.
+    for i, (images, labels) in enumerate(loader.iterate(state.batch), start=state.batch):
         loss, correct = train_step(run, images, labels, learning_rate(run, state))
         state.step += 1
         n = labels.numel()
