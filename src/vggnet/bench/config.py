@@ -1,4 +1,4 @@
-"""What ``vggnet bench`` runs and how big: the sections of each device, the targets of issues #4 and #12,
+"""What ``vggnet bench`` runs and how big: the sections of each device, the targets of issues #4, #12, #13 and #21,
 :class:`BenchConfig`."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from typing import Any, Callable
 from vggnet.base.errors import ConfigError
 from vggnet.runtime import pick_device
 
-SECTIONS = ("peak", "train", "infer", "e2e", "memory", "contention", "ablation", "profile")  # --device cpu
+SECTIONS = ("peak", "train", "infer", "e2e", "data", "memory", "contention", "ablation", "profile")  # --device cpu
 DEFAULT_SECTIONS = SECTIONS
 GPU_SECTIONS = ("gpu_epoch", "gpu_step", "gpu_infer", "memory")  # --device cuda / cuda:N (memory is shared)
 ALL_SECTIONS = SECTIONS + tuple(s for s in GPU_SECTIONS if s not in SECTIONS)
@@ -17,6 +17,8 @@ TARGETS = {"train_ratio": 2.5, "train_peak_share": 0.70, "infer_ratio": 3.0, "e2
            "memory_error": 0.15,
            # issue #13: training throughput beside one other CPU-bound process, as a share of the quiet machine's.
            "contention_share": 0.5,
+           # issue #21: decode + augment images/s per core, vggnet's paper transform vs ImageFolder + DataLoader.
+           "data_per_core_ratio": 1.5,
            # issue #12, on CUDA: the epoch's wall time vs the typical GPU pipeline; the 224x224 VGG-16-BN training
            # step vs the reference in eager bf16 autocast + channels_last and in eager fp32; vggnet's module vs the
            # reference's in the same 32x32 step (1.0: the module costs no time per forward).

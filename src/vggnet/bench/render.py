@@ -1,5 +1,5 @@
-"""Text tables of :func:`vggnet.bench.run`'s results, and the targets of issues #4 (CPU) and #12 (GPU) against the
-measured values."""
+"""Text tables of :func:`vggnet.bench.run`'s results, and the targets of issues #4, #13 and #21 (CPU) and #12 (GPU)
+against the measured values."""
 
 from __future__ import annotations
 
@@ -30,6 +30,9 @@ def summarize_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     if "contention" in results:
         add("training beside one busy process, share of quiet images/s", results["contention"]["share_default"],
             TARGETS["contention_share"])
+    if "data" in results:
+        add("decode + augment, images/s per core vs ImageFolder + DataLoader", results["data"]["ratio"],
+            TARGETS["data_per_core_ratio"])
     if "gpu_epoch" in results:
         add("GPU epoch, wall time vs the typical GPU pipeline", results["gpu_epoch"]["ratio"],
             TARGETS["gpu_epoch_ratio"])
@@ -246,6 +249,20 @@ def render_profile(profile: dict[str, Any]) -> list[str]:
     return lines
 
 
+def render_data(r: dict[str, Any]) -> list[str]:
+    """Decode + augment per core: the reference pipeline and vggnet's, with each worker count."""
+    rows = [[row["name"], str(row["workers"]), f"{row['precision']} {'x'.join(map(str, row['output_shape']))}",
+             _fmt(row["images_per_second"]), _fmt(row["images_per_second_per_core"]),
+             f"{row['ratio']:.2f}x" if row["name"] == "vggnet" else ""] for row in r["rows"]]
+    cores = ", ".join(f"{name} {value:.1f}" for name, value in r["cores_to_feed"].items())
+    return ["", f"decode + augment: {r['images']} JPEGs of {r['image_size'][0]}x{r['image_size'][1]} "
+                f"({r['mean_file_bytes'] / 1000:.0f} KB each), rescaled to S = {r['scale']}, {r['crop']} crops, "
+                f"flip, colour shift; batch {r['batch']}",
+            f"reference: {r['reference_pipeline']}; vggnet: {r['vggnet_pipeline']}",
+            table(["pipeline", "workers", "output", "images/s", "per core", "ratio"], rows, "lrlrrr"),
+            f"cores to feed {r['feed_rate']:.0f} images/s (a VGG-16 step at 224 on an H100, bf16): {cores}"]
+
+
 def render_contention(r: dict[str, Any]) -> list[str]:
     """The three contention runs: quiet, beside a busy process on every core, beside it with default threads."""
     rows = []
@@ -267,6 +284,8 @@ def render(results: dict[str, Any]) -> str:
                             ("gpu_infer", render_gpu_infer)):
         if key in results:
             lines += render_gpu(results[key])
+    if "data" in results:
+        lines += render_data(results["data"])
     if "memory" in results:
         lines += render_memory(results["memory"])
     if "contention" in results:

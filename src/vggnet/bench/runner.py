@@ -12,6 +12,7 @@ from vggnet.base.cpuload import CpuMonitor
 from vggnet.bench.ablation import bench_ablation, bench_profile
 from vggnet.bench.conditions import machine_info, other_load, wait_for_quiet
 from vggnet.bench.contention import bench_contention
+from vggnet.bench.data import bench_data
 from vggnet.bench.config import ALL_SECTIONS, SCHEMA, BenchConfig, device_targets, is_cuda
 from vggnet.bench.e2e import bench_e2e
 from vggnet.bench.gpu import bench_gpu_epoch, bench_gpu_infer, bench_gpu_step, start_gpu
@@ -24,7 +25,8 @@ from vggnet.bench.train import bench_train
 from vggnet.runtime import set_threads
 
 RUNNERS: dict[str, Callable[[BenchConfig, dict[str, Any]], dict[str, Any]]] = {
-    "peak": bench_peak, "train": bench_train, "infer": bench_infer, "e2e": bench_e2e, "memory": bench_memory,
+    "peak": bench_peak, "train": bench_train, "infer": bench_infer, "e2e": bench_e2e, "data": bench_data,
+    "memory": bench_memory,
     "contention": bench_contention,
     "ablation": bench_ablation, "profile": bench_profile,
     "gpu_epoch": bench_gpu_epoch, "gpu_step": bench_gpu_step, "gpu_infer": bench_gpu_infer,

@@ -11,7 +11,7 @@ from vggnet.runtime import GPU_HOST_THREADS, PRECISIONS
 from vggnet.base.schedule import SCHEDULES
 from vggnet.training import (DECAYING, NORMALIZE, OPTIMIZERS, PRESETS, RUNTIME_OPTIONS, Interrupted, resolve_config,
                         resume, train)
-from vggnet.base.limits import MAX_CLASSES, Range
+from vggnet.base.limits import IMAGE_SIZE, MAX_CLASSES, Range
 from vggnet.training.config import TTAS
 from vggnet.training.transfer import INIT_SCHEMES
 from vggnet.cli.common import (add_model_options, device_name, fraction, in_range, integer, number, one_line, print_json,
@@ -137,6 +137,14 @@ def _add_recipe_arguments(p: argparse.ArgumentParser, default: Callable[[str], s
                    help=f"random-erasing probability {default('erasing')}")
     p.add_argument("--scale-jitter", type=in_range(Range(0, 1, open_low=True)), nargs=2, metavar=("LO", "HI"),
                    help=f"zoom window as fractions of the side, e.g. 0.44 0.88 {default('scale_jitter')}")
+    p.add_argument("--scale", type=in_range(IMAGE_SIZE), nargs="+", metavar="S",
+                   help="prepared datasets: the paper's training scale, the shorter side images are rescaled to "
+                   "before the random crop: S fixed, or SMIN SMAX jittered per image (default: 8/7 of --image-size, "
+                   "256 for 224)")
+    p.add_argument("--colour-shift", type=number, metavar="STD", help="prepared datasets: std of AlexNet's RGB colour "
+                   f"shift, 0 for none {default('colour_shift')}")
+    p.add_argument("--workers", type=in_range(Range(0, 256, integer=True)), metavar="N",
+                   help="prepared datasets: processes decoding and augmenting images (default: the available cores)")
     p.add_argument("--tta", choices=TTAS, help="flip: also score the final model on the test set averaged with its "
                    "mirrored images (recorded as test_acc_tta; the per-epoch scores stay plain) "
                    f"{default('tta')}")

@@ -25,6 +25,9 @@ from vggnet.data.idx import find_fashion_mnist, load_fashion_mnist, read_idx
 from vggnet.data.images import decode_image
 from vggnet.data.load import load_dataset
 from vggnet.data.loader import BatchLoader
+from vggnet.data.shards import prepare as prepare_shards
+from vggnet.data.shards import read_manifest
+from vggnet.data.shards import verify as verify_shards
 from vggnet.data.split import stratified_holdout
 
 __all__ = [
@@ -42,7 +45,10 @@ __all__ = [
     "load_dataset",
     "load_fashion_mnist",
     "load_folder",
+    "prepare_shards",
     "read_idx",
+    "read_manifest",
     "search_dirs",
     "stratified_holdout",
+    "verify_shards",
 ]

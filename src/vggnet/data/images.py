@@ -1,7 +1,10 @@
 """The one image decoder: what a model sees of an image file, in training (``folder:PATH``) and in prediction.
 
 :func:`decode_image` is used by both the image-folder loader (:mod:`vggnet.data.folder`) and ``vggnet predict``
-(:mod:`vggnet.use.predict`), so a file gives the same pixels in training and at predict time. Steps, in order:
+(:mod:`vggnet.use.predict`), so a file gives the same pixels in training and at predict time. :func:`decode_bytes` is
+the same decoder on bytes held in memory (a sample read from a shard), and :func:`decode_bytes_upright` its steps 1
+to 5 for the paper's per-sample transforms (:mod:`vggnet.data.paper`), which resize and crop on their own. Steps, in
+order:
 
 1. refuse what is not a regular file (a FIFO would block the reader forever) and, from the header alone, before
    any pixel is decoded, images with a side over :data:`MAX_IMAGE_SIDE` or more than :data:`MAX_IMAGE_PIXELS`
@@ -31,7 +34,7 @@ from __future__ import annotations
 import io
 import os
 import stat
-from typing import Sequence
+from typing import Callable, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -44,13 +47,16 @@ from vggnet.base.errors import ConfigError, DataError
 #: resize-then-crop; 4 (this one) scales 16-bit and float images instead of clipping them. Bump it whenever the
 #: pixels :func:`decode_image` returns change.
 DECODER_VERSION = 4
-_RESAMPLE = Image.Resampling.BILINEAR
+#: How every image is rescaled: Pillow's bilinear filter, antialiased when shrinking (its support grows with the
+#: scale factor), as torchvision's ``Resize`` on a PIL image.
+RESAMPLE = Image.Resampling.BILINEAR
 #: Most pixels of an image, and of its resized intermediate: Pillow's own decompression-bomb limit (its default
 #: ``Image.MAX_IMAGE_PIXELS``, about 0.27 GB as RGB), enforced here as an error rather than Pillow's warning.
 MAX_IMAGE_PIXELS = 89_478_485
 #: Longest side of an image: 65535, the largest a JPEG can have.
 MAX_IMAGE_SIDE = 65_535
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+T = TypeVar("T")
 
 
 class ImageFileError(DataError):
@@ -69,15 +75,33 @@ def _has_transparency(image: Image.Image) -> bool:
     return image.mode == "P" and image.palette is not None and image.palette.mode.endswith("A")
 
 
-def _resize_and_crop(image: Image.Image, size: int) -> Image.Image:
-    """Shorter side to ``size`` (torchvision's rounding of the longer side), then the centre ``size`` squared."""
+def rescaled_size(width: int, height: int, side: int) -> tuple[int, int]:
+    """``(width, height)`` rescaled isotropically so the shorter side is ``side``: the longer side is
+    ``int(side * long / short)``, torchvision's ``Resize(side)`` rounding."""
+    if width <= height:
+        return side, int(side * height / width)
+    return int(side * width / height), side
+
+
+def resize_shorter(image: Image.Image, side: int) -> Image.Image:
+    """``image`` rescaled so its shorter side is ``side`` (:func:`rescaled_size`; Pillow bilinear, antialiased when
+    shrinking: torchvision's ``Resize(side)`` on a PIL image); unchanged when it is already."""
+    if min(image.size) == side:
+        return image
+    return image.resize(rescaled_size(*image.size, side), RESAMPLE)
+
+
+def centre_crop(image: Image.Image, size: int) -> Image.Image:
+    """The centre ``size`` squared of ``image`` (offsets ``round((side - size) / 2)``: torchvision's
+    ``CenterCrop``)."""
     w, h = image.size
-    if min(w, h) != size:
-        long = int(size * max(w, h) / min(w, h))
-        image = image.resize((size, long) if w <= h else (long, size), _RESAMPLE)
-        w, h = image.size
     top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
     return image.crop((left, top, left + size, top + size))
+
+
+def _resize_and_crop(image: Image.Image, size: int) -> Image.Image:
+    """Shorter side to ``size`` (torchvision's rounding of the longer side), then the centre ``size`` squared."""
+    return centre_crop(resize_shorter(image, size), size)
 
 
 class _BoundedReads(io.BufferedReader):
@@ -135,22 +159,77 @@ def _to_8bit(image: Image.Image) -> Image.Image:
     return Image.fromarray(scaled.astype(np.uint8), "L")
 
 
-def _decode(path: str | os.PathLike, image_size: int | None, channels: int) -> np.ndarray:
-    if not stat.S_ISREG(os.stat(path).st_mode):  # before opening: opening a FIFO blocks
-        raise _Refused("not a regular file; pass an image file")
-    with _BoundedReads(path) as f, Image.open(f) as opened:
-        _check_size(opened, image_size)
-        image = _to_8bit(ImageOps.exif_transpose(opened))
-        if _has_transparency(image):
-            image = Image.alpha_composite(Image.new("RGBA", image.size, (0, 0, 0, 255)), image.convert("RGBA"))
-        image = image.convert("RGB" if channels == 3 else "L")
-        if image_size is not None:
-            image = _resize_and_crop(image, image_size)
-        array = np.array(image, dtype=np.uint8)
+class _NamedBytes(io.BytesIO):
+    """An encoded image in memory, shown in a decoder's messages by its name. Its reads are bounded already: a read
+    of more bytes than remain returns what remains, without allocating the size asked for."""
+
+    def __init__(self, data: bytes | bytearray | memoryview, name: str) -> None:
+        super().__init__(data)
+        self._name = name
+
+    def __repr__(self) -> str:
+        return repr(str(self._name))
+
+
+def _upright(opened: Image.Image, channels: int, check_side: int | None, draft: int | None) -> Image.Image:
+    """Steps 1 (from the header) to 5 of the module docstring on an opened image: an upright 8-bit ``RGB``
+    (``channels=3``) or ``L`` image, a new image that outlives the file. ``draft``: let a JPEG decode straight to a
+    reduced size (libjpeg's DCT scaling by 1/2, 1/4 or 1/8, Pillow's ``Image.draft``) whose sides stay at least
+    ``draft`` pixels; other formats ignore it."""
+    _check_size(opened, check_side)
+    if draft is not None and opened.format == "JPEG":
+        opened.draft(None, (draft, draft))  # a square request: both sides stay >= draft whatever the orientation
+    image = _to_8bit(ImageOps.exif_transpose(opened))  # a copy (or a transposed image): independent of the file
+    if _has_transparency(image):
+        image = Image.alpha_composite(Image.new("RGBA", image.size, (0, 0, 0, 255)), image.convert("RGBA"))
+    return image.convert("RGB" if channels == 3 else "L")
+
+
+def to_array(image: Image.Image, channels: int) -> np.ndarray:
+    """An ``RGB`` or ``L`` image from the decoder as uint8 ``(H, W, channels)``: the luminance replicated into every
+    channel when ``channels`` is neither 1 nor 3."""
+    array = np.array(image, dtype=np.uint8)
     array = array.reshape(array.shape[0], array.shape[1], -1)
     if channels not in (1, 3):
         array = np.repeat(array, channels, axis=2)
     return array
+
+
+def _decode(stream: io.IOBase, image_size: int | None, channels: int) -> np.ndarray:
+    with Image.open(stream) as opened:
+        image = _upright(opened, channels, image_size, None)
+    if image_size is not None:
+        image = _resize_and_crop(image, image_size)
+    return to_array(image, channels)
+
+
+def _check_arguments(image_size: int | None, channels: int) -> None:
+    if image_size is not None and image_size < 1:
+        raise ConfigError(f"image_size must be >= 1 pixel, got {image_size}")
+    if channels < 1:
+        raise ConfigError(f"channels must be >= 1, got {channels}")
+
+
+def _named(name: str | os.PathLike, decode: Callable[[], T]) -> T:
+    """``decode()``, whose failures become one :class:`ImageFileError` naming ``name``."""
+    try:
+        return decode()
+    except FileNotFoundError:
+        raise ImageFileError(name, "no such file") from None
+    except _Refused as err:
+        raise ImageFileError(name, str(err)) from None
+    except UnidentifiedImageError:  # Pillow's message names the file object; ours names the file already
+        raise ImageFileError(name, "not a readable image (not in any image format Pillow reads)") from None
+    except Exception as err:  # Pillow raises many types for bad files (OSError, SyntaxError, struct.error, ...)
+        reason = " ".join(str(err).split()) or type(err).__name__
+        raise ImageFileError(name, f"not a readable image ({reason})") from None
+
+
+def _decode_file(path: str | os.PathLike, image_size: int | None, channels: int) -> np.ndarray:
+    if not stat.S_ISREG(os.stat(path).st_mode):  # before opening: opening a FIFO blocks
+        raise _Refused("not a regular file; pass an image file")
+    with _BoundedReads(path) as f:
+        return _decode(f, image_size, channels)
 
 
 def decode_image(path: str | os.PathLike, image_size: int | None = None, channels: int = 3) -> np.ndarray:
@@ -161,23 +240,37 @@ def decode_image(path: str | os.PathLike, image_size: int | None = None, channel
     truncated, corrupt, too large (:data:`MAX_IMAGE_SIDE`, :data:`MAX_IMAGE_PIXELS`), or float pixels outside
     [0, 1] -- raises :class:`ImageFileError`, a :class:`vggnet.base.errors.DataError` whose message names the file.
     """
-    if image_size is not None and image_size < 1:
-        raise ConfigError(f"image_size must be >= 1 pixel, got {image_size}")
-    if channels < 1:
-        raise ConfigError(f"channels must be >= 1, got {channels}")
+    _check_arguments(image_size, channels)
     if os.path.isdir(path):
         raise ImageFileError(path, "is a directory, not an image")
-    try:
-        return _decode(path, image_size, channels)
-    except FileNotFoundError:
-        raise ImageFileError(path, "no such file") from None
-    except _Refused as err:
-        raise ImageFileError(path, str(err)) from None
-    except UnidentifiedImageError:  # Pillow's message names the file object; ours names the file already
-        raise ImageFileError(path, "not a readable image (not in any image format Pillow reads)") from None
-    except Exception as err:  # Pillow raises many types for bad files (OSError, SyntaxError, struct.error, ...)
-        reason = " ".join(str(err).split()) or type(err).__name__
-        raise ImageFileError(path, f"not a readable image ({reason})") from None
+    return _named(path, lambda: _decode_file(path, image_size, channels))
+
+
+def decode_bytes(data: bytes | bytearray | memoryview, name: str, image_size: int | None = None,
+                 channels: int = 3) -> np.ndarray:
+    """An encoded image held in memory (a file's bytes, a sample read from a shard) as uint8 ``(H, W, channels)``:
+    exactly :func:`decode_image`'s pixels for the same bytes, and its errors, as :class:`ImageFileError` naming
+    ``name`` (the sample: a file, or ``SHARD:KEY``). ``image_size=None`` keeps the image's own (upright) size."""
+    _check_arguments(image_size, channels)
+    return _named(name, lambda: _decode(_NamedBytes(data, name), image_size, channels))
+
+
+def decode_bytes_upright(data: bytes | bytearray | memoryview, name: str, channels: int = 3, *,
+                         check_side: int | None = None, draft: int | None = None) -> Image.Image:
+    """Steps 1 to 5 of the module docstring on encoded bytes, for transforms that resize and crop on their own
+    (:mod:`vggnet.data.paper`): an upright 8-bit PIL image, ``RGB`` for ``channels=3`` and ``L`` otherwise, of the
+    image's own size -- or, with ``draft``, of a JPEG decoded at a reduced size whose sides stay >= ``draft``.
+    ``check_side``: the largest shorter side it will be resized to (refused when that intermediate would exceed
+    :data:`MAX_IMAGE_PIXELS`). Errors as :func:`decode_bytes`."""
+    _check_arguments(check_side, channels)
+    if draft is not None and draft < 1:
+        raise ConfigError(f"draft must be >= 1 pixel, got {draft}")
+
+    def decode() -> Image.Image:
+        with Image.open(_NamedBytes(data, name)) as opened:
+            return _upright(opened, channels, check_side, draft)
+
+    return _named(name, decode)
 
 
 def decode_files(files: Sequence[str | os.PathLike], image_size: int | None, channels: int

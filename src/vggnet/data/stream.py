@@ -34,10 +34,8 @@ import torch
 
 from vggnet.base.errors import ConfigError, DataError
 from vggnet.data.loader import BatchLoader
+from vggnet.data.shard_format import INDEX_DTYPE, MANIFEST, manifest_problem, read_manifest
 
-#: One row of a split's index: the shard, the byte offset of the image member's data, its length, the label.
-INDEX_DTYPE = np.dtype([("shard", "<i4"), ("offset", "<i8"), ("size", "<i4"), ("label", "<i4")])
-MANIFEST = "manifest.json"
 #: Seconds a remote read may wait for an answer before it is a one-line DataError.
 URL_TIMEOUT = 30.0
 #: Open shard files kept per process (file descriptors are a limited resource).
@@ -104,20 +102,19 @@ class ShardReader:
         self.__init__(state["root"], state["files"])
 
 
-def _read_json(root: str, name: str) -> dict:
-    if is_remote(root):
-        text = _fetch(f"{root.rstrip('/')}/{name}").decode("utf-8", "replace")
-        where = f"{root.rstrip('/')}/{name}"
-    else:
-        path = Path(root) / name
-        if not path.is_file():
-            raise DataError(f"{root} is not a prepared dataset (no {name}): prepare one with vggnet data prepare "
-                            "folder:PATH --to DIR")
-        text, where = path.read_text(encoding="utf-8", errors="replace"), str(path)
+def _manifest(root: str) -> dict:
+    """The checked manifest of a local directory or of an ``http(s)://`` base."""
+    if not is_remote(root):
+        return read_manifest(root)
+    where = f"{root.rstrip('/')}/{MANIFEST}"
     try:
-        return json.loads(text)
+        manifest = json.loads(_fetch(where).decode("utf-8", "replace"))
     except (ValueError, RecursionError) as err:
-        raise DataError(f"{where} is corrupt ({err}): prepare the dataset again") from None
+        raise DataError(f"{where}: not JSON ({' '.join(str(err).split())}); prepare the data set again") from None
+    problem = manifest_problem(manifest)
+    if problem is not None:
+        raise DataError(f"{where}: {problem}; prepare the data set again with this vggnet")
+    return manifest
 
 
 def _load_index(root: str, name: str, samples: int) -> np.ndarray:
@@ -191,16 +188,71 @@ class StreamedSplit:
         return replace(self, rows=rows, relabel=relabel, classes=[self.classes[c] for c in keep])
 
 
+class StreamedImages:
+    """The images of a :class:`StreamedSplit` as evaluation reads a tensor: ``len``, ``shape`` (the transform's
+    output), slicing (a view: nothing decoded), and ``.to(device)``, which decodes the view's samples with
+    ``transform(data, name, 0)`` (a deterministic test transform) in ``threads`` threads into one uint8 batch."""
+
+    def __init__(self, split: StreamedSplit, transform: Callable[[bytes, str, int], torch.Tensor],
+                 shape: tuple[int, int, int], threads: int = 1) -> None:
+        self.split, self.transform, self.item_shape, self.threads = split, transform, tuple(shape), max(1, threads)
+        self.device = torch.device("cpu")
+        self.nbytes = 0  # nothing resident
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.split), *self.item_shape)
+
+    def __getitem__(self, key: slice) -> "StreamedImages":
+        if not isinstance(key, slice):
+            raise TypeError("streamed images are sliced, not indexed")
+        return StreamedImages(self.split.take(np.arange(len(self.split))[key]), self.transform, self.item_shape,
+                              self.threads)
+
+    def to(self, device: str | torch.device, non_blocking: bool = False) -> torch.Tensor:
+        from concurrent.futures import ThreadPoolExecutor
+
+        def one(i: int) -> torch.Tensor:
+            data, _, name = self.split.sample(i)
+            return self.transform(data, name, 0)
+
+        if len(self.split) == 0:
+            return torch.zeros(0, *self.item_shape, dtype=torch.uint8, device=device)
+        with ThreadPoolExecutor(self.threads) as pool:  # Pillow decodes with the GIL released
+            images = list(pool.map(one, range(len(self.split))))
+        return torch.stack(images).to(device, non_blocking=non_blocking)
+
+
+@dataclass
+class StreamedDataset:
+    """A streamed split in :class:`~vggnet.data.ImageDataset`'s shape for evaluation: ``images`` (a
+    :class:`StreamedImages`), ``labels``, ``classes``, ``name``."""
+
+    images: StreamedImages
+    labels: torch.Tensor
+    classes: list[str]
+    name: str
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def evaluation_set(split: StreamedSplit, transform: Callable[[bytes, str, int], torch.Tensor], image_size: int,
+                   channels: int = 3, threads: int = 1) -> StreamedDataset:
+    """``split`` as evaluation reads a dataset: its images decoded on demand by the (deterministic) ``transform``
+    into ``channels`` x ``image_size`` x ``image_size``."""
+    images = StreamedImages(split, transform, (channels, image_size, image_size), threads)
+    return StreamedDataset(images, split.labels, list(split.classes), split.name)
+
+
 def open_prepared(root: str | os.PathLike) -> tuple[StreamedSplit, StreamedSplit]:
     """``(train, test)`` of the prepared directory (or ``http(s)://`` base) ``root``, checked against its
     manifest; no image is read."""
     root = str(root) if is_remote(root) else str(Path(os.path.expanduser(str(root))))
-    manifest = _read_json(root, MANIFEST)
-    if not (isinstance(manifest, dict) and manifest.get("format") == "vggnet-shards" and manifest.get("version") == 1):
-        raise DataError(f"{root}/{MANIFEST} is not a vggnet prepared dataset of format version 1: prepare it again "
-                        "with this vggnet")
-    if not manifest.get("complete"):
-        raise DataError(f"{root} holds an unfinished prepare: run vggnet data prepare again with the same arguments")
+    manifest = _manifest(root)
     splits = []
     for split in ("train", "test"):
         entry = manifest["splits"][split]
@@ -217,6 +269,14 @@ def open_prepared(root: str | os.PathLike) -> tuple[StreamedSplit, StreamedSplit
 def is_prepared(spec: str) -> bool:
     """Whether the dataset spec names a prepared directory (a remote base always does)."""
     return is_remote(spec) or (Path(os.path.expanduser(spec)) / MANIFEST).is_file()
+
+
+def paper_scales(scale: list[int] | None, image_size: int) -> tuple[tuple[int, int], int]:
+    """The paper's scales for a crop of ``image_size``: training S as ``(SMIN, SMAX)`` (equal: fixed; default 8/7 of
+    the crop, 256 for 224) and the single test scale Q (S, or the middle of the range: section 3.2)."""
+    values = list(scale) if scale else [round(image_size * 8 / 7)]
+    low, high = int(values[0]), int(values[-1])
+    return (low, high), (low + high) // 2
 
 
 def sample_seed(seed: int, epoch: int, sample: int) -> int:

@@ -12,6 +12,8 @@ import os
 
 from vggnet.base.errors import DataError
 from vggnet.data import ImageDataset, load_dataset
+from vggnet.data.paper import TestTransform
+from vggnet.data.stream import evaluation_set, is_prepared, open_prepared
 from vggnet.store.card import LoadedModel
 
 
@@ -32,10 +34,15 @@ def load_test_set(loaded: LoadedModel, dataset: str, data_dir: str | os.PathLike
         image_size = card.image_size
     else:
         image_size = loaded.preprocess.decode_size
-    test = load_dataset(dataset, data_dir, image_size, channels=int(loaded.model.in_channels))[1]
+    channels = int(loaded.model.in_channels)
+    streamed = is_prepared(dataset)
+    test = open_prepared(dataset)[1] if streamed else load_dataset(dataset, data_dir, image_size, channels=channels)[1]
     classes = train_config.get("classes")
     if classes and dataset == card.dataset and len(test.classes) != loaded.model.num_classes:
         test = test.select_classes(classes)  # the run trained on these classes, relabelled in this order
+    if streamed:  # decoded as predict decodes a file: the shorter side at the decode size, its centre square
+        size = loaded.preprocess.decode_size
+        test = evaluation_set(test, TestTransform(scale=size, crop=size, channels=channels), size, channels)
     check_fits(test, loaded, dataset, source if source is not None else (loaded.run_dir or "the model"))
     return test
 

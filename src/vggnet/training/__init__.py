@@ -30,7 +30,7 @@ from vggnet.training.loop import Interrupted, TrainingDiverged, fit, seed_epoch,
 
 #: Options that change how a run executes, not what it computes: --resume may set them anew for its session
 #: (they are not written back to config.json).
-RUNTIME_OPTIONS = ("progress", "threads", "device", "data_dir", "compile")
+RUNTIME_OPTIONS = ("progress", "threads", "device", "data_dir", "compile", "workers")
 #: Schedules that decay to a learning rate of 0 at the end of their length: a run on one cannot be extended.
 DECAYING = ("onecycle", "cosine")
 

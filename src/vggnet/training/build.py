@@ -20,6 +20,8 @@ from vggnet.base.errors import CheckpointError, ConfigError
 from vggnet.net.models import create_model
 from vggnet.store.rundir import RunDir
 from vggnet.runtime import AdaptiveThreads, Runtime, adaptive_threads, compile_module, keeps_data_on_device, resolve_runtime
+from vggnet.data.stream import StreamedSplit
+from vggnet.training import streamed as streamed_data
 from vggnet.training.config import TrainConfig
 from vggnet.training.transfer import TransferRecord, freeze, hold_in_eval, init_from_source, parameter_groups
 
@@ -49,6 +51,9 @@ class Run:
     warmup_steps: int
     scaler: torch.amp.GradScaler | None = None  # fp16's gradient scaler (build_scaler); None otherwise
     threads: AdaptiveThreads | None = None  # the CPU thread count that follows the load (runtime.adaptive_threads)
+    # How image files become the model's input, for the card, where it is not ``preprocess`` itself: a streamed
+    # run's batches arrive cropped, while a file is decoded at the test scale Q and centre-cropped.
+    card_preprocess: Preprocess | None = None
 
 
 def build_runtime(config: TrainConfig, dist: distributed.Dist) -> Runtime:
@@ -64,8 +69,12 @@ def build_data(config: TrainConfig, data: tuple[ImageDataset, ImageDataset] | No
                ) -> tuple[ImageDataset, ImageDataset | None, ImageDataset]:
     """``(train, validation or None, test)``: ``--classes`` first (on both sets), then the validation hold-out, then
     ``--subset`` on what is left for training."""
-    train_set, test_set = data if data is not None else load_dataset(config.dataset, config.data_dir,
-                                                                     config.image_size)
+    streamed = data is None and streamed_data.streams(config)
+    if streamed:
+        train_set, test_set = streamed_data.open_splits(config)
+    else:
+        train_set, test_set = data if data is not None else load_dataset(config.dataset, config.data_dir,
+                                                                         config.image_size)
     if config.classes:
         train_set, test_set = train_set.select_classes(config.classes), test_set.select_classes(config.classes)
     val_set = None
@@ -75,33 +84,44 @@ def build_data(config: TrainConfig, data: tuple[ImageDataset, ImageDataset] | No
         train_set = train_set.take(keep)
     if config.subset:
         train_set = train_set.subset(config.subset)
+    if streamed:  # evaluation reads them decoded by the test transform; training by the loader's
+        return train_set, streamed_data.for_evaluation(config, val_set), streamed_data.for_evaluation(config, test_set)
     return train_set, val_set, test_set
 
 
 def place_data(runtime: Runtime, *datasets: ImageDataset | None) -> tuple[ImageDataset | None, ...]:
     """The datasets on the run's GPU for the whole run when they fit (:func:`vggnet.runtime.keeps_data_on_device`):
     batches are then indexed, preprocessed and augmented there and never cross the host bus; else where they are."""
-    nbytes = sum(ds.images.nbytes + ds.labels.nbytes for ds in datasets if ds is not None)
-    if not keeps_data_on_device(runtime.device, nbytes):
+    resident = [ds for ds in datasets if isinstance(ds, ImageDataset)]  # streamed sets stay on their shards
+    nbytes = sum(ds.images.nbytes + ds.labels.nbytes for ds in resident)
+    if not resident or not keeps_data_on_device(runtime.device, nbytes):
         return datasets
-    return tuple(ds.to(runtime.device) if ds is not None else None for ds in datasets)
+    return tuple(ds.to(runtime.device) if isinstance(ds, ImageDataset) else ds for ds in datasets)
 
 
 def build_preprocess(config: TrainConfig, train: ImageDataset) -> Preprocess:
-    """Per-channel statistics of the training images (validation images excluded)."""
-    channels = train.images.shape[1]
+    """Per-channel statistics of the training images (validation images excluded; of a streamed set, a sample of
+    them: :func:`vggnet.training.streamed.preprocess_stats`)."""
+    channels = image_channels(train)
     if config.normalize == "none":
         mean, std = (0.0,) * channels, (1.0,) * channels
     else:
-        mean, std = channel_stats(train)
+        streamed = isinstance(train, StreamedSplit)
+        mean, std = streamed_data.preprocess_stats(config, train) if streamed else channel_stats(train)
         if config.normalize == "mean":
             std = (1.0,) * channels
-    return Preprocess(config.image_size, mean, std, fit="auto", in_size=int(train.images.shape[-1]))
+    in_size = config.image_size if isinstance(train, StreamedSplit) else int(train.images.shape[-1])
+    return Preprocess(config.image_size, mean, std, fit="auto", in_size=in_size)
+
+
+def image_channels(train: ImageDataset | StreamedSplit) -> int:
+    """The channels of the training images: a prepared dataset's are RGB."""
+    return 3 if isinstance(train, StreamedSplit) else int(train.images.shape[1])
 
 
 def build_model(config: TrainConfig, train: ImageDataset) -> torch.nn.Module:
     return create_model(config.model, arch=config.arch, batch_norm=config.batch_norm, num_classes=len(train.classes),
-                        in_channels=int(train.images.shape[1]), input_size=config.image_size, width=config.width,
+                        in_channels=image_channels(train), input_size=config.image_size, width=config.width,
                         head=config.head, dropout=config.dropout, init=config.init)
 
 
@@ -147,6 +167,24 @@ def build_scaler(runtime: Runtime) -> torch.amp.GradScaler | None:
     return torch.amp.GradScaler(runtime.device.type)
 
 
+def build_loader(config: TrainConfig, train: ImageDataset | StreamedSplit, dist: distributed.Dist,
+                 runtime: Runtime) -> BatchLoader:
+    """The rank's batches: from memory, or streamed (decoded and augmented per sample in worker processes)."""
+    if isinstance(train, StreamedSplit):
+        return streamed_data.loader(config, train, config.batch_size // dist.world_size, dist.rank, dist.world_size,
+                                    runtime.device)
+    return BatchLoader(train, config.batch_size // dist.world_size, shuffle=True, drop_last=True, seed=config.seed,
+                       rank=dist.rank, world_size=dist.world_size, device=runtime.device)
+
+
+def build_augment(config: TrainConfig, train: ImageDataset | StreamedSplit) -> Augment:
+    """Whole-batch augmentation; a streamed set's crops and flips were made per sample, so only erasing remains."""
+    if isinstance(train, StreamedSplit):
+        return Augment(crop_padding=0, flip=False, scale_jitter=None, erasing=config.erasing)
+    return Augment(crop_padding=config.crop_padding, flip=config.flip, scale_jitter=config.scale_jitter,
+                   erasing=config.erasing)
+
+
 def default_run_dir(config: TrainConfig) -> Path:
     dataset = config.dataset.replace("folder:", "").rstrip("/").split("/")[-1] or "folder"
     return Path("runs") / f"{config.model}-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -168,12 +206,15 @@ def build_run(config: TrainConfig, data: tuple[ImageDataset, ImageDataset] | Non
         raise ConfigError(f"--batch-size {config.batch_size} (global) does not divide among {dist.world_size} "
                           f"processes: use a multiple of {dist.world_size}")
     train_set, val_set, test_set = build_data(config, data)
+    if isinstance(train_set, StreamedSplit) and dist.is_main:  # the rule that chose the path, said once
+        print(f"vggnet train: {config.dataset}: {len(train_set)} training images streamed from their shards "
+              f"({streamed_data.RULE})", file=sys.stderr, flush=True)
     preprocess = build_preprocess(config, train_set)
     train_set, val_set, test_set = place_data(runtime, train_set, val_set, test_set)
     torch.manual_seed(config.seed)
     model = build_model(config, train_set)
     # Fail now, with the model's own message, if the images cannot go through it.
-    model.check_input(torch.zeros(1, train_set.images.shape[1], config.image_size, config.image_size))
+    model.check_input(torch.zeros(1, image_channels(train_set), config.image_size, config.image_size))
     loaded, init_record = start_weights(config, model, rundir, list(train_set.classes), dist.is_main)
     model = model.to(runtime.device)
     if runtime.channels_last:
@@ -184,8 +225,7 @@ def build_run(config: TrainConfig, data: tuple[ImageDataset, ImageDataset] | Non
     if not any(p.requires_grad for p in model.parameters()):
         raise ConfigError(f"--freeze {','.join(config.freeze)} leaves no parameter to train: freeze fewer layers")
     optimizer = build_optimizer(config, model, loaded)
-    loader = BatchLoader(train_set, config.batch_size // dist.world_size, shuffle=True, drop_last=True,
-                         seed=config.seed, rank=dist.rank, world_size=dist.world_size, device=runtime.device)
+    loader = build_loader(config, train_set, dist, runtime)
     if len(loader) == 0:
         raise ConfigError(f"--batch-size {config.batch_size} is larger than the training set ({len(train_set)} "
                           "images): lower it or raise --subset")
@@ -199,9 +239,9 @@ def build_run(config: TrainConfig, data: tuple[ImageDataset, ImageDataset] | Non
                saved_config=saved_config if saved_config is not None else config.to_dict(),
                train_set=train_set, val_set=val_set, test_set=test_set, classes=list(train_set.classes),
                preprocess=preprocess,
-               augment=Augment(crop_padding=config.crop_padding, flip=config.flip, scale_jitter=config.scale_jitter,
-                               erasing=config.erasing),
+               augment=build_augment(config, train_set),
                model=model, net=net, optimizer=optimizer, loader=loader,
                generator=torch.Generator(runtime.device), total_steps=config.schedule_epochs * len(loader),
                warmup_steps=int(config.warmup_epochs * len(loader)), scaler=build_scaler(runtime),
-               threads=threads)
+               threads=threads, card_preprocess=streamed_data.card_preprocess(config, preprocess)
+               if isinstance(train_set, StreamedSplit) else None)

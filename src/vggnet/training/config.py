@@ -62,8 +62,10 @@ RANGES: dict[str, Range] = {
     "seed": Range(0, MAX_SEED, integer=True),
     "threads": THREADS,
     "eval_batch_size": Range(1, MAX_BATCH, integer=True),
+    "colour_shift": Range(0, 10),
+    "workers": Range(0, 256, integer=True),
 }
-OPTIONAL = ("subset", "grad_clip", "schedule_epochs", "threads", "eval_batch_size")
+OPTIONAL = ("subset", "grad_clip", "schedule_epochs", "threads", "eval_batch_size", "workers")
 #: Fields config.json holds that are not command-line options: messages name them as they are spelled there.
 _NOT_FLAGS = ("schedule_epochs", "plateau_patience", "eval_batch_size", "nesterov", "init_record", "preset")
 #: The JSON types of the remaining fields (the choices among the strings are checked by value).
@@ -110,6 +112,10 @@ class TrainConfig:
     flip: bool = True  # random horizontal flips
     scale_jitter: tuple[float, float] | None = None  # zoom window as a fraction of the side, e.g. (0.44, 0.88)
     erasing: float = 0.0  # probability of random erasing per image
+    # prepared (streamed) datasets only: the paper's protocol, decoded per sample in worker processes
+    scale: list[int] | None = None  # training scale S in pixels: [S] fixed, [SMIN, SMAX] jittered; None: 8/7 x size
+    colour_shift: float = 0.1  # std of AlexNet's RGB colour shift (the paper's 0.1); 0: none
+    workers: int | None = None  # decoding processes (None: the available cores); not recorded in config.json's sense
     # optimisation
     epochs: int = 15
     schedule_epochs: int | None = None  # epochs the learning-rate schedule spans (None: epochs; kept on extension)
@@ -226,6 +232,9 @@ class TrainConfig:
                                        and all(Range(0, 1, open_low=True).problem(v) is None for v in jitter)
                                        and jitter[0] <= jitter[1]):
             yield f"--scale-jitter must be two fractions of the side, 0 < LO <= HI <= 1, got {jitter!r}"
+        if self.scale is not None and not (isinstance(self.scale, (list, tuple)) and len(self.scale) in (1, 2) and all(
+                IMAGE_SIZE.problem(s) is None for s in self.scale) and self.scale[0] <= self.scale[-1]):
+            yield f"--scale must be S or SMIN SMAX, whole pixels with SMIN <= SMAX, got {self.scale!r}"
         if self.classes is not None and not (isinstance(self.classes, (list, tuple)) and all(
                 Range(0, MAX_CLASSES - 1, integer=True).problem(c) is None for c in self.classes)):
             yield f"--classes must be a list of class indices in 0..{MAX_CLASSES - 1}, got {self.classes!r}"
@@ -246,6 +255,8 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"unknown training option(s) {sorted(unknown)}")
         d = dict(d)
+        if isinstance(d.get("scale"), tuple):
+            d["scale"] = list(d["scale"])
         if isinstance(d.get("scale_jitter"), list):  # JSON's form of the pair; anything else is left to validate
             d["scale_jitter"] = tuple(d["scale_jitter"])
         return cls(**d)

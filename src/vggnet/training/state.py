@@ -30,7 +30,7 @@ def save_epoch(run: Run, state: RunState, history: list[dict[str, Any]], test: E
     epoch's card (its weights, also the best ones when ``best``) and test evaluation, then the files derived from
     it: weights and cards, metrics, eval.json, with ``plots`` the confusion matrix and curves (see
     :data:`PLOT_SECONDS`), config.json and state.json."""
-    card = ModelCard(model=run.model.config, classes=run.classes, preprocess=run.preprocess.to_dict(),
+    card = ModelCard(model=run.model.config, classes=run.classes, preprocess=(run.card_preprocess or run.preprocess).to_dict(),
                      dataset=run.config.dataset, image_size=run.config.image_size, metrics=epoch_metrics(history[-1]),
                      train_config=run.saved_config)
     tensors, record = snapshot(run, state, history)

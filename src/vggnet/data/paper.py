@@ -1,0 +1,211 @@
+"""The paper's data protocol (Simonyan & Zisserman, arXiv:1409.1556, sections 3.1 and 3.2) as per-sample transforms:
+encoded image bytes in, the uint8 ``(C, H, W)`` tensor a batch is stacked from out.
+
+Training, :class:`TrainTransform`, per image:
+
+1. decode with the one decoder (:func:`vggnet.data.images.decode_bytes_upright`: EXIF orientation, transparency
+   over black, RGB, or luminance for other channel counts); a JPEG at least twice ``S`` on its shorter side is
+   decoded straight to a reduced size by libjpeg's DCT scaling (Pillow's ``Image.draft``: 1/2, 1/4 or 1/8, the
+   shorter side staying >= ``S``), unless ``draft=False``;
+2. isotropic rescale so the shorter side is ``S``, the longer ``int(S * long / short)`` (torchvision's rounding):
+   ``S`` fixed, or an integer drawn uniformly from ``[Smin, Smax]`` for each image ("scale jittering");
+3. a random ``crop`` x ``crop`` window of the rescaled image, every position equally likely;
+4. a horizontal flip with probability 1/2;
+5. AlexNet's colour shift (Krizhevsky et al. 2012, section 4.1): ``sum_i alpha_i * lambda_i * p_i`` added to every
+   pixel, ``alpha_i ~ N(0, colour)`` per image, with ImageNet's RGB eigenvalues :data:`IMAGENET_EIGVAL` and
+   eigenvectors :data:`IMAGENET_EIGVEC` (for pixel values in [0, 1]; here scaled by 255 to uint8 levels), added in
+   float then rounded (half to even) and clipped to 0..255. A grey image (``channels`` other than 3) gets the
+   shift's luminance (:data:`LUMINANCE`), the change a colour image's luminance would see.
+
+Steps 2 and 3 are one resampling: only the crop window is computed from the decoded image (Pillow's ``resize`` with
+a source ``box``: the same filter, scale and pixel centres as rescaling the whole image and then cropping). It equals
+resize-then-crop up to the rounding of Pillow's fixed-point filter coefficients -- at most 2 levels, on a few pixels
+in a thousand -- and costs what the crop costs, not the whole rescaled image: at ``S = 512`` a 224 crop needs 1/7 of
+the pixels. Rescaling is Pillow's bilinear filter, antialiased when shrinking (:data:`vggnet.data.images.RESAMPLE`,
+torchvision's ``Resize`` default). The mean subtraction (the paper's only preprocessing) is left to the batch
+(:class:`vggnet.data.Preprocess`).
+
+Randomness: everything one image's augmentation draws comes from one ``numpy.random.Generator`` built from the
+``seed`` passed with it (:meth:`TrainTransform.draw`, in the order scale, crop position, flip, alpha), so an
+augmentation is a function of its seed alone, whatever process or worker computes it.
+
+Test, :class:`TestTransform`: rescale so the shorter side is ``Q`` then crop the centre ``crop`` squared
+(torchvision's ``Resize(Q)`` + ``CenterCrop(crop)``; with ``Q == crop`` exactly the pixels of
+:func:`vggnet.data.images.decode_image`), or, with ``crop=None``, the whole rescaled image for dense evaluation
+(section 3.2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from vggnet.base.errors import ConfigError
+from vggnet.base.limits import IMAGE_SIZE, MAX_CHANNELS, Range
+from vggnet.data.images import (RESAMPLE, centre_crop, decode_bytes_upright, rescaled_size, resize_shorter,
+                                to_array)
+
+#: ImageNet's RGB covariance: eigenvalues lambda_i (pixel values in [0, 1]) and eigenvectors p_i as the COLUMNS of
+#: the matrix (rows R, G, B). AlexNet used them without publishing them; these are the values computed on ImageNet's
+#: training images by fb.resnet.torch (facebookarchive/fb.resnet.torch, datasets/imagenet.lua, 2016), which every
+#: PyTorch "Lighting" transform since copies (MXNet's ``RandomLighting`` has the same, times 255).
+IMAGENET_EIGVAL = (0.2175, 0.0188, 0.0045)
+IMAGENET_EIGVEC = ((-0.5675, 0.7192, 0.4009),
+                   (-0.5808, -0.0045, -0.8140),
+                   (-0.5836, -0.6948, 0.4203))
+#: ITU-R 601-2 luminance weights of R, G, B: Pillow's ``L`` conversion, which the decoder uses for grey images.
+LUMINANCE = (0.299, 0.587, 0.114)
+#: AlexNet's and fb.resnet.torch's standard deviation of alpha.
+PAPER_COLOUR = 0.1
+_COLOUR = Range(0, 10)
+_CHANNELS = Range(1, MAX_CHANNELS, integer=True)
+
+
+def _check(name: str, value: object, allowed: Range) -> None:
+    problem = allowed.problem(value)
+    if problem:
+        raise ConfigError(f"{name} {problem}")
+
+
+def _scales(scale: int | Sequence[int]) -> tuple[int, int]:
+    """``S`` or ``(Smin, Smax)`` as ``(Smin, Smax)``, checked."""
+    if isinstance(scale, (tuple, list)):
+        if len(scale) != 2:
+            raise ConfigError(f"scale must be one side S or a pair (Smin, Smax), got {scale!r}; e.g. 256 or (256, 512)")
+        smin, smax = scale
+    else:
+        smin = smax = scale
+    _check("scale", smin, IMAGE_SIZE)
+    _check("scale", smax, IMAGE_SIZE)
+    if smin > smax:
+        raise ConfigError(f"scale (Smin, Smax) must have Smin <= Smax, got {scale!r}; e.g. (256, 512)")
+    return smin, smax
+
+
+def colour_shift(alpha: Sequence[float], channels: int = 3) -> np.ndarray:
+    """The colour shift in uint8 levels for one image: ``255 * sum_i alpha_i * lambda_i * p_i`` for R, G, B, or its
+    luminance (one value) when ``channels`` is not 3."""
+    rgb = 255.0 * np.asarray(IMAGENET_EIGVEC) @ (np.asarray(alpha, np.float64) * np.asarray(IMAGENET_EIGVAL))
+    return rgb if channels == 3 else np.array([np.asarray(LUMINANCE) @ rgb])
+
+
+def _shift_table(shift: np.ndarray) -> list[int]:
+    """Pillow's per-band lookup table of ``clip(rint(v + shift_band), 0, 255)`` for v in 0..255: the float addition,
+    rounding and clipping, tabulated (exactly the same values) so it runs in C on the image."""
+    levels = np.arange(256, dtype=np.float64)
+    return np.concatenate([np.clip(np.rint(levels + s), 0, 255) for s in shift]).astype(np.int64).tolist()
+
+
+def _tensor(image: Image.Image, channels: int) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(to_array(image, channels).transpose(2, 0, 1)))
+
+
+@dataclass(frozen=True)
+class Draw:
+    """What one image's augmentation drew: the scale ``S``, the crop position as fractions in [0, 1) of the possible
+    offsets (``top``, ``left``), the flip, and ``alpha`` of the colour shift."""
+
+    scale: int
+    top: float
+    left: float
+    flip: bool
+    alpha: tuple[float, float, float]
+
+    def offsets(self, height: int, width: int, crop: int) -> tuple[int, int]:
+        """The crop's top and left pixel in a ``height`` x ``width`` image: uniform over the ``height - crop + 1``
+        and ``width - crop + 1`` positions."""
+        return (min(int(self.top * (height - crop + 1)), height - crop),
+                min(int(self.left * (width - crop + 1)), width - crop))
+
+
+class TrainTransform:
+    """The paper's training augmentation (module docstring): ``transform(data, name, seed)`` -> uint8
+    ``(channels, crop, crop)``. ``scale``: ``S`` or ``(Smin, Smax)`` (jittered); ``flip``: random horizontal flips;
+    ``colour``: the standard deviation of alpha (0: no colour shift); ``draft``: decode large JPEGs at a reduced
+    size. A sample that cannot be decoded raises :class:`vggnet.data.images.ImageFileError` naming ``name``."""
+
+    def __init__(self, scale: int | Sequence[int] = (256, 512), crop: int = 224, flip: bool = True,
+                 colour: float = PAPER_COLOUR, channels: int = 3, draft: bool = True) -> None:
+        self.smin, self.smax = _scales(scale)
+        _check("crop", crop, IMAGE_SIZE)
+        if crop > self.smin:
+            raise ConfigError(f"crop {crop} does not fit in an image rescaled to S = {self.smin} on its shorter "
+                              f"side; use crop <= {self.smin} or a larger scale")
+        _check("colour", colour, _COLOUR)
+        _check("channels", channels, _CHANNELS)
+        self.crop, self.flip, self.colour, self.channels, self.draft = crop, bool(flip), float(colour), channels, draft
+
+    def __repr__(self) -> str:
+        scale = self.smin if self.smin == self.smax else (self.smin, self.smax)
+        return (f"TrainTransform(scale={scale}, crop={self.crop}, flip={self.flip}, colour={self.colour}, "
+                f"channels={self.channels}, draft={self.draft})")
+
+    def draw(self, seed: int | Sequence[int]) -> Draw:
+        """Everything the augmentation of the sample seeded ``seed`` draws, from ``numpy.random.default_rng(seed)``
+        in this order: S (uniform integer in [Smin, Smax]), the crop's top and left fractions, the flip (a uniform
+        < 0.5, False when ``flip`` is off), alpha (3 normals of standard deviation ``colour``). Each is drawn
+        whatever the options, so turning one off changes nothing else."""
+        rng = np.random.default_rng(seed)
+        scale = int(rng.integers(self.smin, self.smax, endpoint=True))
+        top, left = (float(v) for v in rng.random(2))
+        flip = bool(rng.random() < 0.5) and self.flip
+        alpha = tuple(float(v) for v in rng.normal(0.0, self.colour, 3))
+        return Draw(scale, top, left, flip, alpha)
+
+    def apply(self, image: Image.Image, draw: Draw) -> Image.Image:
+        """Steps 2 to 5 on a decoded ``RGB`` or ``L`` image, as ``draw`` says."""
+        w, h = image.size
+        new_w, new_h = rescaled_size(w, h, draw.scale)
+        top, left = draw.offsets(new_h, new_w, self.crop)
+        if (new_w, new_h) == (w, h):
+            image = image.crop((left, top, left + self.crop, top + self.crop))
+        else:
+            sx, sy = w / new_w, h / new_h  # the scale factors of the whole rescaling
+            box = (left * sx, top * sy, (left + self.crop) * sx, (top + self.crop) * sy)
+            image = image.resize((self.crop, self.crop), RESAMPLE, box=box)
+        if draw.flip:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        shift = colour_shift(draw.alpha, 3 if image.mode == "RGB" else 1)
+        if shift.any():
+            image = image.point(_shift_table(shift))
+        return image
+
+    def __call__(self, data: bytes | bytearray | memoryview, name: str, seed: int | Sequence[int]) -> torch.Tensor:
+        draw = self.draw(seed)
+        image = decode_bytes_upright(data, name, self.channels, check_side=self.smax,
+                                     draft=draw.scale if self.draft else None)
+        return _tensor(self.apply(image, draw), self.channels)
+
+
+class TestTransform:
+    """The paper's test-time rescale (module docstring): ``transform(data, name)`` -> uint8 ``(channels, crop,
+    crop)``, or ``(channels, H, W)`` with the shorter side ``scale`` when ``crop`` is None (dense evaluation).
+    Deterministic; ``seed`` is accepted, and ignored, so both transforms are called alike. ``draft``: decode large
+    JPEGs at a reduced size (off by default: the pixels then equal ``vggnet predict``'s)."""
+
+    __test__ = False  # not a pytest test class, whatever its name
+
+    def __init__(self, scale: int = 256, crop: int | None = 224, channels: int = 3, draft: bool = False) -> None:
+        _check("scale", scale, IMAGE_SIZE)
+        if crop is not None:
+            _check("crop", crop, IMAGE_SIZE)
+            if crop > scale:
+                raise ConfigError(f"crop {crop} does not fit in an image rescaled to Q = {scale} on its shorter "
+                                  f"side; use crop <= {scale}, or crop=None for the whole image")
+        _check("channels", channels, _CHANNELS)
+        self.scale, self.crop, self.channels, self.draft = scale, crop, channels, draft
+
+    def __repr__(self) -> str:
+        return f"TestTransform(scale={self.scale}, crop={self.crop}, channels={self.channels}, draft={self.draft})"
+
+    def __call__(self, data: bytes | bytearray | memoryview, name: str, seed: object = None) -> torch.Tensor:
+        image = decode_bytes_upright(data, name, self.channels, check_side=self.scale,
+                                     draft=self.scale if self.draft else None)
+        image = resize_shorter(image, self.scale)
+        if self.crop is not None:
+            image = centre_crop(image, self.crop)
+        return _tensor(image, self.channels)
