@@ -170,7 +170,8 @@ def test_each_device_has_its_sections_and_targets():
     assert BenchConfig(device="cuda:1").sections == GPU_SECTIONS == ("gpu_epoch", "gpu_step", "gpu_infer", "memory")
     assert device_targets("cpu") == {"train_ratio": 2.5, "train_peak_share": 0.70, "infer_ratio": 3.0,
                                      "e2e_ratio": 3.0, "memory_error": 0.15,  # as before the GPU sections
-                                     "contention_share": 0.5}  # issue 13
+                                     "contention_share": 0.5,  # issue 13
+                                     "data_per_core_ratio": 1.5}  # issue 21
     assert device_targets("cuda") == {"memory_error": 0.15, "gpu_epoch_ratio": 5.0, "gpu_step_vs_amp": 1.0,
                                       "gpu_step_vs_fp32": 2.0, "gpu_module_ratio": 1.0}
 

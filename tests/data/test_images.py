@@ -1,6 +1,8 @@
 """The shared image decoder: modes, transparency, EXIF, resizing, errors, and the proof that the folder loader
 (training) and ``predict_files`` (prediction) give a model exactly the same pixels for the same file."""
 
+import io
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -9,8 +11,8 @@ from PIL import Image
 
 from vggnet.data import Preprocess, decode_image, load_folder
 from vggnet.data.folder import plan_split
-from vggnet.data.images import ImageFileError
-from vggnet.base.errors import DataError
+from vggnet.data.images import ImageFileError, decode_bytes, decode_bytes_upright, to_array
+from vggnet.base.errors import ConfigError, DataError
 
 ORANGE, BLUE = (200, 100, 50), (10, 20, 250)
 # Luminance by hand (ITU-R 601-2, as Pillow's "L" conversion): 0.299 R + 0.587 G + 0.114 B, rounded down.
@@ -262,3 +264,56 @@ def test_grayscale_model_predicts_on_the_luminance_of_the_same_decoder(tmp_path,
     for path, image in zip(paths, predicted):
         assert torch.equal(image, decode(path, 1, S))
 
+
+
+# ------------------------------------------------------------------------------------------------ bytes in memory
+@pytest.mark.parametrize("size", [None, S])
+@pytest.mark.parametrize("channels", [1, 3, 4])
+def test_bytes_in_memory_decode_exactly_as_their_file(tmp_path, size, channels):
+    """Every awkward kind of file (transparency, palettes, EXIF rotation, grey, small and large): the same pixels
+    from the file's bytes as from the file."""
+    root = awkward_folder(tmp_path / "awkward")
+    files = sorted(root.rglob("*.*"))
+    assert len(files) == 11
+    for path in files:
+        expected = decode_image(path, size, channels)
+        assert np.array_equal(decode_bytes(path.read_bytes(), str(path), size, channels), expected), path
+        assert np.array_equal(decode_bytes(memoryview(path.read_bytes()), "x", size, channels), expected)
+        if size is None:  # the transforms' entry point: the same upright image, before any resizing
+            upright = decode_bytes_upright(path.read_bytes(), "x", channels)
+            assert upright.mode == ("RGB" if channels == 3 else "L")
+            assert np.array_equal(to_array(upright, channels), expected)
+
+
+def test_bytes_errors_name_the_sample_in_one_line(tmp_path):
+    with pytest.raises(ImageFileError) as info:
+        decode_bytes(b"not an image", "train-000001.tar:000000007.png")
+    assert str(info.value) == "train-000001.tar:000000007.png: not a readable image (not in any image format " \
+                              "Pillow reads)"
+    assert info.value.path == "train-000001.tar:000000007.png"
+    halves(ORANGE, BLUE).save(tmp_path / "cut.png")
+    with pytest.raises(ImageFileError, match=r"^sample 9: not a readable image \(") as info:
+        decode_bytes((tmp_path / "cut.png").read_bytes()[:60], "sample 9", 8)
+    assert "\n" not in str(info.value)
+    with pytest.raises(ImageFileError, match=r"^empty: not a readable image"):
+        decode_bytes(b"", "empty")
+    with pytest.raises(ConfigError, match="channels must be >= 1, got 0"):
+        decode_bytes(b"", "x", None, 0)
+
+
+def test_bytes_declaring_a_2_gb_png_chunk_are_read_within_the_data(tmp_path):
+    """The attack :class:`_BoundedReads` stops for files (a chunk length the data does not hold) on bytes in memory:
+    no read allocates what the chunk declares, and the pixels are the file's."""
+    buf = io.BytesIO()
+    Image.new("L", (5, 7)).save(buf, format="PNG")
+    raw = bytearray(buf.getvalue())
+    raw[33] = 127  # the IDAT chunk's length, now about 2**31
+    (tmp_path / "forged.png").write_bytes(bytes(raw))
+    tracemalloc.start()
+    try:
+        pixels = decode_bytes(bytes(raw), "forged")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * 2 ** 20
+    assert pixels.shape == (7, 5, 3) and np.array_equal(pixels, decode_image(tmp_path / "forged.png"))

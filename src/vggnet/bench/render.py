@@ -258,7 +258,7 @@ def render_data(r: dict[str, Any]) -> list[str]:
     return ["", f"decode + augment: {r['images']} JPEGs of {r['image_size'][0]}x{r['image_size'][1]} "
                 f"({r['mean_file_bytes'] / 1000:.0f} KB each), rescaled to S = {r['scale']}, {r['crop']} crops, "
                 f"flip, colour shift; batch {r['batch']}",
-            f"reference: {r['reference_pipeline']}; vggnet: {r['vggnet_pipeline']}",
+            f"reference: {r['reference_pipeline']}", f"vggnet: {r['vggnet_pipeline']}",
             table(["pipeline", "workers", "output", "images/s", "per core", "ratio"], rows, "lrlrrr"),
             f"cores to feed {r['feed_rate']:.0f} images/s (a VGG-16 step at 224 on an H100, bf16): {cores}"]
 

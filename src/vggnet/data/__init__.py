@@ -22,9 +22,10 @@ from vggnet.data.dataset import ImageDataset
 from vggnet.data.fetch import fetch
 from vggnet.data.folder import load_folder
 from vggnet.data.idx import find_fashion_mnist, load_fashion_mnist, read_idx
-from vggnet.data.images import decode_image
+from vggnet.data.images import decode_bytes, decode_image
 from vggnet.data.load import load_dataset
 from vggnet.data.loader import BatchLoader
+from vggnet.data.paper import TestTransform, TrainTransform
 from vggnet.data.shards import prepare as prepare_shards
 from vggnet.data.shards import read_manifest
 from vggnet.data.shards import verify as verify_shards
@@ -36,7 +37,10 @@ __all__ = [
     "BatchLoader",
     "ImageDataset",
     "Preprocess",
+    "TestTransform",
+    "TrainTransform",
     "channel_stats",
+    "decode_bytes",
     "decode_image",
     "fetch",
     "find_cifar",

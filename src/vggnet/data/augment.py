@@ -194,6 +194,8 @@ def channel_stats(ds: ImageDataset, chunk: int = 4096) -> tuple[tuple[float, ...
     counts = torch.zeros(channels, 256, dtype=torch.float64)
     for start in range(0, len(ds), chunk):
         block = ds.images[start:start + chunk]
+        if not isinstance(block, torch.Tensor):
+            block = block.to("cpu")  # streamed images (vggnet.data.stream.StreamedImages): decoded a chunk at a time
         for c in range(channels):
             counts[c] += torch.bincount(block[:, c].reshape(-1), minlength=256).cpu().to(torch.float64)
     values = torch.arange(256, dtype=torch.float64) / 255.0

@@ -173,16 +173,18 @@ class _NamedBytes(io.BytesIO):
 
 def _upright(opened: Image.Image, channels: int, check_side: int | None, draft: int | None) -> Image.Image:
     """Steps 1 (from the header) to 5 of the module docstring on an opened image: an upright 8-bit ``RGB``
-    (``channels=3``) or ``L`` image, a new image that outlives the file. ``draft``: let a JPEG decode straight to a
-    reduced size (libjpeg's DCT scaling by 1/2, 1/4 or 1/8, Pillow's ``Image.draft``) whose sides stay at least
-    ``draft`` pixels; other formats ignore it."""
+    (``channels=3``) or ``L`` image, loaded, so it outlives the file (leaving a ``with Image.open`` block closes the
+    file, not the pixels). ``draft``: let a JPEG decode straight to a reduced size (libjpeg's DCT scaling by 1/2,
+    1/4 or 1/8, Pillow's ``Image.draft``) whose sides stay at least ``draft`` pixels; other formats ignore it."""
     _check_size(opened, check_side)
     if draft is not None and opened.format == "JPEG":
         opened.draft(None, (draft, draft))  # a square request: both sides stay >= draft whatever the orientation
-    image = _to_8bit(ImageOps.exif_transpose(opened))  # a copy (or a transposed image): independent of the file
+    ImageOps.exif_transpose(opened, in_place=True)  # loads the pixels, then turns them upright without a copy
+    image = _to_8bit(opened)
     if _has_transparency(image):
         image = Image.alpha_composite(Image.new("RGBA", image.size, (0, 0, 0, 255)), image.convert("RGBA"))
-    return image.convert("RGB" if channels == 3 else "L")
+    mode = "RGB" if channels == 3 else "L"
+    return image if image.mode == mode else image.convert(mode)
 
 
 def to_array(image: Image.Image, channels: int) -> np.ndarray:

@@ -16,7 +16,7 @@ import os
 from dataclasses import replace
 import torch
 
-from vggnet.data import ImageDataset, Preprocess, channel_stats
+from vggnet.data import Preprocess, channel_stats
 from vggnet.data.paper import TestTransform, TrainTransform
 from vggnet.data.stream import (StreamedDataset, StreamedSplit, StreamLoader, evaluation_set, is_prepared,
                                 open_prepared, paper_scales)
@@ -61,9 +61,7 @@ def for_evaluation(config: TrainConfig, split: StreamedSplit | None) -> Streamed
 
 def preprocess_stats(config: TrainConfig, train: StreamedSplit) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and std of the first :data:`STATS_SAMPLES` training images (test transform)."""
-    sample = for_evaluation(config, train.subset(STATS_SAMPLES))
-    images = sample.images.to("cpu")
-    return channel_stats(ImageDataset(images, torch.zeros(len(images), dtype=torch.int64), ["x"], "stats"))
+    return channel_stats(for_evaluation(config, train.subset(STATS_SAMPLES)), chunk=32)  # 32 decoded at a time
 
 
 def loader(config: TrainConfig, train: StreamedSplit, batch_size: int, rank: int, world_size: int,
