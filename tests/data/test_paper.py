@@ -198,6 +198,8 @@ def test_same_seed_same_bytes_in_any_process_and_different_seeds_differ(tmp_path
     here = [digest(seed) for seed in (11, 12)]
     assert digest(11) == here[0] and here[0] != here[1]
     assert len({digest(seed) for seed in range(20, 30)}) == 10
+    with pytest.raises(ConfigError, match="seed must be a non-negative integer, got -1"):
+        TrainTransform().draw(-1)
     other = subprocess.run([sys.executable, "-c", AUGMENT, str(tmp_path / "p.jpg"), "11", "12"], check=True,
                            capture_output=True, text=True)  # a fresh interpreter: nothing shared but the seed
     assert other.stdout.split() == here
