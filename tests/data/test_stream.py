@@ -134,6 +134,9 @@ def test_train_and_eval_stream_from_a_prepared_directory(prepared, tmp_path, cli
     _, test = open_prepared(prepared)
     assert record["n"] == len(test)
     assert record["top1"] == pytest.approx(result["test_acc"], abs=1e-9)  # the same images, the same model
+    code, out, err = cli(["eval", str(run), "--scales", "16,20", "--dense", "--json", "--device", "cpu"])
+    assert code == 0, err
+    assert json.loads(out)["n"] == len(test) and json.loads(out)["protocol"]["scales"] == [16, 20]
 
 
 def test_a_truncated_shard_is_one_line_naming_it(prepared, tmp_path):
@@ -187,3 +190,22 @@ class QuietHandler(http.server.SimpleHTTPRequestHandler):
         import io
 
         return io.BytesIO(body)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_unreadable_sample_is_one_line_naming_it_also_from_a_worker(prepared, tmp_path, workers):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(prepared, copy)
+    train, _ = open_prepared(copy)
+    row = train.index[1]
+    shard = copy / train.reader.files[int(row["shard"])]
+    data = bytearray(shard.read_bytes())
+    data[int(row["offset"]):int(row["offset"]) + int(row["size"])] = b"\0" * int(row["size"])  # not an image any more
+    shard.write_bytes(bytes(data))
+    loader = StreamLoader(open_prepared(copy)[0], TestTransform(scale=16, crop=16), 4, shuffle=False, workers=workers)
+    with pytest.raises(DataError) as caught:
+        list(loader)
+    message = str(caught.value)
+    assert "\n" not in message and "Traceback" not in message and f"{int(row['shard']):06d}.tar:000000001" in message

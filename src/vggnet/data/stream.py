@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vggnet.base.errors import ConfigError, DataError
+from vggnet.base.errors import ConfigError, DataError, VggnetError
 from vggnet.data.loader import BatchLoader
 from vggnet.data.shard_format import INDEX_DTYPE, MANIFEST, manifest_problem, read_manifest
 
@@ -285,18 +285,27 @@ def sample_seed(seed: int, epoch: int, sample: int) -> int:
 
 
 class _Decode(torch.utils.data.Dataset):
-    """What a worker computes: ``(sample, seed)`` -> (uint8 image, label)."""
+    """What a worker computes: ``(sample, seed)`` -> (uint8 image, label, None), or (None, None, the one-line
+    message) for a sample that cannot be read: the message crosses the process boundary as it is (DataLoader would
+    wrap an exception in the worker's traceback)."""
 
     def __init__(self, split: StreamedSplit, transform: Callable[[bytes, str, int], torch.Tensor]) -> None:
         self.split, self.transform = split, transform
 
-    def __getitem__(self, task: tuple[int, int]) -> tuple[torch.Tensor, int]:
-        data, label, name = self.split.sample(task[0])
-        return self.transform(data, name, task[1]), label
+    def __getitem__(self, task: tuple[int, int]) -> tuple[torch.Tensor | None, int | None, str | None]:
+        try:
+            data, label, name = self.split.sample(task[0])
+            return self.transform(data, name, task[1]), label, None
+        except VggnetError as err:
+            return None, None, str(err)
 
 
-def _collate(items: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.stack([image for image, _ in items]), torch.tensor([label for _, label in items], dtype=torch.int64)
+def _collate(items: list[tuple[torch.Tensor | None, int | None, str | None]]):
+    errors = [message for _, _, message in items if message is not None]
+    if errors:
+        return None, None, errors[0]
+    return (torch.stack([image for image, _, _ in items]),
+            torch.tensor([label for _, label, _ in items], dtype=torch.int64), None)
 
 
 class StreamLoader(BatchLoader):
@@ -322,7 +331,9 @@ class StreamLoader(BatchLoader):
         batches = torch.utils.data.DataLoader(_Decode(self.ds, self.transform), batch_sampler=tasks,
                                               num_workers=min(self.workers, len(tasks)), collate_fn=_collate,
                                               pin_memory=pin)
-        for x, y in batches:
+        for x, y, error in batches:
+            if error is not None:
+                raise DataError(error)
             yield x.to(self.device, non_blocking=pin), y.to(self.device, non_blocking=pin)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
