@@ -64,3 +64,17 @@ def test_a_resolved_train_config_never_changes():
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.epochs = 5
     assert config.complete() is config  # already complete: nothing to fill, the same object
+
+
+def test_vggnet_is_imported_inside_functions_only_by_the_cli():
+    """An import inside a function hides the real graph (the contract counts it, a reader does not see it): only
+    cli/ may import a verb's library when the verb runs, so that ``vggnet --help`` stays light."""
+    hidden = []
+    for path in modules():
+        if path.relative_to(SRC).parts[0] == "cli":
+            continue
+        for function in ast.walk(ast.parse(path.read_text())):
+            if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                hidden += [f"{path.relative_to(SRC)}:{node.lineno}" for node in ast.walk(function)
+                           if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("vggnet")]
+    assert hidden == []
