@@ -103,14 +103,24 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
     try:
         if path.stat().st_size > MAX_MANIFEST_BYTES:
             raise ValueError(f"larger than {MAX_MANIFEST_BYTES} bytes")
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except OSError as err:
         raise DataError(f"{path}: cannot be read ({err.strerror or err})") from None
-    except (ValueError, RecursionError) as err:
+    except ValueError as err:
         raise DataError(f"{path}: not JSON ({' '.join(str(err).split())}); prepare the data set again") from None
+    return parse_manifest(text, path)
+
+
+def parse_manifest(text: str, where: str | os.PathLike) -> dict[str, Any]:
+    """The manifest in ``text`` (read from ``where``: a file or a URL), checked; a one-line DataError naming
+    ``where`` when it is not JSON or not a complete manifest of this format and version."""
+    try:
+        manifest = json.loads(text)
+    except (ValueError, RecursionError) as err:
+        raise DataError(f"{where}: not JSON ({' '.join(str(err).split())}); prepare the data set again") from None
     problem = manifest_problem(manifest)
     if problem is not None:
-        raise DataError(f"{path}: {problem}; prepare the data set again with this vggnet")
+        raise DataError(f"{where}: {problem}; prepare the data set again with this vggnet")
     return manifest
 
 

@@ -20,7 +20,6 @@ Resident memory does not grow with the dataset: the index is memory-mapped, and 
 
 from __future__ import annotations
 
-import json
 import os
 import urllib.error
 import urllib.request
@@ -34,7 +33,7 @@ import torch
 
 from vggnet.base.errors import ConfigError, DataError, VggnetError
 from vggnet.data.loader import BatchLoader
-from vggnet.data.shard_format import INDEX_DTYPE, MANIFEST, manifest_problem, read_manifest
+from vggnet.data.shard_format import INDEX_DTYPE, MANIFEST, parse_manifest, read_manifest
 
 #: Seconds a remote read may wait for an answer before it is a one-line DataError.
 URL_TIMEOUT = 30.0
@@ -107,14 +106,7 @@ def _manifest(root: str) -> dict:
     if not is_remote(root):
         return read_manifest(root)
     where = f"{root.rstrip('/')}/{MANIFEST}"
-    try:
-        manifest = json.loads(_fetch(where).decode("utf-8", "replace"))
-    except (ValueError, RecursionError) as err:
-        raise DataError(f"{where}: not JSON ({' '.join(str(err).split())}); prepare the data set again") from None
-    problem = manifest_problem(manifest)
-    if problem is not None:
-        raise DataError(f"{where}: {problem}; prepare the data set again with this vggnet")
-    return manifest
+    return parse_manifest(_fetch(where).decode("utf-8", "replace"), where)
 
 
 def _load_index(root: str, name: str, samples: int) -> np.ndarray:
