@@ -109,7 +109,8 @@ def canonical_name(name: str) -> str:
     key = name.strip().lower()
     key = _ALIASES.get(key, key)
     if key not in DATASETS:
-        raise DataError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)} (or folder:PATH for an image folder)")
+        raise DataError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)} (or folder:PATH for an image folder, "
+                        "or a folder vggnet data prepare wrote)")
     return key
 
 
