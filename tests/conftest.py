@@ -279,3 +279,13 @@ def image_files(tmp_path):
     Image.fromarray(rng.integers(0, 256, (10, 10), dtype=np.uint8)).save(files["tiny"])
     Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(files["jpeg"])
     return files
+
+
+@pytest.fixture(autouse=True)
+def probe_cache_outside_home(tmp_path_factory, monkeypatch):
+    """precision auto's measurements (vggnet.training.probe) are cached in the session's temporary folder, never in
+    the user's cache: a training or bench test on a CPU with native bf16 probes."""
+    from vggnet.training import probe
+
+    path = tmp_path_factory.getbasetemp() / "probe-cache" / "probe.json"
+    monkeypatch.setattr(probe, "cache_path", lambda: path)

@@ -7,7 +7,8 @@ that decides whether the CPU-bf16 speed-ups (:mod:`vggnet.net.cpu_bf16` for trai
 
 Precision ``auto`` means: bf16 on CPUs that run it natively (AVX512_BF16 or AMX) and on CUDA GPUs that support
 it, fp16 on older GPUs, fp32 elsewhere. On CPUs without native bf16 (AVX2-only, for example), bf16 autocast is far
-slower than fp32, and oneDNN's bf16 convolutions may not run at all (:func:`cpu_runs_bf16`).
+slower than fp32, and oneDNN's bf16 convolutions may not run at all (:func:`cpu_runs_bf16`). Training on a CPU with
+native bf16 does not take this rule: it measures which of fp32 and bf16 is faster (:mod:`vggnet.training.probe`).
 """
 
 from __future__ import annotations
@@ -44,6 +45,21 @@ def cpu_has_bf16() -> bool:
     if "avx512_bf16" in flags or "amx_bf16" in flags:
         return True
     return cpu_runs_bf16() if not flags else False
+
+
+#: The CPU features that decide how fast bf16 runs (vggnet.training.probe keys its measurements by them).
+BF16_FEATURES = ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def cpu_identity() -> dict[str, object]:
+    """The CPU model name, which of :data:`BF16_FEATURES` it has, and ``ONEDNN_MAX_CPU_ISA`` (which hides features
+    from oneDNN): what a measured speed of this CPU depends on besides the software."""
+    info = _cpu_flags()
+    name = re.search(r"^model name\s*:\s*(.*?)\s*$", info, re.M)
+    flags = re.search(r"^flags\s*:(.*)$", info, re.M)
+    features = set(flags.group(1).split()) if flags else set()
+    return {"cpu": name.group(1) if name else "unknown", "features": [f for f in BF16_FEATURES if f in features],
+            "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA")}
 
 
 @lru_cache(maxsize=None)
@@ -99,9 +115,10 @@ class AdaptiveThreads:
         self.cores, self.seconds = cores, seconds
         self.window = window if window is not None else LoadWindow(affinity())
 
-    def poll(self) -> int | None:
-        """Adapt when a window has ended; returns the new thread count when it changed, else None."""
-        if self.window.elapsed() < self.seconds:
+    def poll(self, seconds: float | None = None) -> int | None:
+        """Adapt when a window of ``seconds`` (default ``self.seconds``) has ended; returns the new thread count when
+        it changed, else None."""
+        if self.window.elapsed() < (self.seconds if seconds is None else seconds):
             return None
         other = self.window.read()
         if other is None:

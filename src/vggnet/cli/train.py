@@ -177,8 +177,13 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
                         "total at the first checkpoint. A run killed during a save is first brought up to its last "
                         "committed checkpoint (state.safetensors)")
     p.add_argument("--device", type=device_name, help="auto (default), cpu, cuda, cuda:N")
-    p.add_argument("--precision", choices=PRECISIONS, help="auto (default): bf16 where the hardware runs it natively, "
-                   "else fp32")
+    p.add_argument("--precision", choices=PRECISIONS, help="auto (default): on a CPU with native bf16 (AVX512_BF16, "
+                   "AMX) the faster of fp32 and bf16, measured on a few training steps of this model before the run "
+                   "(bf16 only when at least 5 percent faster; cached per CPU, torch version and model in "
+                   "~/.cache/vggnet/probe.json, recorded in the run and kept on resume); fp32 on other CPUs; on a GPU "
+                   "bf16 where supported, else fp16. An explicit precision is used as given")
+    p.add_argument("--reprobe", action="store_true", default=None, help="with --precision auto: measure fp32 against "
+                   "bf16 again instead of reading the cached decision")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false", default=None)
     p.add_argument("--threads", type=integer, help="intra-op threads (default: on the CPU one per core that other "
                    "processes leave free, re-read every few seconds, or a fixed count with --deterministic and under "
@@ -197,7 +202,7 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
-_NOT_CONFIG = {"verb", "run", "resume", "json", "preset"}
+_NOT_CONFIG = {"verb", "run", "resume", "json", "preset", "reprobe"}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -211,11 +216,15 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--resume continues the saved configuration; {flags} cannot change it (only --epochs "
                               "and the run-time options --threads, --device, --data-dir, --compile, --no-progress can), start a "
                               "new run instead")
+        if args.reprobe:
+            raise ConfigError("--reprobe measures a new run's precision; a resumed run keeps the precision it started "
+                              "with (config.json's precision_record): leave out --reprobe")
         runtime = {k: v for k, v in options.items() if k in RUNTIME_OPTIONS}
         result = _guarded(lambda: resume(args.resume, options.get("epochs"), **runtime), lambda: args.resume)
     else:
         config = resolve_config(args.preset, **options)
-        result = _guarded(lambda: train(config), lambda: config.out)
+        result = _guarded(lambda: train(config, reprobe=True) if args.reprobe else train(config),
+                          lambda: config.out)
     if result is None:
         return 0  # not rank 0
     if args.json:

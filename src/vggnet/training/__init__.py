@@ -35,23 +35,27 @@ RUNTIME_OPTIONS = ("progress", "threads", "device", "data_dir", "compile", "work
 DECAYING = ("onecycle", "cosine")
 
 
-def train(config: TrainConfig | None = None, data=None, **options: Any) -> dict[str, Any]:
+def train(config: TrainConfig | None = None, data=None, reprobe: bool = False, **options: Any) -> dict[str, Any]:
     """Train from a :class:`TrainConfig` (validated here) or keyword options (resolved with :func:`resolve_config`).
 
     ``data``: ``(train_set, test_set)`` already loaded, instead of loading ``config.dataset``. ``config.out`` must be
-    a folder a new run may write (:func:`check_out`); it is checked before any data loads and held for the run."""
+    a folder a new run may write (:func:`check_out`); it is checked before any data loads and held for the run.
+    ``reprobe``: precision ``auto`` is measured again, not read from the cache (:mod:`vggnet.training.probe`)."""
     if config is None:
         config = resolve_config(options.pop("preset", None), **options)
     elif options:
         raise ConfigError("pass either a TrainConfig or keyword options, not both")
     config = config.validate()
+    if reprobe and config.precision != "auto":
+        raise ConfigError(f"--reprobe measures which precision 'auto' trains in, but --precision {config.precision} "
+                          "was given: leave out one of them")
     writer = distributed.env_rank() == 0  # under torchrun rank 0 writes; the others only read the folder
     if writer and not config.out:
         config = replace(config, out=str(default_run_dir(config)))  # build_run hands rank 0's name to the others
     if config.out:
         check_out(RunDir(config.out))  # before any data loads
     with deterministic_algorithms(config.deterministic), _session(RunDir(config.out) if writer else None, True):
-        return fit(build_run(config, data))
+        return fit(build_run(config, data, reprobe=reprobe))
 
 
 def check_out(rundir: RunDir) -> None:

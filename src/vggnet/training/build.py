@@ -23,6 +23,7 @@ from vggnet.runtime import AdaptiveThreads, Runtime, adaptive_threads, compile_m
 from vggnet.data.stream import StreamedSplit
 from vggnet.training import streamed as streamed_data
 from vggnet.training.config import TrainConfig
+from vggnet.training.probe import decide_precision
 from vggnet.training.transfer import TransferRecord, freeze, hold_in_eval, init_from_source, parameter_groups
 
 
@@ -191,9 +192,10 @@ def default_run_dir(config: TrainConfig) -> Path:
 
 
 def build_run(config: TrainConfig, data: tuple[ImageDataset, ImageDataset] | None = None,
-              saved_config: dict[str, Any] | None = None) -> Run:
+              saved_config: dict[str, Any] | None = None, reprobe: bool = False) -> Run:
     """A ready run for ``config`` (completed and validated here). ``data``: ``(train, test)`` already loaded.
-    ``saved_config``: what config.json is to hold when it differs from ``config`` (a resumed session's)."""
+    ``saved_config``: what config.json is to hold when it differs from ``config`` (a resumed session's).
+    ``reprobe``: precision ``auto`` measured again rather than read from the cache (:mod:`vggnet.training.probe`)."""
     config = config.validate()  # a new, completed object: what this run records (config.json)
     dist = distributed.setup(config.device)
     rundir = RunDir(dist.broadcast_object(str(config.out or default_run_dir(config))))  # rank 0's timestamp
@@ -219,6 +221,10 @@ def build_run(config: TrainConfig, data: tuple[ImageDataset, ImageDataset] | Non
     model = model.to(runtime.device)
     if runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    # precision auto: on a CPU with native bf16, measured on copies of this model (vggnet.training.probe)
+    runtime, precision_record = decide_precision(config, runtime, dist, model, image_channels(train_set),
+                                                 lambda net: build_optimizer(config, net), rundir.has_state(), reprobe,
+                                                 threads=threads)
     if runtime.cpu_bf16:
         tune_for_cpu_bf16(model)  # GEMM small-map convs, pool before ReLU: the same numbers (vggnet.net.cpu_bf16)
     frozen = freeze(model, config.freeze)
@@ -229,8 +235,10 @@ def build_run(config: TrainConfig, data: tuple[ImageDataset, ImageDataset] | Non
     if len(loader) == 0:
         raise ConfigError(f"--batch-size {config.batch_size} is larger than the training set ({len(train_set)} "
                           "images): lower it or raise --subset")
-    # Recorded: the schedule's length (so that extending the run does not stretch it) and what --init-from loaded.
-    config = replace(config, schedule_epochs=config.schedule_epochs or config.epochs, init_record=init_record)
+    # Recorded: the schedule's length (so that extending the run does not stretch it), what --init-from loaded and
+    # what precision auto chose.
+    config = replace(config, schedule_epochs=config.schedule_epochs or config.epochs, init_record=init_record,
+                     precision_record=precision_record)
     net = dist.wrap(model, config.sync_bn)
     if runtime.compile:
         net = compile_module(net)  # the step's network; evaluation and checkpoints use the bare model

@@ -67,7 +67,8 @@ RANGES: dict[str, Range] = {
 }
 OPTIONAL = ("subset", "grad_clip", "schedule_epochs", "threads", "eval_batch_size", "workers")
 #: Fields config.json holds that are not command-line options: messages name them as they are spelled there.
-_NOT_FLAGS = ("schedule_epochs", "plateau_patience", "eval_batch_size", "nesterov", "init_record", "preset")
+_NOT_FLAGS = ("schedule_epochs", "plateau_patience", "eval_batch_size", "nesterov", "init_record", "preset",
+              "precision_record")
 #: The JSON types of the remaining fields (the choices among the strings are checked by value).
 _TEXT = ("model", "dataset", "device", "precision", "optimizer", "schedule", "normalize", "init", "init_scheme", "head")
 _OPTIONAL_TEXT = ("data_dir", "out", "init_from", "preset", "tta")
@@ -134,7 +135,8 @@ class TrainConfig:
     seed: int = 0
     out: str | None = None  # run directory (default runs/MODEL-DATASET-TIMESTAMP)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto (bf16 where native, else fp32) | fp32 | bf16 | fp16
+    precision: str = "auto"  # auto (on the CPU measured: vggnet.training.probe) | fp32 | bf16 | fp16
+    precision_record: dict | None = None  # what precision auto chose and why: filled by build_run (resume reads it)
     channels_last: bool = True
     threads: int | None = None  # intra-op threads (default: every available core)
     compile: bool = False  # torch.compile the training step's network (runtime only: may change on resume)
@@ -242,6 +244,9 @@ class TrainConfig:
             yield f"--freeze takes layer names (features, block1, conv1_1, classifier), got {self.freeze!r}"
         if self.init_record is not None and not isinstance(self.init_record, dict):
             yield f"init_record must be an object (written by build_run), got {type(self.init_record).__name__}"
+        if self.precision_record is not None and not isinstance(self.precision_record, dict):
+            yield ("precision_record must be an object (written by build_run), got "
+                   f"{type(self.precision_record).__name__}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -1,0 +1,299 @@
+"""Precision ``auto`` for training on the CPU, chosen by a short measurement instead of a rule.
+
+Where the CPU runs bf16 natively (AVX512_BF16 or AMX), bf16 is a candidate, not a given: with AMX oneDNN's bf16
+kernels make a training step about 3x faster than fp32, but with AVX512_BF16 alone they can be slower (0.85x of
+fp32 on the AMX Xeon with AMX hidden; issue 22). So before a new run trains, :func:`decide_precision` (rank 0)
+times a few training steps of the run's own model in fp32 and in bf16 (:func:`measure_candidates`): copies of the
+built model (its layer shapes, its input size), the run's optimizer, the run's per-rank batch or a smaller
+stand-in (:func:`probe_batch`), bf16 with the speed-ups the run would use
+(:func:`vggnet.net.cpu_bf16.tune_for_cpu_bf16`); warm-up steps excluded, interleaved rounds, medians. The global
+random state is forked, so the run's model, its initialisation and its random streams are what they would have
+been without the probe.
+
+The decision is cached per CPU (model name, bf16/AMX features, ``ONEDNN_MAX_CPU_ISA``), torch version, model
+configuration, probe input, threads, memory layout and optimizer in ``$XDG_CACHE_HOME/vggnet/probe.json``
+(:func:`cache_path`), written atomically; ``vggnet train --reprobe`` measures again. The probe times eager steps,
+also for ``--compile`` runs. An explicit ``--precision`` never probes; a CPU without native bf16 takes fp32 and a
+CUDA device its rule (:func:`vggnet.runtime.pick_precision`) without measuring.
+
+The decision is recorded in config.json's ``precision_record`` (``precision`` stays ``auto``, the user's request)
+and so in the model card's ``train_config``; a resumed run takes the recorded precision and never measures again.
+Under torchrun rank 0 decides and the other ranks take its record
+(:meth:`vggnet.training.distributed.Dist.broadcast_object`).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import statistics
+import sys
+import time
+import warnings
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from vggnet.base.errors import CheckpointError, ConfigError, OutputError
+from vggnet.base.files import atomic_write_json, make_dirs, read_json
+from vggnet.data.catalogue import cache_root
+from vggnet.net.cpu_bf16 import tune_for_cpu_bf16
+from vggnet.runtime import (PRECISIONS, AdaptiveThreads, Runtime, autocast, cpu_has_bf16, cpu_identity, cpu_runs_bf16,
+                            pick_precision)
+from vggnet.training import distributed
+from vggnet.training.config import TrainConfig
+
+#: What the probe compares, the reference first.
+CANDIDATES = ("fp32", "bf16")
+#: bf16 is chosen only when its step takes at most this share of fp32's (at least 5% faster). A near tie goes to
+#: fp32: a probe of a few steps on a machine that other processes may share is only good to a few percent, the real
+#: run pays bf16 costs the probe does not see (the bf16 copy of evaluation, a first step per new shape), and fp32 is
+#: the exact arithmetic: a run gives up nothing for a gain within the noise.
+BF16_MAX_SHARE = 0.95
+#: The stand-in batch holds at most this many pixels (128 images of 32x32): a probe of the default recipe stays
+#: well under 2 s on 2 cores, and a large batch at a large image size does not make it longer than a few steps.
+PROBE_PIXELS = 128 * 32 * 32
+#: Untimed steps of each candidate first (oneDNN builds its kernels, the optimizer its buffers), then timed rounds
+#: that step each candidate once: at least MIN_ROUNDS, and more up to MAX_ROUNDS while the rounds so far took less
+#: than ROUND_SECONDS (a model whose step takes a second is timed 3 times, the default recipe's 7 times).
+WARMUP_STEPS = 1
+MIN_ROUNDS, MAX_ROUNDS = 3, 7
+ROUND_SECONDS = 0.8
+#: Least seconds of the run's load window (:class:`vggnet.runtime.AdaptiveThreads`, opened as the run was built) for
+#: the probe to set the thread count the load leaves first: 20 scheduler ticks per core. Two OpenMP threads beside
+#: other busy processes on a 2-core AMD EPYC ran a step 6-14x slower than one thread, which the run soon takes: a
+#: probe at two threads then measures the contention, not the precision.
+LOAD_SECONDS = 0.2
+#: The cache file's format; entries of another version are measured again.
+CACHE_VERSION = 1
+#: Entries the cache keeps (the oldest go first).
+MAX_CACHE_ENTRIES = 64
+
+
+def cache_path() -> Path:
+    """The probe cache: ``$XDG_CACHE_HOME/vggnet/probe.json`` (``~/.cache/vggnet/probe.json``)."""
+    return cache_root() / "probe.json"
+
+
+def bf16_candidate(device: torch.device) -> bool:
+    """Whether bf16 is worth measuring: the CPU runs it natively and oneDNN can run bf16 convolutions."""
+    return device.type == "cpu" and cpu_has_bf16() and cpu_runs_bf16()
+
+
+def probe_batch(batch: int, image_size: int) -> int:
+    """The probe's batch: the run's per-rank ``batch``, or fewer images when it holds more than :data:`PROBE_PIXELS`
+    pixels (never fewer than 4, where the batch has them: batch norm needs more than one value per channel)."""
+    return max(1, min(batch, max(4, PROBE_PIXELS // (image_size * image_size))))
+
+
+# ---------------------------------------------------------------------------------------------------- measuring
+def candidate_step(model: torch.nn.Module, make_optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer],
+                   precision: str, shape: tuple[int, ...], channels_last: bool) -> Callable[[], None]:
+    """One training step of a copy of ``model`` in ``precision`` on a random batch of ``shape`` per call. The
+    copy's optimizer runs at a learning rate of 0: the same arithmetic, and weights that stay as they are."""
+    net = copy.deepcopy(model).train()
+    if precision == "bf16":
+        tune_for_cpu_bf16(net)  # what build_run does to a model that trains in bf16 on the CPU
+    optimizer = make_optimizer(net)
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+    device = next(net.parameters()).device
+    x = torch.randn(shape, device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    labels = torch.zeros(shape[0], dtype=torch.long, device=device)
+
+    def step() -> None:
+        with autocast(device, precision):
+            logits = net(x)
+        loss = F.cross_entropy(logits.float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def median_step_seconds(steps: dict[str, Callable[[], None]],
+                        clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+    """Seconds per call of each step, the median over rounds: :data:`WARMUP_STEPS` untimed calls each, then rounds
+    that call every step once, in turn first (a machine that slows down or speeds up mid-round favours neither),
+    from :data:`MIN_ROUNDS` to :data:`MAX_ROUNDS` (:data:`ROUND_SECONDS`). ``clock``: seconds, injectable."""
+    for step in steps.values():
+        for _ in range(WARMUP_STEPS):
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    order, start = list(steps), clock()
+    for done in range(MAX_ROUNDS):
+        if done >= MIN_ROUNDS and clock() - start >= ROUND_SECONDS:
+            break
+        for name in order if done % 2 == 0 else order[::-1]:
+            begin = clock()
+            steps[name]()
+            times[name].append(clock() - begin)
+    return {name: statistics.median(seconds) for name, seconds in times.items()}
+
+
+def measure_candidates(model: torch.nn.Module, make_optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer],
+                       shape: tuple[int, ...], channels_last: bool,
+                       measure: Callable[[dict], dict[str, float]] | None = None) -> dict[str, float]:
+    """Seconds per training step of each of :data:`CANDIDATES` (``measure``: :func:`median_step_seconds`), on copies
+    of ``model``; the global random state is restored afterwards."""
+    with torch.random.fork_rng(devices=[]):
+        steps = {precision: candidate_step(model, make_optimizer, precision, shape, channels_last)
+                 for precision in CANDIDATES}
+        return (measure or median_step_seconds)(steps)
+
+
+def faster(seconds: dict[str, float]) -> str:
+    """The candidate to train in: bf16 when its step takes at most :data:`BF16_MAX_SHARE` of fp32's, else fp32."""
+    return "bf16" if seconds["bf16"] <= BF16_MAX_SHARE * seconds["fp32"] else "fp32"
+
+
+# -------------------------------------------------------------------------------------------------------- cache
+def probe_key(model: torch.nn.Module, shape: tuple[int, ...], threads: int, channels_last: bool,
+              optimizer: str) -> dict[str, Any]:
+    """Everything a measurement depends on, as JSON values: the CPU, torch, the model's shape, the probe's input,
+    the threads, the memory layout and the optimizer."""
+    shape_config = {k: v for k, v in getattr(model, "config", {}).items() if k != "init"}
+    key = {"version": CACHE_VERSION, **cpu_identity(), "torch": torch.__version__, "model": shape_config,
+           "input": list(shape), "threads": threads, "channels_last": channels_last, "optimizer": optimizer}
+    return json.loads(json.dumps(key))  # tuples as lists: what a read back compares equal to
+
+
+def _digest(key: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _entries(path: Path) -> dict[str, Any]:
+    """The cache's entries; an absent, unreadable or foreign file holds none (it is measured again)."""
+    try:
+        cache = read_json(path)
+    except (CheckpointError, OSError, ValueError):
+        return {}
+    if not isinstance(cache, dict) or cache.get("version") != CACHE_VERSION or not isinstance(cache.get("entries"),
+                                                                                             dict):
+        return {}
+    return cache["entries"]
+
+
+def read_cache(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
+    """The cached decision for ``key``, or None when there is none (or it does not hold what a decision holds)."""
+    entry = _entries(path).get(_digest(key))
+    if not isinstance(entry, dict) or entry.get("key") != key or entry.get("precision") not in CANDIDATES:
+        return None
+    times = [entry.get(f"{p}_ms") for p in CANDIDATES]
+    if not all(isinstance(t, (int, float)) and t > 0 for t in times):
+        return None
+    return entry
+
+
+def write_cache(path: Path, key: dict[str, Any], entry: dict[str, Any]) -> str | None:
+    """Add ``entry`` for ``key`` to the cache (atomically; the oldest beyond :data:`MAX_CACHE_ENTRIES` dropped);
+    returns why it could not be written, or None."""
+    entries = _entries(path)
+    digest = _digest(key)
+    entries.pop(digest, None)
+    entries[digest] = {"key": key, **entry}
+    while len(entries) > MAX_CACHE_ENTRIES:
+        entries.pop(next(iter(entries)))
+    try:
+        make_dirs(path.parent)
+        atomic_write_json(path, {"version": CACHE_VERSION, "entries": entries})
+    except OutputError as err:
+        return str(err)
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------- deciding
+def decide_precision(config: TrainConfig, runtime: Runtime, dist: distributed.Dist, model: torch.nn.Module,
+                     in_channels: int, make_optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer],
+                     resumed: bool = False, reprobe: bool = False,
+                     measure: Callable[[dict], dict[str, float]] | None = None,
+                     threads: AdaptiveThreads | None = None) -> tuple[Runtime, dict | None]:
+    """The run's runtime with precision ``auto`` decided, and the record of the decision (config.json's
+    ``precision_record``; None for an explicit precision, which is used as given). A ``resumed`` run takes its
+    record's precision (:func:`recorded`); a new one rank 0's :func:`choose`. ``threads``: the run's adaptive
+    thread count, set for the load before measuring (:data:`LOAD_SECONDS`)."""
+    if config.precision != "auto":
+        return runtime, None
+    if resumed:
+        return recorded(config, runtime)
+    record = None
+    if dist.is_main:
+        shape = (probe_batch(config.batch_size // dist.world_size, config.image_size), in_channels,
+                 config.image_size, config.image_size)
+        record = choose(config, runtime, model, shape, make_optimizer, reprobe, measure, threads)
+    record = dist.broadcast_object(record)  # every rank trains in rank 0's choice
+    return replace(runtime, precision=record["precision"]), record
+
+
+def choose(config: TrainConfig, runtime: Runtime, model: torch.nn.Module, shape: tuple[int, ...],
+           make_optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer], reprobe: bool = False,
+           measure: Callable[[dict], dict[str, float]] | None = None,
+           threads: AdaptiveThreads | None = None) -> dict[str, Any]:
+    """Precision ``auto`` for a new run: the rule where there is nothing to compare, else the cached decision for
+    this key, else a measurement (cached); the measured or cached choice is announced on stderr."""
+    device = runtime.device.type
+    if not bf16_candidate(runtime.device):  # a GPU's rule; fp32 on a CPU without native bf16
+        return {"precision": runtime.precision if device == "cuda" else "fp32", "by": "rule", "device": device}
+    if threads is not None:
+        threads.poll(LOAD_SECONDS)  # the threads the load leaves: those the run trains with, and the cache's key
+    key = probe_key(model, shape, torch.get_num_threads(), runtime.channels_last, config.optimizer)
+    path = cache_path()
+    entry, problem = None if reprobe else read_cache(path, key), None
+    record = {"device": device, "batch": shape[0], "threads": key["threads"]}  # no path: cards get shared
+    if entry is not None:
+        record.update(precision=entry["precision"], by="cache", fp32_ms=entry["fp32_ms"], bf16_ms=entry["bf16_ms"],
+                      measured=entry.get("measured"))
+    else:
+        start = time.perf_counter()
+        seconds = measure_candidates(model, make_optimizer, shape, runtime.channels_last, measure)
+        entry = {"precision": faster(seconds), "fp32_ms": round(1000 * seconds["fp32"], 3),
+                 "bf16_ms": round(1000 * seconds["bf16"], 3), "measured": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+        record.update(entry, by="measured", probe_seconds=round(time.perf_counter() - start, 3))
+        problem = write_cache(path, key, entry)
+        if problem is not None:
+            warnings.warn(f"could not write the precision probe's cache ({problem}); the next run measures again")
+    print(announcement(record, None if problem else path), file=sys.stderr, flush=True)
+    return record
+
+
+def announcement(record: dict[str, Any], cache: Path | None) -> str:
+    """``vggnet train: precision auto -> fp32 (fp32 12.3 ms/step, bf16 14.1 ms/step; cached ~/.cache/...)``;
+    ``cache``: where the decision was read or written (None: it could not be written)."""
+    times = f"fp32 {record['fp32_ms']:.1f} ms/step, bf16 {record['bf16_ms']:.1f} ms/step at batch {record['batch']}"
+    where = _home(str(cache)) if cache is not None else None
+    if record["by"] == "cache":
+        how = f"from {where}, measured {record.get('measured') or 'earlier'}; --reprobe measures again"
+    else:
+        how = f"measured in {record['probe_seconds']:.1f} s" + (f", cached {where}" if where else "")
+    return f"vggnet train: precision auto -> {record['precision']} ({times}; {how})"
+
+
+def _home(path: str) -> str:
+    home = os.path.expanduser("~")
+    return "~" + path[len(home):] if home not in ("", "/") and path.startswith(home + os.sep) else path
+
+
+def recorded(config: TrainConfig, runtime: Runtime) -> tuple[Runtime, dict | None]:
+    """A resumed run's precision: its record's, never measured again. A run recorded on another kind of device (or
+    started by a vggnet that kept no record) takes the rule for this device, as it did then."""
+    record = config.precision_record
+    if record is None or record.get("device") != runtime.device.type:
+        return runtime, record
+    precision = record.get("precision")
+    if precision not in PRECISIONS[1:]:
+        raise CheckpointError(f"{config.out}: config.json's precision_record names precision {precision!r}, not one "
+                              f"of {', '.join(PRECISIONS[1:])}; start a new run")
+    try:
+        pick_precision(runtime.device, precision)
+    except ConfigError as err:
+        raise ConfigError(f"{config.out} trains in {precision} (precision auto chose it when the run started) and this "
+                          f"machine cannot ({err}): resume it where it started, or start a new run") from None
+    return replace(runtime, precision=precision), record

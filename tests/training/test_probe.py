@@ -1,0 +1,298 @@
+"""precision auto by measurement (vggnet.training.probe): the faster candidate, the 5% rule, the cache and
+--reprobe, what never probes, resume, torchrun ranks, and a probe that leaves the run as it was. The step times
+are injected: nothing here asserts a real time."""
+
+import copy
+import dataclasses
+import json
+import types
+
+import pytest
+import torch
+
+from vggnet.base.errors import CheckpointError, ConfigError
+from vggnet.net.cpu_bf16 import SmallMapConv2d
+from vggnet.runtime import cpu_runs_bf16, resolve_runtime
+from vggnet.training import build_run, distributed, fit, probe, resolve_config, resume, train
+from vggnet.training.build import build_model, build_optimizer
+
+
+@pytest.fixture
+def probed(monkeypatch, tmp_path):
+    """bf16 a candidate on any CPU, the cache under tmp_path, and injected step times (``probed.seconds``, in s);
+    ``probed.calls`` counts the measurements."""
+    state = types.SimpleNamespace(calls=0, seconds={"fp32": 0.010, "bf16": 0.012}, cache=tmp_path / "c" / "probe.json")
+
+    def fake_measure(steps):
+        assert sorted(steps) == ["bf16", "fp32"]
+        state.calls += 1
+        return dict(state.seconds)
+
+    monkeypatch.setattr(probe, "bf16_candidate", lambda device: device.type == "cpu")
+    monkeypatch.setattr(probe, "median_step_seconds", fake_measure)
+    monkeypatch.setattr(probe, "cache_path", lambda: state.cache)
+    return state
+
+
+def tiny(train_options, **overrides):
+    """The tiny run's config (precision auto), model and optimizer factory, as build_run makes them."""
+    config = resolve_config(**train_options(precision="auto", **overrides))
+    data = types.SimpleNamespace(classes=list(range(10)), images=torch.zeros(1, 1, 32, 32, dtype=torch.uint8))
+    torch.manual_seed(0)
+    model = build_model(config, data).to(memory_format=torch.channels_last)
+    return config, model, lambda net: build_optimizer(config, net)
+
+
+# ------------------------------------------------------------------------------------------------ the choice
+@pytest.mark.parametrize("fp32, bf16, chosen", [(10.0, 5.0, "bf16"), (10.0, 9.5, "bf16"), (10.0, 9.51, "fp32"),
+                                                (10.0, 10.0, "fp32"), (10.0, 14.0, "fp32")])
+def test_the_faster_candidate_wins_and_bf16_must_be_5_percent_faster(fp32, bf16, chosen):
+    assert probe.faster({"fp32": fp32, "bf16": bf16}) == chosen
+
+
+@pytest.mark.parametrize("fp32, bf16, chosen", [(0.010, 0.012, "fp32"), (0.010, 0.008, "bf16"),
+                                                (0.010, 0.0097, "fp32")])
+def test_a_new_auto_run_trains_in_the_measured_choice(probed, train_options, tmp_path, capsys, fp32, bf16, chosen):
+    probed.seconds = {"fp32": fp32, "bf16": bf16}
+    run = build_run(resolve_config(**train_options(precision="auto", out=str(tmp_path / "r"))))
+    assert probed.calls == 1 and run.runtime.precision == chosen
+    record = run.config.precision_record
+    assert (record["precision"], record["by"], record["fp32_ms"], record["bf16_ms"], record["batch"]) == (
+        chosen, "measured", round(1000 * fp32, 3), round(1000 * bf16, 3), 32)
+    # the bf16 speed-ups follow the choice
+    assert any(isinstance(m, SmallMapConv2d) for m in run.model.modules()) is (chosen == "bf16")
+    line = capsys.readouterr().err.strip()
+    assert line.startswith(f"vggnet train: precision auto -> {chosen} (fp32 {1000 * fp32:.1f} ms/step, bf16 "
+                           f"{1000 * bf16:.1f} ms/step at batch 32; measured in ")
+    assert line.endswith(f" s, cached {probed.cache})")
+
+
+def test_the_cache_is_read_instead_of_measuring_and_reprobe_measures_again(probed, train_options, tmp_path, capsys):
+    first = build_run(resolve_config(**train_options(precision="auto", out=str(tmp_path / "a"))))
+    probed.seconds = {"fp32": 0.010, "bf16": 0.001}  # what a new measurement would say
+    second = build_run(resolve_config(**train_options(precision="auto", out=str(tmp_path / "b"))))
+    assert probed.calls == 1 and second.runtime.precision == first.runtime.precision == "fp32"
+    assert second.config.precision_record["by"] == "cache"
+    assert second.config.precision_record["fp32_ms"] == 10.0 and second.config.precision_record["bf16_ms"] == 12.0
+    assert "--reprobe measures again" in capsys.readouterr().err.splitlines()[-1]
+    third = build_run(resolve_config(**train_options(precision="auto", out=str(tmp_path / "c"))), reprobe=True)
+    assert probed.calls == 2 and third.runtime.precision == "bf16" and third.config.precision_record["by"] == "measured"
+    fourth = build_run(resolve_config(**train_options(precision="auto", out=str(tmp_path / "d"))))
+    assert probed.calls == 2 and fourth.runtime.precision == "bf16"  # the new measurement replaced the old one
+    cache = json.loads(probed.cache.read_text())
+    assert cache["version"] == probe.CACHE_VERSION and len(cache["entries"]) == 1
+
+
+def test_another_batch_or_thread_count_is_measured_anew(probed, train_options, tmp_path):
+    build_run(resolve_config(**train_options(precision="auto", out=str(tmp_path / "a"))))
+    build_run(resolve_config(**train_options(precision="auto", out=str(tmp_path / "b"), batch_size=16)))
+    build_run(resolve_config(**train_options(precision="auto", out=str(tmp_path / "c"), threads=2)))
+    assert probed.calls == 3 and len(json.loads(probed.cache.read_text())["entries"]) == 3
+
+
+def test_an_unreadable_cache_is_measured_again_and_rewritten(probed, train_options, tmp_path):
+    probed.cache.parent.mkdir(parents=True)
+    probed.cache.write_text("{not json")
+    build_run(resolve_config(**train_options(precision="auto", out=str(tmp_path / "a"))))
+    assert probed.calls == 1 and len(json.loads(probed.cache.read_text())["entries"]) == 1
+
+
+def test_a_cache_that_cannot_be_written_is_a_warning_and_the_run_goes_on(probed, train_options, tmp_path, capsys):
+    (tmp_path / "a-file").write_text("")
+    probed.cache = tmp_path / "a-file" / "probe.json"
+    with pytest.warns(UserWarning, match="could not write the precision probe's cache"):
+        run = build_run(resolve_config(**train_options(precision="auto", out=str(tmp_path / "a"))))
+    assert run.runtime.precision == "fp32" and probed.calls == 1
+    assert "cached" not in capsys.readouterr().err
+    assert set(run.config.precision_record) == {"precision", "by", "device", "batch", "threads", "fp32_ms", "bf16_ms",
+                                                "measured", "probe_seconds"}  # no path of this machine's
+
+
+def test_the_cache_keeps_a_bounded_number_of_entries(tmp_path, monkeypatch):
+    monkeypatch.setattr(probe, "MAX_CACHE_ENTRIES", 3)
+    path = tmp_path / "probe.json"
+    for i in range(5):
+        assert probe.write_cache(path, {"n": i}, {"precision": "fp32", "fp32_ms": 1.0, "bf16_ms": 2.0}) is None
+    assert probe.read_cache(path, {"n": 0}) is None and probe.read_cache(path, {"n": 1}) is None
+    assert [probe.read_cache(path, {"n": i})["key"] for i in (2, 3, 4)] == [{"n": 2}, {"n": 3}, {"n": 4}]
+
+
+# ------------------------------------------------------------------------------------------------ what never probes
+def test_an_explicit_precision_never_probes(probed, train_options, tmp_path, capsys):
+    run = build_run(resolve_config(**train_options(precision="fp32", out=str(tmp_path / "a"))), reprobe=True)
+    assert probed.calls == 0 and run.runtime.precision == "fp32" and run.config.precision_record is None
+    assert capsys.readouterr().err == "" and not probed.cache.exists()
+    with pytest.raises(ConfigError, match="--reprobe measures which precision 'auto' trains in, but --precision fp32"):
+        train(resolve_config(**train_options(precision="fp32", out=str(tmp_path / "b"))), reprobe=True)
+
+
+@pytest.mark.cpu_bf16
+def test_an_explicit_bf16_never_probes(probed, train_options, tmp_path):
+    run = build_run(resolve_config(**train_options(precision="bf16", out=str(tmp_path / "a"))))
+    assert probed.calls == 0 and run.runtime.precision == "bf16" and run.config.precision_record is None
+
+
+def test_a_cpu_without_native_bf16_takes_fp32_without_probing(probed, train_options, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(probe, "bf16_candidate", lambda device: False)
+    run = build_run(resolve_config(**train_options(precision="auto", out=str(tmp_path / "a"))))
+    assert probed.calls == 0 and run.runtime.precision == "fp32"
+    assert run.config.precision_record == {"precision": "fp32", "by": "rule", "device": "cpu"}
+    assert capsys.readouterr().err == "" and not probed.cache.exists()
+
+
+def test_deterministic_runs_probe_too(probed, train_options, tmp_path):
+    run = build_run(resolve_config(**train_options(precision="auto", deterministic=True, out=str(tmp_path / "a"))))
+    assert probed.calls == 1 and run.config.precision_record["by"] == "measured"
+
+
+def test_the_cli_passes_reprobe_and_refuses_it_where_nothing_is_measured(probed, train_cli, train_cli_args, tmp_path,
+                                                                         one_line_error):
+    assert train_cli(train_cli_args("--precision", "auto", "--epochs", "1", "--out", tmp_path / "a"))[0] == 0
+    assert train_cli(train_cli_args("--precision", "auto", "--epochs", "1", "--out", tmp_path / "b",
+                                    "--reprobe"))[0] == 0
+    assert probed.calls == 2
+    saved = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert saved["precision"] == "auto" and saved["precision_record"]["precision"] == "fp32"
+    one_line_error(*train_cli(train_cli_args("--reprobe", "--out", tmp_path / "c"))[::2],
+                   "--reprobe measures which precision 'auto' trains in, but --precision fp32 was given")
+    one_line_error(*train_cli(["train", "--resume", tmp_path / "a", "--reprobe"])[::2],
+                   "a resumed run keeps the precision it started with")
+    assert probed.calls == 2
+
+
+# ------------------------------------------------------------------------------------------------ resume
+@pytest.mark.parametrize("chosen", ["fp32", pytest.param("bf16", marks=pytest.mark.cpu_bf16)])
+def test_a_resumed_run_keeps_its_recorded_precision_and_never_probes(probed, train_options, tmp_path, monkeypatch,
+                                                                    chosen):
+    probed.seconds = {"fp32": 0.010, "bf16": 0.005 if chosen == "bf16" else 0.020}
+    train(resolve_config(**train_options(precision="auto", epochs=1, out=str(tmp_path / "r"))))
+    saved = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert saved["precision"] == "auto" and saved["precision_record"]["precision"] == chosen
+    probed.seconds = {"fp32": 0.005 if chosen == "bf16" else 0.020, "bf16": 0.010}  # now the other would win
+    seen = []
+    monkeypatch.setattr("vggnet.training.fit", lambda run, resume=False: seen.append(run.runtime.precision) or
+                        fit(run, resume=resume))
+    resume(tmp_path / "r", epochs=2)
+    assert probed.calls == 1 and seen == [chosen]
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["precision_record"] == saved["precision_record"]
+
+
+def test_resume_takes_the_record_only_on_its_kind_of_device(train_options):
+    config = resolve_config(**train_options(precision="auto"))
+    cpu = resolve_runtime("cpu", "fp32", threads=1)
+    gpu_record = {"precision": "fp16", "by": "rule", "device": "cuda"}
+    runtime, record = probe.recorded(dataclasses.replace(config, precision_record=gpu_record), cpu)
+    assert runtime is cpu and record == gpu_record  # another device: this device's rule, as before records
+    runtime, record = probe.recorded(dataclasses.replace(config, precision_record=None), cpu)
+    assert runtime is cpu and record is None  # a run started before records: the rule, as then
+    with pytest.raises(CheckpointError, match="precision_record names precision 'fp8'"):
+        probe.recorded(dataclasses.replace(config, precision_record={"precision": "fp8", "device": "cpu"}), cpu)
+
+
+# ------------------------------------------------------------------------------------------------ torchrun
+class RankOne(distributed.Dist):
+    """Rank 1 of 2: its broadcast hands it rank 0's object."""
+
+    def __init__(self, from_rank0):
+        super().__init__(enabled=True, rank=1, world_size=2)
+        self.from_rank0 = from_rank0
+
+    def broadcast_object(self, obj):
+        assert obj is None  # rank 1 brings nothing
+        return self.from_rank0
+
+
+def test_torchrun_ranks_take_rank_0s_decision_without_measuring(probed, train_options):
+    config, model, make_optimizer = tiny(train_options)
+    runtime = resolve_runtime("cpu", "fp32", threads=1)
+    decided = {"precision": "bf16", "by": "measured", "device": "cpu", "fp32_ms": 1.0, "bf16_ms": 0.5}
+    chosen, record = probe.decide_precision(config, runtime, RankOne(decided), model, 1, make_optimizer)
+    assert probed.calls == 0 and chosen.precision == "bf16" and record == decided
+    # rank 0 measures (a per-rank batch: 32 images among 2 ranks), and broadcasts what it chose
+    rank0 = distributed.Dist(enabled=True, rank=0, world_size=2)
+    rank0.broadcast_object = lambda obj: obj
+    chosen, record = probe.decide_precision(config, runtime, rank0, model, 1, make_optimizer)
+    assert probed.calls == 1 and (chosen.precision, record["batch"]) == ("fp32", 16)
+
+
+def test_an_adaptive_run_measures_at_the_thread_count_the_load_leaves(probed, train_options):
+    config, model, make_optimizer = tiny(train_options)
+    polls = []
+
+    class Busy:  # AdaptiveThreads on a machine where another process keeps one of two cores busy
+        def poll(self, seconds=None):
+            polls.append(seconds)
+            torch.set_num_threads(1)
+            return 1
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        runtime = resolve_runtime("cpu", "fp32", threads=2)
+        _, record = probe.decide_precision(config, runtime, distributed.Dist(), model, 1, make_optimizer,
+                                           threads=Busy())
+    finally:
+        torch.set_num_threads(before)
+    assert polls == [probe.LOAD_SECONDS] and probed.calls == 1 and record["threads"] == 1
+    (entry,) = json.loads(probed.cache.read_text())["entries"].values()
+    assert entry["key"]["threads"] == 1
+
+
+# ------------------------------------------------------------------------------------------------ the measurement
+def test_rounds_alternate_and_the_median_of_each_is_returned(monkeypatch):
+    clock = {"now": 0.0}
+    calls = []
+
+    def step(name, seconds):
+        def run():
+            calls.append(name)
+            clock["now"] += seconds.pop(0) if seconds else 0.001
+        return run
+
+    # warm-up (not counted: 9 s), then 7 rounds (the rounds take < ROUND_SECONDS) with one slow outlier each
+    fp32 = [9.0, 0.010, 0.011, 0.2, 0.012, 0.010, 0.013, 0.011]
+    bf16 = [9.0, 0.020, 0.1, 0.021, 0.022, 0.020, 0.019, 0.021]
+    result = probe.median_step_seconds({"fp32": step("fp32", fp32), "bf16": step("bf16", bf16)},
+                                       clock=lambda: clock["now"])
+    assert result == pytest.approx({"fp32": 0.011, "bf16": 0.021})
+    assert calls[:2] == ["fp32", "bf16"] and calls[2:6] == ["fp32", "bf16", "bf16", "fp32"]
+    assert len(calls) == 2 * (probe.WARMUP_STEPS + probe.MAX_ROUNDS)
+    # slow steps: the rounds stop at MIN_ROUNDS
+    calls.clear()
+    probe.median_step_seconds({"fp32": step("fp32", [1.0] * 9), "bf16": step("bf16", [1.0] * 9)},
+                              clock=lambda: clock["now"])
+    assert len(calls) == 2 * (probe.WARMUP_STEPS + probe.MIN_ROUNDS)
+
+
+def test_probe_batch_is_the_runs_or_a_smaller_stand_in():
+    assert [probe.probe_batch(b, 32) for b in (1, 32, 128, 256, 4096)] == [1, 32, 128, 128, 128]
+    assert [probe.probe_batch(b, 224) for b in (2, 128)] == [2, 4]
+
+
+def test_the_probe_leaves_the_model_the_optimizer_and_the_random_state_untouched(train_options):
+    config, model, make_optimizer = tiny(train_options, dropout=0.5)
+    optimizer = make_optimizer(model)
+    model(torch.randn(4, 1, 32, 32)).sum().backward()
+    optimizer.step()  # momentum buffers to keep
+    model.train()
+    before = (copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict()), torch.get_rng_state(),
+              [type(m) for m in model.modules()], torch.get_num_threads())
+
+    def measure(steps):  # the real timer where bf16 runs; elsewhere the fp32 copy trains (bf16 cannot run)
+        if cpu_runs_bf16():
+            return probe.median_step_seconds(steps)
+        for _ in range(3):
+            steps["fp32"]()
+        return {"fp32": 1.0, "bf16": 2.0}
+
+    seconds = probe.measure_candidates(model, make_optimizer, (8, 1, 32, 32), True, measure)
+    assert sorted(seconds) == ["bf16", "fp32"] and all(s > 0 for s in seconds.values())
+    state, opt_state, rng, types_, threads = before
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    after = optimizer.state_dict()
+    assert after["param_groups"] == opt_state["param_groups"]
+    assert all(torch.equal(v["momentum_buffer"], after["state"][k]["momentum_buffer"])
+               for k, v in opt_state["state"].items())
+    assert optimizer.param_groups[0]["params"][0] is next(model.parameters())
+    assert torch.equal(torch.get_rng_state(), rng) and [type(m) for m in model.modules()] == types_
+    assert model.training and torch.get_num_threads() == threads
