@@ -9,7 +9,6 @@ in that shard, its length, label; read it with ``np.load(..., mmap_mode="r")``) 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -19,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from vggnet.base.errors import DataError
+from vggnet.data.fetch import file_digest
 
 FORMAT, VERSION, ENGINE = "vggnet-shards", 1, "webdataset"
 MANIFEST, PROGRESS = "manifest.json", ".prepare-progress.json"
@@ -36,21 +36,13 @@ def index_name(split: str) -> str:
     return f"{split}-index.npy"
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(2**20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def check_file(path: Path, size: int, sha256: str | None, fix: str) -> None:
     """``path`` exists with ``size`` bytes and (unless None) the sha256 ``sha256``; else one-line DataError."""
     try:
         actual = path.stat().st_size
         if actual != size:
             raise DataError(f"{path}: {actual} bytes, {size} recorded (truncated or replaced); {fix}")
-        if sha256 is not None and file_sha256(path) != sha256:
+        if sha256 is not None and file_digest(path) != sha256:
             raise DataError(f"{path}: its sha256 does not match the one recorded (corrupt or replaced); {fix}")
     except OSError as err:
         raise DataError(f"{path}: cannot be read ({err.strerror or err}); {fix}") from None

@@ -47,7 +47,7 @@ from vggnet.base.files import TEMP_NAME, atomic_write_bytes, atomic_write_json, 
 from vggnet.base.guard import json_of, new_folder
 from vggnet.base.limits import IMAGE_SIZE, Range
 from vggnet.data.folder import DEFAULT_TEST_FRACTION, plan_split
-from vggnet.data.images import ImageFileError, decode_image
+from vggnet.data.images import ImageFileError, decode_image, resize_shorter
 from vggnet.data.shard_format import (ENGINE, FORMAT, INDEX_DTYPE, MANIFEST, PROGRESS, SPLITS, VERSION, check_file,
                                       index_name, read_manifest, shard_name, verify)
 
@@ -56,16 +56,9 @@ DEFAULT_SHARD_SAMPLES = 10_000  # about 1 GB of ImageNet photos at max_side 512
 SHARD_SAMPLES = Range(1, 10**7, integer=True)
 TEST_FRACTION = Range(0, 1, open_low=True, open_high=True)
 JPEG_QUALITY = 95
-RESAMPLE = Image.Resampling.BILINEAR
 #: The largest image member: the index stores sizes as int32.
 MAX_MEMBER_BYTES = 2**31 - 1
 _EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg"}
-
-
-def resized_size(width: int, height: int, max_side: int) -> tuple[int, int]:
-    """``(width, height)`` with the shorter side ``max_side`` and the longer ``int(max_side * long / short)``."""
-    long = int(max_side * max(width, height) / min(width, height))
-    return (max_side, long) if width <= height else (long, max_side)
 
 
 # ------------------------------------------------------------------------------------------------ planning
@@ -181,7 +174,7 @@ def _encoded(path: Path, max_side: int) -> tuple[str, bytes]:
     height, width = pixels.shape[:2]
     if min(height, width) > max_side:
         jpeg = kind in _EXTENSIONS
-        image = Image.fromarray(pixels, "RGB").resize(resized_size(width, height, max_side), RESAMPLE)
+        image = resize_shorter(Image.fromarray(pixels, "RGB"), max_side)  # the decoder's own rescale
         out = io.BytesIO()
         if jpeg:
             image.save(out, "JPEG", quality=JPEG_QUALITY)
@@ -347,5 +340,5 @@ def prepare(folder: str | os.PathLike, to: str | os.PathLike, *, max_side: int =
 
 
 __all__ = ["DEFAULT_MAX_SIDE", "DEFAULT_SHARD_SAMPLES", "ENGINE", "FORMAT", "INDEX_DTYPE", "MANIFEST", "SHARD_SAMPLES",
-           "TEST_FRACTION", "VERSION", "index_name", "prepare", "read_manifest", "resized_size", "shard_name",
+           "TEST_FRACTION", "VERSION", "index_name", "prepare", "read_manifest", "shard_name",
            "verify"]

@@ -20,11 +20,13 @@ Resident memory does not grow with the dataset: the index is memory-mapped, and 
 
 from __future__ import annotations
 
+import io
 import os
 import urllib.error
 import urllib.request
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -113,8 +115,6 @@ def _load_index(root: str, name: str, samples: int) -> np.ndarray:
     """The split's index, memory-mapped (a remote one is read whole: 20 bytes a sample)."""
     try:
         if is_remote(root):
-            import io
-
             index = np.load(io.BytesIO(_fetch(f"{root.rstrip('/')}/{name}")), allow_pickle=False)
         else:
             index = np.load(Path(root) / name, mmap_mode="r", allow_pickle=False)
@@ -205,8 +205,6 @@ class StreamedImages:
                               self.threads)
 
     def to(self, device: str | torch.device, non_blocking: bool = False) -> torch.Tensor:
-        from concurrent.futures import ThreadPoolExecutor
-
         def one(i: int) -> torch.Tensor:
             data, _, name = self.split.sample(i)
             return self.transform(data, name, 0)

@@ -20,7 +20,7 @@ from vggnet.base.errors import CheckpointError, ConfigError
 from vggnet.net.models import create_model
 from vggnet.store.rundir import RunDir
 from vggnet.runtime import AdaptiveThreads, Runtime, adaptive_threads, compile_module, keeps_data_on_device, resolve_runtime
-from vggnet.data.stream import StreamedSplit
+from vggnet.data.stream import StreamedSplit, open_prepared
 from vggnet.training import streamed as streamed_data
 from vggnet.training.config import TrainConfig
 from vggnet.training.probe import decide_precision
@@ -72,7 +72,7 @@ def build_data(config: TrainConfig, data: tuple[ImageDataset, ImageDataset] | No
     ``--subset`` on what is left for training."""
     streamed = data is None and streamed_data.streams(config)
     if streamed:
-        train_set, test_set = streamed_data.open_splits(config)
+        train_set, test_set = open_prepared(config.dataset)
     else:
         train_set, test_set = data if data is not None else load_dataset(config.dataset, config.data_dir,
                                                                          config.image_size)
@@ -103,15 +103,14 @@ def place_data(runtime: Runtime, *datasets: ImageDataset | None) -> tuple[ImageD
 def build_preprocess(config: TrainConfig, train: ImageDataset) -> Preprocess:
     """Per-channel statistics of the training images (validation images excluded; of a streamed set, a sample of
     them: :func:`vggnet.training.streamed.preprocess_stats`)."""
-    channels = image_channels(train)
+    channels, streamed = image_channels(train), isinstance(train, StreamedSplit)
     if config.normalize == "none":
         mean, std = (0.0,) * channels, (1.0,) * channels
     else:
-        streamed = isinstance(train, StreamedSplit)
         mean, std = streamed_data.preprocess_stats(config, train) if streamed else channel_stats(train)
         if config.normalize == "mean":
             std = (1.0,) * channels
-    in_size = config.image_size if isinstance(train, StreamedSplit) else int(train.images.shape[-1])
+    in_size = config.image_size if streamed else int(train.images.shape[-1])
     return Preprocess(config.image_size, mean, std, fit="auto", in_size=in_size)
 
 

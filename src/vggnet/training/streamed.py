@@ -12,14 +12,13 @@ shorter side rescaled to Q (S, or (SMIN + SMAX) / 2 for a jittered S) and the ce
 
 from __future__ import annotations
 
-import os
 from dataclasses import replace
 import torch
 
 from vggnet.data import Preprocess, channel_stats
 from vggnet.data.paper import TestTransform, TrainTransform
 from vggnet.data.stream import (StreamedDataset, StreamedSplit, StreamLoader, evaluation_set, is_prepared,
-                                open_prepared, paper_scales)
+                                paper_scales)
 from vggnet.runtime import available_cores
 from vggnet.training.config import TrainConfig
 
@@ -45,11 +44,6 @@ def train_transform(config: TrainConfig) -> TrainTransform:
 
 def test_transform(config: TrainConfig) -> TestTransform:
     return TestTransform(scale=paper_scales(config.scale, config.image_size)[1], crop=config.image_size)
-
-
-def open_splits(config: TrainConfig) -> tuple[StreamedSplit, StreamedSplit]:
-    data_dir = config.dataset
-    return open_prepared(os.path.expanduser(data_dir) if not data_dir.startswith(("http:", "https:")) else data_dir)
 
 
 def for_evaluation(config: TrainConfig, split: StreamedSplit | None) -> StreamedDataset | None:
