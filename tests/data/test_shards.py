@@ -309,3 +309,19 @@ def test_a_write_failure_is_one_line_and_leaves_no_temporary_file(folder, tmp_pa
     with pytest.raises(OutputError, match=f"^cannot write {out / 'train-000000.tar'}: No space left on device$"):
         prepare_shards(folder, out, max_side=MAX_SIDE, shard_samples=3, progress=False)
     assert os.listdir(out) == [".prepare-progress.json"]
+
+
+def test_a_second_prepare_into_the_same_folder_is_refused_while_the_first_runs(folder, tmp_path):
+    """One prepare per folder: while another process holds ``TO/.lock`` (here this test, through a second open
+    file), a prepare is refused in one line naming the holder, writes nothing, and leaves the holder's folder as
+    it was; once the lock is let go, the same prepare runs and leaves no lock file."""
+    from vggnet.base.errors import ConfigError
+    from vggnet.base.lock import LOCK_NAME, hold
+    to = tmp_path / "out"
+    with hold(to, to / LOCK_NAME, create=True):
+        with pytest.raises(ConfigError, match=rf"^{to} is being written by another vggnet process \(pid {os.getpid()}"):
+            prepare_shards(folder, to, max_side=MAX_SIDE, shard_samples=3, progress=False)
+        assert os.listdir(to) == [LOCK_NAME]
+    assert not to.exists()  # the holder made the folder and, leaving it empty, removed it
+    prepare_shards(folder, to, max_side=MAX_SIDE, shard_samples=3, progress=False)
+    assert LOCK_NAME not in os.listdir(to) and (to / "manifest.json").is_file()

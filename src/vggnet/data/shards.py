@@ -46,6 +46,7 @@ from vggnet.base.errors import ConfigError, DataError, OutputError
 from vggnet.base.files import TEMP_NAME, atomic_write_bytes, atomic_write_json, fsync_dir, make_dirs, remove_temp_files
 from vggnet.base.guard import json_of, new_folder
 from vggnet.base.limits import IMAGE_SIZE, Range
+from vggnet.base.lock import LOCK_NAME, hold
 from vggnet.data.folder import DEFAULT_TEST_FRACTION, plan_split
 from vggnet.data.images import ImageFileError, decode_image, resize_shorter
 from vggnet.data.shard_format import (ENGINE, FORMAT, INDEX_DTYPE, MANIFEST, PROGRESS, SPLITS, VERSION, check_file,
@@ -126,7 +127,8 @@ def _claim(to: Path, plan: _Plan) -> dict[str, Any]:
     if progress is not None:
         _check_same(to, progress, plan)
 
-    def blocking(names: list[str]) -> list[str]:  # an unfinished prepare's own files may be there
+    def blocking(names: list[str]) -> list[str]:  # our lock, and an unfinished prepare's own files, may be there
+        names = [n for n in names if n != LOCK_NAME]
         if progress is None:
             return names
         return [n for n in names if n not in (PROGRESS, *map(index_name, SPLITS))
@@ -329,14 +331,15 @@ def prepare(folder: str | os.PathLike, to: str | os.PathLike, *, max_side: int =
         raise OutputError(f"--to {to} already holds a complete prepared data set ({MANIFEST}); choose a new folder "
                           f"(vggnet data verify {to} checks the one there)")
     plan = _plan(folder, max_side, shard_samples, test_fraction)
-    record = _claim(to, plan)
-    total = sum(len(items) for items in plan.splits.values())
-    done = sum(record["splits"][split]["next"] for split in SPLITS)
-    with tqdm(total=total, initial=done, desc=f"preparing {plan.root.name}", unit="img",
-              disable=None if progress else True, leave=False) as bar:
-        for split in SPLITS:
-            _write_split(to, plan, split, record, bar)
-    return _finish(to, plan, record)
+    with hold(to, to / LOCK_NAME, create=True):  # one prepare per folder: a second is refused in one line
+        record = _claim(to, plan)
+        total = sum(len(items) for items in plan.splits.values())
+        done = sum(record["splits"][split]["next"] for split in SPLITS)
+        with tqdm(total=total, initial=done, desc=f"preparing {plan.root.name}", unit="img",
+                  disable=None if progress else True, leave=False) as bar:
+            for split in SPLITS:
+                _write_split(to, plan, split, record, bar)
+        return _finish(to, plan, record)
 
 
 __all__ = ["DEFAULT_MAX_SIDE", "DEFAULT_SHARD_SAMPLES", "ENGINE", "FORMAT", "INDEX_DTYPE", "MANIFEST", "SHARD_SAMPLES",

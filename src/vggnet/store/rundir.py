@@ -56,7 +56,7 @@ from vggnet.base.strictjson import dumps as strict_json
 from vggnet.base.version import __version__
 from vggnet.store.card import CARD_KEY, CardMetrics, LoadedModel, ModelCard, ModelSpec, load_carded, read_embedded_card
 from vggnet.store.checkpoint import CHECKPOINT_KEY, Checkpoint, checked_state
-from vggnet.store.lock import LOCK_NAME, hold
+from vggnet.base.lock import LOCK_NAME, hold
 
 WEIGHTS = {"model": "model.safetensors", "best": "best.safetensors"}
 #: The names vggnet train (and vggnet eval, evals/) writes in a run directory.
@@ -153,7 +153,7 @@ class RunDir:
         return remove_temp_files(self.path)
 
     def lock(self, create: bool = False) -> contextlib.AbstractContextManager[None]:
-        """Hold ``RUN/.lock`` while the block runs: one writer per run (:func:`vggnet.store.lock.hold`)."""
+        """Hold ``RUN/.lock`` while the block runs: one writer per run (:func:`vggnet.base.lock.hold`)."""
         return hold(self.path, self.lock_file, create)
 
     # ---------------------------------------------------------------------------------------------- training

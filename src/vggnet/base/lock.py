@@ -1,4 +1,5 @@
-"""The run's lock: one writing process per run directory (an exclusive ``flock`` on ``RUN/.lock``)."""
+"""One writing process per folder: an exclusive ``flock`` on ``FOLDER/.lock``, held by a training run in its run
+directory (:meth:`vggnet.store.rundir.RunDir.lock`) and by ``vggnet data prepare`` in the folder it writes."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Iterator
 from vggnet.base.errors import CheckpointError, ConfigError, OutputError
 from vggnet.base.files import make_dirs
 
-#: The lock file of the process writing a run.
+#: The lock file of the process writing a folder.
 LOCK_NAME = ".lock"
 
 
@@ -26,8 +27,8 @@ def _remove_empty(folders: list[Path]) -> None:
 
 @contextmanager
 def hold(path: Path, lock_file: Path, create: bool = False) -> Iterator[None]:
-    """Hold ``RUN/.lock`` (an exclusive ``flock``, holding this process's pid) while the block runs: one writer
-    per run. A second one is refused in one line naming the holder's pid. The OS releases a lock when its holder
+    """Hold ``lock_file`` (an exclusive ``flock``, holding this process's pid) while the block runs: one writer
+    per folder. A second one is refused in one line naming the holder's pid. The OS releases a lock when its holder
     dies, so a killed run leaves no stale lock, only the file, which the next writer takes over; the holder
     deletes it on leaving. ``create``: make the folder first, and remove the folders this made if they are
     empty again at the end (a run that fails before writing anything leaves nothing)."""
