@@ -283,9 +283,12 @@ def image_files(tmp_path):
 
 @pytest.fixture(autouse=True)
 def probe_cache_outside_home(tmp_path_factory, monkeypatch):
-    """precision auto's measurements (vggnet.training.probe) are cached in the session's temporary folder, never in
-    the user's cache: a training or bench test on a CPU with native bf16 probes."""
+    """precision auto's measurements (vggnet.training.probe, vggnet.evaluation.probe) are cached in the session's
+    temporary folder, never in the user's cache: a training, eval, predict or bench test on a CPU with native bf16
+    probes."""
+    from vggnet.evaluation import probe as inference_probe
     from vggnet.training import probe
 
     path = tmp_path_factory.getbasetemp() / "probe-cache" / "probe.json"
-    monkeypatch.setattr(probe, "cache_path", lambda: path)
+    for module in (probe, inference_probe):
+        monkeypatch.setattr(module, "cache_path", lambda: path)

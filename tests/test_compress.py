@@ -255,12 +255,15 @@ def test_compressed_run_loads_through_load_eval_and_predict(tmp_path, cli, train
     assert report["compressed"]["top1"] == expected.top1 and report["test_images"] == len(test.labels)
     convs, factors = (8 * 1 * 9 + 8) + (16 * 8 * 9 + 16), 4 * 16 + (10 * 4 + 10)  # fc 16 -> 10 at rank 4
     assert report["compressed"]["params"] == parameter_count(done.model) == convs + factors
-    code, text, err = cli(["predict", out, image_files["rgb"], "--json", "--device", "cpu", "--top-k", "3"])
+    code, text, err = cli(["predict", out, image_files["rgb"], "--json", "--device", "cpu", "--top-k", "3",
+                           "--precision", "fp32"])  # auto measures which precision runs (vggnet.evaluation.probe)
     assert code == 0, err
     from vggnet.use.predict import predict_files
     from vggnet.store.card import LoadedModel
+    from vggnet.runtime import resolve_runtime
 
-    in_memory = predict_files(LoadedModel(done.model, source.card, None), [str(image_files["rgb"])], 3)
+    in_memory = predict_files(LoadedModel(done.model, source.card, None), [str(image_files["rgb"])], 3,
+                              resolve_runtime("cpu", "fp32", threads=torch.get_num_threads()))
     assert json.loads(text)[0]["top"] == in_memory[0].to_dict()["top"]
 
 

@@ -17,7 +17,8 @@ import contextlib
 import os
 import re
 import shutil
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import torch
@@ -105,11 +106,11 @@ def threads_for_load(cores: int, other_cores: float) -> int:
 
 
 class AdaptiveThreads:
-    """The CPU thread count of a training run that was given none: at the loop's sync points, once at least
-    :data:`LOAD_WINDOW_SECONDS` have passed, it reads the other processes' load over the window just ended and sets
-    :func:`threads_for_load`'s count (``torch.set_num_threads``). A machine that gets busy mid-run costs about 10
-    slow steps, and the threads come back when it is quiet again. ``window`` is a
-    :class:`vggnet.base.cpuload.LoadWindow` (injectable for tests)."""
+    """The CPU thread count of a run that was given none: at the training loop's sync points (or between
+    inference batches, :func:`inference_threads`), once at least ``seconds`` (:data:`LOAD_WINDOW_SECONDS`) have
+    passed, it reads the other processes' load over the window just ended and sets :func:`threads_for_load`'s count
+    (``torch.set_num_threads``). A machine that gets busy mid-run costs about 10 slow steps, and the threads come
+    back when it is quiet again. ``window`` is a :class:`vggnet.base.cpuload.LoadWindow` (injectable for tests)."""
 
     def __init__(self, cores: int, window=None, seconds: float = LOAD_WINDOW_SECONDS) -> None:
         self.cores, self.seconds = cores, seconds
@@ -129,6 +130,14 @@ class AdaptiveThreads:
         torch.set_num_threads(wanted)
         return wanted
 
+    def settle(self) -> int:
+        """Wait for the current window to end (the rest of ``self.seconds``, idle: the reading is then the others'
+        load alone), adapt, and return the thread count: for a measurement that must run on the load's count from
+        its first call (``vggnet compress``'s latency)."""
+        time.sleep(max(0.0, self.seconds - self.window.elapsed()))
+        self.poll(0.0)
+        return torch.get_num_threads()
+
 
 def adaptive_threads(runtime: "Runtime", threads_given: bool, distributed: bool) -> AdaptiveThreads | None:
     """The one decision whether a training run adapts its thread count to the load: on the CPU, when no
@@ -137,6 +146,26 @@ def adaptive_threads(runtime: "Runtime", threads_given: bool, distributed: bool)
     if runtime.device.type != "cpu" or threads_given or distributed or runtime.deterministic:
         return None
     return AdaptiveThreads(available_cores())
+
+
+#: Least seconds between two looks at the load during inference (:func:`inference_threads`): evaluation polls
+#: before every batch, and a whole ``vggnet eval`` may last a few seconds, so its first window must end soon; 0.25 s
+#: holds 25 scheduler ticks per core, which tells one busy core (1.0) from a quiet one (0.0) to about 0.1 core.
+INFERENCE_WINDOW_SECONDS = 0.25
+
+
+def inference_threads(device: torch.device, threads_given: bool, deterministic: bool = False
+                      ) -> AdaptiveThreads | None:
+    """The one decision whether inference (``vggnet eval``, ``predict``, ``compress``'s accuracy and latency)
+    adapts its thread count to the other processes' load: on the CPU when no ``--threads`` was given (and not
+    ``deterministic``), as :func:`adaptive_threads` decides for training, with windows of
+    :data:`INFERENCE_WINDOW_SECONDS`. The window opens now: :func:`resolve_runtime` calls this first thing, so by
+    the first batch (after loading the model and the data) a reading is usually there. Beside one busy process on
+    2 cores, OpenMP teams of 2 stalled at every barrier: ``vggnet compress`` measured 180 ms per image against
+    1.0 ms on one thread (issue 22)."""
+    if device.type != "cpu" or threads_given or deterministic:
+        return None
+    return AdaptiveThreads(available_cores(), seconds=INFERENCE_WINDOW_SECONDS)
 
 
 def set_threads(threads: int | None = None, device: torch.device | None = None) -> int:
@@ -217,6 +246,9 @@ class Runtime:
     threads: int
     compile: bool = False  # torch.compile the network (see compile_module)
     deterministic: bool = False  # deterministic algorithms only (see deterministic_algorithms)
+    #: The thread count that follows the other processes' load during inference (:func:`inference_threads`; None:
+    #: --threads was given, or not the CPU); evaluation and prediction poll it between batches.
+    adaptive: AdaptiveThreads | None = field(default=None, compare=False, repr=False)
 
     @property
     def cpu_bf16(self) -> bool:
@@ -284,11 +316,14 @@ def deterministic_algorithms(enabled: bool = True):
 
 def resolve_runtime(device: str | torch.device = "auto", precision: str = "auto", channels_last: bool = True,
                     threads: int | None = None, compile: bool = False, deterministic: bool = False) -> Runtime:
-    """Validate and resolve the run-time options, and set the intra-op thread count (:func:`default_threads`)."""
+    """Validate and resolve the run-time options, and set the intra-op thread count (:func:`default_threads`; on the
+    CPU without ``threads``, inference then follows the load: :attr:`Runtime.adaptive`)."""
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise ConfigError(f"--threads must be a positive integer, got {threads!r}")
     dev = pick_device(device)
     chosen = pick_precision(dev, precision)
     if compile:
         check_compile(dev)
-    return Runtime(dev, chosen, bool(channels_last), set_threads(threads, dev), bool(compile), bool(deterministic))
+    adaptive = inference_threads(dev, threads is not None, deterministic)
+    return Runtime(dev, chosen, bool(channels_last), set_threads(threads, dev), bool(compile), bool(deterministic),
+                   adaptive)

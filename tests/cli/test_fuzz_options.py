@@ -36,7 +36,7 @@ CASES = {
         "--width", "--dropout", "--loaded-lr-scale", "--image-size", "--epochs", "--batch-size", "--lr", "--momentum",
         "--weight-decay", "--warmup-epochs", "--label-smoothing", "--grad-clip", "--crop-padding", "--erasing",
         "--val-split", "--subset", "--classes", "--seed", "--threads", "--device", "--freeze", "--init-from",
-        "--dataset", "--data-dir", "--out", "--resume")]
+        "--dataset", "--data-dir", "--out", "--resume", "--budget")]
              + [(["train", "--no-progress", "--out", "run", "--model", "custom"], "--arch")],
     "eval": [(["eval", NOWHERE], o) for o in ("--batch-size", "--threads", "--device", "--scales", "--crops", "--out",
                                               "--dataset", "--data-dir")] + [(["eval"], None)],

@@ -108,15 +108,6 @@ def test_a_cache_that_cannot_be_written_is_a_warning_and_the_run_goes_on(probed,
                                                 "measured", "probe_seconds"}  # no path of this machine's
 
 
-def test_the_cache_keeps_a_bounded_number_of_entries(tmp_path, monkeypatch):
-    monkeypatch.setattr(probe, "MAX_CACHE_ENTRIES", 3)
-    path = tmp_path / "probe.json"
-    for i in range(5):
-        assert probe.write_cache(path, {"n": i}, {"precision": "fp32", "fp32_ms": 1.0, "bf16_ms": 2.0}) is None
-    assert probe.read_cache(path, {"n": 0}) is None and probe.read_cache(path, {"n": 1}) is None
-    assert [probe.read_cache(path, {"n": i})["key"] for i in (2, 3, 4)] == [{"n": 2}, {"n": 3}, {"n": 4}]
-
-
 # ------------------------------------------------------------------------------------------------ what never probes
 def test_an_explicit_precision_never_probes(probed, train_options, tmp_path, capsys):
     run = build_run(resolve_config(**train_options(precision="fp32", out=str(tmp_path / "a"))), reprobe=True)

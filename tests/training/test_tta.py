@@ -43,13 +43,15 @@ def test_metrics_csv_has_the_tta_columns_empty_before_the_last_epoch(tta_run):
     assert list(rows[0])[-3:] == ["test_loss_tta", "test_acc_tta", "test_top5_tta"]
 
 
-def test_the_hour_preset_and_a_named_model_beside_it():
-    hour = resolve_config("hour")
+def test_the_hour_avx2_preset_and_a_named_model_beside_it():
+    """The fixed recipe that was the hour preset before ``hour`` became a 60-minute budget (tests/training/
+    test_budget.py)."""
+    hour = resolve_config("hour_avx2")
     assert (hour.model, hour.width, hour.head, hour.dropout) == ("vgg13_bn", 0.25, "gap", 0.0)
     assert (hour.erasing, hour.epochs, hour.tta, hour.schedule, hour.lr) == (0.3, 34, "flip", "onecycle", 0.1)
-    named = resolve_config("hour", model="vgg16_bn")  # the model's own shape, the preset's training
+    named = resolve_config("hour_avx2", model="vgg16_bn")  # the model's own shape, the preset's training
     assert (named.width, named.head, named.epochs, named.tta) == (1.0, "classic", 34, "flip")
-    assert PRESETS["hour"]["tta"] == "flip"
+    assert PRESETS["hour_avx2"]["tta"] == "flip"
 
 
 def test_an_unknown_tta_is_one_line_naming_the_choice():

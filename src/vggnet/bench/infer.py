@@ -14,7 +14,9 @@ from torch import nn
 
 from vggnet.bench.config import TARGETS, BenchConfig
 from vggnet.bench.reference import ReferenceVGG, forward_macs
+from vggnet.base.probecache import faster
 from vggnet.base.timing import Timing, comparison, interleaved
+from vggnet.evaluation import probe
 from vggnet.evaluation.inference import BF16_RTOL, optimize_for_inference
 from vggnet.net.models import create_model
 
@@ -71,4 +73,17 @@ def bench_infer(cfg: BenchConfig, results: dict[str, Any]) -> dict[str, Any]:
                     times["vggnet"], flops)
     return comparison(ref_t, fast_t, model=name, head=head, input_size=size, batch=batch, flops_per_batch=flops,
                       steps=fast.steps, tolerance={"rel_l2_error_max": BF16_RTOL if fast.precision == "bf16" else 1e-5},
-                      **logit_error(ref_out, fast_out), target_ratio=TARGETS["infer_ratio"])
+                      **logit_error(ref_out, fast_out), target_ratio=TARGETS["infer_ratio"],
+                      precision_probe=inference_probe(model, size, batch, fast.precision))
+
+
+def inference_probe(model: nn.Module, size: int, batch: int, runs_in: str) -> dict[str, Any]:
+    """What precision ``auto``'s inference probe (:mod:`vggnet.evaluation.probe`, as ``vggnet eval`` runs it) measures
+    on this section's model and would choose: its own functions, called once, beside the precision the vggnet row
+    runs in (:func:`~vggnet.evaluation.inference.optimize_for_inference`'s rule)."""
+    if not probe.bf16_candidate(torch.device("cpu")):
+        return {"skipped": "no bf16 candidate on this CPU (no native bf16): auto takes fp32", "runs_in": runs_in}
+    shape = (probe.probe_batch(batch, size), 3, size, size)
+    seconds = probe.measure_candidates(model, shape, channels_last=True)
+    return {"batch": shape[0], "fp32_ms": 1000 * seconds["fp32"], "bf16_ms": 1000 * seconds["bf16"],
+            "chosen": faster(seconds), "runs_in": runs_in, "unit": "batch"}

@@ -30,6 +30,9 @@ def summarize_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     if "contention" in results:
         add("training beside one busy process, share of quiet images/s", results["contention"]["share_default"],
             TARGETS["contention_share"])
+        if "infer" in results["contention"]:
+            add("inference beside one busy process, share of quiet images/s",
+                results["contention"]["infer"]["share_default"], TARGETS["contention_share"])
     if "data" in results:
         add("decode + augment, images/s per core vs ImageFolder + DataLoader", results["data"]["ratio"],
             TARGETS["data_per_core_ratio"])
@@ -122,7 +125,19 @@ def render_comparisons(results: dict[str, Any]) -> list[str]:
         lines.append(f"inference: {r['model']} ({r['head']} head), {r['input_size']}x{r['input_size']}, batch "
                      f"{r['batch']}; logits vs reference: relative L2 error {r['rel_l2_error']:.2e} (tolerance "
                      f"{r['tolerance']['rel_l2_error_max']:g}), top-1 agreement {100 * r['top1_agreement']:.0f}%")
+    lines += [_probe_line(results[key]["precision_probe"], key) for key in ("train", "infer")
+              if "precision_probe" in results.get(key, {})]
     return lines
+
+
+def _probe_line(p: dict[str, Any], key: str) -> str:
+    """precision auto's probe (issue 22): each candidate's time and its choice, beside the vggnet row's precision."""
+    what = {"train": "training probe", "infer": "inference probe"}[key]
+    if "skipped" in p:
+        return f"precision auto ({what}): not measured ({p['skipped']})"
+    row = "trains" if key == "train" else "runs"
+    return (f"precision auto ({what}): fp32 {p['fp32_ms']:.1f} ms, bf16 {p['bf16_ms']:.1f} ms per {p['unit']} of "
+            f"{p['batch']} -> {p['chosen']}; the vggnet row {row} in {p['runs_in']}")
 
 
 def render_e2e(r: dict[str, Any]) -> list[str]:
@@ -271,8 +286,16 @@ def render_contention(r: dict[str, Any]) -> list[str]:
         t = r[key]
         rows.append([label, _fmt(t["train_images_per_second"]), str(t["threads_at_end"]),
                      _share(t["train_images_per_second"] / r["idle"]["train_images_per_second"])])
-    return ["", f"contention: vggnet train --epochs 1 --subset {r['subset']} --batch-size {r['batch_size']} on "
-                f"{r['cores']} cores", table(["run", "train images/s", "threads at end", "of quiet"], rows, "lrrr")]
+    lines = ["", f"contention: vggnet train --epochs 1 --subset {r['subset']} --batch-size {r['batch_size']} on "
+                 f"{r['cores']} cores", table(["run", "train images/s", "threads at end", "of quiet"], rows, "lrrr")]
+    if "infer" in r:  # issue 22: vggnet eval's forward passes, the same three conditions
+        i = r["infer"]
+        rows = [[row[0], _fmt(i[key]["images_per_second"]), str(i[key]["threads_at_end"]),
+                 _share(i[key]["images_per_second"] / i["idle"]["images_per_second"])]
+                for row, key in zip(rows, ("idle", "busy_all_cores", "busy_default"))]
+        lines += [f"inference: vggnet eval's forward passes over {i['images']} test images, batch {i['batch_size']}, "
+                  f"{i['precision']}", table(["run", "eval images/s", "threads at end", "of quiet"], rows, "lrrr")]
+    return lines
 
 
 def render(results: dict[str, Any]) -> str:

@@ -13,10 +13,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from vggnet.bench.config import TARGETS, BenchConfig
 from vggnet.bench.reference import forward_macs, reference_train_step
-from vggnet.bench.runs import layout, preprocessed, step_setup, vggnet_step
+from vggnet.bench.runs import fashion_mnist, layout, preprocessed, step_setup, vggnet_step
 from vggnet.base.timing import Timing, comparison, interleaved
+from vggnet.training import probe
+from vggnet.training.build import build_model, build_optimizer
 
 
 def bench_train(cfg: BenchConfig, results: dict[str, Any]) -> dict[str, Any]:
@@ -34,4 +38,26 @@ def bench_train(cfg: BenchConfig, results: dict[str, Any]) -> dict[str, Any]:
         return comparison(reference, fast, model=config["name"], head=config["head"], width=config["width"],
                           input_size=config["input_size"], in_channels=config["in_channels"], batch=batch,
                           flops_per_step=flops, flop_convention="3 x forward; 2 FLOPs per MAC",
-                          target_ratio=TARGETS["train_ratio"], target_peak_share=TARGETS["train_peak_share"])
+                          target_ratio=TARGETS["train_ratio"], target_peak_share=TARGETS["train_peak_share"],
+                          precision_probe=training_probe(cfg, run))
+
+
+def training_probe(cfg: BenchConfig, run) -> dict[str, Any]:
+    """What precision ``auto``'s training probe (:mod:`vggnet.training.probe`) measures on this section's model and
+    batch, and would choose: its own functions, called once, beside the precision the vggnet row trains in (the
+    run's, which ``auto`` chose as it was built, perhaps from the cache)."""
+    runs_in = run.runtime.precision
+    if not probe.bf16_candidate(run.runtime.device):
+        return {"skipped": f"no bf16 candidate on this {run.runtime.device.type} (no native bf16, or a GPU): auto "
+                           f"takes the rule, {runs_in}", "runs_in": runs_in}
+    config = run.config
+    torch.manual_seed(config.seed)
+    model = build_model(config, fashion_mnist(cfg.data_dir)[0])  # as build_run's probe sees it: not yet tuned
+    if run.runtime.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    size = config.image_size
+    shape = (probe.probe_batch(run.loader.batch_size, size), int(model.in_channels), size, size)
+    seconds = probe.measure_candidates(model, lambda net: build_optimizer(config, net), shape,
+                                       run.runtime.channels_last)
+    return {"batch": shape[0], "fp32_ms": 1000 * seconds["fp32"], "bf16_ms": 1000 * seconds["bf16"],
+            "chosen": probe.faster(seconds), "runs_in": runs_in, "unit": "step"}

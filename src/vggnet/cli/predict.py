@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from vggnet.evaluation.probe import decide, refuse_reprobe
 from vggnet.use.predict import predict_files
 from vggnet.runtime import resolve_runtime
 from vggnet.base.limits import MAX_CLASSES, Range
@@ -23,15 +24,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_source_options(p)
     p.add_argument("--tta", choices=("flip",), help="flip: average the probabilities with those of the mirrored "
                    "image (default: none)")
-    add_runtime_options(p, compile=True)
+    add_runtime_options(p, precision_help="auto (default): on a CPU with native bf16 the faster of fp32 and bf16, "
+                        "measured on a few forward passes of this model (bf16 only when at least 5 percent faster; "
+                        "cached in ~/.cache/vggnet/probe.json), fp32 on other CPUs, bf16 or fp16 on a GPU",
+                        compile=True)
+    p.add_argument("--reprobe", action="store_true", help="with --precision auto: measure fp32 against bf16 again "
+                   "instead of reading the cached decision")
     p.add_argument("--json", action="store_true", help='print [{"file", "top": [{"index", "class", "prob"}]}]')
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    refuse_reprobe("predict", args.precision, args.reprobe)
     runtime = resolve_runtime(args.device, args.precision, threads=args.threads, compile=args.compile)
     loaded = load_source(args, runtime.device)
-    results = predict_files(loaded, args.images, args.top_k, runtime, tta=args.tta)
+    choice = decide(loaded, runtime, args.precision, images=len(args.images), reprobe=args.reprobe, verb="predict")
+    results = predict_files(loaded, args.images, args.top_k, choice.runtime, tta=args.tta)
     failed = [r for r in results if r.error]
     if args.json:
         print_json([r.to_dict() for r in results])
@@ -42,4 +50,6 @@ def run(args: argparse.Namespace) -> int:
                 print(f"{r.file}: {ranked}")
     for r in failed:
         print(one_line(f"vggnet predict: error: {r.error}"), file=sys.stderr)
+    if choice.line and not failed:  # precision auto's choice; an error stays the one line on stderr
+        print(choice.line, file=sys.stderr)
     return 2 if failed else 0

@@ -12,7 +12,7 @@ from vggnet.base.schedule import SCHEDULES
 from vggnet.training import (DECAYING, NORMALIZE, OPTIMIZERS, PRESETS, RUNTIME_OPTIONS, Interrupted, resolve_config,
                         resume, train)
 from vggnet.base.limits import IMAGE_SIZE, MAX_CLASSES, Range
-from vggnet.training.config import TTAS
+from vggnet.training.config import TTAS, parse_duration
 from vggnet.training.transfer import INIT_SCHEMES
 from vggnet.cli.common import (add_model_options, device_name, fraction, in_range, integer, number, one_line, print_json,
                      shown, unit_interval, user_path)
@@ -24,6 +24,14 @@ def name_list(text: str) -> list[str]:
     if not all(names):
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of layer names, e.g. block1,conv2_1")
     return names
+
+
+def duration(text: str) -> float:
+    """``90s``, ``10m``, ``1h``, ``1h30m`` -> seconds (:func:`vggnet.training.config.parse_duration`)."""
+    try:
+        return parse_duration(text)
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(str(err).removeprefix("--budget ")) from None
 
 
 def class_list(text: str) -> list[int]:
@@ -149,7 +157,17 @@ def _add_recipe_arguments(p: argparse.ArgumentParser, default: Callable[[str], s
                    "mirrored images (recorded as test_acc_tta; the per-epoch scores stay plain) "
                    f"{default('tta')}")
     p.add_argument("--preset", choices=sorted(PRESETS), help="the recipe the other options start from "
-                   f"(default {resolve_config().preset}: the default recipe; docs/RESULTS.md)")
+                   f"(default {resolve_config().preset}: the default recipe; docs/RESULTS.md). hour is --budget 60m; "
+                   "hour_avx2 the fixed recipe measured to fit an hour of one AVX2 core (hour before it became a "
+                   "budget)")
+    p.add_argument("--budget", type=duration, metavar="DURATION",
+                   help="a time limit such as 90s, 10m, 1h or 1h30m: train the most accurate recipe docs/RESULTS.md "
+                        "measured that this machine is predicted to finish within 90 percent of it (a few training "
+                        "steps of each model shape are timed first, and that time counts), print the candidates and "
+                        "the choice, record it in config.json (a resumed run keeps it), and stop after the epoch "
+                        "that the measured epoch times show to be the last that fits. It chooses --model, --width, "
+                        "--head, --dropout, --epochs, --erasing and --tta itself: giving one of them too is an "
+                        "error (default: none, the recipe as given)")
     p.add_argument("--val-split", type=integer, metavar="N",
                    help="hold out N training images (stratified, the same for every seed) for validation: the best "
                         "checkpoint and --schedule plateau follow the validation accuracy; without it there is no "
@@ -239,8 +257,9 @@ def summary_line(result: dict) -> str:
            if result.get("best_val_acc") is not None else "")
     tta = (f" ({100 * result['test_acc_tta']:.2f}% with test-time augmentation)"
            if result.get("test_acc_tta") is not None else "")
-    return (f"test accuracy {100 * result['test_acc']:.2f}%{tta}{val} after {result['epochs']} epochs; run directory "
-            f"{result['run_dir']}")
+    budget = " (stopped by its --budget)" if result.get("stopped_by_budget") else ""
+    return (f"test accuracy {100 * result['test_acc']:.2f}%{tta}{val} after {result['epochs']} epochs{budget}; run "
+            f"directory {result['run_dir']}")
 
 
 def _guarded(fn, run_dir):

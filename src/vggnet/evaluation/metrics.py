@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from vggnet.evaluation.inference import optimize_for_inference
-from vggnet.runtime import autocast, compile_module, uses_cpu_bf16_path
+from vggnet.runtime import AdaptiveThreads, autocast, compile_module, uses_cpu_bf16_path
 
 
 @dataclass
@@ -73,9 +73,12 @@ def auto_batch_size(height: int, width: int, device: torch.device | str = "cpu")
 @torch.no_grad()
 def predict_logits(model: torch.nn.Module, images: torch.Tensor, preprocess, device: torch.device,
                    precision: str = "fp32", batch_size: int | None = None, tta: str | None = None,
-                   channels_last: bool = True, progress: bool = False, compile: bool = False) -> torch.Tensor:
+                   channels_last: bool = True, progress: bool = False, compile: bool = False,
+                   threads: AdaptiveThreads | None = None) -> torch.Tensor:
     """Float32 logits for uint8 ``images`` (N, C, H, W), in batches (default :func:`auto_batch_size`);
     ``tta="flip"`` averages with the mirror. ``model`` runs in eval mode and is put back in its own mode after.
+    ``threads``: polled before every batch, so the CPU thread count follows the other processes' load
+    (:attr:`vggnet.runtime.Runtime.adaptive`; None: the count stays as it is).
     ``compile``: the network is ``torch.compile``d first (on the CPU the folded copy below, in fp32 or bf16); the
     first batch then pays the compilation.
 
@@ -88,7 +91,7 @@ def predict_logits(model: torch.nn.Module, images: torch.Tensor, preprocess, dev
     batch_size = batch_size or auto_batch_size(*images.shape[-2:], device)
     net, mixed = inference_form(model, device, precision, channels_last, compile)
     try:
-        return _logits(net, images, preprocess, device, batch_size, mixed, tta, channels_last, progress)
+        return _logits(net, images, preprocess, device, batch_size, mixed, tta, channels_last, progress, threads)
     finally:
         model.train(was_training)  # the caller's model leaves in the mode it came in
 
@@ -107,13 +110,16 @@ def inference_form(model: torch.nn.Module, device: torch.device, precision: str,
 
 
 def preprocessed_batches(images: torch.Tensor, preprocess, device: torch.device, batch_size: int,
-                         progress: bool) -> Iterator[torch.Tensor]:
+                         progress: bool, threads: AdaptiveThreads | None = None) -> Iterator[torch.Tensor]:
     """``images`` (uint8, on any device) preprocessed on ``device`` in batches of ``batch_size``, with a progress
-    bar (drawn only on a terminal) when ``progress``: the one batched loop of every evaluation."""
+    bar (drawn only on a terminal) when ``progress``: the one batched loop of every evaluation. ``threads`` is
+    polled before each batch (:meth:`vggnet.runtime.AdaptiveThreads.poll`)."""
     bar = tqdm(total=len(images), unit="img", unit_scale=True, desc="eval", disable=None if progress else True,
                leave=False)
     try:
         for start in range(0, len(images), batch_size):
+            if threads is not None:
+                threads.poll()  # the CPU thread count follows the other processes' load
             x = preprocess(images[start:start + batch_size].to(device, non_blocking=True))
             yield x
             bar.update(len(x))
@@ -121,9 +127,10 @@ def preprocessed_batches(images: torch.Tensor, preprocess, device: torch.device,
         bar.close()
 
 
-def _logits(model, images, preprocess, device, batch_size, mixed, tta, channels_last, progress) -> torch.Tensor:
+def _logits(model, images, preprocess, device, batch_size, mixed, tta, channels_last, progress,
+            threads) -> torch.Tensor:
     out = []
-    for x in preprocessed_batches(images, preprocess, device, batch_size, progress):
+    for x in preprocessed_batches(images, preprocess, device, batch_size, progress, threads):
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with mixed:
@@ -136,9 +143,10 @@ def _logits(model, images, preprocess, device, batch_size, mixed, tta, channels_
 
 def evaluate(model: torch.nn.Module, dataset, preprocess, device: torch.device | str = "cpu",
              precision: str = "fp32", batch_size: int | None = None, tta: str | None = None,
-             channels_last: bool = True, progress: bool = False, compile: bool = False) -> EvalResult:
-    """Evaluate ``model`` on a whole :class:`~vggnet.data.ImageDataset`."""
+             channels_last: bool = True, progress: bool = False, compile: bool = False,
+             threads: AdaptiveThreads | None = None) -> EvalResult:
+    """Evaluate ``model`` on a whole :class:`~vggnet.data.ImageDataset` (``threads`` as for :func:`predict_logits`)."""
     device = torch.device(device)
     logits = predict_logits(model, dataset.images, preprocess, device, precision, batch_size, tta, channels_last,
-                            progress, compile)
+                            progress, compile, threads)
     return metrics_from_logits(logits, dataset.labels, len(dataset.classes), dataset.classes)

@@ -6,7 +6,10 @@ Scale. A test scale ``Q`` is a side length in pixels. The test image *as the mod
 rescaled isotropically to ``Q x Q`` (bilinear, antialiased when shrinking). ``Q = S`` is the single-scale case and
 leaves the image as it is. The paper rescales the image so that its smallest side is ``Q``; our images are square,
 so that is the whole image. Rescaling the normalised image equals normalising the rescaled one (bilinear weights
-sum to 1 and the normalisation is affine per channel), so it is done after :class:`Preprocess`.
+sum to 1 and the normalisation is affine per channel), so it is done after :class:`Preprocess`. A prepared
+(streamed) test set is evaluated by :mod:`vggnet.evaluation.multiscale_streamed` instead: each image decoded from its
+own bytes with its smallest side at ``Q``, whole and not square, through the same views and averaging
+(:func:`scale_views`, :func:`log_mean`).
 
 Protocols (:class:`Protocol`), each giving class probabilities per image and scale:
 
@@ -36,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -122,15 +126,22 @@ def grid_offsets(q: int, s: int, n: int) -> list[int]:
     up), duplicates dropped; one crop is centred (``(q - s) // 2``). ``grid_offsets(36, 32, 5) == [0, 1, 2, 3, 4]``,
     ``grid_offsets(32, 32, 5) == [0]``."""
     if q < s:
-        raise InputSizeError(f"cannot take {s}x{s} crops from a {q}x{q} image: use scales of at least {s}")
+        raise InputSizeError(f"cannot take {s}x{s} crops from an image side of {q} pixels: use scales of at least {s}")
     if n == 1:
         return [(q - s) // 2]
     return sorted({(2 * i * (q - s) + (n - 1)) // (2 * (n - 1)) for i in range(n)})
 
 
 def crop_positions(q: int, s: int, crops: tuple[int, int]) -> list[tuple[int, int]]:
-    """``(top, left)`` of every crop of the ``rows x columns`` grid, row by row."""
-    return [(top, left) for top in grid_offsets(q, s, crops[0]) for left in grid_offsets(q, s, crops[1])]
+    """``(top, left)`` of every crop of the ``rows x columns`` grid in a ``q x q`` image, row by row."""
+    return crop_grid(q, q, s, crops)
+
+
+def crop_grid(height: int, width: int, s: int, crops: tuple[int, int]) -> list[tuple[int, int]]:
+    """``(top, left)`` of every crop of the ``rows x columns`` grid in a ``height x width`` image, row by row: the
+    rows' offsets evenly spaced from 0 to ``height - s``, the columns' from 0 to ``width - s`` (:func:`grid_offsets`).
+    ``crop_grid(32, 48, 32, (2, 3)) == [(0, 0), (0, 8), (0, 16)]``."""
+    return [(top, left) for top in grid_offsets(height, s, crops[0]) for left in grid_offsets(width, s, crops[1])]
 
 
 def rescale(x: torch.Tensor, q: int) -> torch.Tensor:
@@ -178,13 +189,21 @@ def multiscale_log_probs(model: torch.nn.Module, images: torch.Tensor, preproces
                          channels_last: bool = True, progress: bool = False) -> torch.Tensor:
     """Float32 ``(N, classes)``: log of the class probabilities averaged as ``protocol`` says, for uint8 ``images``
     (N, C, H, W). ``model`` runs in eval mode and is put back in its own mode after."""
-    check_protocol(model, preprocess, protocol)
     device = torch.device(device)
+    with protocol_nets(model, preprocess, protocol, device, precision, channels_last) as nets:
+        return _log_probs(nets, images, preprocess, protocol, device, batch_size, channels_last, progress)
+
+
+@contextlib.contextmanager
+def protocol_nets(model: torch.nn.Module, preprocess, protocol: Protocol, device: torch.device, precision: str,
+                  channels_last: bool) -> Iterator["_Nets"]:
+    """:func:`check_protocol`, then the nets ``protocol`` runs (``model`` in eval mode, put back in its own mode
+    after): the one set-up of the in-memory and the streamed evaluation."""
+    check_protocol(model, preprocess, protocol)
     was_training = model.training
     model.eval()
     try:
-        nets = _networks(model, protocol, device, precision, channels_last)
-        return _log_probs(nets, images, preprocess, protocol, device, batch_size, channels_last, progress)
+        yield _networks(model, protocol, device, precision, channels_last)
     finally:
         model.train(was_training)
 
@@ -195,11 +214,16 @@ def evaluate_multiscale(model: torch.nn.Module, dataset, preprocess, protocol: P
     """:func:`vggnet.evaluation.metrics.evaluate` under ``protocol``, on a whole :class:`~vggnet.data.ImageDataset`."""
     log_probs = multiscale_log_probs(model, dataset.images, preprocess, protocol, device, precision, batch_size,
                                      channels_last, progress)
-    labels = dataset.labels.to(torch.int64)
+    return result_from_log_probs(log_probs, dataset.labels, dataset.classes)
+
+
+def result_from_log_probs(log_probs: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> EvalResult:
+    """The metrics of averaged log-probabilities: top-1, top-5, per class, confusion, and the NLL as the loss."""
+    labels = labels.to(torch.int64)
     if not len(labels):
-        log_probs = torch.zeros(0, len(dataset.classes))
+        log_probs = torch.zeros(0, len(classes))
     loss = -log_probs.gather(1, labels.view(-1, 1)).mean().item() if len(labels) else float("nan")
-    return metrics_from_logits(log_probs, labels, len(dataset.classes), dataset.classes, loss=loss)
+    return metrics_from_logits(log_probs, labels, len(classes), classes, loss=loss)
 
 
 @dataclass
@@ -226,33 +250,67 @@ def _networks(model, protocol: Protocol, device: torch.device, precision: str, c
 def _log_probs(nets: _Nets, images, preprocess, protocol: Protocol, device, batch_size, channels_last,
                progress) -> torch.Tensor:
     size = preprocess.image_size
-    flips = (False, True) if protocol.flip else (False,)
-    parts = int(protocol.dense) + int(protocol.crops is not None)
     chunk = batch_size or auto_batch_size(size, size)
     out = []
     for x in preprocessed_batches(images, preprocess, device, chunk, progress):
         views: list[torch.Tensor] = []  # log-probabilities (B, K) of every view of this chunk
         weights: list[float] = []  # and each view's share of the average
         for q in protocol.scales:
-            xq = rescale(x, q)
-            share = 1.0 / (len(protocol.scales) * parts)
-            if protocol.dense:
-                limit = batch_size or auto_batch_size(q, q)
-                for flip in flips:
-                    views.append(_forward(nets.dense, xq.flip(3) if flip else xq, limit, nets.mixed, channels_last))
-                    weights.append(share / len(flips))
-            if protocol.crops:
-                positions = crop_positions(q, size, protocol.crops)
-                limit = batch_size or auto_batch_size(size, size)
-                for top, left in positions:
-                    crop = xq[..., top:top + size, left:left + size]
-                    for flip in flips:
-                        views.append(_forward(nets.crop, crop.flip(3) if flip else crop, limit, nets.mixed,
-                                              channels_last))
-                        weights.append(share / (len(positions) * len(flips)))
-        log_w = torch.tensor([math.log(w) for w in weights], dtype=torch.float32).view(-1, 1, 1)
-        out.append(torch.logsumexp(torch.stack(views) + log_w, dim=0))
+            more, shares = scale_views(nets, rescale(x, q), size, protocol, batch_size, channels_last)
+            views += more
+            weights += shares
+        out.append(log_mean(torch.stack(views), weights))
     return torch.cat(out) if out else torch.zeros(0, 0)
+
+
+def scale_views(nets: _Nets, xq: torch.Tensor, size: int, protocol: Protocol, batch_size: int | None,
+                channels_last: bool, together: bool = False) -> tuple[list[torch.Tensor], list[float]]:
+    """Every view of the preprocessed images ``xq`` (B, C, H, W) at one of ``protocol``'s scales, each as
+    ``(B, classes)`` log-probabilities, and each view's weight in the average over all scales: the scale's share
+    split evenly between dense and multi-crop, then over the flips and the crop positions (:func:`crop_grid` over
+    H and W). A pass holds at most ``batch_size`` inputs (default :func:`auto_batch_size` at the input's size);
+    ``together``: views of a batch smaller than that share passes (the crops of one image go in one pass)."""
+    flips = (False, True) if protocol.flip else (False,)
+    share = 1.0 / (len(protocol.scales) * (int(protocol.dense) + int(protocol.crops is not None)))
+    h, w = xq.shape[-2:]
+    views: list[torch.Tensor] = []
+    weights: list[float] = []
+    if protocol.dense:
+        mirrors = (xq.flip(3) if flip else xq for flip in flips)
+        views += _run(nets.dense, mirrors, batch_size or auto_batch_size(h, w), nets.mixed, channels_last, together)
+        weights += [share / len(flips)] * len(flips)
+    if protocol.crops:
+        positions = crop_grid(h, w, size, protocol.crops)
+        crops = (xq[..., top:top + size, left:left + size] for top, left in positions)
+        inputs = (crop.flip(3) if flip else crop for crop in crops for flip in flips)
+        views += _run(nets.crop, inputs, batch_size or auto_batch_size(size, size), nets.mixed, channels_last,
+                      together)
+        weights += [share / (len(positions) * len(flips))] * (len(positions) * len(flips))
+    return views, weights
+
+
+def log_mean(views: torch.Tensor, weights: list[float]) -> torch.Tensor:
+    """``log(sum_v w_v p_v)`` of log-probabilities ``views`` (V, B, K) and weights ``w_v`` (V), taken in log space
+    (``logsumexp(log p_v + log w_v)``) so that a confident view cannot underflow to ``log 0``: (B, K)."""
+    log_w = torch.tensor([math.log(w) for w in weights], dtype=torch.float32).view(-1, 1, 1)
+    return torch.logsumexp(views + log_w, dim=0)
+
+
+def _run(net, inputs: Iterable[torch.Tensor], limit: int, mixed, channels_last: bool,
+         together: bool) -> list[torch.Tensor]:
+    """:func:`_forward` of each of ``inputs`` (batches of one size, made one at a time); ``together``: as many of
+    them as ``limit`` holds go through one pass."""
+    out: list[torch.Tensor] = []
+    pending: list[torch.Tensor] = []
+    for x in inputs:
+        pending.append(x)
+        if not together or (len(pending) + 1) * len(x) > limit:
+            batch = torch.cat(pending) if len(pending) > 1 else x
+            out += _forward(net, batch, limit, mixed, channels_last).split(len(x))
+            pending = []
+    if pending:
+        out += _forward(net, torch.cat(pending), limit, mixed, channels_last).split(len(pending[0]))
+    return out
 
 
 def _forward(net, x: torch.Tensor, limit: int, mixed, channels_last: bool) -> torch.Tensor:

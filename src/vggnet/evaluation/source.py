@@ -1,6 +1,11 @@
 """``vggnet eval`` as a library function: a SOURCE (run directory or weights file) scored on a test set, plainly or
 with the paper's multi-scale protocols, and where its results are written.
 
+The protocols (``protocol``) on an in-memory test set rescale its decoded square images
+(:func:`~vggnet.evaluation.multiscale.evaluate_multiscale`); on a prepared (streamed) one they decode every image from
+its own bytes with its smallest side at each scale, whole
+(:func:`~vggnet.evaluation.multiscale_streamed.evaluate_multiscale_streamed`).
+
 Where the results go: beside a run's own files, never over training's eval.json and confusion.png:
 ``RUN/evals/NAME.json`` and ``RUN/evals/NAME.png`` (:meth:`vggnet.store.rundir.RunDir.eval_files`), NAME naming what
 was measured (:func:`eval_name`: ``test``, ``test-flip``, ``best-test``, ``scales-32-40-dense-crops-5x5-flip``,
@@ -20,6 +25,7 @@ from typing import Any
 from vggnet.base.errors import ConfigError, DataError
 from vggnet.evaluation.metrics import EvalResult, evaluate
 from vggnet.evaluation.multiscale import Protocol, check_protocol, evaluate_multiscale
+from vggnet.evaluation.multiscale_streamed import evaluate_multiscale_streamed, is_streamed
 from vggnet.evaluation.testset import load_test_set
 from vggnet.runtime import Runtime
 from vggnet.store.load import load
@@ -39,8 +45,9 @@ class SourceEval:
 def evaluate_source(source: str | os.PathLike, runtime: Runtime, *, weights: str | None = None,
                     model: str | None = None, dataset: str | None = None, data_dir: str | None = None,
                     tta: str | None = None, protocol: Protocol | None = None, batch_size: int | None = None,
-                    out: str | os.PathLike | None = None, progress: bool = False) -> SourceEval:
-    """Score ``source`` on ``dataset`` (default: a run's own) and write the record (see the module docstring)."""
+                    out: str | os.PathLike | None = None, progress: bool = False, decide=None) -> SourceEval:
+    """Score ``source`` on ``dataset`` (default: a run's own) and write the record (see the module docstring).
+    ``decide(loaded, runtime) -> (runtime, record)``: precision auto by measurement (:mod:`vggnet.evaluation.probe`)."""
     is_run = Path(source).is_dir()
     if not is_run and Path(source).is_file() and not dataset:
         raise DataError(f"{source} is a weights file, which has no dataset of its own: name one with --dataset "
@@ -57,15 +64,18 @@ def evaluate_source(source: str | os.PathLike, runtime: Runtime, *, weights: str
         check_protocol(loaded.model, prep, protocol)  # before the test set is read
     dataset = dataset or card.dataset or "fashion-mnist"
     test = load_test_set(loaded, dataset, data_dir, source)
+    runtime, chosen = decide(loaded, runtime) if decide is not None else (runtime, None)
     if protocol is None:
         result = evaluate(loaded.model, test, prep, runtime.device, runtime.precision, batch_size, tta=tta,
-                          channels_last=runtime.channels_last, progress=progress, compile=runtime.compile)
-    else:
-        result = evaluate_multiscale(loaded.model, test, prep, protocol, runtime.device, runtime.precision,
-                                     batch_size, progress=progress, channels_last=runtime.channels_last)
+                          channels_last=runtime.channels_last, progress=progress, compile=runtime.compile,
+                          threads=runtime.adaptive)
+    else:  # a prepared set: each image decoded from its own bytes at each scale, whole (the paper's protocol)
+        scored = evaluate_multiscale_streamed if is_streamed(test) else evaluate_multiscale
+        result = scored(loaded.model, test, prep, protocol, runtime.device, runtime.precision, batch_size,
+                        progress=progress, channels_last=runtime.channels_last)
     result.classes = loaded.classes or test.classes
     record = dict(result.to_dict(), dataset=dataset, weights=(weights or "model") if is_run else str(source),
-                  tta=tta, precision=runtime.precision)
+                  tta=tta, precision=runtime.precision, **({"precision_record": chosen} if chosen else {}))
     if protocol is not None:
         record["protocol"] = protocol.to_dict()
     named = f", {protocol.describe()}" if protocol is not None else ""

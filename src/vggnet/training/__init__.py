@@ -25,6 +25,7 @@ from vggnet.base.guard import new_folder
 from vggnet.store.rundir import RUN_NAMES, RunDir
 from vggnet.runtime import deterministic_algorithms
 from vggnet.training.build import Run, build_run, default_run_dir
+from vggnet.training.budget import plan
 from vggnet.training.config import DEFAULT_MODEL, MODEL_SHAPE, NORMALIZE, OPTIMIZERS, PRESETS, RANGES, TrainConfig, resolve_config
 from vggnet.training.loop import Interrupted, TrainingDiverged, fit, seed_epoch, train_step
 
@@ -40,7 +41,8 @@ def train(config: TrainConfig | None = None, data=None, reprobe: bool = False, *
 
     ``data``: ``(train_set, test_set)`` already loaded, instead of loading ``config.dataset``. ``config.out`` must be
     a folder a new run may write (:func:`check_out`); it is checked before any data loads and held for the run.
-    ``reprobe``: precision ``auto`` is measured again, not read from the cache (:mod:`vggnet.training.probe`)."""
+    ``reprobe``: precision ``auto`` is measured again, not read from the cache (:mod:`vggnet.training.probe`).
+    ``config.budget`` without a ``budget_record``: the recipe is chosen first (:func:`vggnet.training.budget.plan`)."""
     if config is None:
         config = resolve_config(options.pop("preset", None), **options)
     elif options:
@@ -49,6 +51,10 @@ def train(config: TrainConfig | None = None, data=None, reprobe: bool = False, *
     if reprobe and config.precision != "auto":
         raise ConfigError(f"--reprobe measures which precision 'auto' trains in, but --precision {config.precision} "
                           "was given: leave out one of them")
+    if config.budget is not None and config.budget_record is None:  # --budget: choose the recipe (training.budget)
+        if config.out:
+            check_out(RunDir(config.out))  # before the data loads and the probe runs
+        config, data = plan(config, data)
     writer = distributed.env_rank() == 0  # under torchrun rank 0 writes; the others only read the folder
     if writer and not config.out:
         config = replace(config, out=str(default_run_dir(config)))  # build_run hands rank 0's name to the others

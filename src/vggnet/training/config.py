@@ -14,6 +14,7 @@ classic torchvision head, dropout 0.5, as :func:`vggnet.create_model` builds it)
 from __future__ import annotations
 
 import inspect
+import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Iterator
 
@@ -37,6 +38,15 @@ MODEL_SHAPE = ("model", "arch", "batch_norm", "width", "head", "dropout")
 DEFAULT_MODEL = {"model": "vgg11_bn", "width": 0.25, "head": "gap", "dropout": 0.0}
 #: What a named model is built with when its shape options are not given: the model's own defaults.
 MODEL_DEFAULTS = {name: inspect.signature(VGG.__init__).parameters[name].default for name in ("width", "head", "dropout")}
+#: The options a time budget (--budget, --preset hour) chooses itself, from measured recipes
+#: (:mod:`vggnet.training.budget`): giving one beside it is a one-line error, not a silent override.
+BUDGET_CHOOSES = ("model", "arch", "batch_norm", "width", "head", "dropout", "epochs", "erasing", "tta")
+#: The presets a budget may start from: the default recipe ("fast") and "hour" (a budget itself); the measured
+#: recipes the budget chooses among are the default recipe's variants, so another preset's training is not theirs.
+BUDGET_PRESETS = ("fast", "hour")
+#: A budget's bounds in seconds: 1 s to 30 days.
+BUDGET = Range(1, 30 * 86400)
+_DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?")
 
 
 #: The numeric fields of TrainConfig and their ranges; those in OPTIONAL may also be None (not set).
@@ -64,11 +74,12 @@ RANGES: dict[str, Range] = {
     "eval_batch_size": Range(1, MAX_BATCH, integer=True),
     "colour_shift": Range(0, 10),
     "workers": Range(0, 256, integer=True),
+    "budget": BUDGET,
 }
-OPTIONAL = ("subset", "grad_clip", "schedule_epochs", "threads", "eval_batch_size", "workers")
+OPTIONAL = ("subset", "grad_clip", "schedule_epochs", "threads", "eval_batch_size", "workers", "budget")
 #: Fields config.json holds that are not command-line options: messages name them as they are spelled there.
 _NOT_FLAGS = ("schedule_epochs", "plateau_patience", "eval_batch_size", "nesterov", "init_record", "preset",
-              "precision_record")
+              "precision_record", "budget_record")
 #: The JSON types of the remaining fields (the choices among the strings are checked by value).
 _TEXT = ("model", "dataset", "device", "precision", "optimizer", "schedule", "normalize", "init", "init_scheme", "head")
 _OPTIONAL_TEXT = ("data_dir", "out", "init_from", "preset", "tta")
@@ -78,6 +89,31 @@ _SWITCHES = ("flip", "nesterov", "channels_last", "compile", "deterministic", "s
 def option_name(field_name: str) -> str:
     """How a message names a field: its command-line flag (``--batch-size``), or its config.json key."""
     return field_name if field_name in _NOT_FLAGS else "--" + field_name.replace("_", "-")
+
+
+def parse_duration(text: str) -> float:
+    """``90s``, ``10m``, ``1h``, ``1h30m``, ``1.5h`` -> seconds; :class:`ConfigError` for anything else (a bare
+    number has no unit: it is refused rather than guessed) and outside :data:`BUDGET`."""
+    match = _DURATION.fullmatch(text.strip().lower()) if isinstance(text, str) else None
+    if match is None or not any(match.groups()):
+        raise ConfigError(f"--budget takes a duration such as 90s, 10m, 1h or 1h30m, got {text!r}")
+    hours, minutes, seconds = (float(g) if g else 0.0 for g in match.groups())
+    total = 3600 * hours + 60 * minutes + seconds
+    if BUDGET.problem(total) is not None:
+        raise ConfigError(f"--budget {text.strip()} is {total:.0f} s: give from {BUDGET.low:g}s to "
+                          f"{format_duration(BUDGET.high)} ({BUDGET.high / 86400:g} days)")
+    return total
+
+
+def format_duration(seconds: float) -> str:
+    """``5400`` -> ``1h30m``, ``600`` -> ``10m``, ``90`` -> ``1m30s``, ``2.5`` -> ``2.5s``: how messages show a
+    budget (whole seconds, but for a budget under a minute)."""
+    if seconds < 60:
+        return f"{seconds:g}s"
+    whole = round(seconds)
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    return "".join(f"{value}{unit}" for value, unit in ((hours, "h"), (minutes, "m"), (secs, "s")) if value)
 
 
 @dataclass(frozen=True)
@@ -147,6 +183,8 @@ class TrainConfig:
     tensorboard: bool = False  # also write TensorBoard logs (pip install 'vggnet[tensorboard]')
     progress: bool = True
     preset: str | None = None  # the preset these values started from
+    budget: float | None = None  # seconds (--budget): the run's time limit; vggnet.training.budget chooses the recipe
+    budget_record: dict | None = None  # what the budget chose and why: filled by vggnet.training.budget.plan
 
     def complete(self) -> "TrainConfig":
         """This configuration with the model-shape fields left at ``None`` filled (the rule in the module
@@ -247,6 +285,9 @@ class TrainConfig:
         if self.precision_record is not None and not isinstance(self.precision_record, dict):
             yield ("precision_record must be an object (written by build_run), got "
                    f"{type(self.precision_record).__name__}")
+        if self.budget_record is not None and not isinstance(self.budget_record, dict):
+            yield ("budget_record must be an object (written by vggnet.training.budget), got "
+                   f"{type(self.budget_record).__name__}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -272,10 +313,14 @@ class TrainConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     # Our fast, accurate Fashion-MNIST recipe (the default): DEFAULT_MODEL, one-cycle SGD, all 60,000 images.
     "fast": {},
-    # The most accurate recipe measured to fit an hour of one core of a 2-core AVX2 CPU (both seeds ran at once, one
-    # core each; docs/RESULTS.md): quarter-width VGG-13-BN (GAP head), random erasing, 34 epochs, and the final
-    # model also scored with flip test-time augmentation. Without --model: this VGG-13-BN.
-    "hour": dict(model="vgg13_bn", width=0.25, head="gap", dropout=0.0, erasing=0.3, epochs=34, tta="flip"),
+    # An hour on this machine: --budget 60m, the most accurate measured recipe that fits the hour here
+    # (vggnet.training.budget; on a 2-core AVX2 CPU a quarter-width VGG-13-BN, on an AMX CPU a wider network).
+    "hour": dict(budget=3600.0),
+    # The fixed recipe measured to fit an hour of one core of a 2-core AVX2 CPU (both seeds ran at once, one core
+    # each; docs/RESULTS.md; the `hour` preset before it became a budget): quarter-width VGG-13-BN (GAP head), random
+    # erasing, 34 epochs, and the final model also scored with flip test-time augmentation. Without --model: this
+    # VGG-13-BN.
+    "hour_avx2": dict(model="vgg13_bn", width=0.25, head="gap", dropout=0.0, erasing=0.3, epochs=34, tta="flip"),
     # The paper's protocol (section 3.1): SGD lr 0.01 divided by 10 when the validation accuracy stops improving,
     # dropout 0.5 on the head, mean subtraction, 74 epochs; 5,000 training images held out for validation. Without
     # --model: the default recipe's quarter-width VGG-11-BN with a fitted (classic-style) head.
@@ -291,12 +336,35 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def resolve_config(preset: str | None = None, **overrides: Any) -> TrainConfig:
-    """Defaults, then the preset, then explicit (non-None) overrides; completed and validated."""
+    """Defaults, then the preset, then explicit (non-None) overrides; completed and validated. A budget (``budget``,
+    or ``--preset hour``) chooses :data:`BUDGET_CHOOSES` itself: giving one of them too is a :class:`ConfigError`."""
     name = preset or "fast"
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
     given = {k: v for k, v in overrides.items() if v is not None}
     values = PRESETS[name]
+    if "budget" in given or "budget" in values:
+        check_budget_request(name, given)
     if "model" in given:  # a named model: its own architecture, not the preset's
         values = {k: v for k, v in values.items() if k not in MODEL_SHAPE}
     return TrainConfig.from_dict({**values, **given, "preset": name}).validate()
+
+
+def check_budget_request(preset: str, given: dict[str, Any]) -> None:
+    """ConfigError when a budget comes with what it chooses itself (:data:`BUDGET_CHOOSES`), with another budget,
+    or with a preset whose training is not the measured recipes' (:data:`BUDGET_PRESETS`)."""
+    budget = given.get("budget", PRESETS[preset].get("budget"))
+    shown = format_duration(budget) if isinstance(budget, (int, float)) and budget > 0 else repr(budget)
+    source = f"--budget {shown}" if "budget" in given else f"--preset {preset} (--budget {shown})"
+    if "budget" in given and "budget" in PRESETS[preset]:
+        raise ConfigError(f"--preset {preset} is --budget {format_duration(PRESETS[preset]['budget'])} and --budget "
+                          f"{shown} was given too: give one of them")
+    if preset not in BUDGET_PRESETS:
+        raise ConfigError(f"{source} chooses among measured variants of the default recipe, not --preset {preset}'s "
+                          "training: leave out --preset, or leave out --budget and give --epochs yourself")
+    chosen = [name for name in BUDGET_CHOOSES if name in given]
+    if chosen:
+        flags = ", ".join(option_name(name) for name in chosen)
+        raise ConfigError(f"{source} chooses the model and the epochs itself (docs/RESULTS.md's measured recipes), "
+                          f"so {flags} cannot be given beside it: leave out {flags}, or leave out the budget to train "
+                          "the recipe you give")

@@ -19,11 +19,16 @@ Signals: SIGINT/SIGTERM set a flag that a single process checks after each step;
 it (a collective, so all ranks stop at the same step) only at the sync points, every :data:`SYNC_STEPS` steps and at
 the epoch's last batch, so that no step waits for the others. The state is then saved and :class:`Interrupted`
 raised, and ``--resume`` continues bit-identically, mid-epoch too.
+
+A time budget (``--budget``): when the measured epoch times predict that the next epoch would end past it
+(:class:`vggnet.training.deadline.Deadline`), the current epoch is the last: evaluated (with its test-time
+augmentation), saved and reported as the run's end, and the result says ``stopped_by_budget``.
 """
 
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -37,6 +42,7 @@ from vggnet.evaluation.metrics import EvalResult
 from vggnet.store.checkpoint import RunState
 from vggnet.base.schedule import Plateau, lr_factor
 from vggnet.training.build import Run
+from vggnet.training.deadline import session_deadline
 from vggnet.training.state import load_state, rng_state, save_epoch, save_state
 
 
@@ -143,12 +149,18 @@ def fit(run: Run, resume: bool = False) -> dict[str, Any]:
         state, history, saved_rng = RunState(plateau=Plateau(patience=config.plateau_patience).to_dict()), [], None
         if dist.is_main:
             run.rundir.create(run.saved_config)
-    last_plots = time.monotonic()
+    deadline = session_deadline(config, history, state.seconds, resume, run.rundir)  # None without --budget
+    last_plots, cut = time.monotonic(), False
     with stop_on_signals() as stop:
         for epoch in range(state.epoch, config.epochs):
             train_epoch(run, state, history, epoch, stop, saved_rng)
             saved_rng = None
-            record, val, test = end_epoch(run, state, epoch)
+            # rank 0's clock decides for every rank (a collective under torchrun, like the stop votes)
+            cut = epoch + 1 < config.epochs and deadline is not None and dist.broadcast_object(
+                deadline.last_epoch(state.seconds))
+            record, val, test = end_epoch(run, state, epoch, last=cut)
+            if deadline is not None:
+                record["budget_seconds"] = round(deadline.elapsed(), 3)
             history.append(record)
             best = val is not None and val.top1 > state.best_acc
             if best:
@@ -160,19 +172,30 @@ def fit(run: Run, resume: bool = False) -> dict[str, Any]:
             stopping = dist.stop_requested(stop["signum"])  # a collective, like the votes at the sync points
             if dist.is_main:
                 now = time.monotonic()
-                plots = stopping or epoch + 1 == config.epochs or now - last_plots >= PLOT_SECONDS
+                plots = stopping or cut or epoch + 1 == config.epochs or now - last_plots >= PLOT_SECONDS
                 save_epoch(run, state, history, test, best, plots)
                 last_plots = now if plots else last_plots
                 if board is not None:
                     board.log(record)
                 if config.progress:
                     print(epoch_line(record, config.epochs), flush=True)
+            if deadline is not None:
+                deadline.epoch_saved()
+            if cut and not stopping:
+                if dist.is_main:
+                    print(deadline.stop_message(epoch + 1, config.epochs), file=sys.stderr, flush=True)
+                break
             if stopping:
                 signum = stop["signum"] or signal.SIGTERM
                 raise Interrupted(f"stopped by {signal.Signals(signum).name} after epoch {epoch + 1}; resume with "
                                   f"vggnet train --resume {run.rundir}", signum)
     if board is not None:
         board.close()
+    return summary(run, state, history, cut)
+
+
+def summary(run: Run, state: RunState, history: list[dict[str, Any]], stopped_by_budget: bool) -> dict[str, Any]:
+    """:func:`fit`'s result: the run directory, the final scores and epochs, the history."""
     final = history[-1] if history else {}
     result = {"run_dir": str(run.rundir), "test_acc": final.get("test_acc"), "epochs": state.epoch,
               "history": history}
@@ -181,6 +204,8 @@ def fit(run: Run, resume: bool = False) -> dict[str, Any]:
     if run.val_set is not None:
         result["val_acc"] = final.get("val_acc")
         result["best_val_acc"] = state.best_acc
+    if stopped_by_budget:
+        result["stopped_by_budget"] = True
     return result
 
 
@@ -253,8 +278,10 @@ def evaluate(run: Run, dataset, tta: str | None = None) -> EvalResult:
                              run.runtime.channels_last, run.config.progress, tta=tta)
 
 
-def end_epoch(run: Run, state: RunState, epoch: int) -> tuple[dict[str, Any], EvalResult | None, EvalResult]:
-    """The epoch's record (train sums over ranks, validation and test scores); resets the running sums."""
+def end_epoch(run: Run, state: RunState, epoch: int, last: bool = False
+              ) -> tuple[dict[str, Any], EvalResult | None, EvalResult]:
+    """The epoch's record (train sums over ranks, validation and test scores); resets the running sums. The final
+    epoch (``epochs``, or ``last``: the budget's last) is also scored with the run's test-time augmentation."""
     sums = run.dist.all_reduce([state.loss_sum, float(state.correct)])
     seen = state.seen
     val = evaluate(run, run.val_set) if run.val_set is not None else None
@@ -266,7 +293,7 @@ def end_epoch(run: Run, state: RunState, epoch: int) -> tuple[dict[str, Any], Ev
                   epoch_seconds=state.seconds,
                   train_images_per_second=seen / state.seconds if state.seconds else float("nan"), step=state.step,
                   threads=torch.get_num_threads())
-    if run.config.tta and epoch + 1 == run.config.epochs:  # the final model, also with test-time augmentation
+    if run.config.tta and (last or epoch + 1 == run.config.epochs):  # the final model, also with TTA
         tta = evaluate(run, run.test_set, run.config.tta)
         record.update(test_loss_tta=tta.loss, test_acc_tta=tta.top1, test_top5_tta=tta.top5)
     state.epoch, state.batch, state.loss_sum, state.correct, state.seen, state.seconds = epoch + 1, 0, 0.0, 0, 0, 0.0

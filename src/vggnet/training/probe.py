@@ -12,7 +12,9 @@ been without the probe.
 
 The decision is cached per CPU (model name, bf16/AMX features, ``ONEDNN_MAX_CPU_ISA``), torch version, model
 configuration, probe input, threads, memory layout and optimizer in ``$XDG_CACHE_HOME/vggnet/probe.json``
-(:func:`cache_path`), written atomically; ``vggnet train --reprobe`` measures again. The probe times eager steps,
+(:func:`cache_path`), written atomically, beside the inference probe's decisions (:mod:`vggnet.evaluation.probe`;
+the file, the key, the timer and the 5% rule are :mod:`vggnet.base.probecache`'s); ``vggnet train --reprobe``
+measures again. The probe times eager steps,
 also for ``--compile`` runs. An explicit ``--precision`` never probes; a CPU without native bf16 takes fp32 and a
 CUDA device its rule (:func:`vggnet.runtime.pick_precision`) without measuring.
 
@@ -25,10 +27,6 @@ Under torchrun rank 0 decides and the other ranks take its record
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
-import os
-import statistics
 import sys
 import time
 import warnings
@@ -39,22 +37,22 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from vggnet.base.errors import CheckpointError, ConfigError, OutputError
-from vggnet.base.files import atomic_write_json, make_dirs, read_json
-from vggnet.data.catalogue import cache_root
+from vggnet.base import probecache
+from vggnet.base.errors import CheckpointError, ConfigError
+from vggnet.base.probecache import (BF16_MAX_SHARE, CACHE_VERSION, CANDIDATES, cache_path, faster, home_relative,
+                                    measured_entry, read_cache, write_cache)
 from vggnet.net.cpu_bf16 import tune_for_cpu_bf16
 from vggnet.runtime import (PRECISIONS, AdaptiveThreads, Runtime, autocast, cpu_has_bf16, cpu_identity, cpu_runs_bf16,
                             pick_precision)
 from vggnet.training import distributed
 from vggnet.training.config import TrainConfig
 
-#: What the probe compares, the reference first.
-CANDIDATES = ("fp32", "bf16")
-#: bf16 is chosen only when its step takes at most this share of fp32's (at least 5% faster). A near tie goes to
-#: fp32: a probe of a few steps on a machine that other processes may share is only good to a few percent, the real
-#: run pays bf16 costs the probe does not see (the bf16 copy of evaluation, a first step per new shape), and fp32 is
-#: the exact arithmetic: a run gives up nothing for a gain within the noise.
-BF16_MAX_SHARE = 0.95
+__all__ = [  # with what it shares with the inference probe (vggnet.base.probecache), named here too
+    "BF16_MAX_SHARE", "CACHE_VERSION", "CANDIDATES", "LOAD_SECONDS", "MAX_ROUNDS", "MIN_ROUNDS", "PROBE_PIXELS",
+    "ROUND_SECONDS", "WARMUP_STEPS", "announcement", "bf16_candidate", "cache_path", "candidate_step", "choose",
+    "decide_precision", "faster", "measure_candidates", "median_step_seconds", "probe_batch", "probe_key", "read_cache",
+    "recorded", "write_cache"]
+
 #: The stand-in batch holds at most this many pixels (128 images of 32x32): a probe of the default recipe stays
 #: well under 2 s on 2 cores, and a large batch at a large image size does not make it longer than a few steps.
 PROBE_PIXELS = 128 * 32 * 32
@@ -69,15 +67,6 @@ ROUND_SECONDS = 0.8
 #: other busy processes on a 2-core AMD EPYC ran a step 6-14x slower than one thread, which the run soon takes: a
 #: probe at two threads then measures the contention, not the precision.
 LOAD_SECONDS = 0.2
-#: The cache file's format; entries of another version are measured again.
-CACHE_VERSION = 1
-#: Entries the cache keeps (the oldest go first).
-MAX_CACHE_ENTRIES = 64
-
-
-def cache_path() -> Path:
-    """The probe cache: ``$XDG_CACHE_HOME/vggnet/probe.json`` (``~/.cache/vggnet/probe.json``)."""
-    return cache_root() / "probe.json"
 
 
 def bf16_candidate(device: torch.device) -> bool:
@@ -121,22 +110,10 @@ def candidate_step(model: torch.nn.Module, make_optimizer: Callable[[torch.nn.Mo
 
 def median_step_seconds(steps: dict[str, Callable[[], None]],
                         clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
-    """Seconds per call of each step, the median over rounds: :data:`WARMUP_STEPS` untimed calls each, then rounds
-    that call every step once, in turn first (a machine that slows down or speeds up mid-round favours neither),
-    from :data:`MIN_ROUNDS` to :data:`MAX_ROUNDS` (:data:`ROUND_SECONDS`). ``clock``: seconds, injectable."""
-    for step in steps.values():
-        for _ in range(WARMUP_STEPS):
-            step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    order, start = list(steps), clock()
-    for done in range(MAX_ROUNDS):
-        if done >= MIN_ROUNDS and clock() - start >= ROUND_SECONDS:
-            break
-        for name in order if done % 2 == 0 else order[::-1]:
-            begin = clock()
-            steps[name]()
-            times[name].append(clock() - begin)
-    return {name: statistics.median(seconds) for name, seconds in times.items()}
+    """Seconds per call of each step, the median over rounds (:func:`vggnet.base.probecache.median_seconds`):
+    :data:`WARMUP_STEPS` untimed calls each, then from :data:`MIN_ROUNDS` to :data:`MAX_ROUNDS` interleaved rounds
+    (:data:`ROUND_SECONDS`). ``clock``: seconds, injectable."""
+    return probecache.median_seconds(steps, WARMUP_STEPS, MIN_ROUNDS, MAX_ROUNDS, ROUND_SECONDS, clock)
 
 
 def measure_candidates(model: torch.nn.Module, make_optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer],
@@ -150,64 +127,13 @@ def measure_candidates(model: torch.nn.Module, make_optimizer: Callable[[torch.n
         return (measure or median_step_seconds)(steps)
 
 
-def faster(seconds: dict[str, float]) -> str:
-    """The candidate to train in: bf16 when its step takes at most :data:`BF16_MAX_SHARE` of fp32's, else fp32."""
-    return "bf16" if seconds["bf16"] <= BF16_MAX_SHARE * seconds["fp32"] else "fp32"
-
-
 # -------------------------------------------------------------------------------------------------------- cache
 def probe_key(model: torch.nn.Module, shape: tuple[int, ...], threads: int, channels_last: bool,
               optimizer: str) -> dict[str, Any]:
-    """Everything a measurement depends on, as JSON values: the CPU, torch, the model's shape, the probe's input,
-    the threads, the memory layout and the optimizer."""
-    shape_config = {k: v for k, v in getattr(model, "config", {}).items() if k != "init"}
-    key = {"version": CACHE_VERSION, **cpu_identity(), "torch": torch.__version__, "model": shape_config,
-           "input": list(shape), "threads": threads, "channels_last": channels_last, "optimizer": optimizer}
-    return json.loads(json.dumps(key))  # tuples as lists: what a read back compares equal to
-
-
-def _digest(key: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-
-
-def _entries(path: Path) -> dict[str, Any]:
-    """The cache's entries; an absent, unreadable or foreign file holds none (it is measured again)."""
-    try:
-        cache = read_json(path)
-    except (CheckpointError, OSError, ValueError):
-        return {}
-    if not isinstance(cache, dict) or cache.get("version") != CACHE_VERSION or not isinstance(cache.get("entries"),
-                                                                                             dict):
-        return {}
-    return cache["entries"]
-
-
-def read_cache(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
-    """The cached decision for ``key``, or None when there is none (or it does not hold what a decision holds)."""
-    entry = _entries(path).get(_digest(key))
-    if not isinstance(entry, dict) or entry.get("key") != key or entry.get("precision") not in CANDIDATES:
-        return None
-    times = [entry.get(f"{p}_ms") for p in CANDIDATES]
-    if not all(isinstance(t, (int, float)) and t > 0 for t in times):
-        return None
-    return entry
-
-
-def write_cache(path: Path, key: dict[str, Any], entry: dict[str, Any]) -> str | None:
-    """Add ``entry`` for ``key`` to the cache (atomically; the oldest beyond :data:`MAX_CACHE_ENTRIES` dropped);
-    returns why it could not be written, or None."""
-    entries = _entries(path)
-    digest = _digest(key)
-    entries.pop(digest, None)
-    entries[digest] = {"key": key, **entry}
-    while len(entries) > MAX_CACHE_ENTRIES:
-        entries.pop(next(iter(entries)))
-    try:
-        make_dirs(path.parent)
-        atomic_write_json(path, {"version": CACHE_VERSION, "entries": entries})
-    except OutputError as err:
-        return str(err)
-    return None
+    """Everything a measurement depends on, as JSON values (:func:`vggnet.base.probecache.probe_key`, kind
+    ``training``): the CPU, torch, the model's shape, the probe's input, the threads, the memory layout and the
+    optimizer."""
+    return probecache.probe_key("training", cpu_identity(), model, shape, threads, channels_last, optimizer=optimizer)
 
 
 # ----------------------------------------------------------------------------------------------------- deciding
@@ -253,9 +179,7 @@ def choose(config: TrainConfig, runtime: Runtime, model: torch.nn.Module, shape:
                       measured=entry.get("measured"))
     else:
         start = time.perf_counter()
-        seconds = measure_candidates(model, make_optimizer, shape, runtime.channels_last, measure)
-        entry = {"precision": faster(seconds), "fp32_ms": round(1000 * seconds["fp32"], 3),
-                 "bf16_ms": round(1000 * seconds["bf16"], 3), "measured": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+        entry = measured_entry(measure_candidates(model, make_optimizer, shape, runtime.channels_last, measure))
         record.update(entry, by="measured", probe_seconds=round(time.perf_counter() - start, 3))
         problem = write_cache(path, key, entry)
         if problem is not None:
@@ -268,17 +192,12 @@ def announcement(record: dict[str, Any], cache: Path | None) -> str:
     """``vggnet train: precision auto -> fp32 (fp32 12.3 ms/step, bf16 14.1 ms/step; cached ~/.cache/...)``;
     ``cache``: where the decision was read or written (None: it could not be written)."""
     times = f"fp32 {record['fp32_ms']:.1f} ms/step, bf16 {record['bf16_ms']:.1f} ms/step at batch {record['batch']}"
-    where = _home(str(cache)) if cache is not None else None
+    where = home_relative(cache) if cache is not None else None
     if record["by"] == "cache":
         how = f"from {where}, measured {record.get('measured') or 'earlier'}; --reprobe measures again"
     else:
         how = f"measured in {record['probe_seconds']:.1f} s" + (f", cached {where}" if where else "")
     return f"vggnet train: precision auto -> {record['precision']} ({times}; {how})"
-
-
-def _home(path: str) -> str:
-    home = os.path.expanduser("~")
-    return "~" + path[len(home):] if home not in ("", "/") and path.startswith(home + os.sep) else path
 
 
 def recorded(config: TrainConfig, runtime: Runtime) -> tuple[Runtime, dict | None]:

@@ -36,6 +36,7 @@ import re
 import shutil
 import statistics
 import uuid
+from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,7 @@ from vggnet.net.compressed import (Compression, Int8Linear, LowRankLinear, Spect
 from vggnet.net.models import VGG
 from vggnet.base.timing import interleaved
 from vggnet.evaluation.metrics import evaluate as run_eval
+from vggnet.runtime import AdaptiveThreads, inference_threads
 from vggnet.store.load import load
 from vggnet.store.rundir import RunDir, load as load_run, save_model
 
@@ -267,23 +269,45 @@ def _weights_bytes(loaded, source: Path, weights: str) -> int:
 
 
 def _measure(models: dict[str, nn.Module], sizes: dict[str, int], test, preprocess, batch_size: int | None,
-             threads: int | None, rounds: int, progress: bool) -> dict[str, Measurement]:
+             threads: int | None, adaptive: AdaptiveThreads | None, rounds: int, progress: bool
+             ) -> tuple[dict[str, Measurement], int]:
     """One :class:`Measurement` per model: its file size, parameters, test accuracy (fp32, when ``test`` is given)
-    and median batch-1 latency on ``threads`` threads (default: the current count), in interleaved rounds."""
-    accuracy = {}
-    if test is not None:
-        for label, net in models.items():
-            accuracy[label] = run_eval(net, test, preprocess, "cpu", "fp32", batch_size, progress=progress).top1
-    first = next(iter(models.values()))
-    shape = (1, first.in_channels, *first.input_size)
+    and median batch-1 latency on ``threads`` threads, in interleaved rounds; with ``adaptive`` (no ``threads``)
+    the evaluation and the latency run on the count the other processes' load leaves (:func:`_latency`). Also the
+    thread count of the latency. The thread count leaves as it came."""
     previous = torch.get_num_threads()
-    torch.set_num_threads(threads or previous)
     try:
-        times = latency(models, shape, rounds)
+        accuracy = {}
+        if test is not None:
+            for label, net in models.items():
+                accuracy[label] = run_eval(net, test, preprocess, "cpu", "fp32", batch_size, progress=progress,
+                                           threads=adaptive).top1
+        first = next(iter(models.values()))
+        torch.set_num_threads(threads or torch.get_num_threads())
+        times, used = _latency(models, (1, first.in_channels, *first.input_size), rounds, adaptive)
     finally:
         torch.set_num_threads(previous)
     return {label: Measurement(label, sizes[label], parameter_count(net), accuracy.get(label),
-                               statistics.median(times[label])) for label, net in models.items()}
+                               statistics.median(times[label])) for label, net in models.items()}, used
+
+
+def _latency(models: dict[str, nn.Module], shape: tuple[int, ...], rounds: int, adaptive: AdaptiveThreads | None
+             ) -> tuple[dict[str, list[float]], int]:
+    """:func:`latency`, on the current thread count, or with ``adaptive`` on the count the load leaves: decided
+    before the warm-up (:meth:`~vggnet.runtime.AdaptiveThreads.settle`) and looked at again before every round.
+    Also the thread count most rounds ran on."""
+    if adaptive is None:
+        return latency(models, shape, rounds), torch.get_num_threads()
+    adaptive.settle()
+    latency(models, shape, rounds=0)  # the warm-up, on the chosen count
+    times: dict[str, list[float]] = {name: [] for name in models}
+    counts = []
+    for _ in range(rounds):
+        adaptive.poll()
+        counts.append(torch.get_num_threads())
+        for name, seconds in latency(models, shape, rounds=1, warmup=0).items():
+            times[name] += seconds
+    return times, Counter(counts).most_common(1)[0][0]
 
 
 def compress_run(source: str | Path, out: str | Path, svd: dict[str, int] | None = None,
@@ -299,8 +323,11 @@ def compress_run(source: str | Path, out: str | Path, svd: dict[str, int] | None
     It is written into a temporary folder beside ``out``, loaded back from there for the measurements, and renamed
     to ``out`` at the end: an error leaves nothing. Accuracy (on the run's own test set, or ``dataset``; ``evaluate``
     False skips it) is of the reloaded model at ``batch_size`` (default: evaluation's); latency is batch 1, fp32, on
-    the CPU with ``threads`` intra-op threads (default: the current count; the SVD and the evaluation always run on
-    the current count), the median of ``rounds`` interleaved runs."""
+    the CPU with ``threads`` intra-op threads, the median of ``rounds`` interleaved runs. Without ``threads`` the
+    evaluation and the latency follow the other processes' load (:func:`vggnet.runtime.inference_threads`: every
+    core on a quiet machine, one thread fewer per busy core), and the report gives the latency's count; the SVD runs
+    on the current count."""
+    adaptive = inference_threads(torch.device("cpu"), threads is not None)  # its window opens now
     out, source = check_out(out), Path(source)
     loaded = load(source, weights, "cpu", model=model)
     loaded.require_head(source, "compress")
@@ -322,17 +349,16 @@ def compress_run(source: str | Path, out: str | Path, svd: dict[str, int] | None
         reloaded = load_run(tmp).model
         sizes = {"original": _weights_bytes(loaded, source, weights),
                  "compressed": RunDir(tmp).weights("model").stat().st_size}
-        rows = _measure({"original": loaded.model, "compressed": reloaded}, sizes, test, loaded.preprocess,
-                        batch_size, threads, rounds, progress)
+        rows, used = _measure({"original": loaded.model, "compressed": reloaded}, sizes, test, loaded.preprocess,
+                              batch_size, threads, adaptive, rounds, progress)
         if out.exists():
             out.rmdir()  # an empty folder (check_out), replaced by the finished run
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return CompressReport(out, done.record, done.layers, rows["original"], rows["compressed"],
-                          threads or torch.get_num_threads(), rounds, name, 0 if test is None else len(test.labels),
-                          note)
+    return CompressReport(out, done.record, done.layers, rows["original"], rows["compressed"], used, rounds, name,
+                          0 if test is None else len(test.labels), note)
 
 
 __all__ = ["Compressed", "Compression", "CompressReport", "Int8Linear", "LayerRank", "LowRankLinear", "Measurement",

@@ -27,7 +27,8 @@ def predict_files(loaded: LoadedModel, files: Sequence[str], top_k: int = 5, run
     """Top-k classes per file; an unreadable file gets its own error and does not stop the others.
 
     Each file is decoded as the training images were (:meth:`LoadedModel.decode_files`) and run on ``runtime`` (default:
-    :func:`vggnet.runtime.resolve_runtime`'s choices on the CPU)."""
+    :func:`vggnet.runtime.resolve_runtime`'s choices on the CPU, on the current thread count); its thread count
+    follows the other processes' load between batches when ``runtime.adaptive`` says so (no ``--threads``)."""
     loaded.require_head(getattr(loaded, "path", None) or loaded.run_dir, "predict")
     runtime = runtime or resolve_runtime("cpu", threads=torch.get_num_threads())
     prep = loaded.preprocess
@@ -39,7 +40,7 @@ def predict_files(loaded: LoadedModel, files: Sequence[str], top_k: int = 5, run
     if images is not None:
         logits = predict_logits(loaded.model.to(runtime.device), images, prep, runtime.device,
                                 runtime.precision, tta=tta, channels_last=runtime.channels_last,
-                                compile=runtime.compile)
+                                compile=runtime.compile, threads=runtime.adaptive)
         probs = logits.softmax(1)
         values, indices = probs.topk(k, dim=1)
         for row, slot in enumerate(where):

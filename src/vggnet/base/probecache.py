@@ -1,0 +1,154 @@
+"""What the precision probes share: the candidates and the rule between them, the interleaved timer, the cache key
+and the cache file.
+
+Precision ``auto`` on a CPU with native bf16 is decided by measurement, for training
+(:mod:`vggnet.training.probe`: training steps) and for inference (:mod:`vggnet.evaluation.probe`: eval-mode forward
+passes). Both time :data:`CANDIDATES` in interleaved rounds after untimed warm-up calls (:func:`median_seconds`),
+choose by :func:`faster` (bf16 only when at least 5% faster) and cache the decision in one file,
+``$XDG_CACHE_HOME/vggnet/probe.json`` (:func:`cache_path`), written atomically, one entry per key
+(:func:`probe_key`: the kind of probe, the CPU, torch, the model's shape, the probe's input, threads and memory
+layout, and what else the kind's measurement depends on). An absent, unreadable or foreign cache holds nothing:
+the probe measures again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from vggnet.base.errors import CheckpointError, OutputError
+from vggnet.base.files import atomic_write_json, make_dirs, read_json
+
+#: What the probes compare, the reference first.
+CANDIDATES = ("fp32", "bf16")
+#: bf16 is chosen only when its time is at most this share of fp32's (at least 5% faster). A near tie goes to fp32:
+#: a probe of a few calls on a machine that other processes may share is only good to a few percent, the real work
+#: pays bf16 costs the probe does not see (a first call per new shape, the bf16 copy of evaluation), and fp32 is the
+#: exact arithmetic: nothing is given up for a gain within the noise.
+BF16_MAX_SHARE = 0.95
+#: The cache file's format; entries of another version are measured again.
+CACHE_VERSION = 1
+#: Entries the cache keeps, of every kind together (the oldest go first).
+MAX_CACHE_ENTRIES = 64
+
+
+def cache_path() -> Path:
+    """The probe cache: ``$XDG_CACHE_HOME/vggnet/probe.json`` (``~/.cache/vggnet/probe.json``), in vggnet's cache
+    directory (:func:`vggnet.data.catalogue.cache_root`)."""
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache) / "vggnet" / "probe.json"
+
+
+def faster(seconds: dict[str, float]) -> str:
+    """The candidate to run in: bf16 when its time is at most :data:`BF16_MAX_SHARE` of fp32's, else fp32."""
+    return "bf16" if seconds["bf16"] <= BF16_MAX_SHARE * seconds["fp32"] else "fp32"
+
+
+def median_seconds(calls: dict[str, Callable[[], Any]], warmup: int, min_rounds: int, max_rounds: int,
+                   round_seconds: float, clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+    """Seconds per call of each of ``calls``, the median over rounds: ``warmup`` untimed calls each, then rounds that
+    call every one once, in turn first (a machine that slows down or speeds up mid-round favours none), at least
+    ``min_rounds``, and more up to ``max_rounds`` while the rounds so far took less than ``round_seconds``.
+    ``clock``: seconds, injectable."""
+    for call in calls.values():
+        for _ in range(warmup):
+            call()
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    order, start = list(calls), clock()
+    for done in range(max_rounds):
+        if done >= min_rounds and clock() - start >= round_seconds:
+            break
+        for name in order if done % 2 == 0 else order[::-1]:
+            begin = clock()
+            calls[name]()
+            times[name].append(clock() - begin)
+    return {name: statistics.median(seconds) for name, seconds in times.items()}
+
+
+def measured_entry(seconds: dict[str, float]) -> dict[str, Any]:
+    """A cache entry of a measurement: the choice, each candidate's milliseconds and when it was measured."""
+    return {"precision": faster(seconds), **{f"{p}_ms": round(1000 * seconds[p], 3) for p in CANDIDATES},
+            "measured": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+
+
+# ------------------------------------------------------------------------------------------------------------ keys
+def model_shape(model: torch.nn.Module) -> dict[str, Any]:
+    """The model's configuration without its initialisation (``model.config``; empty for a model without one)."""
+    return {k: v for k, v in getattr(model, "config", {}).items() if k != "init"}
+
+
+def layer_signature(model: torch.nn.Module) -> str:
+    """A short digest of the model's modules (their types) and tensors (names, shapes, dtypes): what a compressed or
+    restructured copy changes while its configuration stays the same."""
+    parts = [type(m).__name__ for m in model.modules()]
+    parts += [f"{name}:{tuple(t.shape)}:{t.dtype}" for name, t in model.state_dict().items()]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def probe_key(kind: str, cpu: dict[str, Any], model: torch.nn.Module, shape: tuple[int, ...], threads: int,
+              channels_last: bool, **extra: Any) -> dict[str, Any]:
+    """Everything a measurement of ``kind`` (``training``, ``inference``) depends on, as JSON values: the CPU
+    (``cpu``: :func:`vggnet.runtime.cpu_identity`), torch, the model's shape, the probe's input, the threads, the
+    memory layout and ``extra``."""
+    key = {"version": CACHE_VERSION, "kind": kind, **cpu, "torch": torch.__version__, "model": model_shape(model),
+           "input": list(shape), "threads": threads, "channels_last": channels_last, **extra}
+    return json.loads(json.dumps(key))  # tuples as lists: what a read back compares equal to
+
+
+def digest(key: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+
+
+# ----------------------------------------------------------------------------------------------------------- cache
+def _entries(path: Path) -> dict[str, Any]:
+    """The cache's entries; an absent, unreadable or foreign file holds none (it is measured again)."""
+    try:
+        cache = read_json(path)
+    except (CheckpointError, OSError, ValueError):
+        return {}
+    if not isinstance(cache, dict) or cache.get("version") != CACHE_VERSION or not isinstance(cache.get("entries"),
+                                                                                             dict):
+        return {}
+    return cache["entries"]
+
+
+def read_cache(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
+    """The cached decision for ``key``, or None when there is none (or it does not hold what a decision holds: one
+    of :data:`CANDIDATES` and a positive time of each)."""
+    entry = _entries(path).get(digest(key))
+    if not isinstance(entry, dict) or entry.get("key") != key or entry.get("precision") not in CANDIDATES:
+        return None
+    times = [entry.get(f"{p}_ms") for p in CANDIDATES]
+    if not all(isinstance(t, (int, float)) and not isinstance(t, bool) and t > 0 for t in times):
+        return None
+    return entry
+
+
+def write_cache(path: Path, key: dict[str, Any], entry: dict[str, Any]) -> str | None:
+    """Add ``entry`` for ``key`` to the cache (atomically; the oldest beyond :data:`MAX_CACHE_ENTRIES` dropped);
+    returns why it could not be written, or None."""
+    entries = _entries(path)
+    name = digest(key)
+    entries.pop(name, None)
+    entries[name] = {"key": key, **entry}
+    while len(entries) > MAX_CACHE_ENTRIES:
+        entries.pop(next(iter(entries)))
+    try:
+        make_dirs(path.parent)
+        atomic_write_json(path, {"version": CACHE_VERSION, "entries": entries})
+    except OutputError as err:
+        return str(err)
+    return None
+
+
+def home_relative(path: Path | str) -> str:
+    """``path`` with the home directory written ``~``: what a line on the terminal shows."""
+    path, home = str(path), os.path.expanduser("~")
+    return "~" + path[len(home):] if home not in ("", "/") and path.startswith(home + os.sep) else path

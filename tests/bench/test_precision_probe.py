@@ -1,0 +1,89 @@
+"""``vggnet bench``'s train and infer sections show precision auto's probes (issue 22): each candidate's time, the
+choice, and the precision the vggnet row runs in. The times are injected: nothing here asserts a real time."""
+
+import types
+
+import pytest
+import torch
+
+from vggnet.bench.render import render_comparisons
+from vggnet.bench import infer as bench_infer
+from vggnet.bench import train as bench_train
+from vggnet.evaluation import probe as inference_probe
+from vggnet.net.models import create_model
+from vggnet.runtime import resolve_runtime
+from vggnet.training import probe as training_probe
+from vggnet.training import resolve_config
+
+
+@pytest.fixture
+def measured(monkeypatch):
+    """Both probes see bf16 as a candidate and return injected times; ``measured.shapes`` records their inputs."""
+    state = types.SimpleNamespace(shapes=[], seconds={"fp32": 0.0041, "bf16": 0.0053})
+
+    def fake(kind):
+        def measure(model, *args, **kwargs):
+            state.shapes.append((kind, tuple(args[1] if kind == "train" else args[0])))
+            return dict(state.seconds)
+        return measure
+
+    for module in (training_probe, inference_probe):
+        monkeypatch.setattr(module, "bf16_candidate", lambda device: device.type == "cpu")
+    monkeypatch.setattr(training_probe, "measure_candidates", fake("train"))
+    monkeypatch.setattr(inference_probe, "measure_candidates", fake("infer"))
+    return state
+
+
+def test_the_infer_section_shows_the_inference_probes_choice(measured):
+    model = create_model("vgg11", head="gap", input_size=32).eval()
+    p = bench_infer.inference_probe(model, 32, 256, "bf16")
+    assert p == {"batch": 128, "fp32_ms": pytest.approx(4.1), "bf16_ms": pytest.approx(5.3), "chosen": "fp32",
+                 "runs_in": "bf16", "unit": "batch"}
+    assert measured.shapes == [("infer", (128, 3, 32, 32))]
+    measured.seconds = {"fp32": 0.010, "bf16": 0.0095}  # exactly 5% faster
+    assert bench_infer.inference_probe(model, 224, 8, "bf16")["chosen"] == "bf16"
+    assert measured.shapes[-1] == ("infer", (2, 3, 224, 224))
+
+
+def test_the_train_section_shows_the_training_probes_choice(measured, monkeypatch, train_options, tmp_path):
+    config = resolve_config(**train_options(out=str(tmp_path / "r")))
+    data = types.SimpleNamespace(classes=list(range(10)), images=torch.zeros(1, 1, 28, 28, dtype=torch.uint8))
+    monkeypatch.setattr(bench_train, "fashion_mnist", lambda data_dir: (data, data))
+    run = types.SimpleNamespace(config=config, runtime=resolve_runtime("cpu", "fp32", threads=1),
+                                loader=types.SimpleNamespace(batch_size=256))
+    p = bench_train.training_probe(types.SimpleNamespace(data_dir=None), run)
+    assert p == {"batch": 128, "fp32_ms": pytest.approx(4.1), "bf16_ms": pytest.approx(5.3), "chosen": "fp32",
+                 "runs_in": "fp32", "unit": "step"}
+    assert measured.shapes == [("train", (128, 1, 32, 32))]
+
+
+def test_without_a_bf16_candidate_the_sections_say_why_and_measure_nothing(measured, monkeypatch):
+    monkeypatch.setattr(inference_probe, "bf16_candidate", lambda device: False)
+    model = create_model("vgg11", head="gap", input_size=32).eval()
+    p = bench_infer.inference_probe(model, 32, 2, "fp32")
+    assert p == {"skipped": "no bf16 candidate on this CPU (no native bf16): auto takes fp32", "runs_in": "fp32"}
+    assert measured.shapes == []
+
+
+def test_render_shows_each_probe_next_to_the_rows_precision():
+    timing = {"name": "x", "precision": "fp32", "images_per_second": 10.0, "flop_per_second": 2e9, "peak_share": None}
+    results = {
+        "train": {"reference": timing, "vggnet": dict(timing, precision="bf16"), "ratio": 2.0, "model": "vgg11_bn",
+                  "head": "gap", "width": 1.0, "input_size": [32, 32], "in_channels": 1, "batch": 128,
+                  "flops_per_step": 1e9, "flop_convention": "c",
+                  "precision_probe": {"batch": 128, "fp32_ms": 45.06, "bf16_ms": 20.31, "chosen": "bf16",
+                                      "runs_in": "bf16", "unit": "step"}},
+        "infer": {"reference": timing, "vggnet": dict(timing, precision="bf16"), "ratio": 1.5, "model": "vgg16",
+                  "head": "classic", "input_size": 224, "batch": 8, "rel_l2_error": 0.01,
+                  "tolerance": {"rel_l2_error_max": 0.03}, "top1_agreement": 1.0,
+                  "precision_probe": {"skipped": "no bf16 candidate", "runs_in": "fp32"}}}
+    lines = render_comparisons(results)
+    assert lines[-2:] == ["precision auto (training probe): fp32 45.1 ms, bf16 20.3 ms per step of 128 -> bf16; the "
+                          "vggnet row trains in bf16",
+                          "precision auto (inference probe): not measured (no bf16 candidate)"]
+    results["infer"]["precision_probe"] = {"batch": 2, "fp32_ms": 300.0, "bf16_ms": 310.0, "chosen": "fp32",
+                                           "runs_in": "bf16", "unit": "batch"}
+    assert render_comparisons(results)[-1] == ("precision auto (inference probe): fp32 300.0 ms, bf16 310.0 ms "
+                                                      "per batch of 2 -> fp32; the vggnet row runs in bf16")
+    del results["train"]["precision_probe"], results["infer"]["precision_probe"]  # results of an older bench
+    assert not any(line.startswith("precision auto") for line in render_comparisons(results))

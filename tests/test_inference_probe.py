@@ -1,0 +1,251 @@
+"""precision auto for inference by measurement (vggnet.evaluation.probe): the 5% rule, the cache and --reprobe,
+what never probes, the key, the line eval and predict print and eval's record, and a probe that leaves the model
+as it was. The forward times are injected: nothing here asserts a real time."""
+
+import copy
+import dataclasses
+import json
+import types
+
+import pytest
+import torch
+
+from vggnet.evaluation import probe
+from vggnet.runtime import Runtime, resolve_runtime
+from vggnet.store.rundir import load
+
+
+@pytest.fixture
+def probed(monkeypatch, tmp_path):
+    """bf16 a candidate on any CPU, the cache under tmp_path, and injected forward times (``probed.seconds``, in s);
+    ``probed.calls`` counts the measurements, ``probed.built`` the candidates built for them (no forward pass runs:
+    on a CPU without bf16 the bf16 copy could not)."""
+    state = types.SimpleNamespace(calls=0, built=[], seconds={"fp32": 0.010, "bf16": 0.012},
+                                  cache=tmp_path / "c" / "probe.json")
+
+    def fake_candidate(model, precision, shape, channels_last):
+        state.built.append((precision, tuple(shape), channels_last))
+        return lambda: None
+
+    def fake_measure(calls):
+        assert sorted(calls) == ["bf16", "fp32"]
+        state.calls += 1
+        return dict(state.seconds)
+
+    monkeypatch.setattr(probe, "bf16_candidate", lambda device: device.type == "cpu")
+    monkeypatch.setattr(probe, "candidate_forward", fake_candidate)
+    monkeypatch.setattr(probe, "median_forward_seconds", fake_measure)
+    monkeypatch.setattr(probe, "cache_path", lambda: state.cache)
+    return state
+
+
+@pytest.fixture(scope="module")
+def loaded(train_run_one_epoch):
+    return load(train_run_one_epoch["dir"])
+
+
+def cpu(precision="fp32", threads=1):
+    return resolve_runtime("cpu", precision, threads=threads)
+
+
+# ------------------------------------------------------------------------------------------------ the choice
+@pytest.mark.parametrize("fp32, bf16, chosen", [(0.010, 0.005, "bf16"), (0.010, 0.0095, "bf16"),
+                                                (0.010, 0.00951, "fp32"), (0.010, 0.010, "fp32"),
+                                                (0.010, 0.014, "fp32")])
+def test_auto_runs_in_the_measured_choice_and_bf16_must_be_5_percent_faster(probed, loaded, fp32, bf16, chosen):
+    probed.seconds = {"fp32": fp32, "bf16": bf16}
+    choice = probe.decide(loaded, cpu("fp32"), "auto", batch=64)
+    assert probed.calls == 1 and choice.runtime.precision == chosen
+    record = choice.record
+    assert (record["precision"], record["by"], record["fp32_ms"], record["bf16_ms"], record["batch"],
+            record["threads"], record["device"]) == (chosen, "measured", round(1000 * fp32, 3),
+                                                     round(1000 * bf16, 3), 64, 1, "cpu")
+    assert choice.line.startswith(f"vggnet eval: precision auto: {chosen} (fp32 {1000 * fp32:.1f} ms, bf16 "
+                                  f"{1000 * bf16:.1f} ms per batch of 64, measured in ")
+    assert choice.line.endswith(f" s; cached in {probed.cache})")
+    # both candidates on the model's own input: 1 channel, 32x32, channels_last as the runtime runs
+    assert probed.built == [("fp32", (64, 1, 32, 32), True), ("bf16", (64, 1, 32, 32), True)]
+
+
+def test_the_cache_is_read_instead_of_measuring_and_reprobe_measures_again(probed, loaded):
+    first = probe.decide(loaded, cpu(), "auto", batch=64)
+    probed.seconds = {"fp32": 0.010, "bf16": 0.001}  # what a new measurement would say
+    second = probe.decide(loaded, cpu(), "auto", batch=64, verb="predict")
+    assert probed.calls == 1 and first.runtime.precision == second.runtime.precision == "fp32"
+    assert (second.record["by"], second.record["fp32_ms"], second.record["bf16_ms"]) == ("cache", 10.0, 12.0)
+    measured = second.record["measured"]
+    assert second.line == (f"vggnet predict: precision auto: fp32 (fp32 10.0 ms, bf16 12.0 ms per batch of 64, cached "
+                           f"in {probed.cache}, measured {measured}; --reprobe measures again)")
+    third = probe.decide(loaded, cpu(), "auto", batch=64, reprobe=True)
+    assert probed.calls == 2 and third.runtime.precision == "bf16" and third.record["by"] == "measured"
+    fourth = probe.decide(loaded, cpu(), "auto", batch=64)
+    assert probed.calls == 2 and fourth.runtime.precision == "bf16"  # the new measurement replaced the old one
+    (entry,) = json.loads(probed.cache.read_text())["entries"].values()
+    assert entry["key"]["kind"] == "inference" and entry["precision"] == "bf16"
+
+
+def test_inference_and_training_decisions_share_the_cache_file_under_their_own_keys(probed, loaded):
+    from vggnet.training import probe as training_probe
+
+    key = probe.probe_key(loaded.model, (64, 1, 32, 32), 1, True)
+    training_key = training_probe.probe_key(loaded.model, (64, 1, 32, 32), 1, True, "sgd")
+    assert (key["kind"], training_key["kind"]) == ("inference", "training")
+    assert key["layers"] and key["path"] == probe.INFERENCE_PATH and "optimizer" not in key
+    assert key["input"] == [64, 1, 32, 32] and key["threads"] == 1 and key["channels_last"] is True
+    probe.decide(loaded, cpu(), "auto", batch=64)
+    training_probe.write_cache(probed.cache, training_key, {"precision": "bf16", "fp32_ms": 1.0, "bf16_ms": 0.5})
+    assert probe.decide(loaded, cpu(), "auto", batch=64).record["by"] == "cache" and probed.calls == 1
+    assert len(json.loads(probed.cache.read_text())["entries"]) == 2
+
+
+def test_another_batch_layout_or_thread_count_is_measured_anew(probed, loaded):
+    probe.decide(loaded, cpu(), "auto", batch=64)
+    probe.decide(loaded, cpu(), "auto", batch=32)
+    probe.decide(loaded, resolve_runtime("cpu", "fp32", channels_last=False, threads=1), "auto", batch=32)
+    before = torch.get_num_threads()
+    try:
+        probe.decide(loaded, cpu(threads=2), "auto", batch=32)
+    finally:
+        torch.set_num_threads(before)
+    assert probed.calls == 4 and len(json.loads(probed.cache.read_text())["entries"]) == 4
+
+
+def test_a_runtime_that_follows_the_load_measures_at_the_thread_count_the_load_leaves(probed, loaded):
+    settled = []
+
+    class Busy:  # AdaptiveThreads on a machine where another process keeps one of two cores busy
+        def settle(self):
+            settled.append(torch.get_num_threads())
+            torch.set_num_threads(1)
+            return 1
+
+    before = torch.get_num_threads()
+    try:
+        runtime = dataclasses.replace(cpu(threads=2), adaptive=Busy())
+        choice = probe.decide(loaded, runtime, "auto", batch=8)
+    finally:
+        torch.set_num_threads(before)
+    assert settled == [2] and probed.calls == 1 and choice.record["threads"] == 1
+    (entry,) = json.loads(probed.cache.read_text())["entries"].values()
+    assert entry["key"]["threads"] == 1
+
+
+def test_the_batch_is_the_verbs_capped_by_the_images_and_the_probes_pixels(probed, loaded):
+    assert probe.decide(loaded, cpu(), "auto").record["batch"] == 128  # eval's 256 at 32x32, capped at 128
+    assert probe.decide(loaded, cpu(), "auto", images=3).record["batch"] == 3  # predict of 3 files
+    assert [probe.probe_batch(b, 32) for b in (1, 128, 256)] == [1, 128, 128]
+    assert [probe.probe_batch(b, 224) for b in (1, 16)] == [1, 2]
+
+
+def test_a_cache_that_cannot_be_written_is_a_warning_and_the_line_names_no_cache(probed, loaded, tmp_path):
+    (tmp_path / "a-file").write_text("")
+    probed.cache = tmp_path / "a-file" / "probe.json"
+    with pytest.warns(UserWarning, match="could not write the precision probe's cache"):
+        choice = probe.decide(loaded, cpu(), "auto", batch=8)
+    assert choice.runtime.precision == "fp32" and "cached" not in choice.line
+    assert choice.line.startswith("vggnet eval: precision auto: fp32 (fp32 10.0 ms, bf16 12.0 ms per batch of 8, "
+                                  "measured in ")
+
+
+# ------------------------------------------------------------------------------------------------ what never probes
+@pytest.mark.parametrize("requested", ["fp32", "bf16"])
+def test_an_explicit_precision_never_probes(probed, loaded, requested):
+    runtime = cpu("fp32")
+    choice = probe.decide(loaded, runtime, requested)
+    assert choice == probe.Choice(runtime, None, None) and probed.calls == 0 and not probed.cache.exists()
+    with pytest.raises(Exception, match=f"--reprobe measures which precision 'auto' runs eval in, but --precision "
+                                        f"{requested} was given"):
+        probe.decide(loaded, runtime, requested, reprobe=True)
+
+
+def test_a_cpu_without_native_bf16_takes_fp32_and_a_gpu_its_rule_without_probing(probed, loaded, monkeypatch):
+    monkeypatch.setattr(probe, "bf16_candidate", lambda device: False)
+    choice = probe.decide(loaded, cpu("fp32"), "auto")
+    assert (choice.runtime.precision, choice.record, choice.line) == ("fp32", {"precision": "fp32", "by": "rule",
+                                                                               "device": "cpu"}, None)
+    gpu = Runtime(torch.device("cuda"), "fp16", True, 2)  # never touched: the rule needs no device
+    choice = probe.decide(loaded, gpu, "auto")
+    assert choice.runtime is not gpu and choice.runtime.precision == "fp16" and choice.line is None
+    assert choice.record == {"precision": "fp16", "by": "rule", "device": "cuda"}
+    assert probed.calls == 0 and not probed.cache.exists()
+
+
+# ------------------------------------------------------------------------------------------------ the verbs
+def test_eval_auto_prints_the_choice_and_records_it(probed, cli, train_run, train_data_dir, tmp_path):
+    code, out, err = cli(["eval", train_run["dir"], "--data-dir", train_data_dir, "--device", "cpu", "--threads", "1",
+                          "--precision", "auto", "--json", "--out", tmp_path / "ev"])
+    assert code == 0, err
+    (line,) = err.strip().splitlines()
+    assert line.startswith("vggnet eval: precision auto: fp32 (fp32 10.0 ms, bf16 12.0 ms per batch of 128, "
+                           "measured in ")  # eval's batch at 32x32, 256, capped at the probe's 128
+    printed = json.loads(out)
+    written = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    for record in (printed, written):
+        assert record["precision"] == "fp32"
+        assert {k: record["precision_record"][k] for k in ("precision", "by", "fp32_ms", "bf16_ms", "batch")} == {
+            "precision": "fp32", "by": "measured", "fp32_ms": 10.0, "bf16_ms": 12.0, "batch": 128}
+    # --batch-size 16 is another key, measured anew
+    code, out, err = cli(["eval", train_run["dir"], "--data-dir", train_data_dir, "--device", "cpu", "--threads", "1",
+                          "--precision", "auto", "--batch-size", "16", "--json"])
+    assert code == 0 and probed.calls == 2 and "per batch of 16, measured in" in err
+    assert json.loads(out)["precision_record"]["batch"] == 16
+
+
+def test_eval_with_an_explicit_precision_prints_no_line_and_records_none(probed, cli, train_run, train_data_dir,
+                                                                         tmp_path, one_line_error):
+    code, out, err = cli(["eval", train_run["dir"], "--data-dir", train_data_dir, "--device", "cpu", "--threads", "1",
+                          "--json", "--out", tmp_path / "ev"])  # eval's default: fp32
+    assert (code, err) == (0, "") and probed.calls == 0
+    assert "precision_record" not in json.loads(out) and json.loads(out)["precision"] == "fp32"
+    one_line_error(*cli(["eval", train_run["dir"], "--reprobe"])[::2],
+                   "--reprobe measures which precision 'auto' runs eval in, but --precision fp32 was given")
+    assert probed.calls == 0
+
+
+def test_predict_auto_prints_the_choice_and_reprobe_measures_again(probed, cli, train_run, image_files,
+                                                                  one_line_error, tmp_path):
+    argv = ["predict", train_run["dir"], image_files["rgb"], image_files["jpeg"], "--device", "cpu", "--threads", "1",
+            "--json"]
+    code, out, err = cli(argv)  # predict's default: auto
+    assert code == 0, err
+    (line,) = err.strip().splitlines()
+    assert line.startswith("vggnet predict: precision auto: fp32 (fp32 10.0 ms, bf16 12.0 ms per batch of 2, "
+                           "measured in ")
+    assert len(json.loads(out)) == 2
+    code, _, err = cli(argv)
+    assert code == 0 and probed.calls == 1 and "per batch of 2, cached in " in err
+    code, _, err = cli(argv + ["--reprobe"])
+    assert code == 0 and probed.calls == 2 and "measured in " in err
+    one_line_error(*cli(argv + ["--precision", "fp32", "--reprobe"])[::2],
+                   "--reprobe measures which precision 'auto' runs predict in, but --precision fp32 was given")
+    code, _, err = cli(argv + ["--precision", "fp32"])
+    assert (code, err) == (0, "") and probed.calls == 2
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    one_line_error(*cli(argv + [bad])[::2], "bad.png")  # an error stays the one line: no choice printed beside it
+
+
+# ------------------------------------------------------------------------------------------------ the measurement
+@pytest.mark.cpu_bf16
+def test_the_probe_leaves_the_model_and_the_random_state_untouched(train_run_one_epoch):
+    model = copy.deepcopy(train_run_one_epoch["model"]).train()
+    before = (copy.deepcopy(model.state_dict()), torch.get_rng_state(), [type(m) for m in model.modules()])
+    seconds = probe.measure_candidates(model, (8, 1, 32, 32), True)  # the real timer
+    assert sorted(seconds) == ["bf16", "fp32"] and all(s > 0 for s in seconds.values())
+    state, rng, types_ = before
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())  # BN statistics included
+    assert torch.equal(torch.get_rng_state(), rng) and [type(m) for m in model.modules()] == types_
+    assert model.training
+
+
+@pytest.mark.cpu_bf16
+def test_the_candidates_run_what_evaluation_runs(train_run_one_epoch):
+    """fp32: the model itself; bf16: the folded bf16 copy of optimize_for_inference, whose logits agree with fp32's
+    to bf16 rounding."""
+    model = copy.deepcopy(train_run_one_epoch["model"]).eval()
+    outputs = {}
+    for precision in probe.CANDIDATES:
+        net, _ = probe.inference_form(model, torch.device("cpu"), precision, True)
+        outputs[precision] = net
+    assert outputs["fp32"] is model and outputs["bf16"].precision == "bf16"
+    assert "fold_bn" in outputs["bf16"].steps or not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
