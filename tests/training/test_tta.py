@@ -65,3 +65,16 @@ def test_cli_summary_line_shows_both_scores(cli, train_cli_args, tmp_path):
     record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     assert (f"test accuracy {100 * record['test_acc']:.2f}% ({100 * record['test_acc_tta']:.2f}% with test-time "
             "augmentation) after 1 epochs") in out
+
+
+def test_a_finished_tta_run_extended_by_resume_keeps_both_final_scores(cli, train_cli_args, tmp_path):
+    """The first run's last record holds the TTA scores and the others do not: a resume that extends it (more
+    epochs) is not a corrupt state, and its own last epoch is scored with flips again."""
+    run = tmp_path / "run"
+    code, _, err = cli(train_cli_args("--tta", "flip", "--epochs", "2", "--out", run))
+    assert code == 0, err
+    code, _, err = cli(["train", "--resume", str(run), "--epochs", "3", "--no-progress"])
+    assert code == 0, err
+    history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in history] == [1, 2, 3]
+    assert ["test_acc_tta" in r for r in history] == [False, True, True]  # each final model's

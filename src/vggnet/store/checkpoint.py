@@ -15,6 +15,10 @@ from vggnet.base.strictjson import decode_nonfinite, dumps as strict_json
 
 CHECKPOINT_KEY = "vggnet.checkpoint"
 
+#: The scores of the final model with test-time augmentation: in the epoch record of a run's last epoch only, so a
+#: run extended later (``--resume --epochs N``) holds them in an earlier record too.
+TTA_FIELDS = ("test_loss_tta", "test_acc_tta", "test_top5_tta")
+
 
 @dataclass
 class Checkpoint:
@@ -122,8 +126,8 @@ def _state_problem(record: dict[str, Any]) -> str | None:
     if not (isinstance(history, list) and all(isinstance(r, dict) and isinstance(r.get("epoch"), int) and all(
             _is_number(v, allow_infinite=True) for v in r.values()) for r in history)):
         return "history must be a list of epoch records of numbers"
-    if any(set(r) != set(history[0]) for r in history):
-        return "history's epoch records must all have the same fields"
+    if any(set(r) - set(TTA_FIELDS) != set(history[0]) - set(TTA_FIELDS) for r in history):
+        return "history's epoch records must all have the same fields (the test-time augmentation scores aside)"
     if "scaler" in record and not isinstance(record["scaler"], dict):
         return f"scaler must be an object, got {record['scaler']!r}"
     return None
