@@ -159,3 +159,38 @@ def test_vggnet_compress_measures_on_the_loads_thread_count_and_reports_it(cli, 
     done = json.loads(cli(["compress", train_run["dir"], "--out", tmp_path / "json", "--half", "--rounds", "2",
                            "--json"])[1])
     assert done["threads"] == 1
+
+
+def test_multiscale_evaluation_polls_the_load_before_every_chunk(restore_threads):
+    """``vggnet eval --scales`` follows the load as plain evaluation does: the in-memory protocols poll before each
+    chunk; the thread count at each forward is the one the window's reading asked for."""
+    from vggnet.data.augment import Preprocess
+    from vggnet.evaluation.multiscale import Protocol, evaluate_multiscale
+    from vggnet.net.models import VGG
+    torch.set_num_threads(2)
+    model = VGG([4, "M"], num_classes=3, in_channels=1, head="gap", input_size=4).eval()
+    seen = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(torch.get_num_threads()))
+    window = FakeWindow(1.0, 0.0, 1.0)
+    evaluate_multiscale(model, tiny_set(30), Preprocess(4, (0.5,), (0.25,)),
+                        Protocol(scales=(4,), dense=True), batch_size=10,
+                        adaptive=AdaptiveThreads(2, window, seconds=0.0))
+    assert seen == [1, 2, 1] and window.reads == 3
+
+
+def test_training_evaluation_polls_the_runs_threads(monkeypatch):
+    """The end-of-epoch evaluation of a single-process run gets the run's AdaptiveThreads (its batches follow the
+    load as the training steps do)."""
+    from vggnet.training import distributed, loop
+    got = {}
+    monkeypatch.setattr(distributed, "evaluate", lambda *a, **k: got.update(k) or "result")
+
+    class Run:
+        threads = AdaptiveThreads(2, FakeWindow(), seconds=0.0)
+        model = nn.Linear(1, 1)
+        preprocess = None
+        dist = distributed.Dist()
+        runtime = Runtime(device=CPU, precision="fp32", channels_last=False, threads=2)
+        config = type("C", (), {"eval_batch_size": 8, "progress": False})
+
+    assert loop.evaluate(Run, "data") == "result" and got["threads"] is Run.threads

@@ -215,3 +215,17 @@ def test_cli_eval_scales_on_a_prepared_set_is_the_library_call(cli, train_run, t
     assert json.loads((out / "eval.json").read_text())["loss"] == record["loss"]
     squares = evaluate_multiscale(loaded.model, test, loaded.preprocess, protocol, "cpu")  # the old way
     assert squares.loss != pytest.approx(api.loss, rel=1e-3)
+
+
+def test_the_load_is_polled_before_each_chunk(mixed, fill_reference, monkeypatch):
+    """``adaptive`` (``Runtime.adaptive``) is polled once per chunk, so the net's CPU thread count follows the load."""
+    model = tiny_model("gap", fill_reference)
+    polls = []
+
+    class Load:
+        def poll(self):
+            polls.append(1)
+
+    streamed_log_probs(model, mixed, PREP, Protocol((16,), dense=True), "cpu", batch_size=2, threads=1,
+                       adaptive=Load())
+    assert len(polls) == (len(mixed) + 1) // 2

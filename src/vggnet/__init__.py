@@ -58,6 +58,7 @@ _LAZY = {
     "export_model": "vggnet.use.export",
     "compress_model": "vggnet.use.compress",
     "evaluate_multiscale": "vggnet.evaluation.multiscale",
+    "evaluate_multiscale_streamed": "vggnet.evaluation.multiscale_streamed",
     "Protocol": "vggnet.evaluation.multiscale",
     "grad_cam": "vggnet.use.explain",
 }

@@ -39,15 +39,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "int8 layers quantise their input per batch, so it can move the int8 accuracy slightly")
     p.add_argument("--rounds", type=rounds_type, default=10, metavar="N", help="timed runs per model for the "
                    "latency (median; default 10)")
-    p.add_argument("--threads", type=threads_type, metavar="N", help="intra-op threads for the latency (default: "
-                   "every available core; the SVD and the evaluation use every core)")
+    p.add_argument("--threads", type=threads_type, metavar="N", help="intra-op threads for the latency and the "
+                   "evaluation (default: one per core that other processes leave free, decided before the timing and "
+                   "checked between rounds and batches; the SVD uses every core)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     ranks = parse_ranks(args.svd) if args.svd is not None else None
-    resolve_runtime("cpu", "fp32")  # every core for the SVD and the evaluation; --threads is for the latency
+    resolve_runtime("cpu", "fp32")  # every core for the SVD; evaluation and latency follow the load unless --threads
     report = compress_run(args.source, args.out, ranks, args.svd_energy, args.int8, args.half,
                           weights=args.weights or "model", model=args.model, dataset=args.dataset,
                           data_dir=args.data_dir, evaluate=args.evaluate, rounds=args.rounds, threads=args.threads,

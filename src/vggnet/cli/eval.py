@@ -31,11 +31,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tta", choices=("flip",), help="average with horizontally flipped images")
     p.add_argument("--scales", type=numbers_at_most(MAX_IMAGE_SIZE, "test scales (pixels)"), metavar="Q1,Q2,...",
                    help="the paper's multi-scale test (section 3.2): test scales in "
-                   "pixels, the side the test image (as preprocessed to the training size S) is rescaled to; Q = S is "
-                   "single-scale. Dense evaluation unless --crops is given alone; the probabilities are averaged "
+                   "pixels, the side the test image is rescaled to (an in-memory dataset: the image as preprocessed "
+                   "to the training size S; a prepared directory: the original image, its shorter side at Q); Q = S "
+                   "is single-scale. Dense evaluation unless --crops is given alone; the probabilities are averaged "
                    "over scales")
     p.add_argument("--dense", action="store_true", help="with --scales: the fully convolutional net on the whole "
-                   "Q x Q image, class scores averaged over space (the default with --scales)")
+                   "rescaled image, class scores averaged over space (the default with --scales)")
     p.add_argument("--crops", type=numbers_at_most(MAX_CROPS, "the grid's rows and columns"), metavar="RxC",
                    help="with --scales: a grid of R x C crops of S x S per scale through "
                    "the original net (5x5 is the paper's); with --dense too, dense and crops are averaged")

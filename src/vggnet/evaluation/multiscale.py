@@ -50,7 +50,7 @@ from vggnet.evaluation.metrics import (EvalResult, auto_batch_size, inference_fo
                                        preprocessed_batches)
 from vggnet.net.models import VGG
 from vggnet.net.dense import to_dense
-from vggnet.runtime import autocast, uses_cpu_bf16_path
+from vggnet.runtime import AdaptiveThreads, autocast, uses_cpu_bf16_path
 
 #: The paper's multi-crop grid (rows, columns) per scale.
 PAPER_CROPS = (5, 5)
@@ -186,12 +186,13 @@ def check_protocol(model: torch.nn.Module, preprocess, protocol: Protocol) -> No
 @torch.no_grad()
 def multiscale_log_probs(model: torch.nn.Module, images: torch.Tensor, preprocess, protocol: Protocol,
                          device: torch.device | str = "cpu", precision: str = "fp32", batch_size: int | None = None,
-                         channels_last: bool = True, progress: bool = False) -> torch.Tensor:
+                         channels_last: bool = True, progress: bool = False,
+                         adaptive: AdaptiveThreads | None = None) -> torch.Tensor:
     """Float32 ``(N, classes)``: log of the class probabilities averaged as ``protocol`` says, for uint8 ``images``
     (N, C, H, W). ``model`` runs in eval mode and is put back in its own mode after."""
     device = torch.device(device)
     with protocol_nets(model, preprocess, protocol, device, precision, channels_last) as nets:
-        return _log_probs(nets, images, preprocess, protocol, device, batch_size, channels_last, progress)
+        return _log_probs(nets, images, preprocess, protocol, device, batch_size, channels_last, progress, adaptive)
 
 
 @contextlib.contextmanager
@@ -210,10 +211,12 @@ def protocol_nets(model: torch.nn.Module, preprocess, protocol: Protocol, device
 
 def evaluate_multiscale(model: torch.nn.Module, dataset, preprocess, protocol: Protocol,
                         device: torch.device | str = "cpu", precision: str = "fp32", batch_size: int | None = None,
-                        progress: bool = False, channels_last: bool = True) -> EvalResult:
-    """:func:`vggnet.evaluation.metrics.evaluate` under ``protocol``, on a whole :class:`~vggnet.data.ImageDataset`."""
+                        progress: bool = False, channels_last: bool = True,
+                        adaptive: AdaptiveThreads | None = None) -> EvalResult:
+    """:func:`vggnet.evaluation.metrics.evaluate` under ``protocol``, on a whole :class:`~vggnet.data.ImageDataset`.
+    ``adaptive``: polled before each chunk, so the CPU thread count follows the load (``Runtime.adaptive``)."""
     log_probs = multiscale_log_probs(model, dataset.images, preprocess, protocol, device, precision, batch_size,
-                                     channels_last, progress)
+                                     channels_last, progress, adaptive)
     return result_from_log_probs(log_probs, dataset.labels, dataset.classes)
 
 
@@ -248,11 +251,11 @@ def _networks(model, protocol: Protocol, device: torch.device, precision: str, c
 
 
 def _log_probs(nets: _Nets, images, preprocess, protocol: Protocol, device, batch_size, channels_last,
-               progress) -> torch.Tensor:
+               progress, adaptive: AdaptiveThreads | None = None) -> torch.Tensor:
     size = preprocess.image_size
     chunk = batch_size or auto_batch_size(size, size)
     out = []
-    for x in preprocessed_batches(images, preprocess, device, chunk, progress):
+    for x in preprocessed_batches(images, preprocess, device, chunk, progress, adaptive):
         views: list[torch.Tensor] = []  # log-probabilities (B, K) of every view of this chunk
         weights: list[float] = []  # and each view's share of the average
         for q in protocol.scales:

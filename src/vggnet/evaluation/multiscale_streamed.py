@@ -38,7 +38,7 @@ from vggnet.data.paper import TestTransform
 from vggnet.data.stream import StreamedDataset, StreamedSplit
 from vggnet.evaluation.metrics import EvalResult, auto_batch_size
 from vggnet.evaluation.multiscale import Protocol, log_mean, protocol_nets, result_from_log_probs, scale_views
-from vggnet.runtime import available_cores
+from vggnet.runtime import AdaptiveThreads, available_cores
 
 
 def is_streamed(dataset) -> bool:
@@ -64,22 +64,23 @@ def normalise(x: torch.Tensor, preprocess) -> torch.Tensor:
 def evaluate_multiscale_streamed(model: torch.nn.Module, dataset: StreamedDataset | StreamedSplit, preprocess,
                                  protocol: Protocol, device: torch.device | str = "cpu", precision: str = "fp32",
                                  batch_size: int | None = None, progress: bool = False, channels_last: bool = True,
-                                 threads: int | None = None) -> EvalResult:
+                                 threads: int | None = None, adaptive: AdaptiveThreads | None = None) -> EvalResult:
     """:func:`~vggnet.evaluation.multiscale.evaluate_multiscale` on a prepared set's split (a
     :class:`~vggnet.data.stream.StreamedDataset` from ``load_test_set``, or a
     :class:`~vggnet.data.stream.StreamedSplit`), every image decoded from its bytes at every scale (module docstring).
-    ``threads``: decoding threads (default: the available cores)."""
+    ``threads``: decoding threads (default: the available cores); ``adaptive``: polled before each chunk, so the
+    network's CPU thread count follows the load (``Runtime.adaptive``)."""
     split = dataset.images.split if isinstance(dataset, StreamedDataset) else dataset
     log_probs = streamed_log_probs(model, split, preprocess, protocol, device, precision, batch_size, channels_last,
-                                   progress, threads)
+                                   progress, threads, adaptive)
     return result_from_log_probs(log_probs, split.labels, list(split.classes))
 
 
 @torch.no_grad()
 def streamed_log_probs(model: torch.nn.Module, split: StreamedSplit, preprocess, protocol: Protocol,
                        device: torch.device | str = "cpu", precision: str = "fp32", batch_size: int | None = None,
-                       channels_last: bool = True, progress: bool = False, threads: int | None = None
-                       ) -> torch.Tensor:
+                       channels_last: bool = True, progress: bool = False, threads: int | None = None,
+                       adaptive: AdaptiveThreads | None = None) -> torch.Tensor:
     """Float32 ``(N, classes)``: log of the class probabilities averaged as ``protocol`` says for the images of
     ``split``, in its order. ``model`` runs in eval mode and is put back in its own mode after."""
     device = torch.device(device)
@@ -92,6 +93,8 @@ def streamed_log_probs(model: torch.nn.Module, split: StreamedSplit, preprocess,
         try:
             for decoded in _decoded_chunks(split, protocol.scales, channels, batch_size or auto_batch_size(size, size),
                                            threads or available_cores()):
+                if adaptive is not None:
+                    adaptive.poll()  # the CPU thread count follows the other processes' load
                 views = [[] for _ in decoded]  # per image: its log-probabilities (K,) of every view of every scale
                 weights = [[] for _ in decoded]  # and their weights
                 for s in range(len(protocol.scales)):

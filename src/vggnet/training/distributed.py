@@ -149,16 +149,18 @@ class Dist:
                 torch.distributed.broadcast(buffer, src=0)
 
     def evaluate(self, model: torch.nn.Module, dataset, preprocess, precision: str, batch_size: int | None,
-                 channels_last: bool = True, progress: bool = False, tta: str | None = None):
+                 channels_last: bool = True, progress: bool = False, tta: str | None = None, threads=None):
         """Every rank scores a contiguous share of ``dataset`` with rank 0's weights; all get the whole result.
 
         The same :class:`~vggnet.evaluation.metrics.EvalResult` as a single process would compute (every sample counts once),
         on every rank, so decisions taken from it (plateau schedule, best checkpoint) agree across ranks.
+        ``threads``: a single process's :class:`~vggnet.runtime.AdaptiveThreads`, polled before each batch (ranks
+        share the cores by rank and never adapt).
         """
         if not self.enabled:  # on the model's own device (a single process may use any one)
             device = next(model.parameters()).device
             return evaluate(model, dataset, preprocess, device, precision, batch_size, tta=tta,
-                            channels_last=channels_last, progress=progress)
+                            channels_last=channels_last, progress=progress, threads=threads)
         self.sync_buffers(model)
         n, k = len(dataset), len(dataset.classes)
         lo, hi, share = eval_share(n, self.rank, self.world_size)

@@ -275,7 +275,7 @@ def sync_sums(run: Run, state: RunState, sums: torch.Tensor, diverged: torch.Ten
 def evaluate(run: Run, dataset, tta: str | None = None) -> EvalResult:
     """``dataset`` scored by the model (under torchrun every rank scores a share and gets the whole result)."""
     return run.dist.evaluate(run.model, dataset, run.preprocess, run.runtime.precision, run.config.eval_batch_size,
-                             run.runtime.channels_last, run.config.progress, tta=tta)
+                             run.runtime.channels_last, run.config.progress, tta=tta, threads=run.threads)
 
 
 def end_epoch(run: Run, state: RunState, epoch: int, last: bool = False
