@@ -13,8 +13,8 @@ from torch import nn
 from vggnet import create_model
 from vggnet.base.errors import ConfigError
 from vggnet.runtime import cpu_has_bf16
-from vggnet.net.cpu_bf16 import (SmallMapConv2d, _GemmConv3x3, im2col3x3, pool_before_relu, tune_for_cpu_bf16,
-                             use_small_map_convs)
+from vggnet.net.cpu_bf16 import (SmallMapConv2d, _GemmConv3x3, im2col3x3, pool_before_relu, small_map,
+                             tune_for_cpu_bf16, use_small_map_convs)
 from vggnet.evaluation.inference import (BF16_RTOL, ConvReLU, InferenceModel, fold_batch_norms, fold_conv_bn,
                               fuse_conv_relu, optimize_for_inference, resolve_precision)
 
@@ -210,6 +210,16 @@ def test_small_map_conv_takes_gemm_path_only_where_it_pays(monkeypatch):
     assert calls == [(1, 4, 2, 2), (1, 128, 4, 4)]
 
 
+@pytest.mark.parametrize("conv, height, width, max_pixels, gemm", [
+    (nn.Conv2d(4, 4, 3, padding=1), 2, 2, 16, True), (nn.Conv2d(4, 4, 3, padding=1), 4, 4, 16, False),
+    (nn.Conv2d(128, 128, 3, padding=1), 4, 4, 16, True), (nn.Conv2d(128, 127, 3, padding=1), 4, 4, 16, False),
+    (nn.Conv2d(128, 256, 3, padding=1), 8, 8, 16, False), (nn.Conv2d(128, 256, 3, padding=1), 1, 16, 16, True),
+    (nn.Conv2d(4, 4, 3, padding=1), 2, 2, 0, False), (nn.Conv2d(4, 4, 3, padding=1, stride=2), 2, 2, 16, False),
+    (nn.Conv2d(4, 4, 1), 1, 1, 16, False)])
+def test_small_map_is_the_rule_of_the_gemm_path(conv, height, width, max_pixels, gemm):
+    assert small_map(conv, height, width, max_pixels) is gemm
+
+
 def test_use_small_map_convs_swaps_eligible_convs_only_and_keeps_state_dict():
     model = create_model("vgg16_c", num_classes=10, input_size=32, head="gap", width=0.25)  # has 1x1 convs
     keys = list(model.state_dict())
@@ -247,6 +257,11 @@ def test_tune_for_cpu_bf16_keeps_fp32_outputs_gradients_and_state_dict():
     tuned.load_state_dict(plain.state_dict())
     counts = tune_for_cpu_bf16(tuned)
     assert counts == {"small_map_convs": 8, "pool_before_relu": 5, "out_of_place_relus": 3}
+    oned = create_model("vgg11_bn", num_classes=10, input_size=32, head="gap", width=0.25, dropout=0.0)
+    assert tune_for_cpu_bf16(oned, small_map_convs=False) == dict(counts, small_map_convs=0)  # oneDNN for every conv
+    assert [type(m).__name__ for m in oned.modules() if isinstance(m, nn.Conv2d)] == ["Conv2d"] * 8
+    assert [type(m) for m in oned.modules() if not isinstance(m, nn.Conv2d)] == [
+        type(m) for m in tuned.modules() if not isinstance(m, nn.Conv2d)]  # the other two speed-ups made
     assert list(tuned.state_dict()) == list(plain.state_dict())
     x = torch.randn(4, 3, 32, 32)
     for model in (plain, tuned):

@@ -20,6 +20,14 @@ def test_bf16_is_chosen_only_when_at_least_5_percent_faster(bf16, chosen):
     assert probecache.faster({"fp32": 10.0, "bf16": bf16}) == chosen
 
 
+@pytest.mark.parametrize("a, b, chosen", [(5.0, 6.0, "a"), (6.0, 5.0, "b"), (7.0, 7.0, "a"), (9.6, 9.5, "b"),
+                                          (9.51, 9.6, "ref"), (12.0, 11.0, "ref")])
+def test_the_fastest_of_several_variants_wins_when_at_least_5_percent_faster(a, b, chosen):
+    seconds = {"ref": 10.0, "a": a, "b": b, "other": 0.1}  # "other" is not a candidate here
+    assert probecache.faster(seconds, ("ref", "a", "b")) == chosen
+    assert probecache.faster(seconds, ("ref", "b", "a")) == ("b" if chosen == "a" and a == b else chosen)
+
+
 def test_a_measured_entry_holds_the_choice_and_the_milliseconds():
     entry = probecache.measured_entry({"fp32": 0.0041, "bf16": 0.0053125})
     assert (entry["precision"], entry["fp32_ms"], entry["bf16_ms"]) == ("fp32", 4.1, 5.312)

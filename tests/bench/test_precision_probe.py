@@ -1,6 +1,7 @@
 """``vggnet bench``'s train and infer sections show precision auto's probes (issue 22): each candidate's time, the
 choice, and the precision the vggnet row runs in. The times are injected: nothing here asserts a real time."""
 
+import dataclasses
 import types
 
 import pytest
@@ -55,6 +56,16 @@ def test_the_train_section_shows_the_training_probes_choice(measured, monkeypatc
     assert p == {"batch": 128, "fp32_ms": pytest.approx(4.1), "bf16_ms": pytest.approx(5.3), "chosen": "fp32",
                  "runs_in": "fp32", "unit": "step"}
     assert measured.shapes == [("train", (128, 1, 32, 32))]
+    # three candidates; the row trains in the variant its run recorded
+    measured.seconds = {"fp32": 0.0041, "bf16": 0.0035, "bf16_onednn": 0.0033}
+    record = {"precision": "bf16", "small_map_convs": False, "device": "cpu", "fp32_ms": 4.0, "bf16_ms": 3.6,
+              "bf16_onednn_ms": 3.3}
+    run.config = dataclasses.replace(config, precision_record=record)
+    run.runtime = dataclasses.replace(run.runtime, precision="bf16")
+    p = bench_train.training_probe(types.SimpleNamespace(data_dir=None), run)
+    assert p == {"batch": 128, "fp32_ms": pytest.approx(4.1), "bf16_ms": pytest.approx(3.5),
+                 "bf16_onednn_ms": pytest.approx(3.3), "chosen": "bf16_onednn", "runs_in": "bf16_onednn",
+                 "unit": "step"}
 
 
 def test_without_a_bf16_candidate_the_sections_say_why_and_measure_nothing(measured, monkeypatch):
@@ -85,5 +96,10 @@ def test_render_shows_each_probe_next_to_the_rows_precision():
                                            "runs_in": "bf16", "unit": "batch"}
     assert render_comparisons(results)[-1] == ("precision auto (inference probe): fp32 300.0 ms, bf16 310.0 ms "
                                                       "per batch of 2 -> fp32; the vggnet row runs in bf16")
+    results["train"]["precision_probe"] = {"batch": 128, "fp32_ms": 56.94, "bf16_ms": 37.9, "bf16_onednn_ms": 41.2,
+                                           "chosen": "bf16", "runs_in": "bf16_onednn", "unit": "step"}
+    assert render_comparisons(results)[-2] == (
+        "precision auto (training probe): fp32 56.9 ms, bf16 37.9 ms, bf16 without small-map GEMM 41.2 ms per step of "
+        "128 -> bf16; the vggnet row trains in bf16 without small-map GEMM")
     del results["train"]["precision_probe"], results["infer"]["precision_probe"]  # results of an older bench
     assert not any(line.startswith("precision auto") for line in render_comparisons(results))

@@ -3,8 +3,9 @@ and the cache file.
 
 Precision ``auto`` on a CPU with native bf16 is decided by measurement, for training
 (:mod:`vggnet.training.probe`: training steps) and for inference (:mod:`vggnet.evaluation.probe`: eval-mode forward
-passes). Both time :data:`CANDIDATES` in interleaved rounds after untimed warm-up calls (:func:`median_seconds`),
-choose by :func:`faster` (bf16 only when at least 5% faster) and cache the decision in one file,
+passes). Both time their candidates (:data:`CANDIDATES`; training adds a second bf16 variant) in interleaved rounds
+after untimed warm-up calls (:func:`median_seconds`), choose by :func:`faster` (the fastest bf16 variant, only when
+at least 5% faster than fp32) and cache the decision in one file,
 ``$XDG_CACHE_HOME/vggnet/probe.json`` (:func:`cache_path`), written atomically, one entry per key
 (:func:`probe_key`: the kind of probe, the CPU, torch, the model's shape, the probe's input, threads and memory
 layout, and what else the kind's measurement depends on). An absent, unreadable or foreign cache holds nothing:
@@ -46,9 +47,13 @@ def cache_path() -> Path:
     return Path(cache) / "vggnet" / "probe.json"
 
 
-def faster(seconds: dict[str, float]) -> str:
-    """The candidate to run in: bf16 when its time is at most :data:`BF16_MAX_SHARE` of fp32's, else fp32."""
-    return "bf16" if seconds["bf16"] <= BF16_MAX_SHARE * seconds["fp32"] else "fp32"
+def faster(seconds: dict[str, float], candidates: tuple[str, ...] = CANDIDATES) -> str:
+    """The candidate to run in, of ``candidates`` (their ``seconds``; the first, fp32, the reference): the fastest of
+    the others (bf16 variants; a tie: the one listed first) when its time is at most :data:`BF16_MAX_SHARE` of the
+    reference's, else the reference."""
+    reference, *others = candidates
+    best = min(others, key=lambda name: seconds[name])
+    return best if seconds[best] <= BF16_MAX_SHARE * seconds[reference] else reference
 
 
 def median_seconds(calls: dict[str, Callable[[], Any]], warmup: int, min_rounds: int, max_rounds: int,

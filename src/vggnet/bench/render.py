@@ -7,6 +7,7 @@ from typing import Any
 
 from vggnet.bench.config import TARGETS
 from vggnet.net.report import human_bytes, table
+from vggnet.training.probe import LABELS
 
 
 def summarize_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -136,8 +137,10 @@ def _probe_line(p: dict[str, Any], key: str) -> str:
     if "skipped" in p:
         return f"precision auto ({what}): not measured ({p['skipped']})"
     row = "trains" if key == "train" else "runs"
-    return (f"precision auto ({what}): fp32 {p['fp32_ms']:.1f} ms, bf16 {p['bf16_ms']:.1f} ms per {p['unit']} of "
-            f"{p['batch']} -> {p['chosen']}; the vggnet row {row} in {p['runs_in']}")
+    times = ", ".join(f"{LABELS[name]} {p[f'{name}_ms']:.1f} ms" for name in LABELS if f"{name}_ms" in p)
+    chosen, runs_in = (LABELS.get(p[k], p[k]) for k in ("chosen", "runs_in"))
+    return (f"precision auto ({what}): {times} per {p['unit']} of {p['batch']} -> {chosen}; the vggnet row {row} in "
+            f"{runs_in}")
 
 
 def render_e2e(r: dict[str, Any]) -> list[str]:

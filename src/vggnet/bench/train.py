@@ -44,9 +44,12 @@ def bench_train(cfg: BenchConfig, results: dict[str, Any]) -> dict[str, Any]:
 
 def training_probe(cfg: BenchConfig, run) -> dict[str, Any]:
     """What precision ``auto``'s training probe (:mod:`vggnet.training.probe`) measures on this section's model and
-    batch, and would choose: its own functions, called once, beside the precision the vggnet row trains in (the
-    run's, which ``auto`` chose as it was built, perhaps from the cache)."""
-    runs_in = run.runtime.precision
+    batch (each of its candidates: fp32, bf16, and bf16 without the small-map GEMM where some layer takes it), and
+    would choose: its own functions, called once, beside the candidate the vggnet row trains in (the run's, which
+    ``auto`` chose as it was built, perhaps from the cache)."""
+    record = run.config.precision_record
+    runs_in = (probe.candidate_of(record) if record and record.get("precision") == run.runtime.precision
+               else run.runtime.precision)
     if not probe.bf16_candidate(run.runtime.device):
         return {"skipped": f"no bf16 candidate on this {run.runtime.device.type} (no native bf16, or a GPU): auto "
                            f"takes the rule, {runs_in}", "runs_in": runs_in}
@@ -59,5 +62,5 @@ def training_probe(cfg: BenchConfig, run) -> dict[str, Any]:
     shape = (probe.probe_batch(run.loader.batch_size, size), int(model.in_channels), size, size)
     seconds = probe.measure_candidates(model, lambda net: build_optimizer(config, net), shape,
                                        run.runtime.channels_last)
-    return {"batch": shape[0], "fp32_ms": 1000 * seconds["fp32"], "bf16_ms": 1000 * seconds["bf16"],
-            "chosen": probe.faster(seconds), "runs_in": runs_in, "unit": "step"}
+    return {"batch": shape[0], **{f"{name}_ms": 1000 * s for name, s in seconds.items()},
+            "chosen": probe.winner(seconds), "runs_in": runs_in, "unit": "step"}

@@ -66,6 +66,14 @@ def is_plain_3x3(conv: nn.Conv2d) -> bool:
             and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros")
 
 
+def small_map(conv: nn.Conv2d, height: int, width: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> bool:
+    """Whether a bf16 CPU input of ``height`` x ``width`` pixels takes the GEMM path of ``conv`` as a
+    :class:`SmallMapConv2d` with ``max_pixels`` (the rule of the module docstring; ``max_pixels`` 0: never)."""
+    pixels = height * width
+    return (pixels <= max_pixels and is_plain_3x3(conv)
+            and (pixels <= ALWAYS_PIXELS or conv.in_channels * conv.out_channels >= MIN_CHANNEL_PRODUCT))
+
+
 class _GemmConv3x3(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -110,10 +118,7 @@ class SmallMapConv2d(nn.Conv2d):
     max_pixels: int = DEFAULT_MAX_PIXELS
 
     def _gemm_dtype(self, x: torch.Tensor) -> torch.dtype | None:
-        pixels = x.shape[-2] * x.shape[-1] if x.dim() == 4 else self.max_pixels + 1
-        if (x.device.type != "cpu" or pixels > self.max_pixels
-                or (pixels > ALWAYS_PIXELS and self.in_channels * self.out_channels < MIN_CHANNEL_PRODUCT)
-                or not is_plain_3x3(self)):
+        if x.device.type != "cpu" or x.dim() != 4 or not small_map(self, x.shape[-2], x.shape[-1], self.max_pixels):
             return None
         if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16:
             return torch.bfloat16
@@ -195,11 +200,13 @@ def out_of_place_relus(model: nn.Module) -> int:
     return changed
 
 
-def tune_for_cpu_bf16(model: nn.Module) -> dict[str, int]:
+def tune_for_cpu_bf16(model: nn.Module, small_map_convs: bool = True) -> dict[str, int]:
     """What training does to a model that trains in bf16 on the CPU, in place: the same
-    parameters, state-dict keys, outputs and gradients (up to bf16 rounding in the GEMM convs). Returns counts."""
-    return {"small_map_convs": use_small_map_convs(model), "pool_before_relu": pool_before_relu(model),
-            "out_of_place_relus": out_of_place_relus(model)}
+    parameters, state-dict keys, outputs and gradients (up to bf16 rounding in the GEMM convs). Returns counts.
+    ``small_map_convs``: False leaves every convolution to oneDNN (precision ``auto``'s training probe measures both
+    and records the faster, :mod:`vggnet.training.probe`); the other two speed-ups are made either way."""
+    return {"small_map_convs": use_small_map_convs(model) if small_map_convs else 0,
+            "pool_before_relu": pool_before_relu(model), "out_of_place_relus": out_of_place_relus(model)}
 
 
 def use_small_map_convs(model: nn.Module, max_pixels: int = DEFAULT_MAX_PIXELS) -> int:

@@ -23,7 +23,7 @@ from vggnet.runtime import AdaptiveThreads, Runtime, adaptive_threads, compile_m
 from vggnet.data.stream import StreamedSplit, open_prepared
 from vggnet.training import streamed as streamed_data
 from vggnet.training.config import TrainConfig
-from vggnet.training.probe import decide_precision
+from vggnet.training.probe import decide_precision, uses_small_map_convs
 from vggnet.training.transfer import TransferRecord, freeze, hold_in_eval, init_from_source, parameter_groups
 
 
@@ -224,8 +224,8 @@ def build_run(config: TrainConfig, data: tuple[ImageDataset, ImageDataset] | Non
     runtime, precision_record = decide_precision(config, runtime, dist, model, image_channels(train_set),
                                                  lambda net: build_optimizer(config, net), rundir.has_state(), reprobe,
                                                  threads=threads)
-    if runtime.cpu_bf16:
-        tune_for_cpu_bf16(model)  # GEMM small-map convs, pool before ReLU: the same numbers (vggnet.net.cpu_bf16)
+    if runtime.cpu_bf16:  # GEMM small-map convs (where auto's probe found them faster), pool before ReLU: the same
+        tune_for_cpu_bf16(model, uses_small_map_convs(precision_record))  # numbers (vggnet.net.cpu_bf16)
     frozen = freeze(model, config.freeze)
     if not any(p.requires_grad for p in model.parameters()):
         raise ConfigError(f"--freeze {','.join(config.freeze)} leaves no parameter to train: freeze fewer layers")

@@ -3,23 +3,29 @@
 Where the CPU runs bf16 natively (AVX512_BF16 or AMX), bf16 is a candidate, not a given: with AMX oneDNN's bf16
 kernels make a training step about 3x faster than fp32, but with AVX512_BF16 alone they can be slower (0.85x of
 fp32 on the AMX Xeon with AMX hidden; issue 22). So before a new run trains, :func:`decide_precision` (rank 0)
-times a few training steps of the run's own model in fp32 and in bf16 (:func:`measure_candidates`): copies of the
-built model (its layer shapes, its input size), the run's optimizer, the run's per-rank batch or a smaller
-stand-in (:func:`probe_batch`), bf16 with the speed-ups the run would use
-(:func:`vggnet.net.cpu_bf16.tune_for_cpu_bf16`); warm-up steps excluded, interleaved rounds, medians. The global
-random state is forked, so the run's model, its initialisation and its random streams are what they would have
-been without the probe.
+times a few training steps of the run's own model in each of :data:`TRAINING_CANDIDATES` (:func:`measure_candidates`):
+fp32; bf16 with the speed-ups the run would use (:func:`vggnet.net.cpu_bf16.tune_for_cpu_bf16`); and bf16 with the
+same speed-ups but oneDNN for every convolution, without the small-map GEMM path
+(:class:`vggnet.net.cpu_bf16.SmallMapConv2d`, a rule tuned on an AMX Xeon). The third is measured only where some
+layer would take the GEMM path at the run's image size (:func:`small_map_layers`); elsewhere both bf16 variants are
+the same computation. Copies of the built model (its layer shapes, its input size), the run's optimizer, the run's
+per-rank batch or a smaller stand-in (:func:`probe_batch`); warm-up steps excluded, interleaved rounds, medians. The
+fastest bf16 variant is chosen when it is at least 5% faster than fp32 (:func:`winner`). The global random state is
+forked, so the run's model, its initialisation and its random streams are what they would have been without the
+probe.
 
 The decision is cached per CPU (model name, bf16/AMX features, ``ONEDNN_MAX_CPU_ISA``), torch version, model
-configuration, probe input, threads, memory layout and optimizer in ``$XDG_CACHE_HOME/vggnet/probe.json``
+configuration, probe input, threads, memory layout, optimizer, candidates and small-map rule (so the entries of the
+earlier two-candidate probe are measured again) in ``$XDG_CACHE_HOME/vggnet/probe.json``
 (:func:`cache_path`), written atomically, beside the inference probe's decisions (:mod:`vggnet.evaluation.probe`;
 the file, the key, the timer and the 5% rule are :mod:`vggnet.base.probecache`'s); ``vggnet train --reprobe``
 measures again. The probe times eager steps,
 also for ``--compile`` runs. An explicit ``--precision`` never probes; a CPU without native bf16 takes fp32 and a
 CUDA device its rule (:func:`vggnet.runtime.pick_precision`) without measuring.
 
-The decision is recorded in config.json's ``precision_record`` (``precision`` stays ``auto``, the user's request)
-and so in the model card's ``train_config``; a resumed run takes the recorded precision and never measures again.
+The decision is recorded in config.json's ``precision_record`` (``precision`` stays ``auto``, the user's request;
+``small_map_convs``: whether bf16 trains with the GEMM path, :func:`uses_small_map_convs`) and so in the model card's
+``train_config``; a resumed run takes the recorded precision and variant and never measures again.
 Under torchrun rank 0 decides and the other ranks take its record
 (:meth:`vggnet.training.distributed.Dist.broadcast_object`).
 """
@@ -40,18 +46,29 @@ import torch.nn.functional as F
 from vggnet.base import probecache
 from vggnet.base.errors import CheckpointError, ConfigError
 from vggnet.base.probecache import (BF16_MAX_SHARE, CACHE_VERSION, CANDIDATES, cache_path, faster, home_relative,
-                                    measured_entry, read_cache, write_cache)
-from vggnet.net.cpu_bf16 import tune_for_cpu_bf16
+                                    read_cache, write_cache)
+from vggnet.net.cpu_bf16 import ALWAYS_PIXELS, DEFAULT_MAX_PIXELS, MIN_CHANNEL_PRODUCT, small_map, tune_for_cpu_bf16
 from vggnet.runtime import (PRECISIONS, AdaptiveThreads, Runtime, autocast, cpu_has_bf16, cpu_identity, cpu_runs_bf16,
                             pick_precision)
 from vggnet.training import distributed
 from vggnet.training.config import TrainConfig
 
 __all__ = [  # with what it shares with the inference probe (vggnet.base.probecache), named here too
-    "BF16_MAX_SHARE", "CACHE_VERSION", "CANDIDATES", "LOAD_SECONDS", "MAX_ROUNDS", "MIN_ROUNDS", "PROBE_PIXELS",
-    "ROUND_SECONDS", "WARMUP_STEPS", "announcement", "bf16_candidate", "cache_path", "candidate_step", "choose",
-    "decide_precision", "faster", "measure_candidates", "median_step_seconds", "probe_batch", "probe_key", "read_cache",
-    "recorded", "write_cache"]
+    "BF16_MAX_SHARE", "CACHE_VERSION", "CANDIDATES", "LABELS", "LOAD_SECONDS", "MAX_ROUNDS", "MIN_ROUNDS",
+    "PROBE_PIXELS", "ROUND_SECONDS", "TRAINING_CANDIDATES", "VARIANTS", "WARMUP_STEPS", "announcement",
+    "bf16_candidate", "cache_path", "candidate_of", "candidate_step", "choose", "decide_precision", "faster",
+    "measure_candidates", "measured_entry", "median_step_seconds", "probe_batch", "probe_key", "read_cache", "recorded",
+    "small_map_layers", "uses_small_map_convs", "winner", "write_cache"]
+
+#: The training probe's candidates, the reference first: each a precision and whether bf16's small-map convolutions
+#: take the GEMM path (:class:`vggnet.net.cpu_bf16.SmallMapConv2d`) or oneDNN runs every convolution. (``CANDIDATES``,
+#: fp32 and bf16, are what the inference probe and ``--budget`` compare.)
+VARIANTS = {"fp32": ("fp32", False), "bf16": ("bf16", True), "bf16_onednn": ("bf16", False)}
+TRAINING_CANDIDATES = tuple(VARIANTS)
+#: What a cache entry holds that a record copies.
+RECORDED = ("precision", "small_map_convs", *(f"{name}_ms" for name in TRAINING_CANDIDATES), "measured")
+#: How a candidate is named on the terminal and in ``vggnet bench``.
+LABELS = {"fp32": "fp32", "bf16": "bf16", "bf16_onednn": "bf16 without small-map GEMM"}
 
 #: The stand-in batch holds at most this many pixels (128 images of 32x32): a probe of the default recipe stays
 #: well under 2 s on 2 cores, and a large batch at a large image size does not make it longer than a few steps.
@@ -82,12 +99,14 @@ def probe_batch(batch: int, image_size: int) -> int:
 
 # ---------------------------------------------------------------------------------------------------- measuring
 def candidate_step(model: torch.nn.Module, make_optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer],
-                   precision: str, shape: tuple[int, ...], channels_last: bool) -> Callable[[], None]:
+                   precision: str, shape: tuple[int, ...], channels_last: bool,
+                   small_map_convs: bool = True) -> Callable[[], None]:
     """One training step of a copy of ``model`` in ``precision`` on a random batch of ``shape`` per call. The
-    copy's optimizer runs at a learning rate of 0: the same arithmetic, and weights that stay as they are."""
+    copy's optimizer runs at a learning rate of 0: the same arithmetic, and weights that stay as they are.
+    ``small_map_convs``: in bf16, whether small maps take the GEMM path (False: oneDNN for every convolution)."""
     net = copy.deepcopy(model).train()
     if precision == "bf16":
-        tune_for_cpu_bf16(net)  # what build_run does to a model that trains in bf16 on the CPU
+        tune_for_cpu_bf16(net, small_map_convs)  # what build_run does to a model that trains in bf16 on the CPU
     optimizer = make_optimizer(net)
     for group in optimizer.param_groups:
         group["lr"] = 0.0
@@ -116,15 +135,68 @@ def median_step_seconds(steps: dict[str, Callable[[], None]],
     return probecache.median_seconds(steps, WARMUP_STEPS, MIN_ROUNDS, MAX_ROUNDS, ROUND_SECONDS, clock)
 
 
+def small_map_layers(model: torch.nn.Module, shape: tuple[int, ...]) -> int:
+    """How many convolutions of ``model`` would take the small-map GEMM path in bf16 at the input ``shape``
+    (:func:`vggnet.net.cpu_bf16.small_map`, for the convolutions :func:`vggnet.net.cpu_bf16.use_small_map_convs`
+    swaps): one fp32 forward pass of one image in eval mode without gradients, its maps' sizes read on the way; the
+    model is left as it was (its mode restored; eval mode updates no batch-norm statistics)."""
+    hits: list[bool] = []
+    handles = [m.register_forward_pre_hook(lambda conv, args: hits.append(
+        args[0].dim() == 4 and small_map(conv, args[0].shape[-2], args[0].shape[-1])))
+        for m in model.modules() if type(m) is torch.nn.Conv2d]
+    training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros((1, *shape[1:]), device=next(model.parameters()).device))
+    finally:
+        model.train(training)
+        for handle in handles:
+            handle.remove()
+    return sum(hits)
+
+
 def measure_candidates(model: torch.nn.Module, make_optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer],
                        shape: tuple[int, ...], channels_last: bool,
                        measure: Callable[[dict], dict[str, float]] | None = None) -> dict[str, float]:
-    """Seconds per training step of each of :data:`CANDIDATES` (``measure``: :func:`median_step_seconds`), on copies
-    of ``model``; the global random state is restored afterwards."""
+    """Seconds per training step of each of :data:`TRAINING_CANDIDATES` (``measure``: :func:`median_step_seconds`),
+    on copies of ``model``, in the same interleaved rounds; ``bf16_onednn`` only where :func:`small_map_layers` finds
+    a layer it differs in. The global random state is restored afterwards."""
     with torch.random.fork_rng(devices=[]):
-        steps = {precision: candidate_step(model, make_optimizer, precision, shape, channels_last)
-                 for precision in CANDIDATES}
+        names = TRAINING_CANDIDATES if small_map_layers(model, shape) else CANDIDATES
+        steps = {name: candidate_step(model, make_optimizer, VARIANTS[name][0], shape, channels_last,
+                                      small_map_convs=VARIANTS[name][1]) for name in names}
         return (measure or median_step_seconds)(steps)
+
+
+def winner(seconds: dict[str, float]) -> str:
+    """The candidate to train in: the fastest bf16 variant of those measured (a tie: the one listed first in
+    :data:`TRAINING_CANDIDATES`) when it is at least 5% faster than fp32 (:func:`vggnet.base.probecache.faster`),
+    else fp32."""
+    return faster(seconds, tuple(name for name in TRAINING_CANDIDATES if name in seconds))
+
+
+def measured_entry(seconds: dict[str, float]) -> dict[str, Any]:
+    """A cache entry of a measurement: the choice (its precision, and whether bf16 trains with the small-map GEMM
+    path: only where that was measured against oneDNN alone and won), each candidate's milliseconds and when."""
+    chosen = winner(seconds)
+    return {"precision": VARIANTS[chosen][0], "small_map_convs": chosen == "bf16" and "bf16_onednn" in seconds,
+            **{f"{name}_ms": round(1000 * seconds[name], 3) for name in TRAINING_CANDIDATES if name in seconds},
+            "measured": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+
+
+def candidate_of(record: dict[str, Any]) -> str:
+    """The candidate a record (a cache entry, config.json's ``precision_record``) chose: its precision, or
+    ``bf16_onednn`` where bf16 won without the GEMM path against a measured GEMM variant."""
+    if record.get("precision") == "bf16" and record.get("small_map_convs") is False and "bf16_onednn_ms" in record:
+        return "bf16_onednn"
+    return record["precision"]
+
+
+def uses_small_map_convs(record: dict[str, Any] | None) -> bool:
+    """Whether a run that trains in bf16 on the CPU takes the small-map GEMM path: as its ``precision_record`` says;
+    yes where it says nothing (an explicit ``--precision bf16``, a run recorded before the probe measured it)."""
+    return record is None or record.get("small_map_convs", True) is not False
 
 
 # -------------------------------------------------------------------------------------------------------- cache
@@ -132,8 +204,10 @@ def probe_key(model: torch.nn.Module, shape: tuple[int, ...], threads: int, chan
               optimizer: str) -> dict[str, Any]:
     """Everything a measurement depends on, as JSON values (:func:`vggnet.base.probecache.probe_key`, kind
     ``training``): the CPU, torch, the model's shape, the probe's input, the threads, the memory layout and the
-    optimizer."""
-    return probecache.probe_key("training", cpu_identity(), model, shape, threads, channels_last, optimizer=optimizer)
+    optimizer; and the candidates and the small-map rule (entries of the two-candidate probe are measured again)."""
+    return probecache.probe_key("training", cpu_identity(), model, shape, threads, channels_last, optimizer=optimizer,
+                                candidates=list(TRAINING_CANDIDATES),
+                                small_map_rule=[ALWAYS_PIXELS, DEFAULT_MAX_PIXELS, MIN_CHANNEL_PRODUCT])
 
 
 # ----------------------------------------------------------------------------------------------------- deciding
@@ -172,11 +246,10 @@ def choose(config: TrainConfig, runtime: Runtime, model: torch.nn.Module, shape:
         threads.poll(LOAD_SECONDS)  # the threads the load leaves: those the run trains with, and the cache's key
     key = probe_key(model, shape, torch.get_num_threads(), runtime.channels_last, config.optimizer)
     path = cache_path()
-    entry, problem = None if reprobe else read_cache(path, key), None
+    entry, problem = None if reprobe else cached_entry(path, key), None
     record = {"device": device, "batch": shape[0], "threads": key["threads"]}  # no path: cards get shared
     if entry is not None:
-        record.update(precision=entry["precision"], by="cache", fp32_ms=entry["fp32_ms"], bf16_ms=entry["bf16_ms"],
-                      measured=entry.get("measured"))
+        record.update({k: entry[k] for k in RECORDED if k in entry}, by="cache")
     else:
         start = time.perf_counter()
         entry = measured_entry(measure_candidates(model, make_optimizer, shape, runtime.channels_last, measure))
@@ -188,21 +261,37 @@ def choose(config: TrainConfig, runtime: Runtime, model: torch.nn.Module, shape:
     return record
 
 
+def cached_entry(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
+    """The cached decision for ``key`` (:func:`vggnet.base.probecache.read_cache`), or None where there is none or it
+    does not say which bf16 variant won (``small_map_convs``) or holds a third time that is not one."""
+    entry = read_cache(path, key)
+    if entry is None or not isinstance(entry.get("small_map_convs"), bool):
+        return None
+    onednn = entry.get("bf16_onednn_ms", 1.0)
+    return entry if isinstance(onednn, (int, float)) and not isinstance(onednn, bool) and onednn > 0 else None
+
+
 def announcement(record: dict[str, Any], cache: Path | None) -> str:
-    """``vggnet train: precision auto -> fp32 (fp32 12.3 ms/step, bf16 14.1 ms/step; cached ~/.cache/...)``;
-    ``cache``: where the decision was read or written (None: it could not be written)."""
-    times = f"fp32 {record['fp32_ms']:.1f} ms/step, bf16 {record['bf16_ms']:.1f} ms/step at batch {record['batch']}"
+    """``vggnet train: precision auto -> bf16 (fp32 56.9, bf16 37.9, bf16 without small-map GEMM 41.2 ms/step at
+    batch 128; cached ~/.cache/...)``; ``cache``: where the decision was read or written (None: it could not be
+    written)."""
+    times = ", ".join(f"{LABELS[name]} {record[f'{name}_ms']:.1f}" for name in TRAINING_CANDIDATES
+                      if f"{name}_ms" in record) + f" ms/step at batch {record['batch']}"
+    if "bf16_onednn_ms" not in record:
+        times += ", no map small enough for the GEMM path"
     where = home_relative(cache) if cache is not None else None
     if record["by"] == "cache":
         how = f"from {where}, measured {record.get('measured') or 'earlier'}; --reprobe measures again"
     else:
         how = f"measured in {record['probe_seconds']:.1f} s" + (f", cached {where}" if where else "")
-    return f"vggnet train: precision auto -> {record['precision']} ({times}; {how})"
+    return f"vggnet train: precision auto -> {LABELS[candidate_of(record)]} ({times}; {how})"
 
 
 def recorded(config: TrainConfig, runtime: Runtime) -> tuple[Runtime, dict | None]:
     """A resumed run's precision: its record's, never measured again. A run recorded on another kind of device (or
-    started by a vggnet that kept no record) takes the rule for this device, as it did then."""
+    started by a vggnet that kept no record) takes the rule for this device, as it did then. The bf16 variant
+    (``small_map_convs``) is the record's too: :func:`vggnet.training.build_run` reads it
+    (:func:`uses_small_map_convs`)."""
     record = config.precision_record
     if record is None or record.get("device") != runtime.device.type:
         return runtime, record
@@ -210,6 +299,9 @@ def recorded(config: TrainConfig, runtime: Runtime) -> tuple[Runtime, dict | Non
     if precision not in PRECISIONS[1:]:
         raise CheckpointError(f"{config.out}: config.json's precision_record names precision {precision!r}, not one "
                               f"of {', '.join(PRECISIONS[1:])}; start a new run")
+    if not isinstance(record.get("small_map_convs", True), bool):
+        raise CheckpointError(f"{config.out}: config.json's precision_record has small_map_convs "
+                              f"{record['small_map_convs']!r}, not true or false; start a new run")
     try:
         pick_precision(runtime.device, precision)
     except ConfigError as err:
