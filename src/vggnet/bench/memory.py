@@ -3,7 +3,10 @@ steps, each case in a fresh subprocess (``python -m vggnet.bench --memory-child`
 
 - On the CPU (``cfg.device == "cpu"``): 3 architectures x 2 batch sizes in fp32. The peak of PyTorch's CPU
   allocator over a fresh model's first two steps, from ``torch.profiler``'s allocation trace, with and without
-  the scratch buffers oneDNN allocates and frees inside one convolution call; and the process's peak RSS growth.
+  the scratch buffers oneDNN allocates and frees inside one convolution call; and the process's peak RSS growth,
+  with glibc returning freed blocks to the OS (:data:`GLIBC_RETURNS_MEMORY`: the resident memory of what is
+  allocated, which the estimate predicts) and, in a second process, under glibc's defaults. The difference, glibc's
+  retained heap, depends on the order of allocations, not only on the shapes, and is reported, not estimated.
 - On CUDA: the cases of issue #12 (224x224 VGG-16/11-BN/19, 32x32 VGG-16-BN at batch 256), in fp32 and in bf16
   autocast; ``torch.cuda.max_memory_allocated`` over a fresh model's first two steps.
 """
@@ -34,6 +37,12 @@ MEMORY_BATCHES = (32, 128)
 CUDA_MEMORY_CASES = (("vgg16", 224, "classic", 16), ("vgg16", 224, "classic", 32), ("vgg11_bn", 224, "classic", 32),
                      ("vgg19", 224, "classic", 16), ("vgg16_bn", 32, "classic", 256))
 CUDA_PRECISIONS = ("fp32", "bf16")
+# glibc's malloc serves a block below its mmap threshold from its heap and keeps the pages when it is freed; the
+# threshold starts at 128 KiB and rises to each freed mmapped block's size (up to 32 MiB), so after one training
+# step most activations come from the heap, and RSS keeps what fragmentation strands there. Fixing both thresholds
+# at 128 KiB (environment variables, read when the process starts) maps every block of 128 KiB or more on its own
+# and unmaps it when it is freed: the RSS growth is then the allocator's peak (measured: within 0.5 MiB).
+GLIBC_RETURNS_MEMORY = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
 
 
 def status_bytes(key: str) -> int:
@@ -111,15 +120,13 @@ def _allocator_peaks(trace: dict[str, Any]) -> tuple[int, int]:
     return peak, peak_tensors
 
 
-def _cpu_child(build) -> dict[str, Any]:
-    """- ``alloc_peak_bytes``: the peak of PyTorch's CPU allocator (every tensor and kernel buffer) over a fresh
-      model's first two steps (the second is the steady state: last step's gradients and the momentum exist),
-      from the allocation trace of ``torch.profiler`` started before the model was built;
-    - ``tensor_peak_bytes``: the same without the scratch buffers allocated and freed inside one convolution call;
-    - ``rss_peak_bytes``: the peak RSS growth over two steps, against the RSS after a warm-up step of the same
-      shapes was run and freed (so library code pages and oneDNN's caches are not counted)."""
-    from torch.profiler import profile
-
+def _cpu_child(build, trace: bool = True) -> dict[str, Any]:
+    """- ``rss_peak_bytes``: the peak RSS growth over two steps, against the RSS after a warm-up step of the same
+      shapes was run and freed (so library code pages, oneDNN's primitives and the threads are not counted);
+    - unless ``trace`` is false: ``alloc_peak_bytes``: the peak of PyTorch's CPU allocator (every tensor and
+      kernel buffer) over a fresh model's first two steps (the second is the steady state: last step's gradients
+      and the momentum exist), from the allocation trace of ``torch.profiler`` started before the model was built;
+      ``tensor_peak_bytes``: the same without the scratch buffers allocated and freed inside one convolution call."""
     model, opt, step = build()
     step()  # warm-up: page in kernels, build oneDNN primitives
     del model, opt, step
@@ -133,6 +140,14 @@ def _cpu_child(build) -> dict[str, Any]:
     rss_peak = status_bytes("VmHWM") - base
     del model, opt, step
     _free()
+    if not trace:
+        return {"rss_peak_bytes": rss_peak}
+    return {**_traced_peaks(build), "rss_peak_bytes": rss_peak}
+
+
+def _traced_peaks(build) -> dict[str, int]:
+    """``tensor_peak_bytes`` and ``alloc_peak_bytes`` of a fresh model's first two steps (see :func:`_cpu_child`)."""
+    from torch.profiler import profile
 
     with profile(profile_memory=True) as prof:
         model, opt, step = build()
@@ -143,7 +158,7 @@ def _cpu_child(build) -> dict[str, Any]:
         prof.export_chrome_trace(path)
         with open(path, encoding="utf-8") as f:
             alloc_peak, tensor_peak = _allocator_peaks(json.load(f))
-    return {"tensor_peak_bytes": tensor_peak, "alloc_peak_bytes": alloc_peak, "rss_peak_bytes": rss_peak}
+    return {"tensor_peak_bytes": tensor_peak, "alloc_peak_bytes": alloc_peak}
 
 
 def _cuda_child(build, device: str) -> dict[str, Any]:
@@ -165,12 +180,13 @@ def _cuda_child(build, device: str) -> dict[str, Any]:
 
 
 def memory_child(name: str, size: int, head: str, batch: int, threads: int, device: str = "cpu",
-                 precision: str = "fp32") -> dict[str, Any]:
+                 precision: str = "fp32", trace: bool = True) -> dict[str, Any]:
     """Measure eager SGD training steps of one case on ``device``; runs in a fresh process (see
-    :func:`bench_memory`, and :func:`_cpu_child` / :func:`_cuda_child` for the keys)."""
+    :func:`bench_memory`, and :func:`_cpu_child` / :func:`_cuda_child` for the keys). ``trace``: false for the
+    CPU's second process, which measures only the RSS under glibc's defaults."""
     torch.set_num_threads(threads)
     build = _builder(name, size, head, batch, device, precision)
-    return _cuda_child(build, device) if is_cuda(device) else _cpu_child(build)
+    return _cuda_child(build, device) if is_cuda(device) else _cpu_child(build, trace)
 
 
 def _cases(cfg: BenchConfig) -> list[tuple[str, int, str, int, str]]:
@@ -182,6 +198,39 @@ def _cases(cfg: BenchConfig) -> list[tuple[str, int, str, int, str]]:
             for batch in cfg.pick(MEMORY_BATCHES, (8,))]
 
 
+def _child(args: list[Any], env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run :func:`memory_child` with ``args`` in a fresh ``python -m vggnet.bench`` process and return its record.
+    Its environment is this process's without the :data:`GLIBC_RETURNS_MEMORY` variables, plus ``env``."""
+    environ = {k: v for k, v in os.environ.items() if k not in GLIBC_RETURNS_MEMORY}
+    proc = subprocess.run([sys.executable, "-m", "vggnet.bench", "--memory-child", json.dumps(args)],
+                          capture_output=True, text=True, check=False, env={**environ, **(env or {})})
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory measurement {args} failed: {proc.stderr.strip()[-500:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _measure(args: list[Any], device: str) -> dict[str, Any]:
+    """One case's measurements. On the CPU two processes: the allocator trace and the RSS growth with glibc
+    returning freed blocks (:data:`GLIBC_RETURNS_MEMORY`), then the RSS growth under glibc's defaults
+    (``rss_glibc_default_peak_bytes``), with the two named differences: ``onednn_scratch_bytes`` (allocator peak -
+    tensor peak) and ``glibc_retained_bytes`` (RSS under the defaults - RSS with freed blocks returned)."""
+    if device == "cuda":
+        return _child(args)
+    measured = _child(args, GLIBC_RETURNS_MEMORY)
+    default = _child([*args, False])["rss_peak_bytes"]
+    return {**measured, "rss_glibc_default_peak_bytes": default,
+            "onednn_scratch_bytes": measured["alloc_peak_bytes"] - measured["tensor_peak_bytes"],
+            "glibc_retained_bytes": default - measured["rss_peak_bytes"]}
+
+
+def compare(estimate: int, measured: dict[str, Any], device: str) -> dict[str, float]:
+    """``<name>_error`` = estimate / measured - 1 for each peak compared on ``device`` (CUDA: the allocator's;
+    the CPU: the tensors, the allocator, RSS with freed blocks returned and RSS under glibc's defaults)."""
+    keys = ("tensor",) if device == "cuda" else ("tensor", "alloc", "rss", "rss_glibc_default")
+    return {f"{key}_error": estimate / measured[f"{key}_peak_bytes"] - 1 for key in keys
+            if measured.get(f"{key}_peak_bytes")}
+
+
 def bench_memory(cfg: BenchConfig, results: dict[str, Any]) -> dict[str, Any]:
     threads = results["conditions"]["threads"]  # what run() set
     device = "cuda" if is_cuda(cfg.device) else "cpu"
@@ -191,23 +240,20 @@ def bench_memory(cfg: BenchConfig, results: dict[str, Any]) -> dict[str, Any]:
         with torch.device("meta"):
             summary = summarize(create_model(name, num_classes=10, input_size=size, head=head))
         estimate = training_memory(summary, batch, "sgd", precision, device)
-        args = json.dumps([name, size, head, batch, threads, cfg.device, precision])
-        proc = subprocess.run([sys.executable, "-m", "vggnet.bench", "--memory-child", args],
-                              capture_output=True, text=True, check=False)
-        if proc.returncode != 0:
-            raise RuntimeError(f"memory measurement for {name} batch {batch} failed: {proc.stderr.strip()[-500:]}")
-        measured = json.loads(proc.stdout.strip().splitlines()[-1])
-        row = {"model": name, "head": head, "input_size": size, "batch": batch, "precision": precision,
-               "estimate_bytes": estimate.total, "estimate": estimate.to_dict(), **measured}
-        compared = ("tensor_peak_bytes",) if device == "cuda" else ("tensor_peak_bytes", "alloc_peak_bytes",
-                                                                      "rss_peak_bytes")
-        for key in compared:
-            if measured.get(key):
-                row[key.replace("_peak_bytes", "_error")] = estimate.total / measured[key] - 1
-        rows.append(row)
+        measured = _measure([name, size, head, batch, threads, cfg.device, precision], device)
+        rows.append({"model": name, "head": head, "input_size": size, "batch": batch, "precision": precision,
+                     "estimate_bytes": estimate.total, "estimate": estimate.to_dict(), **measured,
+                     **compare(estimate.total, measured, device)})
     measured_with = ("torch.cuda.max_memory_allocated over a fresh model's first two steps" if device == "cuda" else
                      "CPU allocator peak over a fresh model's first two steps (torch.profiler allocation trace), "
                      "without oneDNN's per-convolution scratch")
-    return {"rows": rows, "device": cfg.device, "precision": ", ".join(sorted({r["precision"] for r in rows})),
-            "layout": "NCHW", "optimizer": "sgd (momentum)", "measured_with": measured_with,
-            "error_definition": "estimate / measured - 1", "target_abs_error": TARGETS["memory_error"]}
+    out = {"rows": rows, "device": cfg.device, "precision": ", ".join(sorted({r["precision"] for r in rows})),
+           "layout": "NCHW", "optimizer": "sgd (momentum)", "measured_with": measured_with,
+           "error_definition": "estimate / measured - 1", "target_abs_error": TARGETS["memory_error"]}
+    if device == "cpu":
+        out["rss_measured_with"] = (
+            "rss_peak_bytes: peak RSS growth over two steps in a process started with "
+            + " ".join(f"{k}={v}" for k, v in GLIBC_RETURNS_MEMORY.items())
+            + " (glibc returns every freed block of 128 KiB or more); rss_glibc_default_peak_bytes: the same "
+            "under glibc's defaults; glibc_retained_bytes: their difference")
+    return out

@@ -8,7 +8,10 @@ far, the tensors autograd saved for the layers not yet back-propagated (per laye
 batch, and the gradient buffers in flight. Under autocast (``precision="bf16"``/``"fp16"``) conv and linear layers
 write 2-byte outputs and keep 2-byte weight copies. ``device`` (cuda or cpu) picks the kernels the estimate follows
 where they differ: dropout's mask, Adam's temporaries, group norm under autocast. docs/ANALYSIS.md lists what each
-layer keeps and what is left out (workspaces, allocator rounding). :func:`parse_bytes` reads a memory budget.
+layer keeps and what is left out: the backends' scratch (oneDNN's reorder copies and weight-gradient buffers, cuDNN
+and cuBLAS workspaces), which depends on the kernel the backend picks for the machine, and the C library's
+retained heap (glibc's, under its defaults), which depends on the order of allocations; neither is a function of
+the shapes alone. :func:`parse_bytes` reads a memory budget.
 """
 
 from __future__ import annotations
