@@ -292,3 +292,21 @@ def probe_cache_outside_home(tmp_path_factory, monkeypatch):
     path = tmp_path_factory.getbasetemp() / "probe-cache" / "probe.json"
     for module in (probe, inference_probe):
         monkeypatch.setattr(module, "cache_path", lambda: path)
+
+
+@pytest.fixture(scope="session")
+def small_prepared(tmp_path_factory):
+    """A prepared (sharded) set of 36 noisy 32x24 PNGs, 12 in each of 3 classes told apart by brightness, 7 samples
+    a shard (``vggnet.data.shards.prepare`` with max side 24): for streamed training across processes."""
+    from PIL import Image
+
+    from vggnet.data.shards import prepare
+    root = tmp_path_factory.mktemp("small-prepared")
+    rng = np.random.default_rng(0)
+    for c in range(3):
+        (root / "images" / f"c{c}").mkdir(parents=True)
+        for i in range(12):
+            pixels = np.clip(rng.integers(0, 120, (24, 32, 3)) + 60 * c, 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / "images" / f"c{c}" / f"{i}.png")
+    prepare(root / "images", root / "prepared", max_side=24, shard_samples=7, progress=False)
+    return root / "prepared"

@@ -186,7 +186,7 @@ def test_eval_auto_prints_the_choice_and_records_it(probed, cli, train_run, trai
             "precision": "fp32", "by": "measured", "fp32_ms": 10.0, "bf16_ms": 12.0, "batch": 128}
     # --batch-size 16 is another key, measured anew
     code, out, err = cli(["eval", train_run["dir"], "--data-dir", train_data_dir, "--device", "cpu", "--threads", "1",
-                          "--precision", "auto", "--batch-size", "16", "--json"])
+                          "--precision", "auto", "--batch-size", "16", "--json", "--out", tmp_path / "ev16"])
     assert code == 0 and probed.calls == 2 and "per batch of 16, measured in" in err
     assert json.loads(out)["precision_record"]["batch"] == 16
 

@@ -373,31 +373,13 @@ def test_evaluation_shares_cover_the_set_once_with_the_padding_last(n, world):
 
 
 # ------------------------------------------------------------------------------------------------- streamed resume
-@pytest.fixture(scope="module")
-def prepared_set(tmp_path_factory):
-    """A prepared (sharded) set of 36 small PNGs in 3 classes, 7 samples a shard."""
-    import numpy as np
-    from PIL import Image
-
-    from vggnet.data.shards import prepare
-    root = tmp_path_factory.mktemp("streamed")
-    rng = np.random.default_rng(0)
-    for c in range(3):
-        (root / "images" / f"c{c}").mkdir(parents=True)
-        for i in range(12):
-            pixels = np.clip(rng.integers(0, 120, (24, 32, 3)) + 60 * c, 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(root / "images" / f"c{c}" / f"{i}.png")
-    prepare(root / "images", root / "prepared", max_side=24, shard_samples=7, progress=False)
-    return root / "prepared"
-
-
-def test_a_streamed_torchrun_stopped_mid_epoch_resumes_exactly_on_two_processes_and_on_one(tmp_path, prepared_set,
+def test_a_streamed_torchrun_stopped_mid_epoch_resumes_exactly_on_two_processes_and_on_one(tmp_path, small_prepared,
                                                                                           launcher):
     """Streamed training on 2 processes, rank 1 stopped by SIGTERM in epoch 2: resumed on 2 processes it ends
     bit-for-bit where the uninterrupted 2-process run does (each sample's augmentation has its own seed, the loader
     resumes at the batch); resumed on 1 process with the same global batch it continues the same samples and ends
     within float rounding of it (a sum over 2 ranks' gradients against one over the whole batch)."""
-    args = ["train", "--dataset", str(prepared_set), "--model", "custom", "--arch", "8,M,16,M", "--head", "gap",
+    args = ["train", "--dataset", str(small_prepared), "--model", "custom", "--arch", "8,M,16,M", "--head", "gap",
             "--dropout", "0", "--image-size", "16", "--scale", "16", "24", "--batch-size", "8", "--epochs", "3",
             "--lr", "0.05", "--schedule", "constant", "--label-smoothing", "0", "--workers", "0", "--threads", "1",
             "--precision", "fp32", "--no-progress"]

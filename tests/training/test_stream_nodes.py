@@ -9,28 +9,17 @@ import socket
 import subprocess
 import sys
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from vggnet.base.files import load_tensors
-from vggnet.data.shards import prepare
 from vggnet.training import loop
 
 LAUNCH_TIMEOUT = 240
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    root = tmp_path_factory.mktemp("nodes")
-    rng = np.random.default_rng(0)
-    for c in range(3):
-        (root / "images" / f"c{c}").mkdir(parents=True)
-        for i in range(12):
-            pixels = np.clip(rng.integers(0, 120, (24, 32, 3)) + 60 * c, 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(root / "images" / f"c{c}" / f"{i}.png")
-    prepare(root / "images", root / "prepared", max_side=24, shard_samples=7, progress=False)
-    return root / "prepared"
+def prepared(small_prepared):
+    return small_prepared
 
 
 def train_args(prepared, out, *extra):
