@@ -49,6 +49,12 @@ def _umask() -> int:
     return mask
 
 
+def cache_root() -> Path:
+    """vggnet's cache directory: ``$XDG_CACHE_HOME/vggnet``, or ``~/.cache/vggnet``."""
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache) / "vggnet"
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """``data`` into ``path`` through a temporary file in the same folder, fsynced, a rename, and an fsync of the
     folder (the rename itself is durable once this returns). A folder that cannot be written (missing, read-only,

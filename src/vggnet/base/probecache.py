@@ -19,13 +19,14 @@ import json
 import os
 import statistics
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from vggnet.base.errors import CheckpointError, OutputError
-from vggnet.base.files import atomic_write_json, make_dirs, read_json
+from vggnet.base.files import atomic_write_json, cache_root, make_dirs, read_json
 
 #: What the probes compare, the reference first.
 CANDIDATES = ("fp32", "bf16")
@@ -42,9 +43,8 @@ MAX_CACHE_ENTRIES = 64
 
 def cache_path() -> Path:
     """The probe cache: ``$XDG_CACHE_HOME/vggnet/probe.json`` (``~/.cache/vggnet/probe.json``), in vggnet's cache
-    directory (:func:`vggnet.data.catalogue.cache_root`)."""
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(cache) / "vggnet" / "probe.json"
+    directory (:func:`vggnet.base.files.cache_root`)."""
+    return cache_root() / "probe.json"
 
 
 def faster(seconds: dict[str, float], candidates: tuple[str, ...] = CANDIDATES) -> str:
@@ -151,6 +151,25 @@ def write_cache(path: Path, key: dict[str, Any], entry: dict[str, Any]) -> str |
     except OutputError as err:
         return str(err)
     return None
+
+
+def cached_or_measured(path: Path, key: dict[str, Any], measure: Callable[[], dict[str, Any]], reprobe: bool = False,
+                       read: Callable[[Path, dict[str, Any]], dict[str, Any] | None] = read_cache
+                       ) -> tuple[dict[str, Any], dict[str, Any], str | None]:
+    """The one decision path of every probe: ``(entry, how, problem)``. ``entry``: the cache's entry for ``key`` in
+    ``path`` (``read``; unless ``reprobe``), else ``measure()``'s, written to the cache. ``how``: ``{"by":
+    "cache"}``, or ``{"by": "measured", "probe_seconds": ...}``. ``problem``: why the cache could not be written (a
+    warning says so), or None."""
+    entry = None if reprobe else read(path, key)
+    if entry is not None:
+        return entry, {"by": "cache"}, None
+    start = time.perf_counter()
+    entry = measure()
+    how = {"by": "measured", "probe_seconds": round(time.perf_counter() - start, 3)}
+    problem = write_cache(path, key, entry)
+    if problem is not None:
+        warnings.warn(f"could not write the precision probe's cache ({problem}); the next run measures again")
+    return entry, how, problem
 
 
 def home_relative(path: Path | str) -> str:

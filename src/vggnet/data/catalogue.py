@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import pathlib
 
+from vggnet.base.files import cache_root
 from vggnet.base.errors import DataError
 
 FASHION_MNIST_CLASSES = [
@@ -112,12 +113,6 @@ def canonical_name(name: str) -> str:
         raise DataError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)} (or folder:PATH for an image folder, "
                         "or a folder vggnet data prepare wrote)")
     return key
-
-
-def cache_root() -> pathlib.Path:
-    """vggnet's cache directory: ``$XDG_CACHE_HOME/vggnet``, or ``~/.cache/vggnet``."""
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return pathlib.Path(cache) / "vggnet"
 
 
 def download_root() -> pathlib.Path:

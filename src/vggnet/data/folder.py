@@ -44,7 +44,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from vggnet.data.catalogue import cache_root
+from vggnet.base.files import cache_root
 from vggnet.data.dataset import ImageDataset
 from vggnet.data.images import DECODER_VERSION, ImageFileError, decode_image
 from vggnet.base.errors import ConfigError, DataError
@@ -143,7 +143,7 @@ def _fingerprint(root: pathlib.Path, image_size: int, channels: int, test_fracti
 
 def cache_dir(root: str | os.PathLike) -> pathlib.Path:
     """Where the decode cache of the image folder ``root`` lives: under the user's cache directory
-    (:func:`vggnet.data.catalogue.cache_root`), named by a hash of the folder's resolved path; never inside it."""
+    (:func:`vggnet.base.files.cache_root`), named by a hash of the folder's resolved path; never inside it."""
     return cache_root() / "folders" / _hash(str(pathlib.Path(os.path.expanduser(root)).resolve()))[:16]
 
 

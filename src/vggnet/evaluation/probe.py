@@ -22,7 +22,6 @@ a CUDA device its rule (:func:`vggnet.runtime.pick_precision`), without measurin
 from __future__ import annotations
 
 import time
-import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -31,7 +30,7 @@ import torch
 
 from vggnet.base import probecache
 from vggnet.base.errors import ConfigError
-from vggnet.base.probecache import CANDIDATES, cache_path, home_relative, measured_entry, read_cache, write_cache
+from vggnet.base.probecache import CANDIDATES, cache_path, cached_or_measured, home_relative, measured_entry
 from vggnet.evaluation.metrics import auto_batch_size, inference_form
 from vggnet.runtime import Runtime, cpu_has_bf16, cpu_identity, cpu_runs_bf16
 from vggnet.store.card import LoadedModel
@@ -156,19 +155,15 @@ def choose(model: torch.nn.Module, runtime: Runtime, shape: tuple[int, ...], rep
     if adaptive is not None:  # first the thread count the load leaves, which the verb runs with (a key field)
         adaptive.settle()
     key = probe_key(model, shape, torch.get_num_threads(), runtime.channels_last)
-    path = cache_path()
-    entry = None if reprobe else read_cache(path, key)
+    entry, how, problem = cached_or_measured(
+        cache_path(), key, lambda: measured_entry(measure_candidates(model, shape, runtime.channels_last, measure)),
+        reprobe)
     record: dict[str, Any] = {"device": runtime.device.type, "batch": shape[0], "threads": key["threads"]}
-    if entry is not None:
+    if how["by"] == "cache":
         record.update(precision=entry["precision"], by="cache", fp32_ms=entry["fp32_ms"], bf16_ms=entry["bf16_ms"],
                       measured=entry.get("measured"))
-        return record, None
-    start = time.perf_counter()
-    entry = measured_entry(measure_candidates(model, shape, runtime.channels_last, measure))
-    record.update(entry, by="measured", probe_seconds=round(time.perf_counter() - start, 3))
-    problem = write_cache(path, key, entry)
-    if problem is not None:
-        warnings.warn(f"could not write the precision probe's cache ({problem}); the next run measures again")
+    else:
+        record.update(entry, **how)
     return record, problem
 
 

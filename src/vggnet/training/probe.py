@@ -35,7 +35,6 @@ from __future__ import annotations
 import copy
 import sys
 import time
-import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
@@ -45,8 +44,8 @@ import torch.nn.functional as F
 
 from vggnet.base import probecache
 from vggnet.base.errors import CheckpointError, ConfigError
-from vggnet.base.probecache import (BF16_MAX_SHARE, CACHE_VERSION, CANDIDATES, cache_path, faster, home_relative,
-                                    read_cache, write_cache)
+from vggnet.base.probecache import (BF16_MAX_SHARE, CACHE_VERSION, CANDIDATES, cache_path, cached_or_measured, faster,
+                                    home_relative, read_cache, write_cache)
 from vggnet.net.cpu_bf16 import ALWAYS_PIXELS, DEFAULT_MAX_PIXELS, MIN_CHANNEL_PRODUCT, small_map, tune_for_cpu_bf16
 from vggnet.runtime import (PRECISIONS, AdaptiveThreads, Runtime, autocast, cpu_has_bf16, cpu_identity, cpu_runs_bf16,
                             pick_precision)
@@ -246,17 +245,14 @@ def choose(config: TrainConfig, runtime: Runtime, model: torch.nn.Module, shape:
         threads.poll(LOAD_SECONDS)  # the threads the load leaves: those the run trains with, and the cache's key
     key = probe_key(model, shape, torch.get_num_threads(), runtime.channels_last, config.optimizer)
     path = cache_path()
-    entry, problem = None if reprobe else cached_entry(path, key), None
+    entry, how, problem = cached_or_measured(
+        path, key, lambda: measured_entry(measure_candidates(model, make_optimizer, shape, runtime.channels_last,
+                                                             measure)), reprobe, read=cached_entry)
     record = {"device": device, "batch": shape[0], "threads": key["threads"]}  # no path: cards get shared
-    if entry is not None:
+    if how["by"] == "cache":
         record.update({k: entry[k] for k in RECORDED if k in entry}, by="cache")
     else:
-        start = time.perf_counter()
-        entry = measured_entry(measure_candidates(model, make_optimizer, shape, runtime.channels_last, measure))
-        record.update(entry, by="measured", probe_seconds=round(time.perf_counter() - start, 3))
-        problem = write_cache(path, key, entry)
-        if problem is not None:
-            warnings.warn(f"could not write the precision probe's cache ({problem}); the next run measures again")
+        record.update(entry, **how)
     print(announcement(record, None if problem else path), file=sys.stderr, flush=True)
     return record
 
