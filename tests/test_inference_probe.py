@@ -19,16 +19,17 @@ from vggnet.store.rundir import load
 def probed(monkeypatch, tmp_path):
     """bf16 a candidate on any CPU, the cache under tmp_path, and injected forward times (``probed.seconds``, in s);
     ``probed.calls`` counts the measurements, ``probed.built`` the candidates built for them (no forward pass runs:
-    on a CPU without bf16 the bf16 copy could not)."""
+    on a CPU without bf16 the bf16 copy could not); a candidate without an injected time is measured but left out
+    of the result, as if it were not timed."""
     state = types.SimpleNamespace(calls=0, built=[], seconds={"fp32": 0.010, "bf16": 0.012},
                                   cache=tmp_path / "c" / "probe.json")
 
-    def fake_candidate(model, precision, shape, channels_last):
-        state.built.append((precision, tuple(shape), channels_last))
+    def fake_candidate(model, name, shape, channels_last):
+        state.built.append((name, tuple(shape), channels_last))
         return lambda: None
 
     def fake_measure(calls):
-        assert sorted(calls) == ["bf16", "fp32"]
+        assert set(state.seconds) <= set(calls)
         state.calls += 1
         return dict(state.seconds)
 
@@ -52,7 +53,9 @@ def cpu(precision="fp32", threads=1):
 @pytest.mark.parametrize("fp32, bf16, chosen", [(0.010, 0.005, "bf16"), (0.010, 0.0095, "bf16"),
                                                 (0.010, 0.00951, "fp32"), (0.010, 0.010, "fp32"),
                                                 (0.010, 0.014, "fp32")])
-def test_auto_runs_in_the_measured_choice_and_bf16_must_be_5_percent_faster(probed, loaded, fp32, bf16, chosen):
+def test_auto_runs_in_the_measured_choice_and_bf16_must_be_5_percent_faster(probed, loaded, fp32, bf16, chosen,
+                                                                           monkeypatch):
+    monkeypatch.setattr(probe, "small_map_layers", lambda model, shape: 1)  # as a model with 2x2 maps has
     probed.seconds = {"fp32": fp32, "bf16": bf16}
     choice = probe.decide(loaded, cpu("fp32"), "auto", batch=64)
     assert probed.calls == 1 and choice.runtime.precision == chosen
@@ -63,8 +66,32 @@ def test_auto_runs_in_the_measured_choice_and_bf16_must_be_5_percent_faster(prob
     assert choice.line.startswith(f"vggnet eval: precision auto: {chosen} (fp32 {1000 * fp32:.1f} ms, bf16 "
                                   f"{1000 * bf16:.1f} ms per batch of 64, measured in ")
     assert choice.line.endswith(f" s; cached in {probed.cache})")
-    # both candidates on the model's own input: 1 channel, 32x32, channels_last as the runtime runs
-    assert probed.built == [("fp32", (64, 1, 32, 32), True), ("bf16", (64, 1, 32, 32), True)]
+    # every candidate on the model's own input: 1 channel, 32x32, channels_last as the runtime runs; with a map
+    # small enough for the GEMM path, bf16 without it is a candidate too
+    assert probed.built == [(name, (64, 1, 32, 32), True) for name in ("fp32", "bf16", "bf16_onednn")]
+
+
+@pytest.mark.parametrize("gemm, onednn, chosen", [(0.006, 0.005, "bf16_onednn"), (0.005, 0.006, "bf16"),
+                                                  (0.005, 0.005, "bf16"), (0.011, 0.0096, "fp32")])
+def test_bf16_without_the_small_map_gemm_is_a_candidate_and_its_choice_reaches_the_runtime(probed, loaded, gemm,
+                                                                                         onednn, chosen, monkeypatch):
+    monkeypatch.setattr(probe, "small_map_layers", lambda model, shape: 1)
+    probed.seconds = {"fp32": 0.010, "bf16": gemm, "bf16_onednn": onednn}
+    choice = probe.decide(loaded, cpu(), "auto", batch=64)
+    precision, small_maps = {"fp32": ("fp32", False), "bf16": ("bf16", True), "bf16_onednn": ("bf16", False)}[chosen]
+    assert (choice.runtime.precision, choice.runtime.small_map_convs) == (precision, small_maps)
+    assert choice.record["small_map_convs"] is (chosen == "bf16")
+    label = {"fp32": "fp32", "bf16": "bf16", "bf16_onednn": "bf16 without small-map GEMM"}[chosen]
+    assert choice.line.startswith(f"vggnet eval: precision auto: {label} (fp32 10.0 ms, bf16 {1000 * gemm:.1f} ms, "
+                                  f"bf16 without small-map GEMM {1000 * onednn:.1f} ms per batch of 64, measured in ")
+    again = probe.decide(loaded, cpu(), "auto", batch=64)  # read back from the cache: the same choice, the same line
+    assert probed.calls == 1 and again.record["by"] == "cache" and again.runtime == choice.runtime
+    assert again.record["bf16_onednn_ms"] == 1000 * onednn and again.line.startswith(choice.line.split(", measured")[0])
+
+
+def test_without_a_small_map_bf16_is_measured_once(probed, loaded):
+    probe.decide(loaded, cpu(), "auto", batch=64)  # the tiny model's maps: 32x32 and 16x16
+    assert [name for name, *_ in probed.built] == ["fp32", "bf16"]
 
 
 def test_the_cache_is_read_instead_of_measuring_and_reprobe_measures_again(probed, loaded):
@@ -225,6 +252,35 @@ def test_predict_auto_prints_the_choice_and_reprobe_measures_again(probed, cli, 
     one_line_error(*cli(argv + [bad])[::2], "bad.png")  # an error stays the one line: no choice printed beside it
 
 
+@pytest.mark.cpu_bf16
+@pytest.mark.parametrize("small_maps", [True, False])
+def test_the_chosen_bf16_variant_is_what_eval_multiscale_eval_and_predict_run(monkeypatch, train_run, train_data_dir,
+                                                                            image_files, small_maps, tmp_path):
+    """The runtime's small_map_convs (the probe's choice) reaches every inference copy the verbs build."""
+    import shutil
+
+    from vggnet.evaluation import metrics
+    from vggnet.evaluation.multiscale import Protocol
+    from vggnet.evaluation.source import evaluate_source
+    from vggnet.use.predict import predict_files
+
+    built = []
+    real = metrics.optimize_for_inference
+
+    def spy(model, precision, channels_last, **options):
+        net = real(model, precision, channels_last, **options)
+        built.append((precision, options.get("small_maps"), "small_map_gemm" in net.steps))
+        return net
+
+    monkeypatch.setattr(metrics, "optimize_for_inference", spy)
+    runtime = dataclasses.replace(cpu("bf16"), small_map_convs=small_maps)
+    run = shutil.copytree(train_run["dir"], tmp_path / "run")  # evaluations write into the run: a copy
+    evaluate_source(run, runtime, data_dir=str(train_data_dir))
+    evaluate_source(run, runtime, data_dir=str(train_data_dir), protocol=Protocol((32, 40), dense=True))
+    predict_files(load(run), [image_files["rgb"]], runtime=runtime)
+    assert built == [("bf16", small_maps, small_maps)] * 3
+
+
 # ------------------------------------------------------------------------------------------------ the measurement
 @pytest.mark.cpu_bf16
 def test_the_probe_leaves_the_model_and_the_random_state_untouched(train_run_one_epoch):
@@ -232,6 +288,8 @@ def test_the_probe_leaves_the_model_and_the_random_state_untouched(train_run_one
     before = (copy.deepcopy(model.state_dict()), torch.get_rng_state(), [type(m) for m in model.modules()])
     seconds = probe.measure_candidates(model, (8, 1, 32, 32), True)  # the real timer
     assert sorted(seconds) == ["bf16", "fp32"] and all(s > 0 for s in seconds.values())
+    seconds = probe.measure_candidates(model, (8, 1, 4, 4), True)  # its second conv on 2x2 maps: the GEMM path's
+    assert sorted(seconds) == ["bf16", "bf16_onednn", "fp32"] and all(s > 0 for s in seconds.values())
     state, rng, types_ = before
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())  # BN statistics included
     assert torch.equal(torch.get_rng_state(), rng) and [type(m) for m in model.modules()] == types_
@@ -244,8 +302,15 @@ def test_the_candidates_run_what_evaluation_runs(train_run_one_epoch):
     to bf16 rounding."""
     model = copy.deepcopy(train_run_one_epoch["model"]).eval()
     outputs = {}
-    for precision in probe.CANDIDATES:
-        net, _ = probe.inference_form(model, torch.device("cpu"), precision, True)
-        outputs[precision] = net
-    assert outputs["fp32"] is model and outputs["bf16"].precision == "bf16"
+    for name, (precision, small_maps) in probe.VARIANTS.items():
+        net, _ = probe.inference_form(model, torch.device("cpu"), precision, True, small_maps=small_maps)
+        outputs[name] = net
+    assert outputs["fp32"] is model and outputs["bf16"].precision == outputs["bf16_onednn"].precision == "bf16"
     assert "fold_bn" in outputs["bf16"].steps or not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert "small_map_gemm" in outputs["bf16"].steps and "small_map_gemm" not in outputs["bf16_onednn"].steps
+    x = torch.randn(8, 1, 4, 4)  # 2x2 maps after the first pool: the GEMM path against oneDNN
+    with torch.no_grad():
+        reference = model(x)
+        for name in ("bf16", "bf16_onednn"):  # both bf16 forms compute the model, to bf16 rounding
+            error = (outputs[name](x) - reference).norm() / reference.norm()
+            assert error < 0.03, (name, error)

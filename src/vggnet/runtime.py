@@ -71,6 +71,12 @@ def cpu_runs_bf16() -> bool:
     return bool(is_supported()) if is_supported is not None else False
 
 
+def bf16_candidate(device: torch.device) -> bool:
+    """Whether precision ``auto``'s probes measure bf16 on ``device``: a CPU that runs bf16 natively (AVX512_BF16
+    or AMX) and where oneDNN can run bf16 convolutions."""
+    return device.type == "cpu" and cpu_has_bf16() and cpu_runs_bf16()
+
+
 def available_cores() -> int:
     cpus = affinity()
     return len(cpus) if cpus is not None else os.cpu_count() or 1  # None: not Linux
@@ -249,6 +255,9 @@ class Runtime:
     #: The thread count that follows the other processes' load during inference (:func:`inference_threads`; None:
     #: --threads was given, or not the CPU); evaluation and prediction poll it between batches.
     adaptive: AdaptiveThreads | None = field(default=None, compare=False, repr=False)
+    #: In bf16 on the CPU, whether 3x3 convolutions on small maps run as one GEMM (:mod:`vggnet.net.cpu_bf16`) or
+    #: oneDNN runs every convolution: precision ``auto``'s inference probe measures both (:mod:`vggnet.evaluation.probe`).
+    small_map_convs: bool = True
 
     @property
     def cpu_bf16(self) -> bool:
@@ -326,4 +335,4 @@ def resolve_runtime(device: str | torch.device = "auto", precision: str = "auto"
         check_compile(dev)
     adaptive = inference_threads(dev, threads is not None, deterministic)
     return Runtime(dev, chosen, bool(channels_last), set_threads(threads, dev), bool(compile), bool(deterministic),
-                   adaptive)
+                   adaptive=adaptive)

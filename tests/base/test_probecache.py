@@ -31,7 +31,18 @@ def test_the_fastest_of_several_variants_wins_when_at_least_5_percent_faster(a, 
 def test_a_measured_entry_holds_the_choice_and_the_milliseconds():
     entry = probecache.measured_entry({"fp32": 0.0041, "bf16": 0.0053125})
     assert (entry["precision"], entry["fp32_ms"], entry["bf16_ms"]) == ("fp32", 4.1, 5.312)
-    assert sorted(entry) == ["bf16_ms", "fp32_ms", "measured", "precision"]
+    assert sorted(entry) == ["bf16_ms", "fp32_ms", "measured", "precision", "small_map_convs"]
+    assert entry["small_map_convs"] is False  # bf16 without the GEMM path was not measured against it
+
+
+@pytest.mark.parametrize("gemm, onednn, chosen, small_maps", [(5.0, 6.0, "bf16", True), (6.0, 5.0, "bf16", False),
+                                                              (9.6, 9.7, "fp32", False)])
+def test_a_measured_entry_of_three_candidates_says_which_bf16_variant_won(gemm, onednn, chosen, small_maps):
+    entry = probecache.measured_entry({"fp32": 0.010, "bf16": gemm / 1000, "bf16_onednn": onednn / 1000})
+    assert (entry["precision"], entry["small_map_convs"], entry["bf16_onednn_ms"]) == (chosen, small_maps, onednn)
+    assert probecache.candidate_of(entry) == {(True, "bf16"): "bf16", (False, "bf16"): "bf16_onednn"}.get(
+        (small_maps, chosen), "fp32")
+    assert probecache.uses_small_map_convs(entry) is small_maps
 
 
 def test_the_timer_warms_up_alternates_and_returns_medians():
@@ -80,7 +91,8 @@ def test_the_initialisation_is_not_part_of_the_key_but_the_layers_signature_tell
 
 
 # ------------------------------------------------------------------------------------------------------- cache
-ENTRY = {"precision": "bf16", "fp32_ms": 4.1, "bf16_ms": 2.0, "measured": "2025-01-01 00:00:00 UTC"}
+ENTRY = {"precision": "bf16", "small_map_convs": True, "fp32_ms": 4.1, "bf16_ms": 2.0,
+         "measured": "2025-01-01 00:00:00 UTC"}
 
 
 def test_the_cache_round_trips_an_entry_under_its_key(tmp_path):
@@ -97,7 +109,10 @@ def test_the_cache_round_trips_an_entry_under_its_key(tmp_path):
 
 @pytest.mark.parametrize("entry", [dict(ENTRY, precision="fp16"), dict(ENTRY, fp32_ms=0), dict(ENTRY, bf16_ms=-1.0),
                                    dict(ENTRY, bf16_ms="2"), dict(ENTRY, fp32_ms=True),
-                                   {k: v for k, v in ENTRY.items() if k != "fp32_ms"}])
+                                   {k: v for k, v in ENTRY.items() if k != "fp32_ms"},
+                                   {k: v for k, v in ENTRY.items() if k != "small_map_convs"},
+                                   dict(ENTRY, small_map_convs="yes"), dict(ENTRY, bf16_onednn_ms=0),
+                                   dict(ENTRY, bf16_onednn_ms=None)])
 def test_an_entry_that_is_not_a_decision_is_measured_again(tmp_path, entry):
     path = tmp_path / "probe.json"
     probecache.write_cache(path, {"n": 1}, entry)
@@ -117,7 +132,7 @@ def test_the_cache_keeps_a_bounded_number_of_entries(tmp_path, monkeypatch):
     monkeypatch.setattr(probecache, "MAX_CACHE_ENTRIES", 3)
     path = tmp_path / "probe.json"
     for i in range(5):
-        assert probecache.write_cache(path, {"n": i}, {"precision": "fp32", "fp32_ms": 1.0, "bf16_ms": 2.0}) is None
+        assert probecache.write_cache(path, {"n": i}, dict(ENTRY, precision="fp32")) is None
     assert probecache.read_cache(path, {"n": 0}) is None and probecache.read_cache(path, {"n": 1}) is None
     assert [probecache.read_cache(path, {"n": i})["key"] for i in (2, 3, 4)] == [{"n": 2}, {"n": 3}, {"n": 4}]
 

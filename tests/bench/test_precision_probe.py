@@ -37,13 +37,29 @@ def measured(monkeypatch):
 
 def test_the_infer_section_shows_the_inference_probes_choice(measured):
     model = create_model("vgg11", head="gap", input_size=32).eval()
-    p = bench_infer.inference_probe(model, 32, 256, "bf16")
+    p = bench_infer.inference_probe(model, 32, 256)
     assert p == {"batch": 128, "fp32_ms": pytest.approx(4.1), "bf16_ms": pytest.approx(5.3), "chosen": "fp32",
-                 "runs_in": "bf16", "unit": "batch"}
+                 "unit": "batch"}
     assert measured.shapes == [("infer", (128, 3, 32, 32))]
     measured.seconds = {"fp32": 0.010, "bf16": 0.0095}  # exactly 5% faster
-    assert bench_infer.inference_probe(model, 224, 8, "bf16")["chosen"] == "bf16"
+    assert bench_infer.inference_probe(model, 224, 8)["chosen"] == "bf16"
     assert measured.shapes[-1] == ("infer", (2, 3, 224, 224))
+    measured.seconds = {"fp32": 0.010, "bf16": 0.009, "bf16_onednn": 0.008}
+    assert bench_infer.inference_probe(model, 32, 2)["chosen"] == "bf16_onednn"
+
+
+@pytest.mark.cpu_bf16
+@pytest.mark.parametrize("seconds, precision, steps_gemm, runs_in", [
+    ({"fp32": 0.010, "bf16": 0.009, "bf16_onednn": 0.008}, "bf16", False, "bf16_onednn"),
+    ({"fp32": 0.010, "bf16": 0.008, "bf16_onednn": 0.009}, "bf16", True, "bf16"),
+    ({"fp32": 0.010, "bf16": 0.0099, "bf16_onednn": 0.0099}, "fp32", False, "fp32")])
+def test_the_infer_sections_vggnet_row_runs_the_probes_choice(measured, seconds, precision, steps_gemm, runs_in):
+    from vggnet.bench.config import BenchConfig
+
+    measured.seconds = seconds
+    r = bench_infer.bench_infer(BenchConfig(sections=("infer",), quick=True), {})  # VGG-11 at 32x32: 2x2 maps
+    assert r["vggnet"]["precision"] == precision and ("small_map_gemm" in r["steps"]) is steps_gemm
+    assert (r["precision_probe"]["chosen"], r["precision_probe"]["runs_in"]) == (runs_in, runs_in)
 
 
 def test_the_train_section_shows_the_training_probes_choice(measured, monkeypatch, train_options, tmp_path):
@@ -71,8 +87,8 @@ def test_the_train_section_shows_the_training_probes_choice(measured, monkeypatc
 def test_without_a_bf16_candidate_the_sections_say_why_and_measure_nothing(measured, monkeypatch):
     monkeypatch.setattr(inference_probe, "bf16_candidate", lambda device: False)
     model = create_model("vgg11", head="gap", input_size=32).eval()
-    p = bench_infer.inference_probe(model, 32, 2, "fp32")
-    assert p == {"skipped": "no bf16 candidate on this CPU (no native bf16): auto takes fp32", "runs_in": "fp32"}
+    p = bench_infer.inference_probe(model, 32, 2)
+    assert p == {"skipped": "no bf16 candidate on this CPU (no native bf16): auto takes fp32"}
     assert measured.shapes == []
 
 

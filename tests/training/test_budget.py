@@ -215,7 +215,7 @@ def slow_machine(monkeypatch, calls):
     """measure_shape replaced: 1.5 s per trained and 0.1 s per evaluated image (an epoch of the tiny run: 199.9 s),
     so 10 minutes fit 2 epochs of the default recipe."""
 
-    def measure(config, train_set, runtime, shape):
+    def measure(config, train_set, runtime, shape, reprobe=False):
         calls.append(shape)
         return Speed(1.5, 0.1, "fp32", True, (("fp32_ms", 48000.0),))
 

@@ -3,9 +3,9 @@ and the cache file.
 
 Precision ``auto`` on a CPU with native bf16 is decided by measurement, for training
 (:mod:`vggnet.training.probe`: training steps) and for inference (:mod:`vggnet.evaluation.probe`: eval-mode forward
-passes). Both time their candidates (:data:`CANDIDATES`; training adds a second bf16 variant) in interleaved rounds
-after untimed warm-up calls (:func:`median_seconds`), choose by :func:`faster` (the fastest bf16 variant, only when
-at least 5% faster than fp32) and cache the decision in one file,
+passes). Both time their candidates (:data:`VARIANTS`: fp32, bf16, and bf16 without the small-map GEMM where a map
+is small enough for it) in interleaved rounds after untimed warm-up calls (:func:`median_seconds`), choose by
+:func:`winner` (the fastest bf16 variant, only when at least 5% faster than fp32) and cache the decision in one file,
 ``$XDG_CACHE_HOME/vggnet/probe.json`` (:func:`cache_path`), written atomically, one entry per key
 (:func:`probe_key`: the kind of probe, the CPU, torch, the model's shape, the probe's input, threads and memory
 layout, and what else the kind's measurement depends on). An absent, unreadable or foreign cache holds nothing:
@@ -30,6 +30,13 @@ from vggnet.base.files import atomic_write_json, cache_root, make_dirs, read_jso
 
 #: What the probes compare, the reference first.
 CANDIDATES = ("fp32", "bf16")
+#: Every candidate a probe may time, the reference first: its precision and whether bf16's small-map convolutions
+#: take the GEMM path (:class:`vggnet.net.cpu_bf16.SmallMapConv2d`) or oneDNN runs every convolution. The third is
+#: timed only where some layer would take the GEMM path (:func:`vggnet.net.cpu_bf16.small_map_layers`); elsewhere
+#: both bf16 variants are the same computation.
+VARIANTS = {"fp32": ("fp32", False), "bf16": ("bf16", True), "bf16_onednn": ("bf16", False)}
+#: How a candidate is named on the terminal and in ``vggnet bench``.
+LABELS = {"fp32": "fp32", "bf16": "bf16", "bf16_onednn": "bf16 without small-map GEMM"}
 #: bf16 is chosen only when its time is at most this share of fp32's (at least 5% faster). A near tie goes to fp32:
 #: a probe of a few calls on a machine that other processes may share is only good to a few percent, the real work
 #: pays bf16 costs the probe does not see (a first call per new shape, the bf16 copy of evaluation), and fp32 is the
@@ -77,10 +84,42 @@ def median_seconds(calls: dict[str, Callable[[], Any]], warmup: int, min_rounds:
     return {name: statistics.median(seconds) for name, seconds in times.items()}
 
 
+def winner(seconds: dict[str, float]) -> str:
+    """The candidate to run in: the fastest bf16 variant of those measured (a tie: the one listed first in
+    :data:`VARIANTS`) when it is at least 5% faster than fp32 (:func:`faster`), else fp32."""
+    return faster(seconds, tuple(name for name in VARIANTS if name in seconds))
+
+
 def measured_entry(seconds: dict[str, float]) -> dict[str, Any]:
-    """A cache entry of a measurement: the choice, each candidate's milliseconds and when it was measured."""
-    return {"precision": faster(seconds), **{f"{p}_ms": round(1000 * seconds[p], 3) for p in CANDIDATES},
+    """A cache entry of a measurement: the choice (its precision, and ``small_map_convs``: whether bf16 runs with
+    the small-map GEMM path, only where that was measured against oneDNN alone and won), each candidate's
+    milliseconds and when it was measured."""
+    chosen = winner(seconds)
+    return {"precision": VARIANTS[chosen][0], "small_map_convs": chosen == "bf16" and "bf16_onednn" in seconds,
+            **{f"{name}_ms": round(1000 * seconds[name], 3) for name in VARIANTS if name in seconds},
             "measured": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+
+
+def candidate_of(record: dict[str, Any]) -> str:
+    """The candidate a record (a cache entry, a run's ``precision_record``) chose: its precision, or
+    ``bf16_onednn`` where bf16 won without the GEMM path against a measured GEMM variant."""
+    if record.get("precision") == "bf16" and record.get("small_map_convs") is False and "bf16_onednn_ms" in record:
+        return "bf16_onednn"
+    return record["precision"]
+
+
+def uses_small_map_convs(record: dict[str, Any] | None) -> bool:
+    """Whether bf16 on the CPU takes the small-map GEMM path: as a ``precision_record`` says; yes where it says
+    nothing (an explicit ``--precision bf16``, a record from before the probe measured it)."""
+    return record is None or record.get("small_map_convs", True) is not False
+
+
+def times_line(record: dict[str, Any], unit: str) -> str:
+    """``fp32 56.9, bf16 37.9, bf16 without small-map GEMM 41.2 ms/step at batch 128`` (``unit``: ``ms/step``),
+    naming that the GEMM path was not timed where no map was small enough for it."""
+    times = ", ".join(f"{LABELS[name]} {record[f'{name}_ms']:.1f}" for name in VARIANTS if f"{name}_ms" in record)
+    line = f"{times} {unit} at batch {record['batch']}"
+    return line if "bf16_onednn_ms" in record else line + ", no map small enough for the GEMM path"
 
 
 # ------------------------------------------------------------------------------------------------------------ keys
@@ -124,16 +163,27 @@ def _entries(path: Path) -> dict[str, Any]:
     return cache["entries"]
 
 
-def read_cache(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
-    """The cached decision for ``key``, or None when there is none (or it does not hold what a decision holds: one
-    of :data:`CANDIDATES` and a positive time of each)."""
+def read_entry(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
+    """The cache's entry for ``key`` as written, or None (each kind checks what its entries hold)."""
     entry = _entries(path).get(digest(key))
-    if not isinstance(entry, dict) or entry.get("key") != key or entry.get("precision") not in CANDIDATES:
+    return entry if isinstance(entry, dict) and entry.get("key") == key else None
+
+
+def positive(value: Any) -> bool:
+    """Whether ``value`` is a positive number (a time a cache entry holds), not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+
+def read_cache(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
+    """The cached decision for ``key``, or None when there is none or it does not hold what a decision holds: one
+    of :data:`CANDIDATES`, a positive time of each (and of ``bf16_onednn`` where it has one) and which bf16 variant
+    won (``small_map_convs``, true or false)."""
+    entry = read_entry(path, key)
+    if entry is None or entry.get("precision") not in CANDIDATES:
         return None
-    times = [entry.get(f"{p}_ms") for p in CANDIDATES]
-    if not all(isinstance(t, (int, float)) and not isinstance(t, bool) and t > 0 for t in times):
+    if not all(positive(t) for t in [entry.get(f"{p}_ms") for p in CANDIDATES] + [entry.get("bf16_onednn_ms", 1.0)]):
         return None
-    return entry
+    return entry if isinstance(entry.get("small_map_convs"), bool) else None
 
 
 def write_cache(path: Path, key: dict[str, Any], entry: dict[str, Any]) -> str | None:

@@ -1,8 +1,10 @@
 """The ``infer`` section: VGG-16 (classic head) at 224x224, batch 8.
 
 Reference: the same network in eager fp32 NCHW under ``torch.no_grad``. vggnet:
-:func:`vggnet.evaluation.inference.optimize_for_inference` with its defaults, same weights; the relative error of its logits
-against the reference is reported with the tolerance.
+:func:`vggnet.evaluation.inference.optimize_for_inference`, same weights, in the precision and bf16 variant that
+precision ``auto``'s inference probe chooses on this machine (as ``vggnet eval --precision auto`` and ``vggnet
+predict`` run; its defaults where the CPU has no native bf16); the relative error of its logits against the
+reference is reported with the tolerance.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from torch import nn
 
 from vggnet.bench.config import TARGETS, BenchConfig
 from vggnet.bench.reference import ReferenceVGG, forward_macs
-from vggnet.base.probecache import faster
+from vggnet.base.probecache import VARIANTS, candidate_of, winner
 from vggnet.base.timing import Timing, comparison, interleaved
 from vggnet.evaluation import probe
 from vggnet.evaluation.inference import BF16_RTOL, optimize_for_inference
@@ -59,7 +61,9 @@ def inference_call(module: nn.Module, x: torch.Tensor, grad_mode=torch.inference
 def bench_infer(cfg: BenchConfig, results: dict[str, Any]) -> dict[str, Any]:
     name, size, batch, head = cfg.pick(("vgg16", 224, 8, "classic"), ("vgg11", 32, 2, "gap"))
     reference, model = infer_models(name, size, head)
-    fast = optimize_for_inference(model)
+    probed = inference_probe(model, size, batch)
+    precision, small_maps = VARIANTS[probed["chosen"]] if "chosen" in probed else ("auto", True)
+    fast = optimize_for_inference(model, precision, small_maps=small_maps)
     x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref_out = reference(x)
@@ -74,16 +78,17 @@ def bench_infer(cfg: BenchConfig, results: dict[str, Any]) -> dict[str, Any]:
     return comparison(ref_t, fast_t, model=name, head=head, input_size=size, batch=batch, flops_per_batch=flops,
                       steps=fast.steps, tolerance={"rel_l2_error_max": BF16_RTOL if fast.precision == "bf16" else 1e-5},
                       **logit_error(ref_out, fast_out), target_ratio=TARGETS["infer_ratio"],
-                      precision_probe=inference_probe(model, size, batch, fast.precision))
+                      precision_probe=dict(probed, runs_in=candidate_of(
+                          {**probed, "precision": fast.precision, "small_map_convs": small_maps})))
 
 
-def inference_probe(model: nn.Module, size: int, batch: int, runs_in: str) -> dict[str, Any]:
+def inference_probe(model: nn.Module, size: int, batch: int) -> dict[str, Any]:
     """What precision ``auto``'s inference probe (:mod:`vggnet.evaluation.probe`, as ``vggnet eval`` runs it) measures
-    on this section's model and would choose: its own functions, called once, beside the precision the vggnet row
-    runs in (:func:`~vggnet.evaluation.inference.optimize_for_inference`'s rule)."""
+    on this section's model and chooses (``chosen``, a :data:`~vggnet.base.probecache.VARIANTS` name): its own
+    functions, called once (never the cache)."""
     if not probe.bf16_candidate(torch.device("cpu")):
-        return {"skipped": "no bf16 candidate on this CPU (no native bf16): auto takes fp32", "runs_in": runs_in}
+        return {"skipped": "no bf16 candidate on this CPU (no native bf16): auto takes fp32"}
     shape = (probe.probe_batch(batch, size), 3, size, size)
     seconds = probe.measure_candidates(model, shape, channels_last=True)
-    return {"batch": shape[0], "fp32_ms": 1000 * seconds["fp32"], "bf16_ms": 1000 * seconds["bf16"],
-            "chosen": faster(seconds), "runs_in": runs_in, "unit": "batch"}
+    return {"batch": shape[0], **{f"{name}_ms": 1000 * s for name, s in seconds.items()}, "chosen": winner(seconds),
+            "unit": "batch"}

@@ -16,7 +16,8 @@ same float32 NCHW batches and returns float32 logits. What it does, each step op
    the input in bf16; ``"auto"`` picks bf16 where the CPU has AVX512_BF16/AMX (:func:`vggnet.runtime.cpu_has_bf16`)
    and fp32 elsewhere. Tolerance of bf16 against fp32: relative L2 error of the logits below 3% (``BF16_RTOL``;
    typically about 0.5-1%) and the same top-1 class on all but near-tied inputs.
-5. ``small_maps``: 3x3 convs on maps of at most 16 pixels run as one GEMM in bf16 (:mod:`vggnet.net.cpu_bf16`).
+5. ``small_maps``: 3x3 convs on maps of at most 16 pixels run as one GEMM in bf16 (:mod:`vggnet.net.cpu_bf16`); False
+   leaves every convolution to oneDNN (precision ``auto``'s probe measures both, :mod:`vggnet.evaluation.probe`).
 6. ``compile``: ``torch.compile`` of the result (off by default: it costs tens of seconds of compilation; see
    docs/BENCHMARKS.md for when it pays). Step 2 is then left to inductor, which fuses conv + ReLU itself.
 """
@@ -161,6 +162,9 @@ def optimize_for_inference(model: nn.Module, precision: str = "auto", channels_l
     if gemm_pixels and (use_small_map_convs(fast, gemm_pixels) or any(
             isinstance(m, SmallMapConv2d) for m in fast.modules())):
         steps.append("small_map_gemm")
+    for conv in fast.modules():  # without the GEMM path, a model tuned for bf16 training leaves its convs to oneDNN
+        if not gemm_pixels and isinstance(conv, SmallMapConv2d):
+            conv.max_pixels = 0
     wrapped: nn.Module = InferenceModel(fast, precision, channels_last, steps).eval()
     if compile:
         wrapped = compile_module(wrapped)

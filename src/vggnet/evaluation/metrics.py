@@ -74,13 +74,14 @@ def auto_batch_size(height: int, width: int, device: torch.device | str = "cpu")
 def predict_logits(model: torch.nn.Module, images: torch.Tensor, preprocess, device: torch.device,
                    precision: str = "fp32", batch_size: int | None = None, tta: str | None = None,
                    channels_last: bool = True, progress: bool = False, compile: bool = False,
-                   threads: AdaptiveThreads | None = None) -> torch.Tensor:
+                   threads: AdaptiveThreads | None = None, small_maps: bool = True) -> torch.Tensor:
     """Float32 logits for uint8 ``images`` (N, C, H, W), in batches (default :func:`auto_batch_size`);
     ``tta="flip"`` averages with the mirror. ``model`` runs in eval mode and is put back in its own mode after.
     ``threads``: polled before every batch, so the CPU thread count follows the other processes' load
     (:attr:`vggnet.runtime.Runtime.adaptive`; None: the count stays as it is).
     ``compile``: the network is ``torch.compile``d first (on the CPU the folded copy below, in fp32 or bf16); the
-    first batch then pays the compilation.
+    first batch then pays the compilation. ``small_maps``: in bf16 on the CPU, small maps take the GEMM path
+    (:class:`vggnet.runtime.Runtime`'s ``small_map_convs``; False: oneDNN for every convolution).
 
     In bf16 on the CPU the batches run through :func:`vggnet.evaluation.inference.optimize_for_inference` (a folded, fused
     bf16 copy of ``model``; about 2x faster than autocast on the default model and 6x on VGG-16) instead of under
@@ -89,7 +90,7 @@ def predict_logits(model: torch.nn.Module, images: torch.Tensor, preprocess, dev
     was_training = model.training
     model.eval()
     batch_size = batch_size or auto_batch_size(*images.shape[-2:], device)
-    net, mixed = inference_form(model, device, precision, channels_last, compile)
+    net, mixed = inference_form(model, device, precision, channels_last, compile, small_maps)
     try:
         return _logits(net, images, preprocess, device, batch_size, mixed, tta, channels_last, progress, threads)
     finally:
@@ -97,14 +98,15 @@ def predict_logits(model: torch.nn.Module, images: torch.Tensor, preprocess, dev
 
 
 def inference_form(model: torch.nn.Module, device: torch.device, precision: str, channels_last: bool = True,
-                   compile: bool = False) -> tuple[torch.nn.Module, contextlib.AbstractContextManager]:
+                   compile: bool = False, small_maps: bool = True
+                   ) -> tuple[torch.nn.Module, contextlib.AbstractContextManager]:
     """The network evaluation runs and the context it runs under: in bf16 on the CPU (or compiled there) the folded,
     fused copy of :func:`vggnet.evaluation.inference.optimize_for_inference` with no autocast; elsewhere ``model``
     (compiled with ``compile``) under :func:`vggnet.runtime.autocast`. The one choice of plain and multi-scale
-    evaluation alike."""
+    evaluation alike. ``small_maps``: whether the bf16 copy's small maps take the GEMM path."""
     if device.type == "cpu" and (compile or uses_cpu_bf16_path(device, precision)):
         net = optimize_for_inference(model, "bf16" if uses_cpu_bf16_path(device, precision) else "fp32",
-                                     channels_last, compile=compile)
+                                     channels_last, compile=compile, small_maps=small_maps)
         return net, contextlib.nullcontext()
     return (compile_module(model) if compile else model), autocast(device, precision)
 
@@ -144,9 +146,10 @@ def _logits(model, images, preprocess, device, batch_size, mixed, tta, channels_
 def evaluate(model: torch.nn.Module, dataset, preprocess, device: torch.device | str = "cpu",
              precision: str = "fp32", batch_size: int | None = None, tta: str | None = None,
              channels_last: bool = True, progress: bool = False, compile: bool = False,
-             threads: AdaptiveThreads | None = None) -> EvalResult:
-    """Evaluate ``model`` on a whole :class:`~vggnet.data.ImageDataset` (``threads`` as for :func:`predict_logits`)."""
+             threads: AdaptiveThreads | None = None, small_maps: bool = True) -> EvalResult:
+    """Evaluate ``model`` on a whole :class:`~vggnet.data.ImageDataset` (``threads``, ``small_maps`` as for
+    :func:`predict_logits`)."""
     device = torch.device(device)
     logits = predict_logits(model, dataset.images, preprocess, device, precision, batch_size, tta, channels_last,
-                            progress, compile, threads)
+                            progress, compile, threads, small_maps)
     return metrics_from_logits(logits, dataset.labels, len(dataset.classes), dataset.classes)

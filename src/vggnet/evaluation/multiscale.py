@@ -187,24 +187,25 @@ def check_protocol(model: torch.nn.Module, preprocess, protocol: Protocol) -> No
 def multiscale_log_probs(model: torch.nn.Module, images: torch.Tensor, preprocess, protocol: Protocol,
                          device: torch.device | str = "cpu", precision: str = "fp32", batch_size: int | None = None,
                          channels_last: bool = True, progress: bool = False,
-                         adaptive: AdaptiveThreads | None = None) -> torch.Tensor:
+                         adaptive: AdaptiveThreads | None = None, small_maps: bool = True) -> torch.Tensor:
     """Float32 ``(N, classes)``: log of the class probabilities averaged as ``protocol`` says, for uint8 ``images``
-    (N, C, H, W). ``model`` runs in eval mode and is put back in its own mode after."""
+    (N, C, H, W). ``model`` runs in eval mode and is put back in its own mode after. ``small_maps``: as for
+    :func:`vggnet.evaluation.metrics.predict_logits`."""
     device = torch.device(device)
-    with protocol_nets(model, preprocess, protocol, device, precision, channels_last) as nets:
+    with protocol_nets(model, preprocess, protocol, device, precision, channels_last, small_maps) as nets:
         return _log_probs(nets, images, preprocess, protocol, device, batch_size, channels_last, progress, adaptive)
 
 
 @contextlib.contextmanager
 def protocol_nets(model: torch.nn.Module, preprocess, protocol: Protocol, device: torch.device, precision: str,
-                  channels_last: bool) -> Iterator["_Nets"]:
+                  channels_last: bool, small_maps: bool = True) -> Iterator["_Nets"]:
     """:func:`check_protocol`, then the nets ``protocol`` runs (``model`` in eval mode, put back in its own mode
     after): the one set-up of the in-memory and the streamed evaluation."""
     check_protocol(model, preprocess, protocol)
     was_training = model.training
     model.eval()
     try:
-        yield _networks(model, protocol, device, precision, channels_last)
+        yield _networks(model, protocol, device, precision, channels_last, small_maps)
     finally:
         model.train(was_training)
 
@@ -212,11 +213,11 @@ def protocol_nets(model: torch.nn.Module, preprocess, protocol: Protocol, device
 def evaluate_multiscale(model: torch.nn.Module, dataset, preprocess, protocol: Protocol,
                         device: torch.device | str = "cpu", precision: str = "fp32", batch_size: int | None = None,
                         progress: bool = False, channels_last: bool = True,
-                        adaptive: AdaptiveThreads | None = None) -> EvalResult:
+                        adaptive: AdaptiveThreads | None = None, small_maps: bool = True) -> EvalResult:
     """:func:`vggnet.evaluation.metrics.evaluate` under ``protocol``, on a whole :class:`~vggnet.data.ImageDataset`.
     ``adaptive``: polled before each chunk, so the CPU thread count follows the load (``Runtime.adaptive``)."""
     log_probs = multiscale_log_probs(model, dataset.images, preprocess, protocol, device, precision, batch_size,
-                                     channels_last, progress, adaptive)
+                                     channels_last, progress, adaptive, small_maps)
     return result_from_log_probs(log_probs, dataset.labels, dataset.classes)
 
 
@@ -236,7 +237,8 @@ class _Nets:
     mixed: contextlib.AbstractContextManager
 
 
-def _networks(model, protocol: Protocol, device: torch.device, precision: str, channels_last: bool) -> _Nets:
+def _networks(model, protocol: Protocol, device: torch.device, precision: str, channels_last: bool,
+              small_maps: bool = True) -> _Nets:
     """The nets the protocol runs, in the form :func:`vggnet.evaluation.metrics.predict_logits` would run them."""
     dense = None
     if protocol.dense:
@@ -244,7 +246,8 @@ def _networks(model, protocol: Protocol, device: torch.device, precision: str, c
     crop = model if protocol.crops else None
     mixed = autocast(device, precision)
     if uses_cpu_bf16_path(device, precision):  # the folded bf16 copy, as plain evaluation runs it
-        crop, dense = (inference_form(net, device, precision, channels_last)[0] if net is not None else None
+        crop, dense = (inference_form(net, device, precision, channels_last, small_maps=small_maps)[0]
+                       if net is not None else None
                        for net in (crop, dense))
         mixed = contextlib.nullcontext()
     return _Nets(crop, dense, mixed)

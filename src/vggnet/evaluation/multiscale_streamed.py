@@ -64,15 +64,17 @@ def normalise(x: torch.Tensor, preprocess) -> torch.Tensor:
 def evaluate_multiscale_streamed(model: torch.nn.Module, dataset: StreamedDataset | StreamedSplit, preprocess,
                                  protocol: Protocol, device: torch.device | str = "cpu", precision: str = "fp32",
                                  batch_size: int | None = None, progress: bool = False, channels_last: bool = True,
-                                 threads: int | None = None, adaptive: AdaptiveThreads | None = None) -> EvalResult:
+                                 threads: int | None = None, adaptive: AdaptiveThreads | None = None,
+                                 small_maps: bool = True) -> EvalResult:
     """:func:`~vggnet.evaluation.multiscale.evaluate_multiscale` on a prepared set's split (a
     :class:`~vggnet.data.stream.StreamedDataset` from ``load_test_set``, or a
     :class:`~vggnet.data.stream.StreamedSplit`), every image decoded from its bytes at every scale (module docstring).
     ``threads``: decoding threads (default: the available cores); ``adaptive``: polled before each chunk, so the
-    network's CPU thread count follows the load (``Runtime.adaptive``)."""
+    network's CPU thread count follows the load (``Runtime.adaptive``); ``small_maps``: as for
+    :func:`vggnet.evaluation.metrics.predict_logits`."""
     split = dataset.images.split if isinstance(dataset, StreamedDataset) else dataset
     log_probs = streamed_log_probs(model, split, preprocess, protocol, device, precision, batch_size, channels_last,
-                                   progress, threads, adaptive)
+                                   progress, threads, adaptive, small_maps)
     return result_from_log_probs(log_probs, split.labels, list(split.classes))
 
 
@@ -80,14 +82,14 @@ def evaluate_multiscale_streamed(model: torch.nn.Module, dataset: StreamedDatase
 def streamed_log_probs(model: torch.nn.Module, split: StreamedSplit, preprocess, protocol: Protocol,
                        device: torch.device | str = "cpu", precision: str = "fp32", batch_size: int | None = None,
                        channels_last: bool = True, progress: bool = False, threads: int | None = None,
-                       adaptive: AdaptiveThreads | None = None) -> torch.Tensor:
+                       adaptive: AdaptiveThreads | None = None, small_maps: bool = True) -> torch.Tensor:
     """Float32 ``(N, classes)``: log of the class probabilities averaged as ``protocol`` says for the images of
     ``split``, in its order. ``model`` runs in eval mode and is put back in its own mode after."""
     device = torch.device(device)
     size = preprocess.image_size
     channels = int(getattr(model, "in_channels", preprocess.channels))
     out = []
-    with protocol_nets(model, preprocess, protocol, device, precision, channels_last) as nets:
+    with protocol_nets(model, preprocess, protocol, device, precision, channels_last, small_maps) as nets:
         bar = tqdm(total=len(split), unit="img", unit_scale=True, desc="eval", disable=None if progress else True,
                    leave=False)
         try:

@@ -4,12 +4,17 @@ instead of a rule.
 Where the CPU runs bf16 natively (AVX512_BF16 or AMX), bf16 inference is a candidate, not a given: oneDNN's bf16
 kernels are much faster than fp32 with AMX, but can be slower with AVX512_BF16 alone (0.97x of fp32 inference on
 the AMX Xeon with AMX hidden; issue 22). So once the model is loaded, :func:`decide` times eval-mode forward passes
-of it in fp32 and in bf16 (:func:`measure_candidates`), each the way evaluation runs it
-(:func:`vggnet.evaluation.metrics.inference_form`: fp32 the model itself; bf16 the folded, fused bf16 copy with the
-small-map GEMM convolutions of :func:`vggnet.evaluation.inference.optimize_for_inference`), on a random stand-in
-batch of the model's input size (the verb's batch, or fewer images: :func:`probe_batch`); warm-up calls excluded,
-interleaved rounds, medians; bf16 only when at least 5% faster (:func:`vggnet.base.probecache.faster`). The global
-random state is forked, and the model leaves in the mode it came in.
+of it in each of :data:`vggnet.base.probecache.VARIANTS` (:func:`measure_candidates`), each the way evaluation runs
+it (:func:`vggnet.evaluation.metrics.inference_form`): fp32, the model itself; bf16, the folded, fused bf16 copy
+of :func:`vggnet.evaluation.inference.optimize_for_inference` with its small-map GEMM convolutions
+(:class:`vggnet.net.cpu_bf16.SmallMapConv2d`, a rule tuned on an AMX Xeon); and the same copy with oneDNN for every
+convolution, only where some layer would take the GEMM path at the model's input size
+(:func:`vggnet.net.cpu_bf16.small_map_layers`). On a random stand-in batch of the model's input size (the verb's
+batch, or fewer images: :func:`probe_batch`); warm-up calls excluded, interleaved rounds, medians; the fastest bf16
+variant only when at least 5% faster than fp32 (:func:`vggnet.base.probecache.winner`). The global random state is
+forked, and the model leaves in the mode it came in. The choice is the runtime's precision and its
+``small_map_convs`` (:class:`vggnet.runtime.Runtime`), which every evaluation path passes on to
+:func:`~vggnet.evaluation.metrics.inference_form`.
 
 The decision is cached beside training's (:mod:`vggnet.training.probe`) in ``$XDG_CACHE_HOME/vggnet/probe.json``
 (:mod:`vggnet.base.probecache`), with its own key kind, ``inference``: the CPU, torch, the model's configuration and
@@ -30,14 +35,17 @@ import torch
 
 from vggnet.base import probecache
 from vggnet.base.errors import ConfigError
-from vggnet.base.probecache import CANDIDATES, cache_path, cached_or_measured, home_relative, measured_entry
+from vggnet.base.probecache import (CANDIDATES, LABELS, VARIANTS, cache_path, cached_or_measured, candidate_of,
+                                    home_relative, measured_entry, uses_small_map_convs)
 from vggnet.evaluation.metrics import auto_batch_size, inference_form
-from vggnet.runtime import Runtime, cpu_has_bf16, cpu_identity, cpu_runs_bf16
+from vggnet.net.cpu_bf16 import SMALL_MAP_RULE, small_map_layers
+from vggnet.runtime import Runtime, bf16_candidate, cpu_identity
 from vggnet.store.card import LoadedModel
 
 #: The version of what the candidates run (:func:`vggnet.evaluation.metrics.inference_form`): a change to the
-#: inference copies bumps it, and the cached decisions are measured again.
-INFERENCE_PATH = 1
+#: inference copies bumps it, and the cached decisions are measured again (2: bf16 without the small-map GEMM is
+#: a third candidate).
+INFERENCE_PATH = 2
 #: The stand-in batch holds at most this many pixels (128 images of 32x32, 2 of 224x224): the default model's probe
 #: takes well under a second on 2 cores.
 PROBE_PIXELS = 128 * 32 * 32
@@ -46,6 +54,8 @@ PROBE_PIXELS = 128 * 32 * 32
 WARMUP_CALLS = 1
 MIN_ROUNDS, MAX_ROUNDS = 3, 7
 ROUND_SECONDS = 0.4
+#: What a cache entry holds that a record copies.
+RECORDED = ("precision", "small_map_convs", *(f"{name}_ms" for name in VARIANTS), "measured")
 
 
 @dataclass(frozen=True)
@@ -56,11 +66,6 @@ class Choice:
     runtime: Runtime
     record: dict[str, Any] | None
     line: str | None = None
-
-
-def bf16_candidate(device: torch.device) -> bool:
-    """Whether bf16 is worth measuring: the CPU runs it natively and oneDNN can run bf16 convolutions."""
-    return device.type == "cpu" and cpu_has_bf16() and cpu_runs_bf16()
 
 
 def probe_batch(batch: int, image_size: int) -> int:
@@ -77,13 +82,15 @@ def refuse_reprobe(verb: str, precision: str, reprobe: bool) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- measuring
-def candidate_forward(model: torch.nn.Module, precision: str, shape: tuple[int, ...],
+def candidate_forward(model: torch.nn.Module, name: str, shape: tuple[int, ...],
                       channels_last: bool) -> Callable[[], None]:
-    """One eval-mode forward pass of ``model`` in ``precision`` on a random batch of ``shape`` per call, as
+    """One eval-mode forward pass of ``model`` as candidate ``name`` (:data:`vggnet.base.probecache.VARIANTS`: a
+    precision, and in bf16 whether small maps take the GEMM path) on a random batch of ``shape`` per call, as
     :func:`vggnet.evaluation.metrics.predict_logits` runs it (the network and context of
     :func:`~vggnet.evaluation.metrics.inference_form`, channels_last input, float32 logits)."""
     device = next(model.parameters()).device
-    net, mixed = inference_form(model, device, precision, channels_last)
+    precision, small_maps = VARIANTS[name]
+    net, mixed = inference_form(model, device, precision, channels_last, small_maps=small_maps)
     x = torch.randn(shape, device=device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -104,13 +111,15 @@ def median_forward_seconds(calls: dict[str, Callable[[], None]],
 
 def measure_candidates(model: torch.nn.Module, shape: tuple[int, ...], channels_last: bool,
                        measure: Callable[[dict], dict[str, float]] | None = None) -> dict[str, float]:
-    """Seconds per forward pass of each of :data:`CANDIDATES` (``measure``: :func:`median_forward_seconds`); the
+    """Seconds per forward pass of each of :data:`vggnet.base.probecache.VARIANTS` (``measure``:
+    :func:`median_forward_seconds`), ``bf16_onednn`` only where some map is small enough for the GEMM path; the
     model runs in eval mode and leaves in its own, and the global random state is restored afterwards."""
     was_training = model.training
     model.eval()
     try:
         with torch.random.fork_rng(devices=[]):
-            calls = {precision: candidate_forward(model, precision, shape, channels_last) for precision in CANDIDATES}
+            names = tuple(VARIANTS) if small_map_layers(model, shape) else CANDIDATES
+            calls = {name: candidate_forward(model, name, shape, channels_last) for name in names}
             return (measure or median_forward_seconds)(calls)
     finally:
         model.train(was_training)
@@ -118,10 +127,11 @@ def measure_candidates(model: torch.nn.Module, shape: tuple[int, ...], channels_
 
 def probe_key(model: torch.nn.Module, shape: tuple[int, ...], threads: int, channels_last: bool) -> dict[str, Any]:
     """Everything a measurement depends on (:func:`vggnet.base.probecache.probe_key`, kind ``inference``): the CPU,
-    torch, the model's configuration and layers, the stand-in batch, the threads, the memory layout and the
-    inference path."""
+    torch, the model's configuration and layers, the stand-in batch, the threads, the memory layout, the inference
+    path and the small-map rule."""
     return probecache.probe_key("inference", cpu_identity(), model, shape, threads, channels_last,
-                                layers=probecache.layer_signature(model), path=INFERENCE_PATH)
+                                layers=probecache.layer_signature(model), path=INFERENCE_PATH,
+                                small_map_rule=list(SMALL_MAP_RULE))
 
 
 # ----------------------------------------------------------------------------------------------------- deciding
@@ -144,7 +154,8 @@ def decide(loaded: LoadedModel, runtime: Runtime, requested: str, batch: int | N
     shape = (probe_batch(min(batch, images or batch), size), int(loaded.model.in_channels), size, size)
     record, problem = choose(loaded.model, runtime, shape, reprobe, measure)
     line = announcement(verb, record, None if problem else cache_path())
-    return Choice(replace(runtime, precision=record["precision"]), record, line)
+    return Choice(replace(runtime, precision=record["precision"], small_map_convs=uses_small_map_convs(record)),
+                  record, line)
 
 
 def choose(model: torch.nn.Module, runtime: Runtime, shape: tuple[int, ...], reprobe: bool = False,
@@ -160,20 +171,21 @@ def choose(model: torch.nn.Module, runtime: Runtime, shape: tuple[int, ...], rep
         reprobe)
     record: dict[str, Any] = {"device": runtime.device.type, "batch": shape[0], "threads": key["threads"]}
     if how["by"] == "cache":
-        record.update(precision=entry["precision"], by="cache", fp32_ms=entry["fp32_ms"], bf16_ms=entry["bf16_ms"],
-                      measured=entry.get("measured"))
+        record.update({k: entry[k] for k in RECORDED if k in entry}, by="cache")
     else:
         record.update(entry, **how)
     return record, problem
 
 
 def announcement(verb: str, record: dict[str, Any], cache: Path | None) -> str:
-    """``vggnet eval: precision auto: fp32 (fp32 4.1 ms, bf16 5.3 ms per batch of 128, measured in 0.42 s; cached in
-    ~/.cache/vggnet/probe.json)``; ``cache``: where the decision was read or written (None: not written)."""
-    times = f"fp32 {record['fp32_ms']:.1f} ms, bf16 {record['bf16_ms']:.1f} ms per batch of {record['batch']}"
+    """``vggnet eval: precision auto: fp32 (fp32 4.1 ms, bf16 5.3 ms, bf16 without small-map GEMM 5.0 ms per batch
+    of 128, measured in 0.42 s; cached in ~/.cache/vggnet/probe.json)``; ``cache``: where the decision was read or
+    written (None: not written)."""
+    times = ", ".join(f"{LABELS[name]} {record[f'{name}_ms']:.1f} ms" for name in VARIANTS if f"{name}_ms" in record)
+    times += f" per batch of {record['batch']}"
     where = home_relative(cache) if cache is not None else None
     if record["by"] == "cache":
         how = f"cached in {where}, measured {record.get('measured') or 'earlier'}; --reprobe measures again"
     else:
         how = f"measured in {record['probe_seconds']:.2f} s" + (f"; cached in {where}" if where else "")
-    return f"vggnet {verb}: precision auto: {record['precision']} ({times}, {how})"
+    return f"vggnet {verb}: precision auto: {LABELS[candidate_of(record)]} ({times}, {how})"

@@ -68,11 +68,12 @@ def evaluate_source(source: str | os.PathLike, runtime: Runtime, *, weights: str
     if protocol is None:
         result = evaluate(loaded.model, test, prep, runtime.device, runtime.precision, batch_size, tta=tta,
                           channels_last=runtime.channels_last, progress=progress, compile=runtime.compile,
-                          threads=runtime.adaptive)
+                          threads=runtime.adaptive, small_maps=runtime.small_map_convs)
     else:  # a prepared set: each image decoded from its own bytes at each scale, whole (the paper's protocol)
         scored = evaluate_multiscale_streamed if is_streamed(test) else evaluate_multiscale
         result = scored(loaded.model, test, prep, protocol, runtime.device, runtime.precision, batch_size,
-                        progress=progress, channels_last=runtime.channels_last, adaptive=runtime.adaptive)
+                        progress=progress, channels_last=runtime.channels_last, adaptive=runtime.adaptive,
+                        small_maps=runtime.small_map_convs)
     result.classes = loaded.classes or test.classes
     record = dict(result.to_dict(), dataset=dataset, weights=(weights or "model") if is_run else str(source),
                   tta=tta, precision=runtime.precision, **({"precision_record": chosen} if chosen else {}))

@@ -43,6 +43,8 @@ DEFAULT_MAX_PIXELS = 16
 ALWAYS_PIXELS = 4
 #: Between ALWAYS_PIXELS and max_pixels, the GEMM path needs in_channels * out_channels at least this.
 MIN_CHANNEL_PRODUCT = 128 * 128
+#: The rule's numbers, as the probes' cache keys hold them: a changed rule is measured again.
+SMALL_MAP_RULE = (ALWAYS_PIXELS, DEFAULT_MAX_PIXELS, MIN_CHANNEL_PRODUCT)
 
 
 def _nhwc(x: torch.Tensor) -> torch.Tensor:
@@ -198,6 +200,26 @@ def out_of_place_relus(model: nn.Module) -> int:
             module.inplace = False
             changed += 1
     return changed
+
+
+def small_map_layers(model: nn.Module, shape: tuple[int, ...]) -> int:
+    """How many convolutions of ``model`` would take the small-map GEMM path in bf16 at the input ``shape``
+    (:func:`small_map`, for the convolutions :func:`use_small_map_convs` swaps): one fp32 forward pass of one image in eval mode without gradients, its maps' sizes read on the way; the
+    model is left as it was (its mode restored; eval mode updates no batch-norm statistics)."""
+    hits: list[bool] = []
+    handles = [m.register_forward_pre_hook(lambda conv, args: hits.append(
+        args[0].dim() == 4 and small_map(conv, args[0].shape[-2], args[0].shape[-1])))
+        for m in model.modules() if type(m) is nn.Conv2d]
+    training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros((1, *shape[1:]), device=next(model.parameters()).device))
+    finally:
+        model.train(training)
+        for handle in handles:
+            handle.remove()
+    return sum(hits)
 
 
 def tune_for_cpu_bf16(model: nn.Module, small_map_convs: bool = True) -> dict[str, int]:

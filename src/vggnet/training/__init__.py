@@ -41,7 +41,8 @@ def train(config: TrainConfig | None = None, data=None, reprobe: bool = False, *
 
     ``data``: ``(train_set, test_set)`` already loaded, instead of loading ``config.dataset``. ``config.out`` must be
     a folder a new run may write (:func:`check_out`); it is checked before any data loads and held for the run.
-    ``reprobe``: precision ``auto`` is measured again, not read from the cache (:mod:`vggnet.training.probe`).
+    ``reprobe``: precision ``auto`` (and ``--budget``'s speeds) measured again, not read from the cache
+    (:mod:`vggnet.training.probe`, :mod:`vggnet.training.budget_probe`).
     ``config.budget`` without a ``budget_record``: the recipe is chosen first (:func:`vggnet.training.budget.plan`)."""
     if config is None:
         config = resolve_config(options.pop("preset", None), **options)
@@ -54,7 +55,7 @@ def train(config: TrainConfig | None = None, data=None, reprobe: bool = False, *
     if config.budget is not None and config.budget_record is None:  # --budget: choose the recipe (training.budget)
         if config.out:
             check_out(RunDir(config.out))  # before the data loads and the probe runs
-        config, data = plan(config, data)
+        config, data = plan(config, data, reprobe=reprobe)
     writer = distributed.env_rank() == 0  # under torchrun rank 0 writes; the others only read the folder
     if writer and not config.out:
         config = replace(config, out=str(default_run_dir(config)))  # build_run hands rank 0's name to the others

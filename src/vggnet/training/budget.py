@@ -28,7 +28,6 @@ The loop keeps to the budget: :mod:`vggnet.training.deadline`.
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import sys
@@ -38,15 +37,15 @@ from typing import Any, Callable
 import torch
 
 from vggnet.base.errors import ConfigError, VggnetError
-from vggnet.base.timing import synchronize
+from vggnet.base.probecache import LABELS, candidate_of
 from vggnet.data import ImageDataset, load_dataset
 from vggnet.data.catalogue import canonical_name
-from vggnet.evaluation.metrics import auto_batch_size, inference_form
 from vggnet.runtime import Runtime, adaptive_threads, resolve_runtime
-from vggnet.training.build import build_data, build_model, build_optimizer, image_channels
+from vggnet.training.budget_probe import Speed, measure_shape
+from vggnet.training.build import build_data
 from vggnet.training.config import TrainConfig, format_duration, option_name, resolve_config
 from vggnet.training.deadline import wall_clock
-from vggnet.training.probe import CANDIDATES, LOAD_SECONDS, bf16_candidate, candidate_step, faster, median_step_seconds
+from vggnet.training.probe import LOAD_SECONDS
 
 #: A recipe fits when its predicted time is within this share of the budget (after the time already spent). The
 #: rest covers what the probe does not see: the loader's augmentation (a few percent), a machine that gets busier,
@@ -124,18 +123,6 @@ class Counts:
     trained: int
     evaluated: int
     test: int
-
-
-@dataclass(frozen=True)
-class Speed:
-    """One model shape on this machine: seconds per ``train``-ed and per ``eval``-uated image, in ``precision``;
-    ``measured`` False: not probed, a lower bound (a cheaper shape's speed). ``detail``: ms per step, recorded."""
-
-    train: float
-    eval: float
-    precision: str
-    measured: bool = True
-    detail: tuple[tuple[str, float], ...] = ()
 
 
 def predict(recipe: Recipe, speed: Speed, counts: Counts) -> float:
@@ -227,64 +214,15 @@ def probe_shapes(recipes: tuple[Recipe, ...], counts: Counts, budget: float,
     return speeds
 
 
-# ----------------------------------------------------------------------------------------------------- probing
-def measure_shape(config: TrainConfig, train_set: ImageDataset, runtime: Runtime, shape: tuple[str, float]) -> Speed:
-    """This machine's :class:`Speed` for ``shape``: training steps of a copy of the model at the run's batch (in
-    fp32 and bf16 under precision ``auto`` on a CPU with native bf16, else in the run's precision) and evaluation
-    batches of the form evaluation runs (:func:`vggnet.evaluation.metrics.inference_form`), timed by
-    :func:`vggnet.training.probe.median_step_seconds`; the global random state is kept."""
-    trial = replace(config, model=shape[0], arch=None, batch_norm=None, width=shape[1], head="gap", dropout=0.0)
-    channels, side = image_channels(train_set), config.image_size
-    batch, eval_batch = config.batch_size, config.eval_batch_size or auto_batch_size(side, side, runtime.device)
-    precisions = CANDIDATES if config.precision == "auto" and bf16_candidate(runtime.device) else (runtime.precision,)
-    with torch.random.fork_rng(devices=[]):
-        model = build_model(trial, train_set).to(runtime.device)
-        if runtime.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        steps = {p: candidate_step(model, lambda net: build_optimizer(trial, net), p, (batch, channels, side, side),
-                                   runtime.channels_last) for p in precisions}
-        steps.update({f"eval_{p}": eval_step(model, (eval_batch, channels, side, side), runtime, p)
-                      for p in precisions})
-        seconds = median_step_seconds({name: synchronized(step, runtime.device) for name, step in steps.items()})
-    chosen = faster(seconds) if len(precisions) > 1 else precisions[0]
-    detail = tuple((f"{name}_ms", round(1000 * s, 3)) for name, s in seconds.items()) + (
-        ("threads", torch.get_num_threads()),)
-    return Speed(seconds[chosen] / batch, seconds[f"eval_{chosen}"] / eval_batch, chosen, True, detail)
-
-
-def eval_step(model: torch.nn.Module, size: tuple[int, ...], runtime: Runtime, precision: str) -> Callable[[], None]:
-    """One evaluation batch of ``size`` (random) through a copy of ``model`` in the form evaluation runs it in
-    ``precision`` (on the CPU in bf16: the folded, fused copy)."""
-    net, mixed = inference_form(copy.deepcopy(model).eval(), runtime.device, precision, runtime.channels_last)
-    x = torch.randn(size, device=runtime.device)
-    if runtime.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-
-    def step() -> None:
-        with torch.no_grad(), mixed:
-            net(x)
-
-    return step
-
-
-def synchronized(step: Callable[[], None], device: torch.device) -> Callable[[], None]:
-    """``step`` that returns when the device has finished it (CUDA queues work; a CPU step is done when it returns)."""
-    if device.type != "cuda":
-        return step
-
-    def call() -> None:
-        step()
-        synchronize(device)
-
-    return call
-
-
 # -------------------------------------------------------------------------------------------------------- plan
 def plan(config: TrainConfig, data: tuple[ImageDataset, ImageDataset] | None = None,
-         measure: Callable[[tuple[str, float]], Speed] | None = None) -> tuple[TrainConfig, tuple]:
-    """``config`` (with ``budget`` set) with the chosen recipe, its precision and ``budget_record``, and the data
+         measure: Callable[[tuple[str, float]], Speed] | None = None, reprobe: bool = False
+         ) -> tuple[TrainConfig, tuple]:
+    """``config`` (with ``budget`` set) with the chosen recipe, its precision, ``budget_record`` and
+    ``precision_record`` (the bf16 variant the probe chose, which the run trains and evaluates with), and the data
     loaded to price it (``(train, test)``, for :func:`vggnet.training.train` to reuse); the choice is announced on
-    stderr. ``measure``: a shape's :class:`Speed` (default :func:`measure_shape`; tests inject one)."""
+    stderr. ``measure``: a shape's :class:`Speed` (default :func:`~vggnet.training.budget_probe.measure_shape`,
+    cached unless ``reprobe``; tests inject one)."""
     started = wall_clock()
     check_plannable(config)
     runtime = resolve_runtime(config.device, config.precision, config.channels_last, config.threads, False,
@@ -297,7 +235,7 @@ def plan(config: TrainConfig, data: tuple[ImageDataset, ImageDataset] | None = N
     def measure_here(shape: tuple[str, float]) -> Speed:
         if threads is not None:
             threads.poll(LOAD_SECONDS)  # the threads the load leaves now, as the run's precision probe does
-        return measure_shape(config, train_set, runtime, shape)
+        return measure_shape(config, train_set, runtime, shape, reprobe)
 
     probe_start = wall_clock()
     speeds = probe_shapes(RECIPES, counts, config.budget, measure or measure_here, lambda: wall_clock() - started)
@@ -305,7 +243,16 @@ def plan(config: TrainConfig, data: tuple[ImageDataset, ImageDataset] | None = N
     choice = choose(RECIPES, speeds, counts, config.budget, wall_clock() - started)
     record = budget_record(config, choice, speeds, counts, started, probed, runtime)
     print(announcement(record), file=sys.stderr, flush=True)
-    return replace(config, **choice.recipe.options(), precision=record["precision"], budget_record=record), data
+    return replace(config, **choice.recipe.options(), precision=record["precision"], budget_record=record,
+                   precision_record=precision_record(record, speeds[choice.recipe.shape])), data
+
+
+def precision_record(record: dict[str, Any], speed: Speed) -> dict[str, Any]:
+    """config.json's ``precision_record`` of a budget run: the precision and bf16 variant its probe chose for the
+    chosen shape (:func:`vggnet.training.probe.decide_precision` keeps it, a resume too)."""
+    return {"precision": speed.precision, "small_map_convs": speed.small_map_convs, "by": "budget",
+            "device": record["device"], "batch": record["batch"], "threads": record["threads"],
+            **{k: v for k, v in speed.detail if k.endswith("_ms") and not k.startswith("eval_")}}
 
 
 def count_images(config: TrainConfig, data: tuple[ImageDataset, ImageDataset]) -> tuple[ImageDataset, Counts]:
@@ -344,7 +291,9 @@ def budget_record(config: TrainConfig, choice: Choice, speeds: dict, counts: Cou
         "budget_s": config.budget, "margin": MARGIN, "started_at": round(started, 3),
         "spent_s": round(MARGIN * config.budget - choice.limit, 3), "probe_s": round(probed, 3),
         "device": runtime.device.type, "threads": torch.get_num_threads(), "batch": config.batch_size,
-        "precision": speed.precision, "images": {"trained": counts.trained, "evaluated": counts.evaluated,
+        "precision": speed.precision, "small_map_convs": speed.small_map_convs,
+        "variant": candidate_of({**dict(speed.detail), "precision": speed.precision,
+                                 "small_map_convs": speed.small_map_convs}), "images": {"trained": counts.trained, "evaluated": counts.evaluated,
                                                  "test": counts.test},
         "chosen": {**{k: recipe.options()[k] for k in ("model", "width", "epochs", "erasing", "tta")},
                    "top1": recipe.top1, "source": recipe.source, "predicted_s": round(choice.predicted, 1),
@@ -364,9 +313,11 @@ def announcement(record: dict[str, Any]) -> str:
     """The candidates as priced (a table) and the choice with its reason, for stderr."""
     budget = format_duration(record["budget_s"])
     probed = sum(s["measured"] for s in record["speeds"])
+    cached = sum(s.get("by") == "cache" for s in record["speeds"])
+    read = f", {cached} of them read from the cache (--reprobe measures again)" if cached else ""
     lines = [f"vggnet train: --budget {budget}: {len(record['candidates'])} measured recipes priced on this machine "
-             f"({record['device']}, {record['precision']}, {record['threads']} threads, batch {record['batch']}; "
-             f"model shapes probed: {probed} in {record['probe_s']:.1f} s, skipped: {len(record['speeds']) - probed})",
+             f"({record['device']}, {LABELS.get(record['variant'], record['variant'])}, {record['threads']} threads, batch {record['batch']}; model shapes probed: {probed} in "
+             f"{record['probe_s']:.1f} s{read}, skipped: {len(record['speeds']) - probed})",
              "  model       width  epochs   predicted  measured top-1   fits"]
     for row in record["candidates"]:
         minutes = f"{'' if row['probed'] else '>='}{row['predicted_s'] / 60:.1f} min"

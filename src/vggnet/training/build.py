@@ -224,8 +224,11 @@ def build_run(config: TrainConfig, data: tuple[ImageDataset, ImageDataset] | Non
     runtime, precision_record = decide_precision(config, runtime, dist, model, image_channels(train_set),
                                                  lambda net: build_optimizer(config, net), rundir.has_state(), reprobe,
                                                  threads=threads)
-    if runtime.cpu_bf16:  # GEMM small-map convs (where auto's probe found them faster), pool before ReLU: the same
-        tune_for_cpu_bf16(model, uses_small_map_convs(precision_record))  # numbers (vggnet.net.cpu_bf16)
+    # GEMM small-map convs where auto's probe found them faster (in training and in its evaluation), pool before
+    # ReLU: the same numbers (vggnet.net.cpu_bf16)
+    runtime = replace(runtime, small_map_convs=uses_small_map_convs(precision_record))
+    if runtime.cpu_bf16:
+        tune_for_cpu_bf16(model, runtime.small_map_convs)
     frozen = freeze(model, config.freeze)
     if not any(p.requires_grad for p in model.parameters()):
         raise ConfigError(f"--freeze {','.join(config.freeze)} leaves no parameter to train: freeze fewer layers")

@@ -149,25 +149,28 @@ class Dist:
                 torch.distributed.broadcast(buffer, src=0)
 
     def evaluate(self, model: torch.nn.Module, dataset, preprocess, precision: str, batch_size: int | None,
-                 channels_last: bool = True, progress: bool = False, tta: str | None = None, threads=None):
+                 channels_last: bool = True, progress: bool = False, tta: str | None = None, threads=None,
+                 small_maps: bool = True):
         """Every rank scores a contiguous share of ``dataset`` with rank 0's weights; all get the whole result.
 
         The same :class:`~vggnet.evaluation.metrics.EvalResult` as a single process would compute (every sample counts once),
         on every rank, so decisions taken from it (plateau schedule, best checkpoint) agree across ranks.
         ``threads``: a single process's :class:`~vggnet.runtime.AdaptiveThreads`, polled before each batch (ranks
-        share the cores by rank and never adapt).
+        share the cores by rank and never adapt). ``small_maps``: in bf16 on the CPU, the small-map GEMM path
+        (:func:`vggnet.evaluation.metrics.predict_logits`).
         """
         if not self.enabled:  # on the model's own device (a single process may use any one)
             device = next(model.parameters()).device
             return evaluate(model, dataset, preprocess, device, precision, batch_size, tta=tta,
-                            channels_last=channels_last, progress=progress, threads=threads)
+                            channels_last=channels_last, progress=progress, threads=threads, small_maps=small_maps)
         self.sync_buffers(model)
         n, k = len(dataset), len(dataset.classes)
         lo, hi, share = eval_share(n, self.rank, self.world_size)
         padded = torch.zeros(share, k, device=self.device)
         if hi > lo:
             logits = predict_logits(model, dataset.images[lo:hi], preprocess, self.device, precision, batch_size,
-                                    tta=tta, channels_last=channels_last, progress=progress and self.is_main)
+                                    tta=tta, channels_last=channels_last, progress=progress and self.is_main,
+                                    small_maps=small_maps)
             padded[:hi - lo] = logits.to(self.device)
         parts = [torch.empty_like(padded) for _ in range(self.world_size)]
         torch.distributed.all_gather(parts, padded)

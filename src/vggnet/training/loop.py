@@ -275,7 +275,8 @@ def sync_sums(run: Run, state: RunState, sums: torch.Tensor, diverged: torch.Ten
 def evaluate(run: Run, dataset, tta: str | None = None) -> EvalResult:
     """``dataset`` scored by the model (under torchrun every rank scores a share and gets the whole result)."""
     return run.dist.evaluate(run.model, dataset, run.preprocess, run.runtime.precision, run.config.eval_batch_size,
-                             run.runtime.channels_last, run.config.progress, tta=tta, threads=run.threads)
+                             run.runtime.channels_last, run.config.progress, tta=tta, threads=run.threads,
+                             small_maps=run.runtime.small_map_convs)
 
 
 def end_epoch(run: Run, state: RunState, epoch: int, last: bool = False

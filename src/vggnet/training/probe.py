@@ -44,10 +44,11 @@ import torch.nn.functional as F
 
 from vggnet.base import probecache
 from vggnet.base.errors import CheckpointError, ConfigError
-from vggnet.base.probecache import (BF16_MAX_SHARE, CACHE_VERSION, CANDIDATES, cache_path, cached_or_measured, faster,
-                                    home_relative, read_cache, write_cache)
-from vggnet.net.cpu_bf16 import ALWAYS_PIXELS, DEFAULT_MAX_PIXELS, MIN_CHANNEL_PRODUCT, small_map, tune_for_cpu_bf16
-from vggnet.runtime import (PRECISIONS, AdaptiveThreads, Runtime, autocast, cpu_has_bf16, cpu_identity, cpu_runs_bf16,
+from vggnet.base.probecache import (BF16_MAX_SHARE, CACHE_VERSION, CANDIDATES, LABELS, VARIANTS, cache_path,
+                                    cached_or_measured, candidate_of, faster, home_relative, measured_entry, read_cache,
+                                    times_line, uses_small_map_convs, winner, write_cache)
+from vggnet.net.cpu_bf16 import SMALL_MAP_RULE, small_map_layers, tune_for_cpu_bf16
+from vggnet.runtime import (PRECISIONS, AdaptiveThreads, Runtime, autocast, bf16_candidate, cpu_identity,
                             pick_precision)
 from vggnet.training import distributed
 from vggnet.training.config import TrainConfig
@@ -59,15 +60,10 @@ __all__ = [  # with what it shares with the inference probe (vggnet.base.probeca
     "measure_candidates", "measured_entry", "median_step_seconds", "probe_batch", "probe_key", "read_cache", "recorded",
     "small_map_layers", "uses_small_map_convs", "winner", "write_cache"]
 
-#: The training probe's candidates, the reference first: each a precision and whether bf16's small-map convolutions
-#: take the GEMM path (:class:`vggnet.net.cpu_bf16.SmallMapConv2d`) or oneDNN runs every convolution. (``CANDIDATES``,
-#: fp32 and bf16, are what the inference probe and ``--budget`` compare.)
-VARIANTS = {"fp32": ("fp32", False), "bf16": ("bf16", True), "bf16_onednn": ("bf16", False)}
+#: The training probe's candidates (:data:`vggnet.base.probecache.VARIANTS`), the reference first.
 TRAINING_CANDIDATES = tuple(VARIANTS)
 #: What a cache entry holds that a record copies.
 RECORDED = ("precision", "small_map_convs", *(f"{name}_ms" for name in TRAINING_CANDIDATES), "measured")
-#: How a candidate is named on the terminal and in ``vggnet bench``.
-LABELS = {"fp32": "fp32", "bf16": "bf16", "bf16_onednn": "bf16 without small-map GEMM"}
 
 #: The stand-in batch holds at most this many pixels (128 images of 32x32): a probe of the default recipe stays
 #: well under 2 s on 2 cores, and a large batch at a large image size does not make it longer than a few steps.
@@ -83,11 +79,6 @@ ROUND_SECONDS = 0.8
 #: other busy processes on a 2-core AMD EPYC ran a step 6-14x slower than one thread, which the run soon takes: a
 #: probe at two threads then measures the contention, not the precision.
 LOAD_SECONDS = 0.2
-
-
-def bf16_candidate(device: torch.device) -> bool:
-    """Whether bf16 is worth measuring: the CPU runs it natively and oneDNN can run bf16 convolutions."""
-    return device.type == "cpu" and cpu_has_bf16() and cpu_runs_bf16()
 
 
 def probe_batch(batch: int, image_size: int) -> int:
@@ -134,27 +125,6 @@ def median_step_seconds(steps: dict[str, Callable[[], None]],
     return probecache.median_seconds(steps, WARMUP_STEPS, MIN_ROUNDS, MAX_ROUNDS, ROUND_SECONDS, clock)
 
 
-def small_map_layers(model: torch.nn.Module, shape: tuple[int, ...]) -> int:
-    """How many convolutions of ``model`` would take the small-map GEMM path in bf16 at the input ``shape``
-    (:func:`vggnet.net.cpu_bf16.small_map`, for the convolutions :func:`vggnet.net.cpu_bf16.use_small_map_convs`
-    swaps): one fp32 forward pass of one image in eval mode without gradients, its maps' sizes read on the way; the
-    model is left as it was (its mode restored; eval mode updates no batch-norm statistics)."""
-    hits: list[bool] = []
-    handles = [m.register_forward_pre_hook(lambda conv, args: hits.append(
-        args[0].dim() == 4 and small_map(conv, args[0].shape[-2], args[0].shape[-1])))
-        for m in model.modules() if type(m) is torch.nn.Conv2d]
-    training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(torch.zeros((1, *shape[1:]), device=next(model.parameters()).device))
-    finally:
-        model.train(training)
-        for handle in handles:
-            handle.remove()
-    return sum(hits)
-
-
 def measure_candidates(model: torch.nn.Module, make_optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer],
                        shape: tuple[int, ...], channels_last: bool,
                        measure: Callable[[dict], dict[str, float]] | None = None) -> dict[str, float]:
@@ -168,36 +138,6 @@ def measure_candidates(model: torch.nn.Module, make_optimizer: Callable[[torch.n
         return (measure or median_step_seconds)(steps)
 
 
-def winner(seconds: dict[str, float]) -> str:
-    """The candidate to train in: the fastest bf16 variant of those measured (a tie: the one listed first in
-    :data:`TRAINING_CANDIDATES`) when it is at least 5% faster than fp32 (:func:`vggnet.base.probecache.faster`),
-    else fp32."""
-    return faster(seconds, tuple(name for name in TRAINING_CANDIDATES if name in seconds))
-
-
-def measured_entry(seconds: dict[str, float]) -> dict[str, Any]:
-    """A cache entry of a measurement: the choice (its precision, and whether bf16 trains with the small-map GEMM
-    path: only where that was measured against oneDNN alone and won), each candidate's milliseconds and when."""
-    chosen = winner(seconds)
-    return {"precision": VARIANTS[chosen][0], "small_map_convs": chosen == "bf16" and "bf16_onednn" in seconds,
-            **{f"{name}_ms": round(1000 * seconds[name], 3) for name in TRAINING_CANDIDATES if name in seconds},
-            "measured": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
-
-
-def candidate_of(record: dict[str, Any]) -> str:
-    """The candidate a record (a cache entry, config.json's ``precision_record``) chose: its precision, or
-    ``bf16_onednn`` where bf16 won without the GEMM path against a measured GEMM variant."""
-    if record.get("precision") == "bf16" and record.get("small_map_convs") is False and "bf16_onednn_ms" in record:
-        return "bf16_onednn"
-    return record["precision"]
-
-
-def uses_small_map_convs(record: dict[str, Any] | None) -> bool:
-    """Whether a run that trains in bf16 on the CPU takes the small-map GEMM path: as its ``precision_record`` says;
-    yes where it says nothing (an explicit ``--precision bf16``, a run recorded before the probe measured it)."""
-    return record is None or record.get("small_map_convs", True) is not False
-
-
 # -------------------------------------------------------------------------------------------------------- cache
 def probe_key(model: torch.nn.Module, shape: tuple[int, ...], threads: int, channels_last: bool,
               optimizer: str) -> dict[str, Any]:
@@ -206,7 +146,7 @@ def probe_key(model: torch.nn.Module, shape: tuple[int, ...], threads: int, chan
     optimizer; and the candidates and the small-map rule (entries of the two-candidate probe are measured again)."""
     return probecache.probe_key("training", cpu_identity(), model, shape, threads, channels_last, optimizer=optimizer,
                                 candidates=list(TRAINING_CANDIDATES),
-                                small_map_rule=[ALWAYS_PIXELS, DEFAULT_MAX_PIXELS, MIN_CHANNEL_PRODUCT])
+                                small_map_rule=list(SMALL_MAP_RULE))
 
 
 # ----------------------------------------------------------------------------------------------------- deciding
@@ -219,8 +159,8 @@ def decide_precision(config: TrainConfig, runtime: Runtime, dist: distributed.Di
     ``precision_record``; None for an explicit precision, which is used as given). A ``resumed`` run takes its
     record's precision (:func:`recorded`); a new one rank 0's :func:`choose`. ``threads``: the run's adaptive
     thread count, set for the load before measuring (:data:`LOAD_SECONDS`)."""
-    if config.precision != "auto":
-        return runtime, None
+    if config.precision != "auto":  # as given; a --budget run's precision is its probe's choice, recorded
+        return runtime, config.precision_record if config.budget_record is not None else None
     if resumed:
         return recorded(config, runtime)
     record = None
@@ -247,7 +187,7 @@ def choose(config: TrainConfig, runtime: Runtime, model: torch.nn.Module, shape:
     path = cache_path()
     entry, how, problem = cached_or_measured(
         path, key, lambda: measured_entry(measure_candidates(model, make_optimizer, shape, runtime.channels_last,
-                                                             measure)), reprobe, read=cached_entry)
+                                                             measure)), reprobe)
     record = {"device": device, "batch": shape[0], "threads": key["threads"]}  # no path: cards get shared
     if how["by"] == "cache":
         record.update({k: entry[k] for k in RECORDED if k in entry}, by="cache")
@@ -257,24 +197,11 @@ def choose(config: TrainConfig, runtime: Runtime, model: torch.nn.Module, shape:
     return record
 
 
-def cached_entry(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
-    """The cached decision for ``key`` (:func:`vggnet.base.probecache.read_cache`), or None where there is none or it
-    does not say which bf16 variant won (``small_map_convs``) or holds a third time that is not one."""
-    entry = read_cache(path, key)
-    if entry is None or not isinstance(entry.get("small_map_convs"), bool):
-        return None
-    onednn = entry.get("bf16_onednn_ms", 1.0)
-    return entry if isinstance(onednn, (int, float)) and not isinstance(onednn, bool) and onednn > 0 else None
-
-
 def announcement(record: dict[str, Any], cache: Path | None) -> str:
     """``vggnet train: precision auto -> bf16 (fp32 56.9, bf16 37.9, bf16 without small-map GEMM 41.2 ms/step at
     batch 128; cached ~/.cache/...)``; ``cache``: where the decision was read or written (None: it could not be
     written)."""
-    times = ", ".join(f"{LABELS[name]} {record[f'{name}_ms']:.1f}" for name in TRAINING_CANDIDATES
-                      if f"{name}_ms" in record) + f" ms/step at batch {record['batch']}"
-    if "bf16_onednn_ms" not in record:
-        times += ", no map small enough for the GEMM path"
+    times = times_line(record, "ms/step")
     where = home_relative(cache) if cache is not None else None
     if record["by"] == "cache":
         how = f"from {where}, measured {record.get('measured') or 'earlier'}; --reprobe measures again"

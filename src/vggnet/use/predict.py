@@ -40,7 +40,8 @@ def predict_files(loaded: LoadedModel, files: Sequence[str], top_k: int = 5, run
     if images is not None:
         logits = predict_logits(loaded.model.to(runtime.device), images, prep, runtime.device,
                                 runtime.precision, tta=tta, channels_last=runtime.channels_last,
-                                compile=runtime.compile, threads=runtime.adaptive)
+                                compile=runtime.compile, threads=runtime.adaptive,
+                                small_maps=runtime.small_map_convs)
         probs = logits.softmax(1)
         values, indices = probs.topk(k, dim=1)
         for row, slot in enumerate(where):

@@ -1,0 +1,161 @@
+"""What ``--budget`` knows of this machine: the speed of each model shape (:class:`Speed`), measured by a short probe
+and cached.
+
+For one model shape (model, width) :func:`measure_shape` times a few training steps of a copy of the model at the
+run's batch, and a few evaluation batches in the form training's evaluation runs
+(:func:`vggnet.evaluation.metrics.inference_form`), like precision ``auto``'s probe
+(:func:`vggnet.training.probe.median_step_seconds`: warm-up excluded, interleaved rounds, medians). Under precision
+``auto`` on a CPU with native bf16 the candidates are those of :data:`vggnet.base.probecache.VARIANTS`: fp32, bf16,
+and bf16 without the small-map GEMM where some layer would take that path at the run's image size; the winner
+(:func:`vggnet.base.probecache.winner`: the fastest bf16 variant when at least 5% faster than fp32) is the shape's
+precision and variant, and its step and evaluation times price the shape. Elsewhere the run's precision is timed
+alone.
+
+The times are cached in the probe cache (:mod:`vggnet.base.probecache`, kind ``budget``), per CPU, torch, model
+shape, batch, evaluation batch, image size, threads, memory layout, optimizer, candidates and small-map rule: a
+second ``--budget`` on the same machine prices without probing; ``vggnet train --budget ... --reprobe`` measures
+again.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, replace
+from typing import Any, Callable
+
+import torch
+
+from vggnet.base import probecache
+from vggnet.base.probecache import VARIANTS, cache_path, cached_or_measured, positive, winner
+from vggnet.base.timing import synchronize
+from vggnet.data import ImageDataset
+from vggnet.evaluation.metrics import auto_batch_size, inference_form
+from vggnet.net.cpu_bf16 import SMALL_MAP_RULE, small_map_layers
+from vggnet.runtime import Runtime, bf16_candidate, cpu_identity
+from vggnet.training.build import build_model, build_optimizer, image_channels
+from vggnet.training.config import TrainConfig
+from vggnet.training.probe import CANDIDATES, candidate_step, median_step_seconds
+
+#: The version of what the budget's probe times: a change measures the cached speeds again.
+BUDGET_PROBE = 1
+
+
+@dataclass(frozen=True)
+class Speed:
+    """One model shape on this machine: seconds per ``train``-ed and per ``eval``-uated image, in ``precision``
+    (in bf16 on the CPU with the small-map GEMM path where ``small_map_convs``); ``measured`` False: not probed, a
+    lower bound (a cheaper shape's speed). ``detail``: what was timed (ms per step), recorded."""
+
+    train: float
+    eval: float
+    precision: str
+    measured: bool = True
+    detail: tuple[tuple[str, Any], ...] = ()
+    small_map_convs: bool = True
+
+
+def variant(name: str) -> tuple[str, bool]:
+    """A candidate's precision and whether bf16 takes the small-map GEMM path (a precision outside
+    :data:`~vggnet.base.probecache.VARIANTS`, fp16 on a GPU, is its own candidate)."""
+    return VARIANTS.get(name, (name, True))
+
+
+def candidates(config: TrainConfig, runtime: Runtime, model: torch.nn.Module, shape: tuple[int, ...]) -> tuple:
+    """What the shape's probe times: every variant under precision ``auto`` on a CPU with native bf16 (bf16 without
+    the GEMM path only where a map is small enough for it), else the run's precision."""
+    if config.precision != "auto" or not bf16_candidate(runtime.device):
+        return (runtime.precision,)
+    return tuple(VARIANTS) if small_map_layers(model, shape) else CANDIDATES
+
+
+def measure_shape(config: TrainConfig, train_set: ImageDataset, runtime: Runtime, shape: tuple[str, float],
+                  reprobe: bool = False) -> Speed:
+    """This machine's :class:`Speed` for ``shape`` (model, width): read from the cache unless ``reprobe``, else
+    measured (module docstring) and cached; the global random state is kept."""
+    trial = replace(config, model=shape[0], arch=None, batch_norm=None, width=shape[1], head="gap", dropout=0.0)
+    channels, side = image_channels(train_set), config.image_size
+    batch, eval_batch = config.batch_size, config.eval_batch_size or auto_batch_size(side, side, runtime.device)
+    with torch.random.fork_rng(devices=[]):
+        model = build_model(trial, train_set).to(runtime.device)
+        if runtime.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        names = candidates(config, runtime, model, (batch, channels, side, side))
+        key = probecache.probe_key("budget", cpu_identity(), model, (batch, channels, side, side),
+                                   torch.get_num_threads(), runtime.channels_last, eval_batch=eval_batch,
+                                   optimizer=config.optimizer, candidates=list(names),
+                                   small_map_rule=list(SMALL_MAP_RULE), path=BUDGET_PROBE)
+        entry, how, _ = cached_or_measured(
+            cache_path(), key, lambda: timed(model, trial, runtime, names, (batch, channels, side, side), eval_batch),
+            reprobe, read=read_speeds)
+    return speed_of(entry, names, batch, eval_batch, how["by"])
+
+
+def timed(model: torch.nn.Module, trial: TrainConfig, runtime: Runtime, names: tuple[str, ...],
+          size: tuple[int, ...], eval_batch: int) -> dict[str, Any]:
+    """A cache entry: ms per training step (batch ``size``) and per evaluation batch of each candidate."""
+    steps: dict[str, Callable[[], None]] = {}
+    for name in names:
+        precision, small_maps = variant(name)
+        steps[name] = candidate_step(model, lambda net: build_optimizer(trial, net), precision, size,
+                                     runtime.channels_last, small_map_convs=small_maps)
+        steps[f"eval_{name}"] = eval_step(model, (eval_batch, *size[1:]), runtime, precision, small_maps)
+    seconds = median_step_seconds({name: synchronized(step, runtime.device) for name, step in steps.items()})
+    ms = {name: round(1000 * s, 3) for name, s in seconds.items()}
+    return {"train_ms": {n: ms[n] for n in names}, "eval_ms": {n: ms[f"eval_{n}"] for n in names},
+            "measured": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+
+
+def read_speeds(path, key: dict[str, Any]) -> dict[str, Any] | None:
+    """The cached times for ``key``, or None where there are none or they are not a positive time per candidate."""
+    entry = probecache.read_entry(path, key)
+    if entry is None:
+        return None
+    for field in ("train_ms", "eval_ms"):
+        times = entry.get(field)
+        if not isinstance(times, dict) or sorted(times) != sorted(key["candidates"]):
+            return None
+        if not all(positive(t) for t in times.values()):
+            return None
+    return entry
+
+
+def speed_of(entry: dict[str, Any], names: tuple[str, ...], batch: int, eval_batch: int, by: str) -> Speed:
+    """The :class:`Speed` of the winning candidate of ``entry`` (the only one where one was timed)."""
+    train = {name: entry["train_ms"][name] / 1000 for name in names}
+    chosen = winner(train) if len(names) > 1 else names[0]
+    precision, small_maps = variant(chosen)
+    detail = tuple((f"{name}_ms", entry["train_ms"][name]) for name in names) + tuple(
+        (f"eval_{name}_ms", entry["eval_ms"][name]) for name in names) + (
+        ("threads", torch.get_num_threads()), ("by", by), ("measured_at", entry.get("measured")))
+    return Speed(train[chosen] / batch, entry["eval_ms"][chosen] / 1000 / eval_batch, precision, True, detail,
+                 small_maps)
+
+
+def eval_step(model: torch.nn.Module, size: tuple[int, ...], runtime: Runtime, precision: str,
+              small_maps: bool = True) -> Callable[[], None]:
+    """One evaluation batch of ``size`` (random) through a copy of ``model`` in the form evaluation runs it in
+    ``precision`` (on the CPU in bf16: the folded, fused copy, with the small-map GEMM path where ``small_maps``)."""
+    net, mixed = inference_form(copy.deepcopy(model).eval(), runtime.device, precision, runtime.channels_last,
+                                small_maps=small_maps)
+    x = torch.randn(size, device=runtime.device)
+    if runtime.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+
+    def step() -> None:
+        with torch.no_grad(), mixed:
+            net(x)
+
+    return step
+
+
+def synchronized(step: Callable[[], None], device: torch.device) -> Callable[[], None]:
+    """``step`` that returns when the device has finished it (CUDA queues work; a CPU step is done when it returns)."""
+    if device.type != "cuda":
+        return step
+
+    def call() -> None:
+        step()
+        synchronize(device)
+
+    return call

@@ -1,0 +1,113 @@
+"""--budget's probe (vggnet.training.budget_probe): the candidates it times, the winner that prices a shape, the cache
+and --reprobe, and a budget run that trains and evaluates in the bf16 variant its probe chose. Real times are only
+checked to be positive; the choice between them is tested on written entries."""
+
+import json
+
+import pytest
+
+from vggnet.data import load_dataset
+from vggnet.runtime import resolve_runtime
+from vggnet.training import budget, budget_probe, build, distributed, resolve_config
+from vggnet.training.budget_probe import Speed
+
+ENTRY = {"train_ms": {"fp32": 100.0, "bf16": 60.0, "bf16_onednn": 50.0},
+         "eval_ms": {"fp32": 30.0, "bf16": 20.0, "bf16_onednn": 16.0}, "measured": "2026-12-07 00:00:00 UTC"}
+NAMES = ("fp32", "bf16", "bf16_onednn")
+
+
+@pytest.mark.parametrize("train, chosen, small_maps", [
+    ({"fp32": 100.0, "bf16": 60.0, "bf16_onednn": 50.0}, "bf16_onednn", False),
+    ({"fp32": 100.0, "bf16": 50.0, "bf16_onednn": 60.0}, "bf16", True),
+    ({"fp32": 100.0, "bf16": 96.0, "bf16_onednn": 97.0}, "fp32", False)])
+def test_the_winner_prices_the_shape_with_its_own_step_and_evaluation(train, chosen, small_maps):
+    speed = budget_probe.speed_of(dict(ENTRY, train_ms=train), NAMES, batch=10, eval_batch=4, by="measured")
+    assert (speed.precision, speed.small_map_convs) == ({"bf16_onednn": "bf16"}.get(chosen, chosen), small_maps)
+    assert speed.train == pytest.approx(train[chosen] / 1000 / 10)
+    assert speed.eval == pytest.approx(ENTRY["eval_ms"][chosen] / 1000 / 4)
+    detail = dict(speed.detail)
+    assert (detail["by"], detail["bf16_onednn_ms"], detail["eval_fp32_ms"]) == ("measured", train["bf16_onednn"], 30.0)
+
+
+def test_a_single_candidate_prices_the_shape_whatever_it_is():
+    entry = {"train_ms": {"fp16": 8.0}, "eval_ms": {"fp16": 2.0}}  # a GPU's rule: fp16, timed alone
+    speed = budget_probe.speed_of(entry, ("fp16",), batch=4, eval_batch=2, by="cache")
+    assert (speed.precision, speed.train, speed.eval, dict(speed.detail)["by"]) == ("fp16", 0.002, 0.001, "cache")
+
+
+@pytest.mark.parametrize("bad", [{"train_ms": {"fp32": 1.0, "bf16": 1.0}}, {"train_ms": {**ENTRY["train_ms"],
+                                                                                          "fp32": 0}},
+                                 {"eval_ms": {**ENTRY["eval_ms"], "bf16": True}}, {"eval_ms": None}])
+def test_a_cached_entry_without_a_positive_time_per_candidate_is_measured_again(tmp_path, bad):
+    from vggnet.base import probecache
+
+    key = {"kind": "budget", "candidates": list(NAMES)}
+    probecache.write_cache(tmp_path / "probe.json", key, ENTRY)
+    assert budget_probe.read_speeds(tmp_path / "probe.json", key)["train_ms"] == ENTRY["train_ms"]
+    probecache.write_cache(tmp_path / "probe.json", key, {**ENTRY, **bad})
+    assert budget_probe.read_speeds(tmp_path / "probe.json", key) is None
+
+
+# ------------------------------------------------------------------------------------------ the real probe
+@pytest.fixture
+def priced(monkeypatch, tmp_path, train_options):
+    """The tiny run's data and configuration, the probe cache under tmp_path, and a counter of the measurements."""
+    monkeypatch.setattr(budget_probe, "cache_path", lambda: tmp_path / "probe.json")
+    calls = []
+    real = budget_probe.timed
+    monkeypatch.setattr(budget_probe, "timed", lambda *args: calls.append(args[3]) or real(*args))
+    config = resolve_config(**train_options(out=str(tmp_path / "run"))).validate()
+    train_set, _ = load_dataset(config.dataset, config.data_dir, config.image_size)
+    return config, train_set, calls
+
+
+@pytest.mark.parametrize("precision", ["fp32", pytest.param("auto", marks=pytest.mark.cpu_bf16)])
+def test_a_shape_is_measured_once_then_read_from_the_cache_and_reprobe_measures_again(priced, precision,
+                                                                                     monkeypatch):
+    from dataclasses import replace
+
+    config, train_set, calls = priced
+    config = replace(config, precision=precision)
+    runtime = resolve_runtime("cpu", "fp32" if precision == "fp32" else "bf16", threads=1)
+    monkeypatch.setattr(budget_probe, "bf16_candidate", lambda device: True)
+    shape = ("vgg11_bn", 0.25)  # at 32x32 its last block works on 2x2 maps: the GEMM path's
+    first = budget_probe.measure_shape(config, train_set, runtime, shape)
+    second = budget_probe.measure_shape(config, train_set, runtime, shape)
+    names = ("fp32",) if precision == "fp32" else NAMES
+    assert calls == [names] and dict(first.detail)["by"] == "measured" and dict(second.detail)["by"] == "cache"
+    assert first == Speed(second.train, second.eval, second.precision, True, first.detail, second.small_map_convs)
+    assert all(dict(first.detail)[f"{name}_ms"] > 0 for name in names)
+    budget_probe.measure_shape(config, train_set, runtime, shape, reprobe=True)
+    budget_probe.measure_shape(config, train_set, runtime, ("vgg13_bn", 0.25))  # another shape, another key
+    assert calls == [names] * 3
+    (cached_first, cached_other) = json.loads(budget_probe.cache_path().read_text())["entries"].values()
+    assert cached_first["key"]["kind"] == cached_other["key"]["kind"] == "budget"
+
+
+# ------------------------------------------------------------------------------------------ the run it chooses
+@pytest.mark.cpu_bf16
+def test_a_budget_run_trains_and_evaluates_in_the_bf16_variant_its_probe_chose(tmp_path, train_data_dir, monkeypatch,
+                                                                              train_cli):
+    asked, tuned, evaluated = [], [], []
+    detail = (("fp32_ms", 100.0), ("bf16_ms", 60.0), ("bf16_onednn_ms", 50.0), ("eval_bf16_onednn_ms", 5.0))
+
+    def measure(config, train_set, runtime, shape, reprobe=False):
+        asked.append(reprobe)
+        return Speed(1.5, 0.1, "bf16", True, detail, small_map_convs=False)  # 10 minutes: 2 epochs of the tiny run
+
+    real_tune, real_evaluate = build.tune_for_cpu_bf16, distributed.evaluate
+    monkeypatch.setattr(budget, "measure_shape", measure)
+    monkeypatch.setattr(build, "tune_for_cpu_bf16", lambda model, small: tuned.append(small) or real_tune(model, small))
+    monkeypatch.setattr(distributed, "evaluate", lambda *a, **k: evaluated.append(k["small_maps"]) or
+                        real_evaluate(*a, **k))
+    run_dir = tmp_path / "run"
+    code, out, err = train_cli(["train", "--budget", "10m", "--data-dir", train_data_dir, "--batch-size", "32",
+                                "--no-progress", "--threads", "1", "--device", "cpu", "--out", run_dir, "--reprobe"])
+    assert code == 0, err
+    assert asked == [True] and "(cpu, bf16 without small-map GEMM, 1 threads, batch 32;" in err
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert saved["precision"] == "bf16" and saved["budget_record"]["variant"] == "bf16_onednn"
+    assert saved["precision_record"] == {"precision": "bf16", "small_map_convs": False, "by": "budget",
+                                         "device": "cpu", "batch": 32, "threads": 1, "fp32_ms": 100.0,
+                                         "bf16_ms": 60.0, "bf16_onednn_ms": 50.0}
+    assert tuned == [False] and evaluated and set(evaluated) == {False}
