@@ -310,3 +310,32 @@ def small_prepared(tmp_path_factory):
             Image.fromarray(pixels).save(root / "images" / f"c{c}" / f"{i}.png")
     prepare(root / "images", root / "prepared", max_side=24, shard_samples=7, progress=False)
     return root / "prepared"
+
+
+@pytest.fixture
+def restore_threads():
+    """The intra-op thread count put back after the test."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+class FakeWindow:
+    """A LoadWindow (:class:`vggnet.base.cpuload.LoadWindow`) whose windows have always ended and whose readings are
+    given."""
+
+    def __init__(self, *readings):
+        self.readings, self.reads = list(readings), 0
+
+    def elapsed(self):
+        return 1e9
+
+    def read(self):
+        self.reads += 1
+        return self.readings.pop(0)
+
+
+@pytest.fixture
+def fake_window():
+    """Factory: ``fake_window(*readings)``, a :class:`FakeWindow`."""
+    return FakeWindow

@@ -30,13 +30,6 @@ def stat_file(tmp_path):
     return str(path)
 
 
-@pytest.fixture
-def restore_threads():
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
-
-
 def test_busy_seconds_sums_the_busy_columns_of_the_chosen_cpus(stat_file):
     # busy = user + nice + system + irq + softirq + steal (idle and iowait are not busy)
     assert busy_seconds(None, stat_file) == pytest.approx((160 + 10 + 60 + 6 + 4 + 2) / HZ)
@@ -72,23 +65,9 @@ def test_threads_for_load_leaves_the_taken_cores_to_their_owners(cores, other, t
     assert threads_for_load(cores, other) == threads
 
 
-class FakeWindow:
-    """A LoadWindow whose windows have always ended and whose readings are given."""
-
-    def __init__(self, *readings):
-        self.readings, self.reads = list(readings), 0
-
-    def elapsed(self):
-        return 1e9
-
-    def read(self):
-        self.reads += 1
-        return self.readings.pop(0)
-
-
-def test_adaptive_threads_follow_the_load_and_come_back(restore_threads):
+def test_adaptive_threads_follow_the_load_and_come_back(restore_threads, fake_window):
     torch.set_num_threads(2)
-    window = FakeWindow(1.0, 1.0, None, 0.1)
+    window = fake_window(1.0, 1.0, None, 0.1)
     threads = AdaptiveThreads(2, window, seconds=3.0)
     assert threads.poll() == 1 and torch.get_num_threads() == 1  # one core taken: one thread
     assert threads.poll() is None and torch.get_num_threads() == 1  # still taken: no change
@@ -115,7 +94,8 @@ def test_only_a_cpu_run_without_threads_alone_and_not_deterministic_adapts():
     assert adaptive_threads(Runtime(torch.device("cuda"), "bf16", True, 2), False, False) is None
 
 
-def test_a_training_run_drops_to_one_thread_beside_a_busy_process(train_options, tmp_path, restore_threads):
+def test_a_training_run_drops_to_one_thread_beside_a_busy_process(train_options, tmp_path, restore_threads,
+                                                                   fake_window):
     from vggnet.training import build_run, fit, resolve_config
 
     pinned = build_run(resolve_config(**train_options(epochs=1, out=str(tmp_path / "pinned"))))
@@ -123,6 +103,6 @@ def test_a_training_run_drops_to_one_thread_beside_a_busy_process(train_options,
     run = build_run(resolve_config(**train_options(epochs=2, threads=None, out=str(tmp_path / "run"))))
     assert isinstance(run.threads, AdaptiveThreads) and run.threads.cores == runtime.available_cores()
     torch.set_num_threads(2)
-    run.threads = AdaptiveThreads(2, FakeWindow(*[1.0] * 10_000), seconds=0.0)  # another process holds one core
+    run.threads = AdaptiveThreads(2, fake_window(*[1.0] * 10_000), seconds=0.0)  # another process holds one core
     history = fit(run)["history"]
     assert [r["threads"] for r in history] == [1, 1] and torch.get_num_threads() == 1

@@ -21,37 +21,16 @@ from vggnet.use import compress
 CPU = torch.device("cpu")
 
 
-class FakeWindow:
-    """A LoadWindow whose windows have always ended and whose readings are given."""
-
-    def __init__(self, *readings):
-        self.readings, self.reads = list(readings), 0
-
-    def elapsed(self):
-        return 1e9
-
-    def read(self):
-        self.reads += 1
-        return self.readings.pop(0)
-
-
 def sequence(*values):
     it = iter(values)
     return lambda: next(it)
 
 
 @pytest.fixture
-def restore_threads():
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture
-def one_busy_core(monkeypatch, restore_threads):
+def one_busy_core(monkeypatch, restore_threads, fake_window):
     """A 2-core machine on which another process always keeps one core busy."""
     monkeypatch.setattr(runtime, "available_cores", lambda: 2)
-    monkeypatch.setattr(runtime, "LoadWindow", lambda cpus=None: FakeWindow(*[1.0] * 10_000))
+    monkeypatch.setattr(runtime, "LoadWindow", lambda cpus=None: fake_window(*[1.0] * 10_000))
 
 
 class Recording(nn.Module):
@@ -84,10 +63,10 @@ def test_resolve_runtime_adapts_on_the_cpu_only_without_threads(restore_threads)
     assert "adaptive" not in rt.to_dict()
 
 
-def test_evaluation_polls_the_load_before_every_batch(restore_threads):
+def test_evaluation_polls_the_load_before_every_batch(restore_threads, fake_window):
     torch.set_num_threads(2)
     model = Recording()
-    window = FakeWindow(1.0, 1.0, 0.0, None)  # busy, busy, quiet, no reading
+    window = fake_window(1.0, 1.0, 0.0, None)  # busy, busy, quiet, no reading
     result = evaluate(model, tiny_set(40), lambda x: x.float() / 255, "cpu", "fp32", batch_size=10,
                       threads=AdaptiveThreads(2, window, seconds=0.0))
     assert model.seen == [1, 1, 2, 2] and window.reads == 4 and result.n == 40
@@ -161,7 +140,7 @@ def test_vggnet_compress_measures_on_the_loads_thread_count_and_reports_it(cli, 
     assert done["threads"] == 1
 
 
-def test_multiscale_evaluation_polls_the_load_before_every_chunk(restore_threads):
+def test_multiscale_evaluation_polls_the_load_before_every_chunk(restore_threads, fake_window):
     """``vggnet eval --scales`` follows the load as plain evaluation does: the in-memory protocols poll before each
     chunk; the thread count at each forward is the one the window's reading asked for."""
     from vggnet.data.augment import Preprocess
@@ -171,14 +150,14 @@ def test_multiscale_evaluation_polls_the_load_before_every_chunk(restore_threads
     model = VGG([4, "M"], num_classes=3, in_channels=1, head="gap", input_size=4).eval()
     seen = []
     model.register_forward_pre_hook(lambda module, args: seen.append(torch.get_num_threads()))
-    window = FakeWindow(1.0, 0.0, 1.0)
+    window = fake_window(1.0, 0.0, 1.0)
     evaluate_multiscale(model, tiny_set(30), Preprocess(4, (0.5,), (0.25,)),
                         Protocol(scales=(4,), dense=True), batch_size=10,
                         adaptive=AdaptiveThreads(2, window, seconds=0.0))
     assert seen == [1, 2, 1] and window.reads == 3
 
 
-def test_training_evaluation_polls_the_runs_threads(monkeypatch):
+def test_training_evaluation_polls_the_runs_threads(monkeypatch, fake_window):
     """The end-of-epoch evaluation of a single-process run gets the run's AdaptiveThreads (its batches follow the
     load as the training steps do)."""
     from vggnet.training import distributed, loop
@@ -186,7 +165,7 @@ def test_training_evaluation_polls_the_runs_threads(monkeypatch):
     monkeypatch.setattr(distributed, "evaluate", lambda *a, **k: got.update(k) or "result")
 
     class Run:
-        threads = AdaptiveThreads(2, FakeWindow(), seconds=0.0)
+        threads = AdaptiveThreads(2, fake_window(), seconds=0.0)
         model = nn.Linear(1, 1)
         preprocess = None
         dist = distributed.Dist()
