@@ -256,7 +256,7 @@ class Runtime:
     #: --threads was given, or not the CPU); evaluation and prediction poll it between batches.
     adaptive: AdaptiveThreads | None = field(default=None, compare=False, repr=False)
     #: In bf16 on the CPU, whether 3x3 convolutions on small maps run as one GEMM (:mod:`vggnet.net.cpu_bf16`) or
-    #: oneDNN runs every convolution: precision ``auto``'s inference probe measures both (:mod:`vggnet.evaluation.probe`).
+    #: oneDNN runs every convolution: precision ``auto``'s probes measure both (:mod:`vggnet.evaluation.probe`).
     small_map_convs: bool = True
 
     @property

@@ -204,8 +204,9 @@ def out_of_place_relus(model: nn.Module) -> int:
 
 def small_map_layers(model: nn.Module, shape: tuple[int, ...]) -> int:
     """How many convolutions of ``model`` would take the small-map GEMM path in bf16 at the input ``shape``
-    (:func:`small_map`, for the convolutions :func:`use_small_map_convs` swaps): one fp32 forward pass of one image in eval mode without gradients, its maps' sizes read on the way; the
-    model is left as it was (its mode restored; eval mode updates no batch-norm statistics)."""
+    (:func:`small_map`, for the convolutions :func:`use_small_map_convs` swaps): one fp32 forward pass of one
+    image in eval mode without gradients, its maps' sizes read on the way; the model is left as it was (its mode
+    restored; eval mode updates no batch-norm statistics)."""
     hits: list[bool] = []
     handles = [m.register_forward_pre_hook(lambda conv, args: hits.append(
         args[0].dim() == 4 and small_map(conv, args[0].shape[-2], args[0].shape[-1])))

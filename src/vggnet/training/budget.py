@@ -296,8 +296,8 @@ def budget_record(config: TrainConfig, choice: Choice, speeds: dict, counts: Cou
         "device": runtime.device.type, "threads": torch.get_num_threads(), "batch": config.batch_size,
         "precision": speed.precision, "small_map_convs": speed.small_map_convs,
         "variant": candidate_of({**dict(speed.detail), "precision": speed.precision,
-                                 "small_map_convs": speed.small_map_convs}), "images": {"trained": counts.trained, "evaluated": counts.evaluated,
-                                                 "test": counts.test},
+                                 "small_map_convs": speed.small_map_convs}),
+        "images": {"trained": counts.trained, "evaluated": counts.evaluated, "test": counts.test},
         "chosen": {**{k: recipe.options()[k] for k in ("model", "width", "epochs", "erasing", "tta")},
                    "top1": recipe.top1, "source": recipe.source, "predicted_s": round(choice.predicted, 1),
                    "cut_from": choice.cut_from},
@@ -319,8 +319,9 @@ def announcement(record: dict[str, Any]) -> str:
     cached = sum(s.get("by") == "cache" for s in record["speeds"])
     read = f", {cached} of them read from the cache (--reprobe measures again)" if cached else ""
     lines = [f"vggnet train: --budget {budget}: {len(record['candidates'])} measured recipes priced on this machine "
-             f"({record['device']}, {LABELS.get(record['variant'], record['variant'])}, {record['threads']} threads, batch {record['batch']}; model shapes probed: {probed} in "
-             f"{record['probe_s']:.1f} s{read}, skipped: {len(record['speeds']) - probed})",
+             f"({record['device']}, {LABELS.get(record['variant'], record['variant'])}, {record['threads']} threads, "
+             f"batch {record['batch']}; model shapes probed: {probed} in {record['probe_s']:.1f} s{read}, skipped: "
+             f"{len(record['speeds']) - probed})",
              "  model       width  epochs   predicted  measured top-1   fits"]
     for row in record["candidates"]:
         minutes = f"{'' if row['probed'] else '>='}{row['predicted_s'] / 60:.1f} min"
