@@ -35,6 +35,8 @@ CANDIDATES = ("fp32", "bf16")
 #: timed only where some layer would take the GEMM path (:func:`vggnet.net.cpu_bf16.small_map_layers`); elsewhere
 #: both bf16 variants are the same computation.
 VARIANTS = {"fp32": ("fp32", False), "bf16": ("bf16", True), "bf16_onednn": ("bf16", False)}
+#: What a cache entry holds that the record of a decision copies (:func:`decision_record`).
+RECORDED = ("precision", "small_map_convs", *(f"{name}_ms" for name in VARIANTS), "measured")
 #: How a candidate is named on the terminal and in ``vggnet bench``.
 LABELS = {"fp32": "fp32", "bf16": "bf16", "bf16_onednn": "bf16 without small-map GEMM"}
 #: bf16 is chosen only when its time is at most this share of fp32's (at least 5% faster). A near tie goes to fp32:
@@ -220,6 +222,15 @@ def cached_or_measured(path: Path, key: dict[str, Any], measure: Callable[[], di
     if problem is not None:
         warnings.warn(f"could not write the precision probe's cache ({problem}); the next run measures again")
     return entry, how, problem
+
+
+def decision_record(entry: dict[str, Any], how: dict[str, Any], **context: Any) -> dict[str, Any]:
+    """The record of a decision (a run's ``precision_record``, eval's): ``context`` (device, batch, threads), then
+    the cached entry's choice and times with ``by`` ``cache``, or the measured entry with how it was measured
+    (:func:`cached_or_measured`'s ``entry`` and ``how``)."""
+    if how["by"] == "cache":
+        return {**context, **{k: entry[k] for k in RECORDED if k in entry}, "by": "cache"}
+    return {**context, **entry, **how}
 
 
 def home_relative(path: Path | str) -> str:

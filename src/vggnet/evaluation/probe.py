@@ -36,7 +36,7 @@ import torch
 from vggnet.base import probecache
 from vggnet.base.errors import ConfigError
 from vggnet.base.probecache import (CANDIDATES, LABELS, VARIANTS, cache_path, cached_or_measured, candidate_of,
-                                    home_relative, measured_entry, uses_small_map_convs)
+                                    decision_record, home_relative, measured_entry, uses_small_map_convs)
 from vggnet.evaluation.metrics import auto_batch_size, inference_form
 from vggnet.net.cpu_bf16 import SMALL_MAP_RULE, small_map_layers
 from vggnet.runtime import Runtime, bf16_candidate, cpu_identity
@@ -54,8 +54,6 @@ PROBE_PIXELS = 128 * 32 * 32
 WARMUP_CALLS = 1
 MIN_ROUNDS, MAX_ROUNDS = 3, 7
 ROUND_SECONDS = 0.4
-#: What a cache entry holds that a record copies.
-RECORDED = ("precision", "small_map_convs", *(f"{name}_ms" for name in VARIANTS), "measured")
 
 
 @dataclass(frozen=True)
@@ -169,11 +167,7 @@ def choose(model: torch.nn.Module, runtime: Runtime, shape: tuple[int, ...], rep
     entry, how, problem = cached_or_measured(
         cache_path(), key, lambda: measured_entry(measure_candidates(model, shape, runtime.channels_last, measure)),
         reprobe)
-    record: dict[str, Any] = {"device": runtime.device.type, "batch": shape[0], "threads": key["threads"]}
-    if how["by"] == "cache":
-        record.update({k: entry[k] for k in RECORDED if k in entry}, by="cache")
-    else:
-        record.update(entry, **how)
+    record = decision_record(entry, how, device=runtime.device.type, batch=shape[0], threads=key["threads"])
     return record, problem
 
 

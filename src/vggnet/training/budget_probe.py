@@ -27,7 +27,7 @@ from typing import Any, Callable
 import torch
 
 from vggnet.base import probecache
-from vggnet.base.probecache import VARIANTS, cache_path, cached_or_measured, positive, winner
+from vggnet.base.probecache import CANDIDATES, VARIANTS, cache_path, cached_or_measured, positive, winner
 from vggnet.base.timing import synchronize
 from vggnet.data import ImageDataset
 from vggnet.evaluation.metrics import auto_batch_size, inference_form
@@ -35,7 +35,7 @@ from vggnet.net.cpu_bf16 import SMALL_MAP_RULE, small_map_layers
 from vggnet.runtime import Runtime, bf16_candidate, cpu_identity
 from vggnet.training.build import build_model, build_optimizer, image_channels
 from vggnet.training.config import TrainConfig
-from vggnet.training.probe import CANDIDATES, candidate_step, median_step_seconds
+from vggnet.training.probe import candidate_step, median_step_seconds
 
 #: The version of what the budget's probe times: a change measures the cached speeds again.
 BUDGET_PROBE = 1

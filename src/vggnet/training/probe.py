@@ -45,8 +45,8 @@ import torch.nn.functional as F
 from vggnet.base import probecache
 from vggnet.base.errors import CheckpointError, ConfigError
 from vggnet.base.probecache import (BF16_MAX_SHARE, CACHE_VERSION, CANDIDATES, LABELS, VARIANTS, cache_path,
-                                    cached_or_measured, candidate_of, faster, home_relative, measured_entry, read_cache,
-                                    times_line, uses_small_map_convs, winner, write_cache)
+                                    cached_or_measured, candidate_of, decision_record, faster, home_relative,
+                                    measured_entry, read_cache, times_line, uses_small_map_convs, winner, write_cache)
 from vggnet.net.cpu_bf16 import SMALL_MAP_RULE, small_map_layers, tune_for_cpu_bf16
 from vggnet.runtime import (PRECISIONS, AdaptiveThreads, Runtime, autocast, bf16_candidate, cpu_identity,
                             pick_precision)
@@ -62,8 +62,6 @@ __all__ = [  # with what it shares with the inference probe (vggnet.base.probeca
 
 #: The training probe's candidates (:data:`vggnet.base.probecache.VARIANTS`), the reference first.
 TRAINING_CANDIDATES = tuple(VARIANTS)
-#: What a cache entry holds that a record copies.
-RECORDED = ("precision", "small_map_convs", *(f"{name}_ms" for name in TRAINING_CANDIDATES), "measured")
 
 #: The stand-in batch holds at most this many pixels (128 images of 32x32): a probe of the default recipe stays
 #: well under 2 s on 2 cores, and a large batch at a large image size does not make it longer than a few steps.
@@ -188,11 +186,8 @@ def choose(config: TrainConfig, runtime: Runtime, model: torch.nn.Module, shape:
     entry, how, problem = cached_or_measured(
         path, key, lambda: measured_entry(measure_candidates(model, make_optimizer, shape, runtime.channels_last,
                                                              measure)), reprobe)
-    record = {"device": device, "batch": shape[0], "threads": key["threads"]}  # no path: cards get shared
-    if how["by"] == "cache":
-        record.update({k: entry[k] for k in RECORDED if k in entry}, by="cache")
-    else:
-        record.update(entry, **how)
+    # no cache path in the record: cards get shared
+    record = decision_record(entry, how, device=device, batch=shape[0], threads=key["threads"])
     print(announcement(record, None if problem else path), file=sys.stderr, flush=True)
     return record
 
