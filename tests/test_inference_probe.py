@@ -10,6 +10,7 @@ import types
 import pytest
 import torch
 
+from vggnet.base import probecache
 from vggnet.evaluation import probe
 from vggnet.runtime import Runtime, resolve_runtime
 from vggnet.store.rundir import load
@@ -24,8 +25,8 @@ def probed(monkeypatch, tmp_path):
     state = types.SimpleNamespace(calls=0, built=[], seconds={"fp32": 0.010, "bf16": 0.012},
                                   cache=tmp_path / "c" / "probe.json")
 
-    def fake_candidate(model, name, shape, channels_last):
-        state.built.append((name, tuple(shape), channels_last))
+    def fake_candidate(model, name, shape):
+        state.built.append((name, tuple(shape)))
         return lambda: None
 
     def fake_measure(calls):
@@ -66,9 +67,10 @@ def test_auto_runs_in_the_measured_choice_and_bf16_must_be_5_percent_faster(prob
     assert choice.line.startswith(f"vggnet eval: precision auto: {chosen} (fp32 {1000 * fp32:.1f} ms, bf16 "
                                   f"{1000 * bf16:.1f} ms per batch of 64, measured in ")
     assert choice.line.endswith(f" s; cached in {probed.cache})")
-    # every candidate on the model's own input: 1 channel, 32x32, channels_last as the runtime runs; with a map
-    # small enough for the GEMM path, bf16 without it is a candidate too
-    assert probed.built == [(name, (64, 1, 32, 32), True) for name in ("fp32", "bf16", "bf16_onednn")]
+    # every candidate on the model's own input: 1 channel, 32x32, in both layouts; with a map small enough for the
+    # GEMM path, bf16 without it is a candidate too
+    assert probed.built == [(name, (64, 1, 32, 32)) for name in ("fp32", "fp32_nchw", "bf16", "bf16_nchw",
+                                                                 "bf16_onednn", "bf16_onednn_nchw")]
 
 
 @pytest.mark.parametrize("gemm, onednn, chosen", [(0.006, 0.005, "bf16_onednn"), (0.005, 0.006, "bf16"),
@@ -91,7 +93,7 @@ def test_bf16_without_the_small_map_gemm_is_a_candidate_and_its_choice_reaches_t
 
 def test_without_a_small_map_bf16_is_measured_once(probed, loaded):
     probe.decide(loaded, cpu(), "auto", batch=64)  # the tiny model's maps: 32x32 and 16x16
-    assert [name for name, *_ in probed.built] == ["fp32", "bf16"]
+    assert [name for name, *_ in probed.built] == ["fp32", "fp32_nchw", "bf16", "bf16_nchw"]
 
 
 def test_the_cache_is_read_instead_of_measuring_and_reprobe_measures_again(probed, loaded):
@@ -114,27 +116,29 @@ def test_the_cache_is_read_instead_of_measuring_and_reprobe_measures_again(probe
 def test_inference_and_training_decisions_share_the_cache_file_under_their_own_keys(probed, loaded):
     from vggnet.training import probe as training_probe
 
-    key = probe.probe_key(loaded.model, (64, 1, 32, 32), 1, True)
-    training_key = training_probe.probe_key(loaded.model, (64, 1, 32, 32), 1, True, "sgd")
+    key = probe.probe_key(loaded.model, (64, 1, 32, 32), 1)
+    training_key = training_probe.probe_key(loaded.model, (64, 1, 32, 32), 1, "auto", "sgd")
     assert (key["kind"], training_key["kind"]) == ("inference", "training")
     assert key["layers"] and key["path"] == probe.INFERENCE_PATH and "optimizer" not in key
-    assert key["input"] == [64, 1, 32, 32] and key["threads"] == 1 and key["channels_last"] is True
+    assert key["input"] == [64, 1, 32, 32] and key["threads"] == 1 and key["channels_last"] == "auto"
     probe.decide(loaded, cpu(), "auto", batch=64)
     training_probe.write_cache(probed.cache, training_key, {"precision": "bf16", "fp32_ms": 1.0, "bf16_ms": 0.5})
     assert probe.decide(loaded, cpu(), "auto", batch=64).record["by"] == "cache" and probed.calls == 1
     assert len(json.loads(probed.cache.read_text())["entries"]) == 2
 
 
-def test_another_batch_layout_or_thread_count_is_measured_anew(probed, loaded):
+def test_another_batch_or_thread_count_is_measured_anew_and_the_runtimes_layout_is_not_a_key(probed, loaded):
     probe.decide(loaded, cpu(), "auto", batch=64)
     probe.decide(loaded, cpu(), "auto", batch=32)
-    probe.decide(loaded, resolve_runtime("cpu", "fp32", channels_last=False, threads=1), "auto", batch=32)
+    # both layouts are timed whatever the runtime held: its decision is the cached one
+    assert probe.decide(loaded, resolve_runtime("cpu", "fp32", channels_last=False, threads=1), "auto",
+                        batch=32).runtime.channels_last is True
     before = torch.get_num_threads()
     try:
         probe.decide(loaded, cpu(threads=2), "auto", batch=32)
     finally:
         torch.set_num_threads(before)
-    assert probed.calls == 4 and len(json.loads(probed.cache.read_text())["entries"]) == 4
+    assert probed.calls == 3 and len(json.loads(probed.cache.read_text())["entries"]) == 3
 
 
 def test_a_runtime_that_follows_the_load_measures_at_the_thread_count_the_load_leaves(probed, loaded):
@@ -218,6 +222,27 @@ def test_eval_auto_prints_the_choice_and_records_it(probed, cli, train_run, trai
     assert json.loads(out)["precision_record"]["batch"] == 16
 
 
+def test_eval_runs_in_nchw_where_the_probe_found_it_5_percent_faster(probed, cli, train_run, train_data_dir, tmp_path,
+                                                                    monkeypatch):
+    from vggnet.evaluation import metrics
+
+    probed.seconds = {"fp32": 0.010, "fp32_nchw": 0.009, "bf16": 0.012, "bf16_nchw": 0.013}
+    layouts = []
+    real = metrics.inference_form
+    monkeypatch.setattr(metrics, "inference_form", lambda model, device, precision, channels_last, *a, **k: (
+        layouts.append(channels_last) or real(model, device, precision, channels_last, *a, **k)))
+    code, out, err = cli(["eval", train_run["dir"], "--data-dir", train_data_dir, "--device", "cpu", "--threads", "1",
+                          "--precision", "auto", "--json", "--out", tmp_path / "ev"])
+    assert code == 0, err
+    assert err.startswith("vggnet eval: precision auto: fp32 NCHW (fp32 10.0 ms, fp32 NCHW 9.0 ms, bf16 12.0 ms, "
+                          "bf16 NCHW 13.0 ms per batch of 128, measured in ")
+    assert json.loads(out)["precision_record"]["channels_last"] is False and layouts == [False]
+    probed.seconds = {"fp32": 0.010, "fp32_nchw": 0.0096, "bf16": 0.012, "bf16_nchw": 0.013}  # within 5%
+    code, out, err = cli(["eval", train_run["dir"], "--data-dir", train_data_dir, "--device", "cpu", "--threads", "1",
+                          "--precision", "auto", "--reprobe", "--json", "--out", tmp_path / "ev2"])
+    assert code == 0 and "precision auto: fp32 (" in err and layouts == [False, True]
+
+
 def test_eval_with_an_explicit_precision_prints_no_line_and_records_none(probed, cli, train_run, train_data_dir,
                                                                          tmp_path, one_line_error):
     code, out, err = cli(["eval", train_run["dir"], "--data-dir", train_data_dir, "--device", "cpu", "--threads", "1",
@@ -286,10 +311,11 @@ def test_the_chosen_bf16_variant_is_what_eval_multiscale_eval_and_predict_run(mo
 def test_the_probe_leaves_the_model_and_the_random_state_untouched(train_run_one_epoch):
     model = copy.deepcopy(train_run_one_epoch["model"]).train()
     before = (copy.deepcopy(model.state_dict()), torch.get_rng_state(), [type(m) for m in model.modules()])
-    seconds = probe.measure_candidates(model, (8, 1, 32, 32), True)  # the real timer
+    seconds = probe.measure_candidates(model, (8, 1, 32, 32), True)  # the real timer, in channels_last
     assert sorted(seconds) == ["bf16", "fp32"] and all(s > 0 for s in seconds.values())
-    seconds = probe.measure_candidates(model, (8, 1, 4, 4), True)  # its second conv on 2x2 maps: the GEMM path's
-    assert sorted(seconds) == ["bf16", "bf16_onednn", "fp32"] and all(s > 0 for s in seconds.values())
+    seconds = probe.measure_candidates(model, (8, 1, 4, 4))  # its second conv on 2x2 maps: the GEMM path's
+    assert sorted(seconds) == ["bf16", "bf16_nchw", "bf16_onednn", "bf16_onednn_nchw", "fp32", "fp32_nchw"]
+    assert all(s > 0 for s in seconds.values())
     state, rng, types_ = before
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())  # BN statistics included
     assert torch.equal(torch.get_rng_state(), rng) and [type(m) for m in model.modules()] == types_
@@ -302,7 +328,7 @@ def test_the_candidates_run_what_evaluation_runs(train_run_one_epoch):
     to bf16 rounding."""
     model = copy.deepcopy(train_run_one_epoch["model"]).eval()
     outputs = {}
-    for name, (precision, small_maps) in probe.VARIANTS.items():
+    for name, (precision, small_maps) in probecache.VARIANTS.items():
         net, _ = probe.inference_form(model, torch.device("cpu"), precision, True, small_maps=small_maps)
         outputs[name] = net
     assert outputs["fp32"] is model and outputs["bf16"].precision == outputs["bf16_onednn"].precision == "bf16"

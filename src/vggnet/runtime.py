@@ -242,13 +242,18 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return torch.autocast(device.type, dtype=dtype)
 
 
+def memory_format(channels_last: bool) -> torch.memory_format:
+    """The memory format of a model's 4-d weights and its batches in that layout (True: channels_last, else NCHW)."""
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
 @dataclass(frozen=True)
 class Runtime:
     """Where and how a model runs: resolved values only (no ``auto``)."""
 
     device: torch.device
     precision: str  # fp32 | bf16 | fp16
-    channels_last: bool
+    channels_last: bool  # the memory layout (precision auto's probes may choose NCHW: vggnet.base.probecache)
     threads: int
     compile: bool = False  # torch.compile the network (see compile_module)
     deterministic: bool = False  # deterministic algorithms only (see deterministic_algorithms)
@@ -323,10 +328,11 @@ def deterministic_algorithms(enabled: bool = True):
             os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
 
 
-def resolve_runtime(device: str | torch.device = "auto", precision: str = "auto", channels_last: bool = True,
+def resolve_runtime(device: str | torch.device = "auto", precision: str = "auto", channels_last: bool | str = True,
                     threads: int | None = None, compile: bool = False, deterministic: bool = False) -> Runtime:
     """Validate and resolve the run-time options, and set the intra-op thread count (:func:`default_threads`; on the
-    CPU without ``threads``, inference then follows the load: :attr:`Runtime.adaptive`)."""
+    CPU without ``threads``, inference then follows the load: :attr:`Runtime.adaptive`). ``channels_last`` ``auto``
+    (a run's request that precision auto's probe decides) resolves to channels_last, the rule."""
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise ConfigError(f"--threads must be a positive integer, got {threads!r}")
     dev = pick_device(device)
@@ -334,5 +340,5 @@ def resolve_runtime(device: str | torch.device = "auto", precision: str = "auto"
     if compile:
         check_compile(dev)
     adaptive = inference_threads(dev, threads is not None, deterministic)
-    return Runtime(dev, chosen, bool(channels_last), set_threads(threads, dev), bool(compile), bool(deterministic),
+    return Runtime(dev, chosen, channels_last is not False, set_threads(threads, dev), bool(compile), bool(deterministic),
                    adaptive=adaptive)

@@ -31,7 +31,8 @@ def test_the_fastest_of_several_variants_wins_when_at_least_5_percent_faster(a, 
 def test_a_measured_entry_holds_the_choice_and_the_milliseconds():
     entry = probecache.measured_entry({"fp32": 0.0041, "bf16": 0.0053125})
     assert (entry["precision"], entry["fp32_ms"], entry["bf16_ms"]) == ("fp32", 4.1, 5.312)
-    assert sorted(entry) == ["bf16_ms", "fp32_ms", "measured", "precision", "small_map_convs"]
+    assert sorted(entry) == ["bf16_ms", "channels_last", "fp32_ms", "measured", "precision", "small_map_convs"]
+    assert entry["channels_last"] is True  # NCHW was not timed
     assert entry["small_map_convs"] is False  # bf16 without the GEMM path was not measured against it
 
 
@@ -43,6 +44,50 @@ def test_a_measured_entry_of_three_candidates_says_which_bf16_variant_won(gemm, 
     assert probecache.candidate_of(entry) == {(True, "bf16"): "bf16", (False, "bf16"): "bf16_onednn"}.get(
         (small_maps, chosen), "fp32")
     assert probecache.uses_small_map_convs(entry) is small_maps
+
+
+# ---------------------------------------------------------------------------------------------------- layouts
+def test_the_candidates_are_each_variant_in_each_layout_channels_last_first():
+    assert probecache.candidate_names() == probecache.ALL_CANDIDATES == (
+        "fp32", "fp32_nchw", "bf16", "bf16_nchw", "bf16_onednn", "bf16_onednn_nchw")
+    assert probecache.probe_candidates(False, "auto") == ("fp32", "fp32_nchw", "bf16", "bf16_nchw")
+    assert probecache.probe_candidates(True, True) == ("fp32", "bf16", "bf16_onednn")
+    assert probecache.probe_candidates(False, False) == ("fp32_nchw", "bf16_nchw")
+    assert [probecache.variant_of(n) for n in ("fp32", "bf16_nchw", "bf16_onednn_nchw", "fp16", "fp16_nchw")] == [
+        ("fp32", False, True), ("bf16", True, False), ("bf16", False, False), ("fp16", True, True),
+        ("fp16", True, False)]
+    assert [probecache.label(n) for n in ("fp32_nchw", "bf16_onednn", "bf16_onednn_nchw", "fp16")] == [
+        "fp32 NCHW", "bf16 without small-map GEMM", "bf16 without small-map GEMM NCHW", "fp16"]
+
+
+@pytest.mark.parametrize("seconds, chosen", [
+    ({"fp32": 10.0, "fp32_nchw": 9.5}, "fp32_nchw"),  # NCHW 5% faster than channels_last: it wins
+    ({"fp32": 10.0, "fp32_nchw": 9.51}, "fp32"),  # a near tie goes to channels_last
+    ({"fp32": 10.0, "fp32_nchw": 12.0, "bf16": 6.0, "bf16_nchw": 5.0}, "bf16_nchw"),
+    ({"fp32": 10.0, "fp32_nchw": 12.0, "bf16": 6.0, "bf16_nchw": 5.8}, "bf16"),
+    # each variant's layout first, then the 5% rule between variants: bf16 NCHW 9.4 is within 5% of fp32 NCHW 9.5
+    ({"fp32": 10.0, "fp32_nchw": 9.5, "bf16": 9.9, "bf16_nchw": 9.4}, "fp32_nchw"),
+    ({"fp32": 10.0, "fp32_nchw": 11.0, "bf16": 8.0, "bf16_nchw": 9.0, "bf16_onednn": 7.0,
+      "bf16_onednn_nchw": 6.0}, "bf16_onednn_nchw"),
+    ({"fp32_nchw": 10.0, "bf16_nchw": 9.0}, "bf16_nchw")])  # one layout given: NCHW alone
+def test_nchw_wins_only_where_5_percent_faster_than_channels_last(seconds, chosen):
+    assert probecache.winner(seconds) == chosen
+    entry = probecache.measured_entry({name: s / 1000 for name, s in seconds.items()})
+    assert probecache.candidate_of(entry) == chosen
+    assert entry["channels_last"] is not chosen.endswith("_nchw")
+    assert entry["small_map_convs"] is (chosen.startswith("bf16") and not chosen.startswith("bf16_onednn")
+                                        and "bf16_onednn" in seconds)
+    assert probecache.runs_channels_last(entry, default=not entry["channels_last"]) is entry["channels_last"]
+
+
+def test_a_record_without_a_layout_keeps_the_runs_own():
+    assert probecache.runs_channels_last(None, True) is True
+    assert probecache.runs_channels_last({"precision": "fp32"}, False) is False  # recorded before layouts were timed
+    assert probecache.runs_channels_last({"precision": "fp32", "channels_last": False}, True) is False
+    assert probecache.candidate_of({"precision": "bf16", "small_map_convs": False, "channels_last": False,
+                                    "bf16_onednn_nchw_ms": 1.0}) == "bf16_onednn_nchw"
+    line = probecache.times_line({"fp32_ms": 10.0, "fp32_nchw_ms": 12.04, "bf16_ms": 6.0, "batch": 8}, "ms/step")
+    assert line == "fp32 10.0, fp32 NCHW 12.0, bf16 6.0 ms/step at batch 8, no map small enough for the GEMM path"
 
 
 def test_the_timer_warms_up_alternates_and_returns_medians():
@@ -91,7 +136,7 @@ def test_the_initialisation_is_not_part_of_the_key_but_the_layers_signature_tell
 
 
 # ------------------------------------------------------------------------------------------------------- cache
-ENTRY = {"precision": "bf16", "small_map_convs": True, "fp32_ms": 4.1, "bf16_ms": 2.0,
+ENTRY = {"precision": "bf16", "small_map_convs": True, "channels_last": True, "fp32_ms": 4.1, "bf16_ms": 2.0,
          "measured": "2025-01-01 00:00:00 UTC"}
 
 
@@ -112,7 +157,10 @@ def test_the_cache_round_trips_an_entry_under_its_key(tmp_path):
                                    {k: v for k, v in ENTRY.items() if k != "fp32_ms"},
                                    {k: v for k, v in ENTRY.items() if k != "small_map_convs"},
                                    dict(ENTRY, small_map_convs="yes"), dict(ENTRY, bf16_onednn_ms=0),
-                                   dict(ENTRY, bf16_onednn_ms=None)])
+                                   dict(ENTRY, bf16_onednn_ms=None), dict(ENTRY, channels_last="yes"),
+                                   {k: v for k, v in ENTRY.items() if k != "channels_last"},
+                                   dict(ENTRY, channels_last=False),  # no time of the chosen bf16_nchw
+                                   dict(ENTRY, fp32_nchw_ms=0.0)])
 def test_an_entry_that_is_not_a_decision_is_measured_again(tmp_path, entry):
     path = tmp_path / "probe.json"
     probecache.write_cache(path, {"n": 1}, entry)

@@ -5,7 +5,9 @@ checked to be positive; the choice between them is tested on written entries."""
 import json
 
 import pytest
+import torch
 
+from vggnet.base import probecache
 from vggnet.data import load_dataset
 from vggnet.runtime import resolve_runtime
 from vggnet.training import budget, budget_probe, build, distributed, resolve_config
@@ -73,9 +75,11 @@ def test_a_shape_is_measured_once_then_read_from_the_cache_and_reprobe_measures_
     shape = ("vgg11_bn", 0.25)  # at 32x32 its last block works on 2x2 maps: the GEMM path's
     first = budget_probe.measure_shape(config, train_set, runtime, shape)
     second = budget_probe.measure_shape(config, train_set, runtime, shape)
-    names = ("fp32",) if precision == "fp32" else NAMES
+    # the run gives no layout: under auto both are timed; an explicit precision is timed alone, in channels_last
+    names = ("fp32",) if precision == "fp32" else probecache.ALL_CANDIDATES
     assert calls == [names] and dict(first.detail)["by"] == "measured" and dict(second.detail)["by"] == "cache"
-    assert first == Speed(second.train, second.eval, second.precision, True, first.detail, second.small_map_convs)
+    assert first == Speed(second.train, second.eval, second.precision, True, first.detail, second.small_map_convs,
+                          second.channels_last)
     assert all(dict(first.detail)[f"{name}_ms"] > 0 for name in names)
     budget_probe.measure_shape(config, train_set, runtime, shape, reprobe=True)
     budget_probe.measure_shape(config, train_set, runtime, ("vgg13_bn", 0.25))  # another shape, another key
@@ -85,29 +89,43 @@ def test_a_shape_is_measured_once_then_read_from_the_cache_and_reprobe_measures_
 
 
 # ------------------------------------------------------------------------------------------ the run it chooses
+def channels_last_weights(model: torch.nn.Module) -> bool:
+    """Whether the model's last convolution (of several input channels: one channel is both layouts) is in
+    channels_last."""
+    conv = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+    assert conv.in_channels > 1
+    return conv.weight.is_contiguous(memory_format=torch.channels_last)
+
+
 @pytest.mark.cpu_bf16
-def test_a_budget_run_trains_and_evaluates_in_the_bf16_variant_its_probe_chose(tmp_path, train_data_dir, monkeypatch,
-                                                                              train_cli):
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_a_budget_run_trains_and_evaluates_in_the_bf16_variant_and_layout_its_probe_chose(
+        tmp_path, train_data_dir, monkeypatch, train_cli, channels_last):
     asked, tuned, evaluated = [], [], []
     detail = (("fp32_ms", 100.0), ("bf16_ms", 60.0), ("bf16_onednn_ms", 50.0), ("eval_bf16_onednn_ms", 5.0))
 
     def measure(config, train_set, runtime, shape, reprobe=False):
-        asked.append(reprobe)
-        return Speed(1.5, 0.1, "bf16", True, detail, small_map_convs=False)  # 10 minutes: 2 epochs of the tiny run
+        asked.append(reprobe)  # 10 minutes: 2 epochs of the tiny run
+        return Speed(1.5, 0.1, "bf16", True, detail, small_map_convs=False, channels_last=channels_last)
 
     real_tune, real_evaluate = build.tune_for_cpu_bf16, distributed.evaluate
     monkeypatch.setattr(budget, "measure_shape", measure)
-    monkeypatch.setattr(build, "tune_for_cpu_bf16", lambda model, small: tuned.append(small) or real_tune(model, small))
-    monkeypatch.setattr(distributed, "evaluate", lambda *a, **k: evaluated.append(k["small_maps"]) or
-                        real_evaluate(*a, **k))
+    monkeypatch.setattr(build, "tune_for_cpu_bf16", lambda model, small: tuned.append(
+        (small, channels_last_weights(model))) or real_tune(model, small))
+    monkeypatch.setattr(distributed, "evaluate", lambda *a, **k: evaluated.append(
+        (k["small_maps"], k["channels_last"])) or real_evaluate(*a, **k))
     run_dir = tmp_path / "run"
     code, out, err = train_cli(["train", "--budget", "10m", "--data-dir", train_data_dir, "--batch-size", "32",
                                 "--no-progress", "--threads", "1", "--device", "cpu", "--out", run_dir, "--reprobe"])
     assert code == 0, err
-    assert asked == [True] and "(cpu, bf16 without small-map GEMM, 1 threads, batch 32;" in err
+    layout = "" if channels_last else " NCHW"
+    assert asked == [True] and f"(cpu, bf16 without small-map GEMM{layout}, 1 threads, batch 32;" in err
     saved = json.loads((run_dir / "config.json").read_text())
-    assert saved["precision"] == "bf16" and saved["budget_record"]["variant"] == "bf16_onednn"
-    assert saved["precision_record"] == {"precision": "bf16", "small_map_convs": False, "by": "budget",
-                                         "device": "cpu", "batch": 32, "threads": 1, "fp32_ms": 100.0,
-                                         "bf16_ms": 60.0, "bf16_onednn_ms": 50.0}
-    assert tuned == [False] and evaluated and set(evaluated) == {False}
+    assert saved["precision"] == "bf16" and saved["channels_last"] == "auto"
+    assert saved["budget_record"]["variant"] == "bf16_onednn" + ("" if channels_last else "_nchw")
+    assert saved["precision_record"] == {"precision": "bf16", "small_map_convs": False,
+                                         "channels_last": channels_last, "by": "budget", "device": "cpu",
+                                         "batch": 32, "threads": 1, "fp32_ms": 100.0, "bf16_ms": 60.0,
+                                         "bf16_onednn_ms": 50.0}
+    # the model trains in the chosen layout, and its evaluation runs in it
+    assert tuned == [(False, channels_last)] and evaluated and set(evaluated) == {(False, channels_last)}

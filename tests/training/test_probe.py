@@ -24,6 +24,17 @@ from vggnet.training.build import build_model, build_optimizer
 SMALL_MAPS = [8, "M", 8, "M", 8, "M", 8, "M", 8]
 
 
+#: The candidates in channels_last alone: what the probe times where the run gives the layout.
+CHANNELS_LAST = probecache.candidate_names(layouts=(True,))
+
+
+@pytest.fixture
+def train_options(train_options):
+    """The tiny run's options with the memory layout given (channels_last): the tests here time the precision
+    variants in one layout; the layout's own probe is tested in the section "the memory layout" below."""
+    return lambda **options: train_options(**{"channels_last": True, **options})
+
+
 @pytest.fixture
 def probed(monkeypatch, tmp_path):
     """bf16 a candidate on any CPU, the cache under tmp_path, and injected step times (``probed.seconds``, in s, of
@@ -77,7 +88,7 @@ def test_a_new_auto_run_trains_in_the_measured_choice(probed, train_options, tmp
     probed.seconds = seconds
     run = build_run(resolve_config(**train_options(precision="auto", arch=SMALL_MAPS, out=str(tmp_path / "r"))))
     precision = probe.VARIANTS[chosen][0]
-    assert probed.names == [probe.TRAINING_CANDIDATES] and run.runtime.precision == precision
+    assert probed.names == [CHANNELS_LAST] and run.runtime.precision == precision
     record = run.config.precision_record
     assert (record["precision"], record["small_map_convs"], record["by"], record["batch"]) == (
         precision, chosen == "bf16", "measured", 32)
@@ -126,7 +137,7 @@ def test_the_cache_is_read_instead_of_measuring_and_reprobe_measures_again(probe
     assert probed.calls == 1 and second.runtime.precision == first.runtime.precision == "fp32"
     cached = second.config.precision_record
     assert {k: v for k, v in cached.items() if k != "measured"} == {
-        "precision": "fp32", "small_map_convs": False, "by": "cache", "device": "cpu", "batch": 32, "threads": 1,
+        "precision": "fp32", "small_map_convs": False, "channels_last": True, "by": "cache", "device": "cpu", "batch": 32, "threads": 1,
         "fp32_ms": 10.0, "bf16_ms": 12.0}
     assert "--reprobe measures again" in capsys.readouterr().err.splitlines()[-1]
     third = build_run(resolve_config(**train_options(precision="auto", out=str(tmp_path / "c"))), reprobe=True)
@@ -198,8 +209,9 @@ def test_a_cache_that_cannot_be_written_is_a_warning_and_the_run_goes_on(probed,
         run = build_run(resolve_config(**train_options(precision="auto", out=str(tmp_path / "a"))))
     assert run.runtime.precision == "fp32" and probed.calls == 1
     assert "cached" not in capsys.readouterr().err
-    assert set(run.config.precision_record) == {"precision", "small_map_convs", "by", "device", "batch", "threads",
-                                                "fp32_ms", "bf16_ms", "measured", "probe_seconds"}  # no local path
+    assert set(run.config.precision_record) == {"precision", "small_map_convs", "channels_last", "by", "device",
+                                                "batch", "threads", "fp32_ms", "bf16_ms", "measured",
+                                                "probe_seconds"}  # no local path
 
 
 # ------------------------------------------------------------------------------------------------ what never probes
@@ -232,9 +244,10 @@ def test_deterministic_runs_probe_too(probed, train_options, tmp_path):
 
 def test_the_cli_passes_reprobe_and_refuses_it_where_nothing_is_measured(probed, train_cli, train_cli_args, tmp_path,
                                                                          one_line_error):
-    assert train_cli(train_cli_args("--precision", "auto", "--epochs", "1", "--out", tmp_path / "a"))[0] == 0
-    assert train_cli(train_cli_args("--precision", "auto", "--epochs", "1", "--out", tmp_path / "b",
-                                    "--reprobe"))[0] == 0
+    assert train_cli(train_cli_args("--precision", "auto", "--channels-last", "--epochs", "1", "--out",
+                                    tmp_path / "a"))[0] == 0
+    assert train_cli(train_cli_args("--precision", "auto", "--channels-last", "--epochs", "1", "--out",
+                                    tmp_path / "b", "--reprobe"))[0] == 0
     assert probed.calls == 2
     saved = json.loads((tmp_path / "b" / "config.json").read_text())
     assert saved["precision"] == "auto" and saved["precision_record"]["precision"] == "fp32"
@@ -250,12 +263,12 @@ def test_the_cli_passes_reprobe_and_refuses_it_where_nothing_is_measured(probed,
                                                 pytest.param("bf16_onednn", 0, marks=pytest.mark.cpu_bf16)])
 def test_a_resumed_run_keeps_its_recorded_precision_and_never_probes(probed, train_options, tmp_path, monkeypatch,
                                                                     chosen, gemm_convs):
-    probed.seconds = {name: 0.005 if name == chosen else 0.020 for name in probe.TRAINING_CANDIDATES}
+    probed.seconds = {name: 0.005 if name == chosen else 0.020 for name in CHANNELS_LAST}
     train(resolve_config(**train_options(precision="auto", arch=SMALL_MAPS, epochs=1, out=str(tmp_path / "r"))))
     saved = json.loads((tmp_path / "r" / "config.json").read_text())
     assert saved["precision"] == "auto" and probe.candidate_of(saved["precision_record"]) == chosen
     assert saved["precision_record"]["small_map_convs"] is (chosen == "bf16")
-    probed.seconds = {name: 0.020 if name == chosen else 0.005 for name in probe.TRAINING_CANDIDATES}  # now others
+    probed.seconds = {name: 0.020 if name == chosen else 0.005 for name in CHANNELS_LAST}  # now others
     seen = []
     monkeypatch.setattr("vggnet.training.fit", lambda run, resume=False: seen.append(
         (run.runtime.precision, sum(isinstance(m, SmallMapConv2d) for m in run.model.modules()))) or
@@ -286,6 +299,90 @@ def test_resume_takes_the_record_only_on_its_kind_of_device(train_options):
 def test_the_gemm_convs_are_used_unless_the_record_says_no(record, gemm):
     # an explicit --precision bf16 (no record) and a run recorded before the variant was measured keep the GEMM
     assert probe.uses_small_map_convs(record) is gemm
+
+
+# ------------------------------------------------------------------------------------------------ the memory layout
+def weights_in_channels_last(model: torch.nn.Module) -> bool:
+    """Whether the model's last convolution (of several input channels: with one, a tensor is in both layouts) is
+    in channels_last."""
+    conv = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+    assert conv.in_channels > 1
+    return conv.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("nchw, chosen", [(0.0090, "fp32_nchw"), (0.0096, "fp32")])
+def test_a_run_that_gives_no_layout_times_both_and_trains_in_nchw_only_where_5_percent_faster(
+        probed, train_options, tmp_path, capsys, nchw, chosen):
+    probed.seconds = {"fp32": 0.010, "fp32_nchw": nchw, "bf16": 0.012, "bf16_nchw": 0.013}
+    run = build_run(resolve_config(**train_options(precision="auto", channels_last="auto", epochs=1,
+                                                   out=str(tmp_path / "r"))))
+    channels_last = chosen == "fp32"
+    assert probed.names == [("fp32", "fp32_nchw", "bf16", "bf16_nchw")] and run.runtime.precision == "fp32"
+    assert run.runtime.channels_last is channels_last and weights_in_channels_last(run.model) is channels_last
+    record = run.config.precision_record
+    assert (record["channels_last"], record["fp32_nchw_ms"], record["bf16_nchw_ms"]) == (channels_last,
+                                                                                         1000 * nchw, 13.0)
+    assert run.config.channels_last == "auto"  # the request, as given; the record says what it became
+    line = capsys.readouterr().err.strip()
+    assert line.startswith(f"vggnet train: precision auto -> {'fp32' if channels_last else 'fp32 NCHW'} (fp32 10.0, "
+                           f"fp32 NCHW {1000 * nchw:.1f}, bf16 12.0, bf16 NCHW 13.0 ms/step at batch 32, no map")
+    maps = []  # the last convolution's input (8 channels: a 1-channel image is in both layouts) in training and eval
+    conv = [m for m in run.model.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+    conv.register_forward_pre_hook(lambda module, inputs: maps.append(
+        (module.training, inputs[0].is_contiguous(memory_format=torch.channels_last))))
+    fit(run)
+    assert {training for training, _ in maps} == {True, False} and {layout for _, layout in maps} == {channels_last}
+
+
+@pytest.mark.parametrize("given", [True, False])
+def test_a_layout_given_is_the_only_one_timed_and_a_key_of_its_own(probed, train_options, tmp_path, given):
+    names = ("fp32", "bf16") if given else ("fp32_nchw", "bf16_nchw")
+    probed.seconds = {name: 0.010 for name in names}
+    run = build_run(resolve_config(**train_options(precision="auto", channels_last=given, out=str(tmp_path / "a"))))
+    assert probed.names == [names] and run.runtime.channels_last is given
+    assert weights_in_channels_last(run.model) is given and run.config.precision_record["channels_last"] is given
+    probed.seconds = {name: 0.010 for name in probecache.candidate_names(("fp32", "bf16"))}
+    build_run(resolve_config(**train_options(precision="auto", channels_last="auto", out=str(tmp_path / "b"))))
+    assert probed.calls == 2  # the other request is another key: measured, not read
+    keys = [entry["key"]["channels_last"] for entry in json.loads(probed.cache.read_text())["entries"].values()]
+    assert keys == [given, "auto"]
+
+
+def test_an_explicit_precision_takes_the_layouts_rule_without_probing(probed, train_options, tmp_path):
+    run = build_run(resolve_config(**train_options(precision="fp32", channels_last="auto", out=str(tmp_path / "a"))))
+    assert probed.calls == 0 and run.runtime.channels_last is True and weights_in_channels_last(run.model)
+
+
+def test_a_resumed_run_keeps_its_recorded_layout_and_never_probes(probed, train_options, tmp_path, monkeypatch):
+    probed.seconds = {"fp32": 0.010, "fp32_nchw": 0.005, "bf16": 0.020, "bf16_nchw": 0.020}
+    train(resolve_config(**train_options(precision="auto", channels_last="auto", epochs=1, out=str(tmp_path / "r"))))
+    saved = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert saved["channels_last"] == "auto" and saved["precision_record"]["channels_last"] is False
+    probed.seconds = {"fp32": 0.005, "fp32_nchw": 0.010, "bf16": 0.020, "bf16_nchw": 0.020}  # now channels_last
+    seen = []
+    monkeypatch.setattr("vggnet.training.fit", lambda run, resume=False: seen.append(
+        (run.runtime.channels_last, weights_in_channels_last(run.model))) or fit(run, resume=resume))
+    resume(tmp_path / "r", epochs=2)
+    assert probed.calls == 1 and seen == [(False, False)]
+
+
+def test_a_record_with_a_bad_layout_is_refused_on_resume(train_options):
+    config = resolve_config(**train_options(precision="auto"))
+    with pytest.raises(CheckpointError, match="precision_record has channels_last 'no', not true or false"):
+        probe.recorded(dataclasses.replace(config, precision_record={"precision": "fp32", "device": "cpu",
+                                                                     "channels_last": "no"}),
+                       resolve_runtime("cpu", "fp32", threads=1))
+
+
+def test_the_cli_gives_the_layout_or_leaves_it_to_the_probe(train_cli, train_cli_args, tmp_path):
+    from vggnet.cli import build_parser
+
+    parse = build_parser().parse_args
+    assert parse(["train", "--channels-last"]).channels_last is True
+    assert parse(["train", "--no-channels-last"]).channels_last is False
+    assert parse(["train"]).channels_last is None and resolve_config().channels_last == "auto"  # the default
+    code, _, err = train_cli(train_cli_args("--channels-last", "--no-channels-last", "--out", tmp_path / "a"))
+    assert code == 2 and "not allowed with argument" in err
 
 
 # ------------------------------------------------------------------------------------------------ torchrun
@@ -385,7 +482,7 @@ def test_the_probe_leaves_the_model_the_optimizer_and_the_random_state_untouched
         return {name: 1.0 for name in steps}
 
     seconds = probe.measure_candidates(model, make_optimizer, (8, 1, 32, 32), True, measure)
-    assert list(seconds) == list(probe.TRAINING_CANDIDATES) and all(s > 0 for s in seconds.values())
+    assert list(seconds) == list(CHANNELS_LAST) and all(s > 0 for s in seconds.values())
     state, opt_state, rng, types_, threads = before
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
     after = optimizer.state_dict()

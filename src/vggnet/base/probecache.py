@@ -3,9 +3,11 @@ and the cache file.
 
 Precision ``auto`` on a CPU with native bf16 is decided by measurement, for training
 (:mod:`vggnet.training.probe`: training steps) and for inference (:mod:`vggnet.evaluation.probe`: eval-mode forward
-passes). Both time their candidates (:data:`VARIANTS`: fp32, bf16, and bf16 without the small-map GEMM where a map
-is small enough for it) in interleaved rounds after untimed warm-up calls (:func:`median_seconds`), choose by
-:func:`winner` (the fastest bf16 variant, only when at least 5% faster than fp32) and cache the decision in one file,
+passes). Both time their candidates (:func:`candidate_names`: the variants of :data:`VARIANTS`, fp32, bf16, and
+bf16 without the small-map GEMM where a map is small enough for it, each in channels_last and, where the memory
+layout is not given, in NCHW) in interleaved rounds after untimed warm-up calls (:func:`median_seconds`), choose by
+:func:`winner` (per variant NCHW only when at least 5% faster than channels_last; then the fastest bf16 variant,
+only when at least 5% faster than fp32) and cache the decision in one file,
 ``$XDG_CACHE_HOME/vggnet/probe.json`` (:func:`cache_path`), written atomically, one entry per key
 (:func:`probe_key`: the kind of probe, the CPU, torch, the model's shape, the probe's input, threads and memory
 layout, and what else the kind's measurement depends on). An absent, unreadable or foreign cache holds nothing:
@@ -35,14 +37,50 @@ CANDIDATES = ("fp32", "bf16")
 #: timed only where some layer would take the GEMM path (:func:`vggnet.net.cpu_bf16.small_map_layers`); elsewhere
 #: both bf16 variants are the same computation.
 VARIANTS = {"fp32": ("fp32", False), "bf16": ("bf16", True), "bf16_onednn": ("bf16", False)}
+#: A candidate in NCHW is named its variant's name with this suffix (``bf16_nchw``); without it, it runs in
+#: channels_last (NHWC, oneDNN's native layout: faster or tied in every case measured on the Zen 5-kind EPYC).
+NCHW = "_nchw"
+#: The layouts (True: channels_last, the reference, first) a probe times for a memory-layout request: ``auto`` (the
+#: run gave none) both, True or False that one.
+LAYOUT_REQUESTS = {"auto": (True, False), True: (True,), False: (False,)}
+
+
+def candidate_names(variants: tuple[str, ...] | dict = tuple(VARIANTS), layouts: tuple[bool, ...] = (True, False)
+                    ) -> tuple[str, ...]:
+    """The candidates of ``variants`` (names of :data:`VARIANTS`) in ``layouts`` (True: channels_last), each variant's
+    layouts together, channels_last first: ``("fp32", "fp32_nchw", "bf16", "bf16_nchw")``."""
+    return tuple(name + ("" if channels_last else NCHW) for name in variants for channels_last in layouts)
+
+
+def variant_of(name: str) -> tuple[str, bool, bool]:
+    """A candidate's precision, whether bf16 takes the small-map GEMM path, and whether it runs in channels_last (a
+    precision outside :data:`VARIANTS`, fp16 on a GPU, is its own variant)."""
+    nchw = name.endswith(NCHW)
+    variant = name[:-len(NCHW)] if nchw else name
+    precision, small_maps = VARIANTS.get(variant, (variant, True))
+    return precision, small_maps, not nchw
+
+
+#: Every candidate a probe may time, in the order times are shown.
+ALL_CANDIDATES = candidate_names()
 #: What a cache entry holds that the record of a decision copies (:func:`decision_record`).
-RECORDED = ("precision", "small_map_convs", *(f"{name}_ms" for name in VARIANTS), "measured")
-#: How a candidate is named on the terminal and in ``vggnet bench``.
+RECORDED = ("precision", "small_map_convs", "channels_last", *(f"{name}_ms" for name in ALL_CANDIDATES), "measured")
+#: How a variant is named on the terminal and in ``vggnet bench`` (:func:`label` adds the layout).
 LABELS = {"fp32": "fp32", "bf16": "bf16", "bf16_onednn": "bf16 without small-map GEMM"}
-#: bf16 is chosen only when its time is at most this share of fp32's (at least 5% faster). A near tie goes to fp32:
-#: a probe of a few calls on a machine that other processes may share is only good to a few percent, the real work
-#: pays bf16 costs the probe does not see (a first call per new shape, the bf16 copy of evaluation), and fp32 is the
-#: exact arithmetic: nothing is given up for a gain within the noise.
+
+
+def label(name: str) -> str:
+    """How a candidate is named on the terminal: its variant's :data:`LABELS`, with ``NCHW`` where it runs in it (a
+    precision outside them, fp16 on a GPU, as it is)."""
+    variant = name[:-len(NCHW)] if name.endswith(NCHW) else name
+    return LABELS.get(variant, variant) + (" NCHW" if variant != name else "")
+
+
+#: bf16 is chosen only when its time is at most this share of fp32's (at least 5% faster), and NCHW only when its
+#: time is at most this share of channels_last's. A near tie goes to the reference: a probe of a few calls on a
+#: machine that other processes may share is only good to a few percent, the real work pays bf16 costs the probe
+#: does not see (a first call per new shape, the bf16 copy of evaluation), and fp32 is the exact arithmetic: nothing
+#: is given up for a gain within the noise.
 BF16_MAX_SHARE = 0.95
 #: The cache file's format; entries of another version are measured again.
 CACHE_VERSION = 1
@@ -87,27 +125,44 @@ def median_seconds(calls: dict[str, Callable[[], Any]], warmup: int, min_rounds:
 
 
 def winner(seconds: dict[str, float]) -> str:
-    """The candidate to run in: the fastest bf16 variant of those measured (a tie: the one listed first in
-    :data:`VARIANTS`) when it is at least 5% faster than fp32 (:func:`faster`), else fp32."""
-    return faster(seconds, tuple(name for name in VARIANTS if name in seconds))
+    """The candidate to run in, of those measured (``seconds``, names of :func:`candidate_names`): first each
+    variant's layout, NCHW only when at least 5% faster than channels_last (where both were timed); then the fastest
+    bf16 variant (a tie: the one listed first in :data:`VARIANTS`) when it is at least 5% faster than fp32
+    (:func:`faster`), else fp32."""
+    layouts = {}  # variant -> the candidate of its faster layout
+    for name in VARIANTS:
+        timed = tuple(n for n in candidate_names((name,)) if n in seconds)
+        if timed:
+            layouts[name] = faster(seconds, timed) if len(timed) > 1 else timed[0]
+    if len(layouts) == 1:
+        return next(iter(layouts.values()))
+    chosen = faster({name: seconds[n] for name, n in layouts.items()}, tuple(layouts))
+    return layouts[chosen]
 
 
 def measured_entry(seconds: dict[str, float]) -> dict[str, Any]:
-    """A cache entry of a measurement: the choice (its precision, and ``small_map_convs``: whether bf16 runs with
-    the small-map GEMM path, only where that was measured against oneDNN alone and won), each candidate's
-    milliseconds and when it was measured."""
+    """A cache entry of a measurement: the choice (its precision; ``small_map_convs``: whether bf16 runs with the
+    small-map GEMM path, only where that was measured against oneDNN alone and won; ``channels_last``: its memory
+    layout), each candidate's milliseconds and when it was measured."""
     chosen = winner(seconds)
-    return {"precision": VARIANTS[chosen][0], "small_map_convs": chosen == "bf16" and "bf16_onednn" in seconds,
-            **{f"{name}_ms": round(1000 * seconds[name], 3) for name in VARIANTS if name in seconds},
+    precision, _, channels_last = variant_of(chosen)
+    onednn_timed = any(name.startswith("bf16_onednn") for name in seconds)
+    return {"precision": precision,
+            "small_map_convs": precision == "bf16" and onednn_timed and not chosen.startswith("bf16_onednn"),
+            "channels_last": channels_last,
+            **{f"{name}_ms": round(1000 * seconds[name], 3) for name in ALL_CANDIDATES if name in seconds},
             "measured": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
 
 
 def candidate_of(record: dict[str, Any]) -> str:
     """The candidate a record (a cache entry, a run's ``precision_record``) chose: its precision, or
-    ``bf16_onednn`` where bf16 won without the GEMM path against a measured GEMM variant."""
-    if record.get("precision") == "bf16" and record.get("small_map_convs") is False and "bf16_onednn_ms" in record:
-        return "bf16_onednn"
-    return record["precision"]
+    ``bf16_onednn`` where bf16 won without the GEMM path against a measured GEMM variant; with :data:`NCHW` where it
+    runs in NCHW (``channels_last`` false)."""
+    name = record["precision"]
+    if name == "bf16" and record.get("small_map_convs") is False and any(
+            f"bf16_onednn{suffix}_ms" in record for suffix in ("", NCHW)):
+        name = "bf16_onednn"
+    return name + NCHW if record.get("channels_last") is False else name
 
 
 def uses_small_map_convs(record: dict[str, Any] | None) -> bool:
@@ -116,12 +171,30 @@ def uses_small_map_convs(record: dict[str, Any] | None) -> bool:
     return record is None or record.get("small_map_convs", True) is not False
 
 
+def runs_channels_last(record: dict[str, Any] | None, default: bool) -> bool:
+    """Whether the model runs in channels_last: as a ``precision_record`` says; ``default`` (the run's request, or
+    the rule) where it says nothing (an explicit precision, a record from before the probe timed the layout)."""
+    value = None if record is None else record.get("channels_last")
+    return value if isinstance(value, bool) else default
+
+
 def times_line(record: dict[str, Any], unit: str) -> str:
-    """``fp32 56.9, bf16 37.9, bf16 without small-map GEMM 41.2 ms/step at batch 128`` (``unit``: ``ms/step``),
-    naming that the GEMM path was not timed where no map was small enough for it."""
-    times = ", ".join(f"{LABELS[name]} {record[f'{name}_ms']:.1f}" for name in VARIANTS if f"{name}_ms" in record)
-    line = f"{times} {unit} at batch {record['batch']}"
-    return line if "bf16_onednn_ms" in record else line + ", no map small enough for the GEMM path"
+    """``fp32 56.9, fp32 NCHW 60.2, bf16 37.9, ... ms/step at batch 128`` (``unit``: ``ms/step``), naming that the
+    GEMM path was not timed where no map was small enough for it."""
+    line = f"{timings(record)} {unit} at batch {record['batch']}"
+    return line if onednn_timed(record) else line + ", no map small enough for the GEMM path"
+
+
+def timings(record: dict[str, Any], unit: str = "") -> str:
+    """``fp32 56.9, fp32 NCHW 60.2, bf16 37.9`` (with `` unit`` after each time): the times a record holds, in the
+    order of :data:`ALL_CANDIDATES`."""
+    return ", ".join(f"{label(name)} {record[f'{name}_ms']:.1f}{unit}" for name in ALL_CANDIDATES
+                     if f"{name}_ms" in record)
+
+
+def onednn_timed(record: dict[str, Any]) -> bool:
+    """Whether a record holds a time of bf16 without the small-map GEMM (some map was small enough for it)."""
+    return any(f"{name}_ms" in record for name in candidate_names(("bf16_onednn",)))
 
 
 # ------------------------------------------------------------------------------------------------------------ keys
@@ -139,10 +212,10 @@ def layer_signature(model: torch.nn.Module) -> str:
 
 
 def probe_key(kind: str, cpu: dict[str, Any], model: torch.nn.Module, shape: tuple[int, ...], threads: int,
-              channels_last: bool, **extra: Any) -> dict[str, Any]:
-    """Everything a measurement of ``kind`` (``training``, ``inference``) depends on, as JSON values: the CPU
-    (``cpu``: :func:`vggnet.runtime.cpu_identity`), torch, the model's shape, the probe's input, the threads, the
-    memory layout and ``extra``."""
+              channels_last: bool | str, **extra: Any) -> dict[str, Any]:
+    """Everything a measurement of ``kind`` (``training``, ``inference``, ``budget``) depends on, as JSON values: the
+    CPU (``cpu``: :func:`vggnet.runtime.cpu_identity`), torch, the model's shape, the probe's input, the threads, the
+    memory layout (a key of :data:`LAYOUT_REQUESTS`: ``auto`` times both) and ``extra``."""
     key = {"version": CACHE_VERSION, "kind": kind, **cpu, "torch": torch.__version__, "model": model_shape(model),
            "input": list(shape), "threads": threads, "channels_last": channels_last, **extra}
     return json.loads(json.dumps(key))  # tuples as lists: what a read back compares equal to
@@ -176,16 +249,25 @@ def positive(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
 
 
+def probe_candidates(small_maps: bool, layout: bool | str) -> tuple[str, ...]:
+    """What a probe times: every variant of :data:`VARIANTS` where some map is small enough for the GEMM path
+    (``small_maps``), else :data:`CANDIDATES`; in the layouts of the request ``layout`` (:data:`LAYOUT_REQUESTS`)."""
+    return candidate_names(tuple(VARIANTS) if small_maps else CANDIDATES, LAYOUT_REQUESTS[layout])
+
+
 def read_cache(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
     """The cached decision for ``key``, or None when there is none or it does not hold what a decision holds: one
-    of :data:`CANDIDATES`, a positive time of each (and of ``bf16_onednn`` where it has one) and which bf16 variant
-    won (``small_map_convs``, true or false)."""
+    of :data:`CANDIDATES`, which bf16 variant won (``small_map_convs``) and in which layout (``channels_last``), true
+    or false, a time of the chosen candidate and of fp32 (the reference it was chosen against), and only positive
+    times."""
     entry = read_entry(path, key)
     if entry is None or entry.get("precision") not in CANDIDATES:
         return None
-    if not all(positive(t) for t in [entry.get(f"{p}_ms") for p in CANDIDATES] + [entry.get("bf16_onednn_ms", 1.0)]):
+    if not (isinstance(entry.get("small_map_convs"), bool) and isinstance(entry.get("channels_last"), bool)):
         return None
-    return entry if isinstance(entry.get("small_map_convs"), bool) else None
+    times = [entry[f"{name}_ms"] for name in ALL_CANDIDATES if f"{name}_ms" in entry]
+    timed = f"{candidate_of(entry)}_ms" in entry and any(f"{name}_ms" in entry for name in candidate_names(("fp32",)))
+    return entry if timed and all(positive(t) for t in times) else None
 
 
 def write_cache(path: Path, key: dict[str, Any], entry: dict[str, Any]) -> str | None:

@@ -40,9 +40,9 @@ def in_order(labels: list[str], timed: list[dict[str, Any]], skipped: dict[str, 
 def ablation_train(cfg: BenchConfig, tmp: Path) -> list[dict[str, Any]]:
     """Training step: fp32 NCHW, + channels_last, + bf16 autocast, + small-map GEMM convs."""
     variants = [("vggnet fp32, NCHW", dict(precision="fp32", channels_last=False), True),
-                ("+ channels_last", dict(precision="fp32"), True),
-                ("+ bf16 autocast", dict(precision="bf16"), False),
-                ("+ small-map GEMM convs (vggnet default)", dict(precision="bf16"), True)]
+                ("+ channels_last", dict(precision="fp32", channels_last=True), True),
+                ("+ bf16 autocast", dict(precision="bf16", channels_last=True), False),
+                ("+ small-map GEMM convs (vggnet default)", dict(precision="bf16", channels_last=True), True)]
     skip = bf16_skip()
     skipped = {label: {"name": label, "precision": "bf16", **skip}
                for label, overrides, _ in variants if skip and overrides["precision"] == "bf16"}

@@ -16,7 +16,7 @@ from torch import nn
 
 from vggnet.bench.config import TARGETS, BenchConfig
 from vggnet.bench.reference import ReferenceVGG, forward_macs
-from vggnet.base.probecache import VARIANTS, candidate_of, winner
+from vggnet.base.probecache import candidate_of, variant_of, winner
 from vggnet.base.timing import Timing, comparison, interleaved
 from vggnet.evaluation import probe
 from vggnet.evaluation.inference import BF16_RTOL, optimize_for_inference
@@ -62,8 +62,8 @@ def bench_infer(cfg: BenchConfig, results: dict[str, Any]) -> dict[str, Any]:
     name, size, batch, head = cfg.pick(("vgg16", 224, 8, "classic"), ("vgg11", 32, 2, "gap"))
     reference, model = infer_models(name, size, head)
     probed = inference_probe(model, size, batch)
-    precision, small_maps = VARIANTS[probed["chosen"]] if "chosen" in probed else ("auto", True)
-    fast = optimize_for_inference(model, precision, small_maps=small_maps)
+    precision, small_maps, channels_last = variant_of(probed["chosen"]) if "chosen" in probed else ("auto", True, True)
+    fast = optimize_for_inference(model, precision, channels_last, small_maps=small_maps)
     x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref_out = reference(x)
@@ -79,16 +79,17 @@ def bench_infer(cfg: BenchConfig, results: dict[str, Any]) -> dict[str, Any]:
                       steps=fast.steps, tolerance={"rel_l2_error_max": BF16_RTOL if fast.precision == "bf16" else 1e-5},
                       **logit_error(ref_out, fast_out), target_ratio=TARGETS["infer_ratio"],
                       precision_probe=dict(probed, runs_in=candidate_of(
-                          {**probed, "precision": fast.precision, "small_map_convs": small_maps})))
+                          {**probed, "precision": fast.precision, "small_map_convs": small_maps,
+                           "channels_last": channels_last})))
 
 
 def inference_probe(model: nn.Module, size: int, batch: int) -> dict[str, Any]:
     """What precision ``auto``'s inference probe (:mod:`vggnet.evaluation.probe`, as ``vggnet eval`` runs it) measures
-    on this section's model and chooses (``chosen``, a :data:`~vggnet.base.probecache.VARIANTS` name): its own
-    functions, called once (never the cache)."""
+    on this section's model and chooses (``chosen``, a :func:`~vggnet.base.probecache.candidate_names` name): its
+    own functions, called once (never the cache)."""
     if not probe.bf16_candidate(torch.device("cpu")):
         return {"skipped": "no bf16 candidate on this CPU (no native bf16): auto takes fp32"}
     shape = (probe.probe_batch(batch, size), 3, size, size)
-    seconds = probe.measure_candidates(model, shape, channels_last=True)
+    seconds = probe.measure_candidates(model, shape)
     return {"batch": shape[0], **{f"{name}_ms": 1000 * s for name, s in seconds.items()}, "chosen": winner(seconds),
             "unit": "batch"}

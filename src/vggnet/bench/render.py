@@ -7,7 +7,7 @@ from typing import Any
 
 from vggnet.bench.config import TARGETS
 from vggnet.net.report import human_bytes, table
-from vggnet.training.probe import LABELS
+from vggnet.base.probecache import label, timings
 
 
 def summarize_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -137,8 +137,8 @@ def _probe_line(p: dict[str, Any], key: str) -> str:
     if "skipped" in p:
         return f"precision auto ({what}): not measured ({p['skipped']})"
     row = "trains" if key == "train" else "runs"
-    times = ", ".join(f"{LABELS[name]} {p[f'{name}_ms']:.1f} ms" for name in LABELS if f"{name}_ms" in p)
-    chosen, runs_in = (LABELS.get(p[k], p[k]) for k in ("chosen", "runs_in"))
+    times = timings(p, " ms")
+    chosen, runs_in = (label(p[k]) for k in ("chosen", "runs_in"))
     return (f"precision auto ({what}): {times} per {p['unit']} of {p['batch']} -> {chosen}; the vggnet row {row} in "
             f"{runs_in}")
 

@@ -44,7 +44,8 @@ def bench_train(cfg: BenchConfig, results: dict[str, Any]) -> dict[str, Any]:
 
 def training_probe(cfg: BenchConfig, run) -> dict[str, Any]:
     """What precision ``auto``'s training probe (:mod:`vggnet.training.probe`) measures on this section's model and
-    batch (each of its candidates: fp32, bf16, and bf16 without the small-map GEMM where some layer takes it), and
+    batch (each of its candidates: fp32, bf16, and bf16 without the small-map GEMM where some layer takes it, in
+    both layouts where the run's is ``auto``), and
     would choose: its own functions, called once, beside the candidate the vggnet row trains in (the run's, which
     ``auto`` chose as it was built, perhaps from the cache)."""
     record = run.config.precision_record
@@ -56,11 +57,8 @@ def training_probe(cfg: BenchConfig, run) -> dict[str, Any]:
     config = run.config
     torch.manual_seed(config.seed)
     model = build_model(config, fashion_mnist(cfg.data_dir)[0])  # as build_run's probe sees it: not yet tuned
-    if run.runtime.channels_last:
-        model = model.to(memory_format=torch.channels_last)
     size = config.image_size
     shape = (probe.probe_batch(run.loader.batch_size, size), int(model.in_channels), size, size)
-    seconds = probe.measure_candidates(model, lambda net: build_optimizer(config, net), shape,
-                                       run.runtime.channels_last)
+    seconds = probe.measure_candidates(model, lambda net: build_optimizer(config, net), shape, config.channels_last)
     return {"batch": shape[0], **{f"{name}_ms": 1000 * s for name, s in seconds.items()},
             "chosen": probe.winner(seconds), "runs_in": runs_in, "unit": "step"}

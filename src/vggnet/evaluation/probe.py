@@ -9,12 +9,14 @@ it (:func:`vggnet.evaluation.metrics.inference_form`): fp32, the model itself; b
 of :func:`vggnet.evaluation.inference.optimize_for_inference` with its small-map GEMM convolutions
 (:class:`vggnet.net.cpu_bf16.SmallMapConv2d`, a rule tuned on an AMX Xeon); and the same copy with oneDNN for every
 convolution, only where some layer would take the GEMM path at the model's input size
-(:func:`vggnet.net.cpu_bf16.small_map_layers`). On a random stand-in batch of the model's input size (the verb's
+(:func:`vggnet.net.cpu_bf16.small_map_layers`); each in channels_last and in NCHW
+(:func:`vggnet.base.probecache.candidate_names`). On a random stand-in batch of the model's input size (the verb's
 batch, or fewer images: :func:`probe_batch`); warm-up calls excluded, interleaved rounds, medians; the fastest bf16
-variant only when at least 5% faster than fp32 (:func:`vggnet.base.probecache.winner`). The global random state is
-forked, and the model leaves in the mode it came in. The choice is the runtime's precision and its
-``small_map_convs`` (:class:`vggnet.runtime.Runtime`), which every evaluation path passes on to
-:func:`~vggnet.evaluation.metrics.inference_form`.
+variant only when at least 5% faster than fp32, NCHW only when at least 5% faster than channels_last
+(:func:`vggnet.base.probecache.winner`). The global random state is forked, and the model leaves in the mode it came
+in. The choice is the runtime's precision, its ``small_map_convs`` and its ``channels_last``
+(:class:`vggnet.runtime.Runtime`), which every evaluation path passes on to
+:func:`~vggnet.evaluation.metrics.inference_form` and its batches.
 
 The decision is cached beside training's (:mod:`vggnet.training.probe`) in ``$XDG_CACHE_HOME/vggnet/probe.json``
 (:mod:`vggnet.base.probecache`), with its own key kind, ``inference``: the CPU, torch, the model's configuration and
@@ -35,8 +37,9 @@ import torch
 
 from vggnet.base import probecache
 from vggnet.base.errors import ConfigError
-from vggnet.base.probecache import (CANDIDATES, LABELS, VARIANTS, cache_path, cached_or_measured, candidate_of,
-                                    decision_record, home_relative, measured_entry, uses_small_map_convs)
+from vggnet.base.probecache import (cache_path, cached_or_measured, candidate_of, decision_record, home_relative, label,
+                                    measured_entry, probe_candidates, runs_channels_last, timings,
+                                    uses_small_map_convs, variant_of)
 from vggnet.evaluation.metrics import auto_batch_size, inference_form
 from vggnet.net.cpu_bf16 import SMALL_MAP_RULE, small_map_layers
 from vggnet.runtime import Runtime, bf16_candidate, cpu_identity
@@ -44,8 +47,8 @@ from vggnet.store.card import LoadedModel
 
 #: The version of what the candidates run (:func:`vggnet.evaluation.metrics.inference_form`): a change to the
 #: inference copies bumps it, and the cached decisions are measured again (2: bf16 without the small-map GEMM is
-#: a third candidate).
-INFERENCE_PATH = 2
+#: a third candidate; 3: each candidate in both memory layouts).
+INFERENCE_PATH = 3
 #: The stand-in batch holds at most this many pixels (128 images of 32x32, 2 of 224x224): the default model's probe
 #: takes well under a second on 2 cores.
 PROBE_PIXELS = 128 * 32 * 32
@@ -80,14 +83,13 @@ def refuse_reprobe(verb: str, precision: str, reprobe: bool) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- measuring
-def candidate_forward(model: torch.nn.Module, name: str, shape: tuple[int, ...],
-                      channels_last: bool) -> Callable[[], None]:
-    """One eval-mode forward pass of ``model`` as candidate ``name`` (:data:`vggnet.base.probecache.VARIANTS`: a
-    precision, and in bf16 whether small maps take the GEMM path) on a random batch of ``shape`` per call, as
-    :func:`vggnet.evaluation.metrics.predict_logits` runs it (the network and context of
-    :func:`~vggnet.evaluation.metrics.inference_form`, channels_last input, float32 logits)."""
+def candidate_forward(model: torch.nn.Module, name: str, shape: tuple[int, ...]) -> Callable[[], None]:
+    """One eval-mode forward pass of ``model`` as candidate ``name`` (:func:`vggnet.base.probecache.variant_of`: a
+    precision, in bf16 whether small maps take the GEMM path, and the memory layout) on a random batch of ``shape``
+    per call, as :func:`vggnet.evaluation.metrics.predict_logits` runs it (the network and context of
+    :func:`~vggnet.evaluation.metrics.inference_form`, the input in the candidate's layout, float32 logits)."""
     device = next(model.parameters()).device
-    precision, small_maps = VARIANTS[name]
+    precision, small_maps, channels_last = variant_of(name)
     net, mixed = inference_form(model, device, precision, channels_last, small_maps=small_maps)
     x = torch.randn(shape, device=device)
     if channels_last:
@@ -107,26 +109,28 @@ def median_forward_seconds(calls: dict[str, Callable[[], None]],
     return probecache.median_seconds(calls, WARMUP_CALLS, MIN_ROUNDS, MAX_ROUNDS, ROUND_SECONDS, clock)
 
 
-def measure_candidates(model: torch.nn.Module, shape: tuple[int, ...], channels_last: bool,
+def measure_candidates(model: torch.nn.Module, shape: tuple[int, ...], channels_last: bool | str = "auto",
                        measure: Callable[[dict], dict[str, float]] | None = None) -> dict[str, float]:
-    """Seconds per forward pass of each of :data:`vggnet.base.probecache.VARIANTS` (``measure``:
-    :func:`median_forward_seconds`), ``bf16_onednn`` only where some map is small enough for the GEMM path; the
-    model runs in eval mode and leaves in its own, and the global random state is restored afterwards."""
+    """Seconds per forward pass of each candidate (:func:`vggnet.base.probecache.probe_candidates`; ``measure``:
+    :func:`median_forward_seconds`): ``bf16_onednn`` only where some map is small enough for the GEMM path, both
+    layouts where ``channels_last`` is ``auto``; the model runs in eval mode and leaves in its own, and the global
+    random state is restored afterwards."""
     was_training = model.training
     model.eval()
     try:
         with torch.random.fork_rng(devices=[]):
-            names = tuple(VARIANTS) if small_map_layers(model, shape) else CANDIDATES
-            calls = {name: candidate_forward(model, name, shape, channels_last) for name in names}
+            names = probe_candidates(bool(small_map_layers(model, shape)), channels_last)
+            calls = {name: candidate_forward(model, name, shape) for name in names}
             return (measure or median_forward_seconds)(calls)
     finally:
         model.train(was_training)
 
 
-def probe_key(model: torch.nn.Module, shape: tuple[int, ...], threads: int, channels_last: bool) -> dict[str, Any]:
+def probe_key(model: torch.nn.Module, shape: tuple[int, ...], threads: int,
+              channels_last: bool | str = "auto") -> dict[str, Any]:
     """Everything a measurement depends on (:func:`vggnet.base.probecache.probe_key`, kind ``inference``): the CPU,
-    torch, the model's configuration and layers, the stand-in batch, the threads, the memory layout, the inference
-    path and the small-map rule."""
+    torch, the model's configuration and layers, the stand-in batch, the threads, the memory layout (``auto``: both
+    timed), the inference path and the small-map rule."""
     return probecache.probe_key("inference", cpu_identity(), model, shape, threads, channels_last,
                                 layers=probecache.layer_signature(model), path=INFERENCE_PATH,
                                 small_map_rule=list(SMALL_MAP_RULE))
@@ -152,8 +156,8 @@ def decide(loaded: LoadedModel, runtime: Runtime, requested: str, batch: int | N
     shape = (probe_batch(min(batch, images or batch), size), int(loaded.model.in_channels), size, size)
     record, problem = choose(loaded.model, runtime, shape, reprobe, measure)
     line = announcement(verb, record, None if problem else cache_path())
-    return Choice(replace(runtime, precision=record["precision"], small_map_convs=uses_small_map_convs(record)),
-                  record, line)
+    return Choice(replace(runtime, precision=record["precision"], small_map_convs=uses_small_map_convs(record),
+                          channels_last=runs_channels_last(record, runtime.channels_last)), record, line)
 
 
 def choose(model: torch.nn.Module, runtime: Runtime, shape: tuple[int, ...], reprobe: bool = False,
@@ -163,23 +167,21 @@ def choose(model: torch.nn.Module, runtime: Runtime, shape: tuple[int, ...], rep
     adaptive = getattr(runtime, "adaptive", None)
     if adaptive is not None:  # first the thread count the load leaves, which the verb runs with (a key field)
         adaptive.settle()
-    key = probe_key(model, shape, torch.get_num_threads(), runtime.channels_last)
+    key = probe_key(model, shape, torch.get_num_threads())
     entry, how, problem = cached_or_measured(
-        cache_path(), key, lambda: measured_entry(measure_candidates(model, shape, runtime.channels_last, measure)),
-        reprobe)
+        cache_path(), key, lambda: measured_entry(measure_candidates(model, shape, measure=measure)), reprobe)
     record = decision_record(entry, how, device=runtime.device.type, batch=shape[0], threads=key["threads"])
     return record, problem
 
 
 def announcement(verb: str, record: dict[str, Any], cache: Path | None) -> str:
-    """``vggnet eval: precision auto: fp32 (fp32 4.1 ms, bf16 5.3 ms, bf16 without small-map GEMM 5.0 ms per batch
-    of 128, measured in 0.42 s; cached in ~/.cache/vggnet/probe.json)``; ``cache``: where the decision was read or
-    written (None: not written)."""
-    times = ", ".join(f"{LABELS[name]} {record[f'{name}_ms']:.1f} ms" for name in VARIANTS if f"{name}_ms" in record)
-    times += f" per batch of {record['batch']}"
+    """``vggnet eval: precision auto: fp32 (fp32 4.1 ms, fp32 NCHW 4.3 ms, bf16 5.3 ms, ... per batch of 128,
+    measured in 0.42 s; cached in ~/.cache/vggnet/probe.json)``; ``cache``: where the decision was read or written
+    (None: not written)."""
+    times = timings(record, " ms") + f" per batch of {record['batch']}"
     where = home_relative(cache) if cache is not None else None
     if record["by"] == "cache":
         how = f"cached in {where}, measured {record.get('measured') or 'earlier'}; --reprobe measures again"
     else:
         how = f"measured in {record['probe_seconds']:.2f} s" + (f"; cached in {where}" if where else "")
-    return f"vggnet {verb}: precision auto: {LABELS[candidate_of(record)]} ({times}, {how})"
+    return f"vggnet {verb}: precision auto: {label(candidate_of(record))} ({times}, {how})"

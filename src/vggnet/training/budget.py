@@ -37,7 +37,7 @@ from typing import Any, Callable
 import torch
 
 from vggnet.base.errors import ConfigError, VggnetError
-from vggnet.base.probecache import LABELS, candidate_of
+from vggnet.base.probecache import candidate_of, label
 from vggnet.data import ImageDataset, load_dataset
 from vggnet.data.catalogue import canonical_name
 from vggnet.runtime import Runtime, adaptive_threads, resolve_runtime
@@ -253,7 +253,8 @@ def plan(config: TrainConfig, data: tuple[ImageDataset, ImageDataset] | None = N
 def precision_record(record: dict[str, Any], speed: Speed) -> dict[str, Any]:
     """config.json's ``precision_record`` of a budget run: the precision and bf16 variant its probe chose for the
     chosen shape (:func:`vggnet.training.probe.decide_precision` keeps it, a resume too)."""
-    return {"precision": speed.precision, "small_map_convs": speed.small_map_convs, "by": "budget",
+    return {"precision": speed.precision, "small_map_convs": speed.small_map_convs,
+            "channels_last": speed.channels_last, "by": "budget",
             "device": record["device"], "batch": record["batch"], "threads": record["threads"],
             **{k: v for k, v in speed.detail if k.endswith("_ms") and not k.startswith("eval_")}}
 
@@ -294,9 +295,9 @@ def budget_record(config: TrainConfig, choice: Choice, speeds: dict, counts: Cou
         "budget_s": config.budget, "margin": MARGIN, "started_at": round(started, 3),
         "spent_s": round(MARGIN * config.budget - choice.limit, 3), "probe_s": round(probed, 3),
         "device": runtime.device.type, "threads": torch.get_num_threads(), "batch": config.batch_size,
-        "precision": speed.precision, "small_map_convs": speed.small_map_convs,
+        "precision": speed.precision, "small_map_convs": speed.small_map_convs, "channels_last": speed.channels_last,
         "variant": candidate_of({**dict(speed.detail), "precision": speed.precision,
-                                 "small_map_convs": speed.small_map_convs}),
+                                 "small_map_convs": speed.small_map_convs, "channels_last": speed.channels_last}),
         "images": {"trained": counts.trained, "evaluated": counts.evaluated, "test": counts.test},
         "chosen": {**{k: recipe.options()[k] for k in ("model", "width", "epochs", "erasing", "tta")},
                    "top1": recipe.top1, "source": recipe.source, "predicted_s": round(choice.predicted, 1),
@@ -319,7 +320,7 @@ def announcement(record: dict[str, Any]) -> str:
     cached = sum(s.get("by") == "cache" for s in record["speeds"])
     read = f", {cached} of them read from the cache (--reprobe measures again)" if cached else ""
     lines = [f"vggnet train: --budget {budget}: {len(record['candidates'])} measured recipes priced on this machine "
-             f"({record['device']}, {LABELS.get(record['variant'], record['variant'])}, {record['threads']} threads, "
+             f"({record['device']}, {label(record['variant'])}, {record['threads']} threads, "
              f"batch {record['batch']}; model shapes probed: {probed} in {record['probe_s']:.1f} s{read}, skipped: "
              f"{len(record['speeds']) - probed})",
              "  model       width  epochs   predicted  measured top-1   fits"]

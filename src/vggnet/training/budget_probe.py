@@ -6,10 +6,11 @@ run's batch, and a few evaluation batches in the form training's evaluation runs
 (:func:`vggnet.evaluation.metrics.inference_form`), like precision ``auto``'s probe
 (:func:`vggnet.training.probe.median_step_seconds`: warm-up excluded, interleaved rounds, medians). Under precision
 ``auto`` on a CPU with native bf16 the candidates are those of :data:`vggnet.base.probecache.VARIANTS`: fp32, bf16,
-and bf16 without the small-map GEMM where some layer would take that path at the run's image size; the winner
-(:func:`vggnet.base.probecache.winner`: the fastest bf16 variant when at least 5% faster than fp32) is the shape's
-precision and variant, and its step and evaluation times price the shape. Elsewhere the run's precision is timed
-alone.
+and bf16 without the small-map GEMM where some layer would take that path at the run's image size, each in
+channels_last and, where the run does not give the layout, in NCHW (:func:`vggnet.base.probecache.probe_candidates`);
+the winner (:func:`vggnet.base.probecache.winner`: NCHW only when at least 5% faster than channels_last, the
+fastest bf16 variant when at least 5% faster than fp32) is the shape's precision, variant and layout, and its step
+and evaluation times price the shape. Elsewhere the run's precision is timed alone, in the run's layout.
 
 The times are cached in the probe cache (:mod:`vggnet.base.probecache`, kind ``budget``), per CPU, torch, model
 shape, batch, evaluation batch, image size, threads, memory layout, optimizer, candidates and small-map rule: a
@@ -27,25 +28,26 @@ from typing import Any, Callable
 import torch
 
 from vggnet.base import probecache
-from vggnet.base.probecache import CANDIDATES, VARIANTS, cache_path, cached_or_measured, positive, winner
+from vggnet.base.probecache import NCHW, cache_path, cached_or_measured, positive, probe_candidates, variant_of, winner
 from vggnet.base.timing import synchronize
 from vggnet.data import ImageDataset
 from vggnet.evaluation.metrics import auto_batch_size, inference_form
 from vggnet.net.cpu_bf16 import SMALL_MAP_RULE, small_map_layers
-from vggnet.runtime import Runtime, bf16_candidate, cpu_identity
+from vggnet.runtime import Runtime, bf16_candidate, cpu_identity, memory_format
 from vggnet.training.build import build_model, build_optimizer, image_channels
 from vggnet.training.config import TrainConfig
 from vggnet.training.probe import candidate_step, median_step_seconds
 
-#: The version of what the budget's probe times: a change measures the cached speeds again.
-BUDGET_PROBE = 1
+#: The version of what the budget's probe times: a change measures the cached speeds again (2: both memory layouts).
+BUDGET_PROBE = 2
 
 
 @dataclass(frozen=True)
 class Speed:
     """One model shape on this machine: seconds per ``train``-ed and per ``eval``-uated image, in ``precision``
-    (in bf16 on the CPU with the small-map GEMM path where ``small_map_convs``); ``measured`` False: not probed, a
-    lower bound (a cheaper shape's speed). ``detail``: what was timed (ms per step), recorded."""
+    (in bf16 on the CPU with the small-map GEMM path where ``small_map_convs``) and in channels_last where
+    ``channels_last`` (else NCHW); ``measured`` False: not probed, a lower bound (a cheaper shape's speed).
+    ``detail``: what was timed (ms per step), recorded."""
 
     train: float
     eval: float
@@ -53,20 +55,16 @@ class Speed:
     measured: bool = True
     detail: tuple[tuple[str, Any], ...] = ()
     small_map_convs: bool = True
-
-
-def variant(name: str) -> tuple[str, bool]:
-    """A candidate's precision and whether bf16 takes the small-map GEMM path (a precision outside
-    :data:`~vggnet.base.probecache.VARIANTS`, fp16 on a GPU, is its own candidate)."""
-    return VARIANTS.get(name, (name, True))
+    channels_last: bool = True
 
 
 def candidates(config: TrainConfig, runtime: Runtime, model: torch.nn.Module, shape: tuple[int, ...]) -> tuple:
     """What the shape's probe times: every variant under precision ``auto`` on a CPU with native bf16 (bf16 without
-    the GEMM path only where a map is small enough for it), else the run's precision."""
+    the GEMM path only where a map is small enough for it; NCHW too where the run does not give the layout), else
+    the run's precision in the run's layout."""
     if config.precision != "auto" or not bf16_candidate(runtime.device):
-        return (runtime.precision,)
-    return tuple(VARIANTS) if small_map_layers(model, shape) else CANDIDATES
+        return (runtime.precision + ("" if runtime.channels_last else NCHW),)
+    return probe_candidates(bool(small_map_layers(model, shape)), config.channels_last)
 
 
 def measure_shape(config: TrainConfig, train_set: ImageDataset, runtime: Runtime, shape: tuple[str, float],
@@ -78,11 +76,9 @@ def measure_shape(config: TrainConfig, train_set: ImageDataset, runtime: Runtime
     batch, eval_batch = config.batch_size, config.eval_batch_size or auto_batch_size(side, side, runtime.device)
     with torch.random.fork_rng(devices=[]):
         model = build_model(trial, train_set).to(runtime.device)
-        if runtime.channels_last:
-            model = model.to(memory_format=torch.channels_last)
         names = candidates(config, runtime, model, (batch, channels, side, side))
         key = probecache.probe_key("budget", cpu_identity(), model, (batch, channels, side, side),
-                                   torch.get_num_threads(), runtime.channels_last, eval_batch=eval_batch,
+                                   torch.get_num_threads(), config.channels_last, eval_batch=eval_batch,
                                    optimizer=config.optimizer, candidates=list(names),
                                    small_map_rule=list(SMALL_MAP_RULE), path=BUDGET_PROBE)
         entry, how, _ = cached_or_measured(
@@ -96,10 +92,11 @@ def timed(model: torch.nn.Module, trial: TrainConfig, runtime: Runtime, names: t
     """A cache entry: ms per training step (batch ``size``) and per evaluation batch of each candidate."""
     steps: dict[str, Callable[[], None]] = {}
     for name in names:
-        precision, small_maps = variant(name)
+        precision, small_maps, channels_last = variant_of(name)
         steps[name] = candidate_step(model, lambda net: build_optimizer(trial, net), precision, size,
-                                     runtime.channels_last, small_map_convs=small_maps)
-        steps[f"eval_{name}"] = eval_step(model, (eval_batch, *size[1:]), runtime, precision, small_maps)
+                                     channels_last, small_map_convs=small_maps)
+        steps[f"eval_{name}"] = eval_step(model, (eval_batch, *size[1:]), runtime, precision, small_maps,
+                                          channels_last)
     seconds = median_step_seconds({name: synchronized(step, runtime.device) for name, step in steps.items()})
     ms = {name: round(1000 * s, 3) for name, s in seconds.items()}
     return {"train_ms": {n: ms[n] for n in names}, "eval_ms": {n: ms[f"eval_{n}"] for n in names},
@@ -124,23 +121,22 @@ def speed_of(entry: dict[str, Any], names: tuple[str, ...], batch: int, eval_bat
     """The :class:`Speed` of the winning candidate of ``entry`` (the only one where one was timed)."""
     train = {name: entry["train_ms"][name] / 1000 for name in names}
     chosen = winner(train) if len(names) > 1 else names[0]
-    precision, small_maps = variant(chosen)
+    precision, small_maps, channels_last = variant_of(chosen)
     detail = tuple((f"{name}_ms", entry["train_ms"][name]) for name in names) + tuple(
         (f"eval_{name}_ms", entry["eval_ms"][name]) for name in names) + (
         ("threads", torch.get_num_threads()), ("by", by), ("measured_at", entry.get("measured")))
     return Speed(train[chosen] / batch, entry["eval_ms"][chosen] / 1000 / eval_batch, precision, True, detail,
-                 small_maps)
+                 small_maps, channels_last)
 
 
 def eval_step(model: torch.nn.Module, size: tuple[int, ...], runtime: Runtime, precision: str,
-              small_maps: bool = True) -> Callable[[], None]:
-    """One evaluation batch of ``size`` (random) through a copy of ``model`` in the form evaluation runs it in
-    ``precision`` (on the CPU in bf16: the folded, fused copy, with the small-map GEMM path where ``small_maps``)."""
-    net, mixed = inference_form(copy.deepcopy(model).eval(), runtime.device, precision, runtime.channels_last,
-                                small_maps=small_maps)
-    x = torch.randn(size, device=runtime.device)
-    if runtime.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
+              small_maps: bool = True, channels_last: bool = True) -> Callable[[], None]:
+    """One evaluation batch of ``size`` (random) through a copy of ``model`` in the form a run's evaluation runs it
+    in ``precision`` (on the CPU in bf16: the folded, fused copy, with the small-map GEMM path where ``small_maps``),
+    the copy and the batch in channels_last or NCHW, as the run trains."""
+    net, mixed = inference_form(copy.deepcopy(model).eval().to(memory_format=memory_format(channels_last)),
+                                runtime.device, precision, channels_last, small_maps=small_maps)
+    x = torch.randn(size, device=runtime.device).contiguous(memory_format=memory_format(channels_last))
 
     def step() -> None:
         with torch.no_grad(), mixed:

@@ -19,11 +19,12 @@ from vggnet.data import Augment, BatchLoader, ImageDataset, Preprocess, channel_
 from vggnet.base.errors import CheckpointError, ConfigError
 from vggnet.net.models import create_model
 from vggnet.store.rundir import RunDir
-from vggnet.runtime import AdaptiveThreads, Runtime, adaptive_threads, compile_module, keeps_data_on_device, resolve_runtime
+from vggnet.runtime import (AdaptiveThreads, Runtime, adaptive_threads, compile_module, keeps_data_on_device,
+                            memory_format, resolve_runtime)
 from vggnet.data.stream import StreamedSplit, open_prepared
 from vggnet.training import streamed as streamed_data
 from vggnet.training.config import TrainConfig
-from vggnet.training.probe import decide_precision, uses_small_map_convs
+from vggnet.training.probe import decide_precision, runs_channels_last, uses_small_map_convs
 from vggnet.training.transfer import TransferRecord, freeze, hold_in_eval, init_from_source, parameter_groups
 
 
@@ -190,6 +191,15 @@ def default_run_dir(config: TrainConfig) -> Path:
     return Path("runs") / f"{config.model}-{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def recorded_paths(runtime: Runtime, record: dict[str, Any] | None) -> Runtime:
+    """``runtime`` with the paths precision auto's probe chose (``record``, config.json's ``precision_record``), in
+    training and in its evaluation: GEMM small-map convs where they were faster, pool before ReLU, the same numbers
+    (:mod:`vggnet.net.cpu_bf16`); and the memory layout, where the record is of this kind of device."""
+    here = record is not None and record.get("device") == runtime.device.type
+    return replace(runtime, small_map_convs=uses_small_map_convs(record),
+                   channels_last=runs_channels_last(record if here else None, runtime.channels_last))
+
+
 def build_run(config: TrainConfig, data: tuple[ImageDataset, ImageDataset] | None = None,
               saved_config: dict[str, Any] | None = None, reprobe: bool = False) -> Run:
     """A ready run for ``config`` (completed and validated here). ``data``: ``(train, test)`` already loaded.
@@ -218,15 +228,12 @@ def build_run(config: TrainConfig, data: tuple[ImageDataset, ImageDataset] | Non
     model.check_input(torch.zeros(1, image_channels(train_set), config.image_size, config.image_size))
     loaded, init_record = start_weights(config, model, rundir, list(train_set.classes), dist.is_main)
     model = model.to(runtime.device)
-    if runtime.channels_last:
-        model = model.to(memory_format=torch.channels_last)
     # precision auto: on a CPU with native bf16, measured on copies of this model (vggnet.training.probe)
     runtime, precision_record = decide_precision(config, runtime, dist, model, image_channels(train_set),
                                                  lambda net: build_optimizer(config, net), rundir.has_state(), reprobe,
                                                  threads=threads)
-    # GEMM small-map convs where auto's probe found them faster (in training and in its evaluation), pool before
-    # ReLU: the same numbers (vggnet.net.cpu_bf16)
-    runtime = replace(runtime, small_map_convs=uses_small_map_convs(precision_record))
+    runtime = recorded_paths(runtime, precision_record)
+    model = model.to(memory_format=memory_format(runtime.channels_last))
     if runtime.cpu_bf16:
         tune_for_cpu_bf16(model, runtime.small_map_convs)
     frozen = freeze(model, config.freeze)

@@ -83,7 +83,7 @@ _NOT_FLAGS = ("schedule_epochs", "plateau_patience", "eval_batch_size", "nestero
 #: The JSON types of the remaining fields (the choices among the strings are checked by value).
 _TEXT = ("model", "dataset", "device", "precision", "optimizer", "schedule", "normalize", "init", "init_scheme", "head")
 _OPTIONAL_TEXT = ("data_dir", "out", "init_from", "preset", "tta")
-_SWITCHES = ("flip", "nesterov", "channels_last", "compile", "deterministic", "sync_bn", "tensorboard", "progress")
+_SWITCHES = ("flip", "nesterov", "compile", "deterministic", "sync_bn", "tensorboard", "progress")
 
 
 def option_name(field_name: str) -> str:
@@ -173,7 +173,9 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (on the CPU measured: vggnet.training.probe) | fp32 | bf16 | fp16
     precision_record: dict | None = None  # what precision auto chose and why: filled by build_run (resume reads it)
-    channels_last: bool = True
+    # auto: precision auto's probe on a CPU with native bf16 times both layouts (vggnet.training.probe), channels_last
+    # elsewhere; true or false: that layout
+    channels_last: bool | str = "auto"
     threads: int | None = None  # intra-op threads (default: every available core)
     compile: bool = False  # torch.compile the training step's network (runtime only: may change on resume)
     deterministic: bool = False  # deterministic algorithms (cuDNN, cuBLAS): bit-identical runs on CUDA too
@@ -263,6 +265,8 @@ class TrainConfig:
         for name in _SWITCHES:
             if not isinstance(getattr(self, name), bool):
                 yield f"{name} must be true or false, got {getattr(self, name)!r}"
+        if not (isinstance(self.channels_last, bool) or self.channels_last == "auto"):
+            yield f"channels_last must be true, false or \"auto\", got {self.channels_last!r}"
         if self.batch_norm is not None and not isinstance(self.batch_norm, bool):
             yield f"batch_norm must be true, false or null, got {self.batch_norm!r}"
         if self.arch is not None and not isinstance(self.arch, (str, list, tuple)):

@@ -8,7 +8,9 @@ fp32; bf16 with the speed-ups the run would use (:func:`vggnet.net.cpu_bf16.tune
 same speed-ups but oneDNN for every convolution, without the small-map GEMM path
 (:class:`vggnet.net.cpu_bf16.SmallMapConv2d`, a rule tuned on an AMX Xeon). The third is measured only where some
 layer would take the GEMM path at the run's image size (:func:`small_map_layers`); elsewhere both bf16 variants are
-the same computation. Copies of the built model (its layer shapes, its input size), the run's optimizer, the run's
+the same computation. Where the run does not give the memory layout (``--channels-last``, ``--no-channels-last``)
+each variant is timed in channels_last and in NCHW, and NCHW is chosen only where at least 5% faster
+(:func:`vggnet.base.probecache.winner`); the run's model is converted to the chosen layout after the probe. Copies of the built model (its layer shapes, its input size), the run's optimizer, the run's
 per-rank batch or a smaller stand-in (:func:`probe_batch`); warm-up steps excluded, interleaved rounds, medians. The
 fastest bf16 variant is chosen when it is at least 5% faster than fp32 (:func:`winner`). The global random state is
 forked, so the run's model, its initialisation and its random streams are what they would have been without the
@@ -44,24 +46,26 @@ import torch.nn.functional as F
 
 from vggnet.base import probecache
 from vggnet.base.errors import CheckpointError, ConfigError
-from vggnet.base.probecache import (BF16_MAX_SHARE, CACHE_VERSION, CANDIDATES, LABELS, VARIANTS, cache_path,
-                                    cached_or_measured, candidate_of, decision_record, faster, home_relative,
-                                    measured_entry, read_cache, times_line, uses_small_map_convs, winner, write_cache)
+from vggnet.base.probecache import (ALL_CANDIDATES, BF16_MAX_SHARE, CACHE_VERSION, CANDIDATES, LABELS, VARIANTS,
+                                    cache_path, cached_or_measured, candidate_of, decision_record, faster,
+                                    home_relative, label, measured_entry, probe_candidates, read_cache,
+                                    runs_channels_last, times_line, uses_small_map_convs, variant_of, winner,
+                                    write_cache)
 from vggnet.net.cpu_bf16 import SMALL_MAP_RULE, small_map_layers, tune_for_cpu_bf16
 from vggnet.runtime import (PRECISIONS, AdaptiveThreads, Runtime, autocast, bf16_candidate, cpu_identity,
-                            pick_precision)
+                            memory_format, pick_precision)
 from vggnet.training import distributed
 from vggnet.training.config import TrainConfig
 
 __all__ = [  # with what it shares with the inference probe (vggnet.base.probecache), named here too
-    "BF16_MAX_SHARE", "CACHE_VERSION", "CANDIDATES", "LABELS", "LOAD_SECONDS", "MAX_ROUNDS", "MIN_ROUNDS",
+    "ALL_CANDIDATES", "BF16_MAX_SHARE", "CACHE_VERSION", "CANDIDATES", "LABELS", "LOAD_SECONDS", "MAX_ROUNDS", "MIN_ROUNDS",
     "PROBE_PIXELS", "ROUND_SECONDS", "TRAINING_CANDIDATES", "VARIANTS", "WARMUP_STEPS", "announcement",
-    "bf16_candidate", "cache_path", "candidate_of", "candidate_step", "choose", "decide_precision", "faster",
-    "measure_candidates", "measured_entry", "median_step_seconds", "probe_batch", "probe_key", "read_cache", "recorded",
-    "small_map_layers", "uses_small_map_convs", "winner", "write_cache"]
+    "bf16_candidate", "cache_path", "candidate_of", "candidate_step", "choose", "decide_precision", "faster", "label",
+    "measure_candidates", "measured_entry", "median_step_seconds", "probe_batch", "probe_candidates", "probe_key", "read_cache",
+    "recorded", "runs_channels_last", "small_map_layers", "uses_small_map_convs", "variant_of", "winner", "write_cache"]
 
-#: The training probe's candidates (:data:`vggnet.base.probecache.VARIANTS`), the reference first.
-TRAINING_CANDIDATES = tuple(VARIANTS)
+#: The training probe's candidates (:data:`vggnet.base.probecache.VARIANTS` in both layouts), the reference first.
+TRAINING_CANDIDATES = ALL_CANDIDATES
 
 #: The stand-in batch holds at most this many pixels (128 images of 32x32): a probe of the default recipe stays
 #: well under 2 s on 2 cores, and a large batch at a large image size does not make it longer than a few steps.
@@ -91,8 +95,9 @@ def candidate_step(model: torch.nn.Module, make_optimizer: Callable[[torch.nn.Mo
                    small_map_convs: bool = True) -> Callable[[], None]:
     """One training step of a copy of ``model`` in ``precision`` on a random batch of ``shape`` per call. The
     copy's optimizer runs at a learning rate of 0: the same arithmetic, and weights that stay as they are.
-    ``small_map_convs``: in bf16, whether small maps take the GEMM path (False: oneDNN for every convolution)."""
-    net = copy.deepcopy(model).train()
+    ``small_map_convs``: in bf16, whether small maps take the GEMM path (False: oneDNN for every convolution).
+    ``channels_last``: the copy's weights and the batch in channels_last, else in NCHW."""
+    net = copy.deepcopy(model).train().to(memory_format=memory_format(channels_last))
     if precision == "bf16":
         tune_for_cpu_bf16(net, small_map_convs)  # what build_run does to a model that trains in bf16 on the CPU
     optimizer = make_optimizer(net)
@@ -124,24 +129,28 @@ def median_step_seconds(steps: dict[str, Callable[[], None]],
 
 
 def measure_candidates(model: torch.nn.Module, make_optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer],
-                       shape: tuple[int, ...], channels_last: bool,
+                       shape: tuple[int, ...], channels_last: bool | str,
                        measure: Callable[[dict], dict[str, float]] | None = None) -> dict[str, float]:
     """Seconds per training step of each of :data:`TRAINING_CANDIDATES` (``measure``: :func:`median_step_seconds`),
     on copies of ``model``, in the same interleaved rounds; ``bf16_onednn`` only where :func:`small_map_layers` finds
-    a layer it differs in. The global random state is restored afterwards."""
+    a layer it differs in, NCHW only where ``channels_last`` is ``auto`` (else the layout it gives). The global random
+    state is restored afterwards."""
     with torch.random.fork_rng(devices=[]):
-        names = TRAINING_CANDIDATES if small_map_layers(model, shape) else CANDIDATES
-        steps = {name: candidate_step(model, make_optimizer, VARIANTS[name][0], shape, channels_last,
-                                      small_map_convs=VARIANTS[name][1]) for name in names}
+        steps = {}
+        for name in probe_candidates(bool(small_map_layers(model, shape)), channels_last):
+            precision, small_maps, name_channels_last = variant_of(name)
+            steps[name] = candidate_step(model, make_optimizer, precision, shape, name_channels_last,
+                                         small_map_convs=small_maps)
         return (measure or median_step_seconds)(steps)
 
 
 # -------------------------------------------------------------------------------------------------------- cache
-def probe_key(model: torch.nn.Module, shape: tuple[int, ...], threads: int, channels_last: bool,
+def probe_key(model: torch.nn.Module, shape: tuple[int, ...], threads: int, channels_last: bool | str,
               optimizer: str) -> dict[str, Any]:
     """Everything a measurement depends on, as JSON values (:func:`vggnet.base.probecache.probe_key`, kind
-    ``training``): the CPU, torch, the model's shape, the probe's input, the threads, the memory layout and the
-    optimizer; and the candidates and the small-map rule (entries of the two-candidate probe are measured again)."""
+    ``training``): the CPU, torch, the model's shape, the probe's input, the threads, the memory layout (or ``auto``)
+    and the optimizer; and the candidates and the small-map rule (entries of an earlier probe, with fewer
+    candidates, are measured again)."""
     return probecache.probe_key("training", cpu_identity(), model, shape, threads, channels_last, optimizer=optimizer,
                                 candidates=list(TRAINING_CANDIDATES),
                                 small_map_rule=list(SMALL_MAP_RULE))
@@ -181,10 +190,10 @@ def choose(config: TrainConfig, runtime: Runtime, model: torch.nn.Module, shape:
         return {"precision": runtime.precision if device == "cuda" else "fp32", "by": "rule", "device": device}
     if threads is not None:
         threads.poll(LOAD_SECONDS)  # the threads the load leaves: those the run trains with, and the cache's key
-    key = probe_key(model, shape, torch.get_num_threads(), runtime.channels_last, config.optimizer)
+    key = probe_key(model, shape, torch.get_num_threads(), config.channels_last, config.optimizer)
     path = cache_path()
     entry, how, problem = cached_or_measured(
-        path, key, lambda: measured_entry(measure_candidates(model, make_optimizer, shape, runtime.channels_last,
+        path, key, lambda: measured_entry(measure_candidates(model, make_optimizer, shape, config.channels_last,
                                                              measure)), reprobe)
     # no cache path in the record: cards get shared
     record = decision_record(entry, how, device=device, batch=shape[0], threads=key["threads"])
@@ -202,7 +211,7 @@ def announcement(record: dict[str, Any], cache: Path | None) -> str:
         how = f"from {where}, measured {record.get('measured') or 'earlier'}; --reprobe measures again"
     else:
         how = f"measured in {record['probe_seconds']:.1f} s" + (f", cached {where}" if where else "")
-    return f"vggnet train: precision auto -> {LABELS[candidate_of(record)]} ({times}; {how})"
+    return f"vggnet train: precision auto -> {label(candidate_of(record))} ({times}; {how})"
 
 
 def recorded(config: TrainConfig, runtime: Runtime) -> tuple[Runtime, dict | None]:
@@ -217,9 +226,10 @@ def recorded(config: TrainConfig, runtime: Runtime) -> tuple[Runtime, dict | Non
     if precision not in PRECISIONS[1:]:
         raise CheckpointError(f"{config.out}: config.json's precision_record names precision {precision!r}, not one "
                               f"of {', '.join(PRECISIONS[1:])}; start a new run")
-    if not isinstance(record.get("small_map_convs", True), bool):
-        raise CheckpointError(f"{config.out}: config.json's precision_record has small_map_convs "
-                              f"{record['small_map_convs']!r}, not true or false; start a new run")
+    for name in ("small_map_convs", "channels_last"):
+        if not isinstance(record.get(name, True), bool):
+            raise CheckpointError(f"{config.out}: config.json's precision_record has {name} {record[name]!r}, not "
+                                  "true or false; start a new run")
     try:
         pick_precision(runtime.device, precision)
     except ConfigError as err:
