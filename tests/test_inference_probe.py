@@ -189,14 +189,24 @@ def test_an_explicit_precision_never_probes(probed, loaded, requested):
         probe.decide(loaded, runtime, requested, reprobe=True)
 
 
-def test_a_cpu_without_native_bf16_takes_fp32_and_a_gpu_its_rule_without_probing(probed, loaded, monkeypatch):
+@pytest.mark.parametrize("nchw, chosen", [(0.009, "fp32_nchw"), (0.0096, "fp32")])
+def test_a_cpu_without_native_bf16_times_fp32_in_both_layouts(probed, loaded, monkeypatch, nchw, chosen):
     monkeypatch.setattr(probe, "bf16_candidate", lambda device: False)
-    choice = probe.decide(loaded, cpu("fp32"), "auto")
-    assert (choice.runtime.precision, choice.record, choice.line) == ("fp32", {"precision": "fp32", "by": "rule",
-                                                                               "device": "cpu"}, None)
+    probed.seconds = {"fp32": 0.010, "fp32_nchw": nchw}
+    choice = probe.decide(loaded, cpu("fp32"), "auto", batch=64)
+    assert [name for name, _ in probed.built] == ["fp32", "fp32_nchw"] and probed.calls == 1
+    assert (choice.runtime.precision, choice.runtime.channels_last) == ("fp32", chosen == "fp32")
+    assert (choice.record["precision"], choice.record["channels_last"]) == ("fp32", chosen == "fp32")
+    assert choice.line.startswith(f"vggnet eval: precision auto: {probecache.label(chosen)} (fp32 10.0 ms, fp32 NCHW "
+                                  f"{1000 * nchw:.1f} ms per batch of 64, measured in ")
+    # its own key: the same CPU's decision with bf16 a candidate is another entry
+    assert json.loads(probed.cache.read_text())["entries"].popitem()[1]["key"]["bf16"] is False
+
+
+def test_a_gpu_takes_its_rule_without_probing(probed, loaded):
     gpu = Runtime(torch.device("cuda"), "fp16", True, 2)  # never touched: the rule needs no device
     choice = probe.decide(loaded, gpu, "auto")
-    assert choice.runtime is not gpu and choice.runtime.precision == "fp16" and choice.line is None
+    assert choice.runtime == gpu and choice.runtime.precision == "fp16" and choice.line is None
     assert choice.record == {"precision": "fp16", "by": "rule", "device": "cuda"}
     assert probed.calls == 0 and not probed.cache.exists()
 

@@ -7,8 +7,9 @@ that decides whether the CPU-bf16 speed-ups (:mod:`vggnet.net.cpu_bf16` for trai
 
 Precision ``auto`` means: bf16 on CPUs that run it natively (AVX512_BF16 or AMX) and on CUDA GPUs that support
 it, fp16 on older GPUs, fp32 elsewhere. On CPUs without native bf16 (AVX2-only, for example), bf16 autocast is far
-slower than fp32, and oneDNN's bf16 convolutions may not run at all (:func:`cpu_runs_bf16`). Training on a CPU with
-native bf16 does not take this rule: it measures which of fp32 and bf16 is faster (:mod:`vggnet.training.probe`).
+slower than fp32, and oneDNN's bf16 convolutions may not run at all (:func:`cpu_runs_bf16`). On a CPU with native
+bf16, training and inference do not take this rule: they measure which of fp32 and bf16 is faster
+(:mod:`vggnet.training.probe`, :mod:`vggnet.evaluation.probe`), and on every CPU which memory layout.
 """
 
 from __future__ import annotations

@@ -20,11 +20,12 @@ from vggnet.training import resolve_config
 @pytest.fixture
 def measured(monkeypatch):
     """Both probes see bf16 as a candidate and return injected times; ``measured.shapes`` records their inputs."""
-    state = types.SimpleNamespace(shapes=[], seconds={"fp32": 0.0041, "bf16": 0.0053})
+    state = types.SimpleNamespace(shapes=[], bf16=[], seconds={"fp32": 0.0041, "bf16": 0.0053})
 
     def fake(kind):
         def measure(model, *args, **kwargs):
             state.shapes.append((kind, tuple(args[1] if kind == "train" else args[0])))
+            state.bf16.append(kwargs.get("bf16", True))
             return dict(state.seconds)
         return measure
 
@@ -52,13 +53,16 @@ def test_the_infer_section_shows_the_inference_probes_choice(measured):
 @pytest.mark.parametrize("seconds, precision, steps_gemm, runs_in", [
     ({"fp32": 0.010, "bf16": 0.009, "bf16_onednn": 0.008}, "bf16", False, "bf16_onednn"),
     ({"fp32": 0.010, "bf16": 0.008, "bf16_onednn": 0.009}, "bf16", True, "bf16"),
-    ({"fp32": 0.010, "bf16": 0.0099, "bf16_onednn": 0.0099}, "fp32", False, "fp32")])
+    ({"fp32": 0.010, "bf16": 0.0099, "bf16_onednn": 0.0099}, "fp32", False, "fp32"),
+    ({"fp32": 0.010, "bf16": 0.009, "bf16_onednn": 0.008, "bf16_onednn_nchw": 0.007}, "bf16", False,
+     "bf16_onednn_nchw")])
 def test_the_infer_sections_vggnet_row_runs_the_probes_choice(measured, seconds, precision, steps_gemm, runs_in):
     from vggnet.bench.config import BenchConfig
 
     measured.seconds = seconds
     r = bench_infer.bench_infer(BenchConfig(sections=("infer",), quick=True), {})  # VGG-11 at 32x32: 2x2 maps
     assert r["vggnet"]["precision"] == precision and ("small_map_gemm" in r["steps"]) is steps_gemm
+    assert ("channels_last" in r["steps"]) is not runs_in.endswith("_nchw")
     assert (r["precision_probe"]["chosen"], r["precision_probe"]["runs_in"]) == (runs_in, runs_in)
 
 
@@ -84,12 +88,24 @@ def test_the_train_section_shows_the_training_probes_choice(measured, monkeypatc
                  "unit": "step"}
 
 
-def test_without_a_bf16_candidate_the_sections_say_why_and_measure_nothing(measured, monkeypatch):
-    monkeypatch.setattr(inference_probe, "bf16_candidate", lambda device: False)
+def test_without_a_bf16_candidate_the_sections_time_fp32_in_both_layouts(measured, monkeypatch, train_options,
+                                                                         tmp_path):
+    for module in (training_probe, inference_probe):
+        monkeypatch.setattr(module, "bf16_candidate", lambda device: False)
+    measured.seconds = {"fp32": 0.010, "fp32_nchw": 0.009}
     model = create_model("vgg11", head="gap", input_size=32).eval()
     p = bench_infer.inference_probe(model, 32, 2)
-    assert p == {"skipped": "no bf16 candidate on this CPU (no native bf16): auto takes fp32"}
-    assert measured.shapes == []
+    assert (p["chosen"], p["fp32_nchw_ms"], measured.bf16) == ("fp32_nchw", pytest.approx(9.0), [False])
+    config = resolve_config(**train_options(channels_last="auto", out=str(tmp_path / "r")))
+    data = types.SimpleNamespace(classes=list(range(10)), images=torch.zeros(1, 1, 28, 28, dtype=torch.uint8))
+    monkeypatch.setattr(bench_train, "fashion_mnist", lambda data_dir: (data, data))
+    run = types.SimpleNamespace(config=config, runtime=resolve_runtime("cpu", "fp32", threads=1),
+                                loader=types.SimpleNamespace(batch_size=256))
+    p = bench_train.training_probe(types.SimpleNamespace(data_dir=None), run)
+    assert (p["chosen"], measured.bf16) == ("fp32_nchw", [False, False])
+    run.config = dataclasses.replace(config, channels_last=True)  # no bf16 and the layout given: nothing to time
+    p = bench_train.training_probe(types.SimpleNamespace(data_dir=None), run)
+    assert p["skipped"].startswith("nothing to compare on this cpu") and len(measured.bf16) == 2
 
 
 def test_render_shows_each_probe_next_to_the_rows_precision():
@@ -117,5 +133,9 @@ def test_render_shows_each_probe_next_to_the_rows_precision():
     assert render_comparisons(results)[-2] == (
         "precision auto (training probe): fp32 56.9 ms, bf16 37.9 ms, bf16 without small-map GEMM 41.2 ms per step of "
         "128 -> bf16; the vggnet row trains in bf16 without small-map GEMM")
+    results["infer"]["precision_probe"] = {"batch": 2, "fp32_ms": 300.0, "fp32_nchw_ms": 280.0, "chosen": "fp32_nchw",
+                                           "runs_in": "fp32_nchw", "unit": "batch"}
+    assert render_comparisons(results)[-1] == ("precision auto (inference probe): fp32 300.0 ms, fp32 NCHW 280.0 ms "
+                                               "per batch of 2 -> fp32 NCHW; the vggnet row runs in fp32 NCHW")
     del results["train"]["precision_probe"], results["infer"]["precision_probe"]  # results of an older bench
     assert not any(line.startswith("precision auto") for line in render_comparisons(results))

@@ -2,6 +2,7 @@
 and --reprobe, and a budget run that trains and evaluates in the bf16 variant its probe chose. Real times are only
 checked to be positive; the choice between them is tested on written entries."""
 
+import dataclasses
 import json
 
 import pytest
@@ -86,6 +87,24 @@ def test_a_shape_is_measured_once_then_read_from_the_cache_and_reprobe_measures_
     assert calls == [names] * 3
     (cached_first, cached_other) = json.loads(budget_probe.cache_path().read_text())["entries"].values()
     assert cached_first["key"]["kind"] == cached_other["key"]["kind"] == "budget"
+
+
+@pytest.mark.parametrize("precision, channels_last, bf16, small_maps, names", [
+    ("auto", "auto", True, True, probecache.ALL_CANDIDATES),
+    ("auto", "auto", True, False, ("fp32", "fp32_nchw", "bf16", "bf16_nchw")),
+    ("auto", False, True, True, ("fp32_nchw", "bf16_nchw", "bf16_onednn_nchw")),
+    ("auto", "auto", False, True, ("fp32", "fp32_nchw")),  # a CPU without native bf16: the layouts in fp32
+    ("auto", True, False, True, ("fp32",)),
+    ("fp32", "auto", True, True, ("fp32",)),  # an explicit precision: timed alone, in the layout's rule
+    ("bf16", False, True, True, ("bf16_nchw",))])
+def test_the_shapes_candidates_are_what_the_runs_probe_would_time(train_options, monkeypatch, precision,
+                                                                   channels_last, bf16, small_maps, names):
+    config = resolve_config(**train_options(precision=precision, channels_last=channels_last))
+    runtime = resolve_runtime("cpu", "fp32", channels_last, threads=1)  # bf16 given: built where the CPU has none
+    runtime = dataclasses.replace(runtime, precision="fp32" if precision == "auto" else precision)
+    monkeypatch.setattr(budget_probe, "bf16_candidate", lambda device: bf16)
+    monkeypatch.setattr(budget_probe, "small_map_layers", lambda model, shape: int(small_maps))
+    assert budget_probe.candidates(config, runtime, None, (32, 1, 32, 32)) == names
 
 
 # ------------------------------------------------------------------------------------------ the run it chooses

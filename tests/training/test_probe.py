@@ -348,6 +348,21 @@ def test_a_layout_given_is_the_only_one_timed_and_a_key_of_its_own(probed, train
     assert keys == [given, "auto"]
 
 
+@pytest.mark.parametrize("nchw, chosen", [(0.009, "fp32_nchw"), (0.0096, "fp32")])
+def test_a_cpu_without_native_bf16_times_fp32_in_both_layouts_where_the_run_gives_none(
+        probed, train_options, tmp_path, monkeypatch, capsys, nchw, chosen):
+    monkeypatch.setattr(probe, "bf16_candidate", lambda device: False)
+    probed.seconds = {"fp32": 0.010, "fp32_nchw": nchw}
+    run = build_run(resolve_config(**train_options(precision="auto", channels_last="auto", out=str(tmp_path / "a"))))
+    assert probed.names == [("fp32", "fp32_nchw")] and run.runtime.precision == "fp32"
+    assert run.runtime.channels_last is (chosen == "fp32") and weights_in_channels_last(run.model) is (chosen == "fp32")
+    line = capsys.readouterr().err.strip()
+    assert line.startswith(f"vggnet train: precision auto -> {probecache.label(chosen)} (fp32 10.0, fp32 NCHW "
+                           f"{1000 * nchw:.1f} ms/step at batch 32; measured in ")  # no word of the GEMM path
+    (entry,) = json.loads(probed.cache.read_text())["entries"].values()
+    assert entry["key"]["bf16"] is False and entry["key"]["channels_last"] == "auto"
+
+
 def test_an_explicit_precision_takes_the_layouts_rule_without_probing(probed, train_options, tmp_path):
     run = build_run(resolve_config(**train_options(precision="fp32", channels_last="auto", out=str(tmp_path / "a"))))
     assert probed.calls == 0 and run.runtime.channels_last is True and weights_in_channels_last(run.model)

@@ -180,9 +180,10 @@ def runs_channels_last(record: dict[str, Any] | None, default: bool) -> bool:
 
 def times_line(record: dict[str, Any], unit: str) -> str:
     """``fp32 56.9, fp32 NCHW 60.2, bf16 37.9, ... ms/step at batch 128`` (``unit``: ``ms/step``), naming that the
-    GEMM path was not timed where no map was small enough for it."""
+    GEMM path was not timed where bf16 was and no map was small enough for it."""
     line = f"{timings(record)} {unit} at batch {record['batch']}"
-    return line if onednn_timed(record) else line + ", no map small enough for the GEMM path"
+    bf16_timed = any(f"{name}_ms" in record for name in candidate_names(("bf16",)))
+    return line + ", no map small enough for the GEMM path" if bf16_timed and not onednn_timed(record) else line
 
 
 def timings(record: dict[str, Any], unit: str = "") -> str:
@@ -249,10 +250,12 @@ def positive(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
 
 
-def probe_candidates(small_maps: bool, layout: bool | str) -> tuple[str, ...]:
+def probe_candidates(small_maps: bool, layout: bool | str, bf16: bool = True) -> tuple[str, ...]:
     """What a probe times: every variant of :data:`VARIANTS` where some map is small enough for the GEMM path
-    (``small_maps``), else :data:`CANDIDATES`; in the layouts of the request ``layout`` (:data:`LAYOUT_REQUESTS`)."""
-    return candidate_names(tuple(VARIANTS) if small_maps else CANDIDATES, LAYOUT_REQUESTS[layout])
+    (``small_maps``), else :data:`CANDIDATES`, or fp32 alone where bf16 is no candidate (``bf16`` False: a CPU
+    without native bf16); in the layouts of the request ``layout`` (:data:`LAYOUT_REQUESTS`)."""
+    variants = (tuple(VARIANTS) if small_maps else CANDIDATES) if bf16 else ("fp32",)
+    return candidate_names(variants, LAYOUT_REQUESTS[layout])
 
 
 def read_cache(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:

@@ -86,10 +86,8 @@ def bench_infer(cfg: BenchConfig, results: dict[str, Any]) -> dict[str, Any]:
 def inference_probe(model: nn.Module, size: int, batch: int) -> dict[str, Any]:
     """What precision ``auto``'s inference probe (:mod:`vggnet.evaluation.probe`, as ``vggnet eval`` runs it) measures
     on this section's model and chooses (``chosen``, a :func:`~vggnet.base.probecache.candidate_names` name): its
-    own functions, called once (never the cache)."""
-    if not probe.bf16_candidate(torch.device("cpu")):
-        return {"skipped": "no bf16 candidate on this CPU (no native bf16): auto takes fp32"}
+    own functions, called once (never the cache); on a CPU without native bf16, fp32 in both layouts."""
     shape = (probe.probe_batch(batch, size), 3, size, size)
-    seconds = probe.measure_candidates(model, shape)
+    seconds = probe.measure_candidates(model, shape, bf16=probe.bf16_candidate(torch.device("cpu")))
     return {"batch": shape[0], **{f"{name}_ms": 1000 * s for name, s in seconds.items()}, "chosen": winner(seconds),
             "unit": "batch"}

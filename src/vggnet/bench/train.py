@@ -44,21 +44,22 @@ def bench_train(cfg: BenchConfig, results: dict[str, Any]) -> dict[str, Any]:
 
 def training_probe(cfg: BenchConfig, run) -> dict[str, Any]:
     """What precision ``auto``'s training probe (:mod:`vggnet.training.probe`) measures on this section's model and
-    batch (each of its candidates: fp32, bf16, and bf16 without the small-map GEMM where some layer takes it, in
-    both layouts where the run's is ``auto``), and
-    would choose: its own functions, called once, beside the candidate the vggnet row trains in (the run's, which
-    ``auto`` chose as it was built, perhaps from the cache)."""
+    batch (each of its candidates: fp32, bf16 where the CPU has it natively, and bf16 without the small-map GEMM where
+    some layer takes it, in both layouts where the run's is ``auto``), and would choose: its own functions, called
+    once, beside the candidate the vggnet row trains in (the run's, which ``auto`` chose as it was built, perhaps
+    from the cache)."""
     record = run.config.precision_record
     runs_in = (probe.candidate_of(record) if record and record.get("precision") == run.runtime.precision
                else run.runtime.precision)
-    if not probe.bf16_candidate(run.runtime.device):
-        return {"skipped": f"no bf16 candidate on this {run.runtime.device.type} (no native bf16, or a GPU): auto "
-                           f"takes the rule, {runs_in}", "runs_in": runs_in}
-    config = run.config
+    config, bf16 = run.config, probe.bf16_candidate(run.runtime.device)
+    if run.runtime.device.type != "cpu" or not (bf16 or config.channels_last == "auto"):
+        return {"skipped": f"nothing to compare on this {run.runtime.device.type} (a GPU, or no native bf16 and the "
+                           f"layout given): auto takes the rule, {runs_in}", "runs_in": runs_in}
     torch.manual_seed(config.seed)
     model = build_model(config, fashion_mnist(cfg.data_dir)[0])  # as build_run's probe sees it: not yet tuned
     size = config.image_size
     shape = (probe.probe_batch(run.loader.batch_size, size), int(model.in_channels), size, size)
-    seconds = probe.measure_candidates(model, lambda net: build_optimizer(config, net), shape, config.channels_last)
+    seconds = probe.measure_candidates(model, lambda net: build_optimizer(config, net), shape, config.channels_last,
+                                       bf16=bf16)
     return {"batch": shape[0], **{f"{name}_ms": 1000 * s for name, s in seconds.items()},
             "chosen": probe.winner(seconds), "runs_in": runs_in, "unit": "step"}

@@ -47,8 +47,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_runtime_options(p, "fp32", "fp32 (default: exact numbers), or bf16/fp16 for speed, or auto: on a CPU with "
                         "native bf16 the faster of fp32 and bf16, measured on a few forward passes of this model "
                         "(bf16 only when at least 5 percent faster; cached in ~/.cache/vggnet/probe.json and recorded "
-                        "in the written JSON), fp32 on other CPUs, bf16 or fp16 on a GPU", compile=True)
-    p.add_argument("--reprobe", action="store_true", help="with --precision auto: measure fp32 against bf16 again "
+                        "in the written JSON), fp32 on other CPUs, bf16 or fp16 on a GPU; on the CPU each in the "
+                        "channels_last and the NCHW memory layout (NCHW only when at least 5 percent faster)",
+                        compile=True)
+    p.add_argument("--reprobe", action="store_true", help="with --precision auto: measure the candidates again "
                    "instead of reading the cached decision")
     p.add_argument("--out", metavar="DIR", help="write eval.json and confusion.png into DIR instead of "
                    "RUN/evals/NAME.json and .png (NAME: the protocol, e.g. test, test-flip, scales-32-40-dense); a "

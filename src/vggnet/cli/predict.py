@@ -26,9 +26,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "image (default: none)")
     add_runtime_options(p, precision_help="auto (default): on a CPU with native bf16 the faster of fp32 and bf16, "
                         "measured on a few forward passes of this model (bf16 only when at least 5 percent faster; "
-                        "cached in ~/.cache/vggnet/probe.json), fp32 on other CPUs, bf16 or fp16 on a GPU",
-                        compile=True)
-    p.add_argument("--reprobe", action="store_true", help="with --precision auto: measure fp32 against bf16 again "
+                        "cached in ~/.cache/vggnet/probe.json), fp32 on other CPUs, bf16 or fp16 on a GPU; on the CPU "
+                        "each in the channels_last and the NCHW memory layout (NCHW only when at least 5 percent "
+                        "faster)", compile=True)
+    p.add_argument("--reprobe", action="store_true", help="with --precision auto: measure the candidates again "
                    "instead of reading the cached decision")
     p.add_argument("--json", action="store_true", help='print [{"file", "top": [{"index", "class", "prob"}]}]')
     p.set_defaults(run=run)

@@ -199,13 +199,14 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
                    "AMX) the faster of fp32 and bf16, measured on a few training steps of this model before the run "
                    "(bf16 only when at least 5 percent faster; cached per CPU, torch version and model in "
                    "~/.cache/vggnet/probe.json, recorded in the run and kept on resume); fp32 on other CPUs; on a GPU "
-                   "bf16 where supported, else fp16. An explicit precision is used as given")
-    p.add_argument("--reprobe", action="store_true", default=None, help="with --precision auto: measure fp32 against "
-                   "bf16 again instead of reading the cached decision")
+                   "bf16 where supported, else fp16. On the CPU the memory layout is measured with it (unless "
+                   "--channels-last or --no-channels-last gives it). An explicit precision is used as given")
+    p.add_argument("--reprobe", action="store_true", default=None, help="with --precision auto: measure the "
+                   "candidates again instead of reading the cached decision")
     layout = p.add_mutually_exclusive_group()
     layout.add_argument("--channels-last", dest="channels_last", action="store_true", default=None,
-                        help="train in the channels_last (NHWC) memory layout. Default: with --precision auto on a CPU "
-                        "with native bf16 the probe also times NCHW and takes it where at least 5 percent faster; "
+                        help="train in the channels_last (NHWC) memory layout. Default: with --precision auto on the "
+                        "CPU the probe times both layouts and takes NCHW only where at least 5 percent faster; "
                         "channels_last elsewhere")
     layout.add_argument("--no-channels-last", dest="channels_last", action="store_false", default=None,
                         help="train in the NCHW memory layout")

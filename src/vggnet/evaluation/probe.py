@@ -20,10 +20,11 @@ in. The choice is the runtime's precision, its ``small_map_convs`` and its ``cha
 
 The decision is cached beside training's (:mod:`vggnet.training.probe`) in ``$XDG_CACHE_HOME/vggnet/probe.json``
 (:mod:`vggnet.base.probecache`), with its own key kind, ``inference``: the CPU, torch, the model's configuration and
-layers (a compressed copy is measured on its own), the stand-in batch's shape, the threads, the memory layout and
-the inference path's version (:data:`INFERENCE_PATH`); ``--reprobe`` measures again. The probe times the eager
-paths, also for ``--compile``. An explicit ``--precision`` never probes; a CPU without native bf16 takes fp32 and
-a CUDA device its rule (:func:`vggnet.runtime.pick_precision`), without measuring.
+layers (a compressed copy is measured on its own), the stand-in batch's shape, the threads, whether bf16 is a
+candidate and the inference path's version (:data:`INFERENCE_PATH`); ``--reprobe`` measures again. The probe times
+the eager paths, also for ``--compile``. An explicit ``--precision`` never probes (and runs in channels_last); a
+CPU without native bf16 runs fp32 and times only the two layouts; a CUDA device takes its rule
+(:func:`vggnet.runtime.pick_precision`), without measuring.
 """
 
 from __future__ import annotations
@@ -110,28 +111,29 @@ def median_forward_seconds(calls: dict[str, Callable[[], None]],
 
 
 def measure_candidates(model: torch.nn.Module, shape: tuple[int, ...], channels_last: bool | str = "auto",
-                       measure: Callable[[dict], dict[str, float]] | None = None) -> dict[str, float]:
+                       measure: Callable[[dict], dict[str, float]] | None = None,
+                       bf16: bool = True) -> dict[str, float]:
     """Seconds per forward pass of each candidate (:func:`vggnet.base.probecache.probe_candidates`; ``measure``:
     :func:`median_forward_seconds`): ``bf16_onednn`` only where some map is small enough for the GEMM path, both
-    layouts where ``channels_last`` is ``auto``; the model runs in eval mode and leaves in its own, and the global
-    random state is restored afterwards."""
+    layouts where ``channels_last`` is ``auto``, fp32 alone without ``bf16`` (a CPU without native bf16); the model
+    runs in eval mode and leaves in its own, and the global random state is restored afterwards."""
     was_training = model.training
     model.eval()
     try:
         with torch.random.fork_rng(devices=[]):
-            names = probe_candidates(bool(small_map_layers(model, shape)), channels_last)
+            names = probe_candidates(bf16 and bool(small_map_layers(model, shape)), channels_last, bf16)
             calls = {name: candidate_forward(model, name, shape) for name in names}
             return (measure or median_forward_seconds)(calls)
     finally:
         model.train(was_training)
 
 
-def probe_key(model: torch.nn.Module, shape: tuple[int, ...], threads: int,
-              channels_last: bool | str = "auto") -> dict[str, Any]:
+def probe_key(model: torch.nn.Module, shape: tuple[int, ...], threads: int, channels_last: bool | str = "auto",
+              bf16: bool = True) -> dict[str, Any]:
     """Everything a measurement depends on (:func:`vggnet.base.probecache.probe_key`, kind ``inference``): the CPU,
     torch, the model's configuration and layers, the stand-in batch, the threads, the memory layout (``auto``: both
-    timed), the inference path and the small-map rule."""
-    return probecache.probe_key("inference", cpu_identity(), model, shape, threads, channels_last,
+    timed), whether bf16 is a candidate, the inference path and the small-map rule."""
+    return probecache.probe_key("inference", cpu_identity(), model, shape, threads, channels_last, bf16=bf16,
                                 layers=probecache.layer_signature(model), path=INFERENCE_PATH,
                                 small_map_rule=list(SMALL_MAP_RULE))
 
@@ -147,10 +149,8 @@ def decide(loaded: LoadedModel, runtime: Runtime, requested: str, batch: int | N
     if requested != "auto":
         return Choice(runtime, None)
     device = runtime.device
-    if not bf16_candidate(device):  # a GPU's rule; fp32 on a CPU without native bf16
-        precision = runtime.precision if device.type == "cuda" else "fp32"
-        return Choice(replace(runtime, precision=precision), {"precision": precision, "by": "rule",
-                                                               "device": device.type})
+    if device.type != "cpu":  # a GPU's rule
+        return Choice(runtime, {"precision": runtime.precision, "by": "rule", "device": device.type})
     size = loaded.preprocess.image_size
     batch = batch or auto_batch_size(size, size, device)
     shape = (probe_batch(min(batch, images or batch), size), int(loaded.model.in_channels), size, size)
@@ -167,9 +167,11 @@ def choose(model: torch.nn.Module, runtime: Runtime, shape: tuple[int, ...], rep
     adaptive = getattr(runtime, "adaptive", None)
     if adaptive is not None:  # first the thread count the load leaves, which the verb runs with (a key field)
         adaptive.settle()
-    key = probe_key(model, shape, torch.get_num_threads())
+    bf16 = bf16_candidate(runtime.device)
+    key = probe_key(model, shape, torch.get_num_threads(), bf16=bf16)
     entry, how, problem = cached_or_measured(
-        cache_path(), key, lambda: measured_entry(measure_candidates(model, shape, measure=measure)), reprobe)
+        cache_path(), key, lambda: measured_entry(measure_candidates(model, shape, measure=measure, bf16=bf16)),
+        reprobe)
     record = decision_record(entry, how, device=runtime.device.type, batch=shape[0], threads=key["threads"])
     return record, problem
 

@@ -59,12 +59,14 @@ class Speed:
 
 
 def candidates(config: TrainConfig, runtime: Runtime, model: torch.nn.Module, shape: tuple[int, ...]) -> tuple:
-    """What the shape's probe times: every variant under precision ``auto`` on a CPU with native bf16 (bf16 without
-    the GEMM path only where a map is small enough for it; NCHW too where the run does not give the layout), else
-    the run's precision in the run's layout."""
-    if config.precision != "auto" or not bf16_candidate(runtime.device):
+    """What the shape's probe times: under precision ``auto`` on the CPU what the run's probe would
+    (:func:`vggnet.base.probecache.probe_candidates`: with native bf16 every variant, bf16 without the GEMM path only
+    where a map is small enough for it; fp32 without; NCHW too where the run does not give the layout), else the
+    run's precision in the run's layout."""
+    if config.precision != "auto" or runtime.device.type != "cpu":
         return (runtime.precision + ("" if runtime.channels_last else NCHW),)
-    return probe_candidates(bool(small_map_layers(model, shape)), config.channels_last)
+    bf16 = bf16_candidate(runtime.device)
+    return probe_candidates(bf16 and bool(small_map_layers(model, shape)), config.channels_last, bf16)
 
 
 def measure_shape(config: TrainConfig, train_set: ImageDataset, runtime: Runtime, shape: tuple[str, float],

@@ -17,17 +17,19 @@ forked, so the run's model, its initialisation and its random streams are what t
 probe.
 
 The decision is cached per CPU (model name, bf16/AMX features, ``ONEDNN_MAX_CPU_ISA``), torch version, model
-configuration, probe input, threads, memory layout, optimizer, candidates and small-map rule (so the entries of the
-earlier two-candidate probe are measured again) in ``$XDG_CACHE_HOME/vggnet/probe.json``
+configuration, probe input, threads, memory layout (``auto``: both timed), optimizer, whether bf16 is a candidate,
+the candidates and small-map rule (so the entries of earlier probes with fewer candidates are measured again) in ``$XDG_CACHE_HOME/vggnet/probe.json``
 (:func:`cache_path`), written atomically, beside the inference probe's decisions (:mod:`vggnet.evaluation.probe`;
 the file, the key, the timer and the 5% rule are :mod:`vggnet.base.probecache`'s); ``vggnet train --reprobe``
 measures again. The probe times eager steps,
-also for ``--compile`` runs. An explicit ``--precision`` never probes; a CPU without native bf16 takes fp32 and a
-CUDA device its rule (:func:`vggnet.runtime.pick_precision`) without measuring.
+also for ``--compile`` runs. An explicit ``--precision`` never probes (its layout is channels_last unless given); a
+CPU without native bf16 trains in fp32 and times only the two layouts (where the run gives one, nothing: fp32 without
+measuring), and a CUDA device takes its rule (:func:`vggnet.runtime.pick_precision`) without measuring.
 
-The decision is recorded in config.json's ``precision_record`` (``precision`` stays ``auto``, the user's request;
-``small_map_convs``: whether bf16 trains with the GEMM path, :func:`uses_small_map_convs`) and so in the model card's
-``train_config``; a resumed run takes the recorded precision and variant and never measures again.
+The decision is recorded in config.json's ``precision_record`` (``precision`` stays ``auto`` and ``channels_last``
+``auto``, the user's requests; ``small_map_convs``: whether bf16 trains with the GEMM path,
+:func:`uses_small_map_convs`; ``channels_last``: the layout) and so in the model card's ``train_config``; a resumed
+run takes the recorded precision, variant and layout and never measures again.
 Under torchrun rank 0 decides and the other ranks take its record
 (:meth:`vggnet.training.distributed.Dist.broadcast_object`).
 """
@@ -130,14 +132,15 @@ def median_step_seconds(steps: dict[str, Callable[[], None]],
 
 def measure_candidates(model: torch.nn.Module, make_optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer],
                        shape: tuple[int, ...], channels_last: bool | str,
-                       measure: Callable[[dict], dict[str, float]] | None = None) -> dict[str, float]:
+                       measure: Callable[[dict], dict[str, float]] | None = None,
+                       bf16: bool = True) -> dict[str, float]:
     """Seconds per training step of each of :data:`TRAINING_CANDIDATES` (``measure``: :func:`median_step_seconds`),
     on copies of ``model``, in the same interleaved rounds; ``bf16_onednn`` only where :func:`small_map_layers` finds
-    a layer it differs in, NCHW only where ``channels_last`` is ``auto`` (else the layout it gives). The global random
-    state is restored afterwards."""
+    a layer it differs in, NCHW only where ``channels_last`` is ``auto`` (else the layout it gives), fp32 alone
+    without ``bf16`` (a CPU without native bf16). The global random state is restored afterwards."""
     with torch.random.fork_rng(devices=[]):
         steps = {}
-        for name in probe_candidates(bool(small_map_layers(model, shape)), channels_last):
+        for name in probe_candidates(bf16 and bool(small_map_layers(model, shape)), channels_last, bf16):
             precision, small_maps, name_channels_last = variant_of(name)
             steps[name] = candidate_step(model, make_optimizer, precision, shape, name_channels_last,
                                          small_map_convs=small_maps)
@@ -146,13 +149,13 @@ def measure_candidates(model: torch.nn.Module, make_optimizer: Callable[[torch.n
 
 # -------------------------------------------------------------------------------------------------------- cache
 def probe_key(model: torch.nn.Module, shape: tuple[int, ...], threads: int, channels_last: bool | str,
-              optimizer: str) -> dict[str, Any]:
+              optimizer: str, bf16: bool = True) -> dict[str, Any]:
     """Everything a measurement depends on, as JSON values (:func:`vggnet.base.probecache.probe_key`, kind
     ``training``): the CPU, torch, the model's shape, the probe's input, the threads, the memory layout (or ``auto``)
-    and the optimizer; and the candidates and the small-map rule (entries of an earlier probe, with fewer
-    candidates, are measured again)."""
+    and the optimizer; whether bf16 is a candidate, the candidates and the small-map rule (entries of an earlier
+    probe, with fewer candidates, are measured again)."""
     return probecache.probe_key("training", cpu_identity(), model, shape, threads, channels_last, optimizer=optimizer,
-                                candidates=list(TRAINING_CANDIDATES),
+                                bf16=bf16, candidates=list(TRAINING_CANDIDATES),
                                 small_map_rule=list(SMALL_MAP_RULE))
 
 
@@ -185,16 +188,17 @@ def choose(config: TrainConfig, runtime: Runtime, model: torch.nn.Module, shape:
            threads: AdaptiveThreads | None = None) -> dict[str, Any]:
     """Precision ``auto`` for a new run: the rule where there is nothing to compare, else the cached decision for
     this key, else a measurement (cached); the measured or cached choice is announced on stderr."""
-    device = runtime.device.type
-    if not bf16_candidate(runtime.device):  # a GPU's rule; fp32 on a CPU without native bf16
+    device, bf16 = runtime.device.type, bf16_candidate(runtime.device)
+    if device != "cpu" or not (bf16 or config.channels_last == "auto"):
+        # a GPU's rule; fp32 on a CPU without native bf16 where the run gives the layout: nothing to compare
         return {"precision": runtime.precision if device == "cuda" else "fp32", "by": "rule", "device": device}
     if threads is not None:
         threads.poll(LOAD_SECONDS)  # the threads the load leaves: those the run trains with, and the cache's key
-    key = probe_key(model, shape, torch.get_num_threads(), config.channels_last, config.optimizer)
+    key = probe_key(model, shape, torch.get_num_threads(), config.channels_last, config.optimizer, bf16)
     path = cache_path()
     entry, how, problem = cached_or_measured(
         path, key, lambda: measured_entry(measure_candidates(model, make_optimizer, shape, config.channels_last,
-                                                             measure)), reprobe)
+                                                             measure, bf16)), reprobe)
     # no cache path in the record: cards get shared
     record = decision_record(entry, how, device=device, batch=shape[0], threads=key["threads"])
     print(announcement(record, None if problem else path), file=sys.stderr, flush=True)
