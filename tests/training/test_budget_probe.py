@@ -124,7 +124,7 @@ def test_a_budget_run_trains_and_evaluates_in_the_bf16_variant_and_layout_its_pr
     detail = (("fp32_ms", 100.0), ("bf16_ms", 60.0), ("bf16_onednn_ms", 50.0), ("eval_bf16_onednn_ms", 5.0))
 
     def measure(config, train_set, runtime, shape, reprobe=False):
-        asked.append(reprobe)  # 10 minutes: 2 epochs of the tiny run
+        asked.append((reprobe, config.channels_last))  # 10 minutes: 2 epochs of the tiny run
         return Speed(1.5, 0.1, "bf16", True, detail, small_map_convs=False, channels_last=channels_last)
 
     real_tune, real_evaluate = build.tune_for_cpu_bf16, distributed.evaluate
@@ -138,13 +138,37 @@ def test_a_budget_run_trains_and_evaluates_in_the_bf16_variant_and_layout_its_pr
                                 "--no-progress", "--threads", "1", "--device", "cpu", "--out", run_dir, "--reprobe"])
     assert code == 0, err
     layout = "" if channels_last else " NCHW"
-    assert asked == [True] and f"(cpu, bf16 without small-map GEMM{layout}, 1 threads, batch 32;" in err
+    assert asked == [(True, "auto")]  # one shape priced (the others cannot fit), in both layouts
+    assert f"(cpu, bf16 without small-map GEMM{layout}, 1 threads, batch 32;" in err
     saved = json.loads((run_dir / "config.json").read_text())
     assert saved["precision"] == "bf16" and saved["channels_last"] == "auto"
     assert saved["budget_record"]["variant"] == "bf16_onednn" + ("" if channels_last else "_nchw")
+    assert saved["budget_record"]["layout"] == {"channels_last": channels_last, "decided_on": ["vgg11_bn", 0.25]}
     assert saved["precision_record"] == {"precision": "bf16", "small_map_convs": False,
                                          "channels_last": channels_last, "by": "budget", "device": "cpu",
                                          "batch": 32, "threads": 1, "fp32_ms": 100.0, "bf16_ms": 60.0,
                                          "bf16_onednn_ms": 50.0}
     # the model trains in the chosen layout, and its evaluation runs in it
     assert tuned == [(False, channels_last)] and evaluated and set(evaluated) == {(False, channels_last)}
+
+
+def test_the_layout_is_timed_on_the_first_shape_and_the_others_are_priced_in_it(train_data_dir, monkeypatch):
+    asked = []
+
+    def measure(config, train_set, runtime, shape, reprobe=False):
+        asked.append((shape, config.channels_last))
+        fast = shape == ("vgg11_bn", 0.25)  # the first, cheapest shape: so fast that the next are worth pricing
+        return Speed(1e-4 if fast else 10.0, 1e-5 if fast else 1.0, "bf16", True, (), False, channels_last=False)
+
+    monkeypatch.setattr(budget, "measure_shape", measure)
+    config = resolve_config(budget=600.0, data_dir=str(train_data_dir), batch_size=32, threads=1, device="cpu",
+                            progress=False)
+    planned, _ = budget.plan(config)
+    assert asked[0] == (("vgg11_bn", 0.25), "auto") and len(asked) > 1
+    assert all(layout is False for _, layout in asked[1:])  # priced in NCHW, as the first shape chose
+    assert planned.budget_record["layout"] == {"channels_last": False, "decided_on": ["vgg11_bn", 0.25]}
+    assert planned.precision_record["channels_last"] is False and planned.channels_last == "auto"
+    before = len(asked)
+    given = budget.plan(dataclasses.replace(config, channels_last=True))[0]  # a layout given: every shape in it
+    assert len(asked) > before and all(layout is True for _, layout in asked[before:])
+    assert given.budget_record["layout"] == {"channels_last": True, "decided_on": None}
