@@ -341,5 +341,5 @@ def resolve_runtime(device: str | torch.device = "auto", precision: str = "auto"
     if compile:
         check_compile(dev)
     adaptive = inference_threads(dev, threads is not None, deterministic)
-    return Runtime(dev, chosen, channels_last is not False, set_threads(threads, dev), bool(compile), bool(deterministic),
-                   adaptive=adaptive)
+    return Runtime(dev, chosen, channels_last is not False, set_threads(threads, dev), bool(compile),
+                   bool(deterministic), adaptive=adaptive)

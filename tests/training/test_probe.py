@@ -137,8 +137,8 @@ def test_the_cache_is_read_instead_of_measuring_and_reprobe_measures_again(probe
     assert probed.calls == 1 and second.runtime.precision == first.runtime.precision == "fp32"
     cached = second.config.precision_record
     assert {k: v for k, v in cached.items() if k != "measured"} == {
-        "precision": "fp32", "small_map_convs": False, "channels_last": True, "by": "cache", "device": "cpu", "batch": 32, "threads": 1,
-        "fp32_ms": 10.0, "bf16_ms": 12.0}
+        "precision": "fp32", "small_map_convs": False, "channels_last": True, "by": "cache", "device": "cpu",
+        "batch": 32, "threads": 1, "fp32_ms": 10.0, "bf16_ms": 12.0}
     assert "--reprobe measures again" in capsys.readouterr().err.splitlines()[-1]
     third = build_run(resolve_config(**train_options(precision="auto", out=str(tmp_path / "c"))), reprobe=True)
     assert probed.calls == 2 and third.runtime.precision == "bf16" and third.config.precision_record["by"] == "measured"

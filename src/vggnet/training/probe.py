@@ -1,37 +1,36 @@
 """Precision ``auto`` for training on the CPU, chosen by a short measurement instead of a rule.
 
 Where the CPU runs bf16 natively (AVX512_BF16 or AMX), bf16 is a candidate, not a given: with AMX oneDNN's bf16
-kernels make a training step about 3x faster than fp32, but with AVX512_BF16 alone they can be slower (0.85x of
-fp32 on the AMX Xeon with AMX hidden; issue 22). So before a new run trains, :func:`decide_precision` (rank 0)
-times a few training steps of the run's own model in each of :data:`TRAINING_CANDIDATES` (:func:`measure_candidates`):
-fp32; bf16 with the speed-ups the run would use (:func:`vggnet.net.cpu_bf16.tune_for_cpu_bf16`); and bf16 with the
-same speed-ups but oneDNN for every convolution, without the small-map GEMM path
+kernels make a training step about 3x faster than fp32, but with AVX512_BF16 alone they can be slower (0.85x of fp32
+on the AMX Xeon with AMX hidden; issue 22). So before a new run trains, :func:`decide_precision` (rank 0) times a
+few training steps of the run's own model in each of :data:`TRAINING_CANDIDATES` (:func:`measure_candidates`): fp32;
+bf16 with the speed-ups the run would use (:func:`vggnet.net.cpu_bf16.tune_for_cpu_bf16`); and bf16 with the same
+speed-ups but oneDNN for every convolution, without the small-map GEMM path
 (:class:`vggnet.net.cpu_bf16.SmallMapConv2d`, a rule tuned on an AMX Xeon). The third is measured only where some
 layer would take the GEMM path at the run's image size (:func:`small_map_layers`); elsewhere both bf16 variants are
 the same computation. Where the run does not give the memory layout (``--channels-last``, ``--no-channels-last``)
 each variant is timed in channels_last and in NCHW, and NCHW is chosen only where at least 5% faster
-(:func:`vggnet.base.probecache.winner`); the run's model is converted to the chosen layout after the probe. Copies of the built model (its layer shapes, its input size), the run's optimizer, the run's
-per-rank batch or a smaller stand-in (:func:`probe_batch`); warm-up steps excluded, interleaved rounds, medians. The
-fastest bf16 variant is chosen when it is at least 5% faster than fp32 (:func:`winner`). The global random state is
-forked, so the run's model, its initialisation and its random streams are what they would have been without the
-probe.
+(:func:`vggnet.base.probecache.winner`); the run's model is converted to the chosen layout after the probe. Copies
+of the built model (its layer shapes, its input size), the run's optimizer, the run's per-rank batch or a smaller
+stand-in (:func:`probe_batch`); warm-up steps excluded, interleaved rounds, medians. The fastest bf16 variant is
+chosen when it is at least 5% faster than fp32 (:func:`winner`). The global random state is forked, so the run's
+model, its initialisation and its random streams are what they would have been without the probe.
 
 The decision is cached per CPU (model name, bf16/AMX features, ``ONEDNN_MAX_CPU_ISA``), torch version, model
 configuration, probe input, threads, memory layout (``auto``: both timed), optimizer, whether bf16 is a candidate,
-the candidates and small-map rule (so the entries of earlier probes with fewer candidates are measured again) in ``$XDG_CACHE_HOME/vggnet/probe.json``
-(:func:`cache_path`), written atomically, beside the inference probe's decisions (:mod:`vggnet.evaluation.probe`;
-the file, the key, the timer and the 5% rule are :mod:`vggnet.base.probecache`'s); ``vggnet train --reprobe``
-measures again. The probe times eager steps,
-also for ``--compile`` runs. An explicit ``--precision`` never probes (its layout is channels_last unless given); a
-CPU without native bf16 trains in fp32 and times only the two layouts (where the run gives one, nothing: fp32 without
+the candidates and small-map rule (so the entries of earlier probes with fewer candidates are measured again) in
+``$XDG_CACHE_HOME/vggnet/probe.json`` (:func:`cache_path`), written atomically, beside the inference probe's
+decisions (:mod:`vggnet.evaluation.probe`; the file, the key, the timer and the 5% rule are
+:mod:`vggnet.base.probecache`'s); ``vggnet train --reprobe`` measures again. The probe times eager steps, also for
+``--compile`` runs. An explicit ``--precision`` never probes (its layout is channels_last unless given); a CPU
+without native bf16 trains in fp32 and times only the two layouts (where the run gives one, nothing: fp32 without
 measuring), and a CUDA device takes its rule (:func:`vggnet.runtime.pick_precision`) without measuring.
 
 The decision is recorded in config.json's ``precision_record`` (``precision`` stays ``auto`` and ``channels_last``
 ``auto``, the user's requests; ``small_map_convs``: whether bf16 trains with the GEMM path,
 :func:`uses_small_map_convs`; ``channels_last``: the layout) and so in the model card's ``train_config``; a resumed
-run takes the recorded precision, variant and layout and never measures again.
-Under torchrun rank 0 decides and the other ranks take its record
-(:meth:`vggnet.training.distributed.Dist.broadcast_object`).
+run takes the recorded precision, variant and layout and never measures again. Under torchrun rank 0 decides and the
+other ranks take its record (:meth:`vggnet.training.distributed.Dist.broadcast_object`).
 """
 
 from __future__ import annotations
@@ -60,11 +59,12 @@ from vggnet.training import distributed
 from vggnet.training.config import TrainConfig
 
 __all__ = [  # with what it shares with the inference probe (vggnet.base.probecache), named here too
-    "ALL_CANDIDATES", "BF16_MAX_SHARE", "CACHE_VERSION", "CANDIDATES", "LABELS", "LOAD_SECONDS", "MAX_ROUNDS", "MIN_ROUNDS",
-    "PROBE_PIXELS", "ROUND_SECONDS", "TRAINING_CANDIDATES", "VARIANTS", "WARMUP_STEPS", "announcement",
+    "ALL_CANDIDATES", "BF16_MAX_SHARE", "CACHE_VERSION", "CANDIDATES", "LABELS", "LOAD_SECONDS", "MAX_ROUNDS",
+    "MIN_ROUNDS", "PROBE_PIXELS", "ROUND_SECONDS", "TRAINING_CANDIDATES", "VARIANTS", "WARMUP_STEPS", "announcement",
     "bf16_candidate", "cache_path", "candidate_of", "candidate_step", "choose", "decide_precision", "faster", "label",
-    "measure_candidates", "measured_entry", "median_step_seconds", "probe_batch", "probe_candidates", "probe_key", "read_cache",
-    "recorded", "runs_channels_last", "small_map_layers", "uses_small_map_convs", "variant_of", "winner", "write_cache"]
+    "measure_candidates", "measured_entry", "median_step_seconds", "probe_batch", "probe_candidates", "probe_key",
+    "read_cache", "recorded", "runs_channels_last", "small_map_layers", "uses_small_map_convs", "variant_of", "winner",
+    "write_cache"]
 
 #: The training probe's candidates (:data:`vggnet.base.probecache.VARIANTS` in both layouts), the reference first.
 TRAINING_CANDIDATES = ALL_CANDIDATES
