@@ -51,6 +51,17 @@ def test_the_prediction_is_epochs_of_training_evaluation_and_saving_plus_the_tta
     assert predict(replace(with_tta, tta=None), speed, counts) == pytest.approx(10 * (1.1 + budget.SAVE_SECONDS))
 
 
+def test_the_batch_preparation_is_priced_at_the_recipes_erasing():
+    speed = Speed(0.001, 0.0005, "fp32")
+    counts = Counts(1000, 200, 100, prepare=((0.0, 0.0001), (0.3, 0.0002)))
+    erasing, plain = (Recipe("vgg11_bn", 0.25, 10, 93.0, "x", tta=None, erasing=e) for e in (0.3, 0.0))
+    base = 10 * (1.1 + budget.SAVE_SECONDS)
+    assert predict(erasing, speed, counts) == pytest.approx(base + 10 * 1000 * 0.0002)
+    assert predict(plain, speed, counts) == pytest.approx(base + 10 * 1000 * 0.0001)
+    assert predict(erasing, speed, Counts(1000, 200, 100)) == pytest.approx(base)  # not measured: free
+    assert budget.ERASINGS == (0.0, 0.3)  # the recipes' own: the default recipe's 0 and the sweep's 0.3
+
+
 @pytest.mark.parametrize("factor, seconds, expected", [
     (1.0, 3600, ("vgg13_bn", 0.25, 38)),  # RESULTS' CPU: today's quarter-width VGG-13-BN
     (4.0, 3600, ("vgg13_bn", 0.375, 33)),  # a 4x faster CPU: the wider network the hour affords
@@ -222,6 +233,7 @@ def slow_machine(monkeypatch, calls):
         return Speed(1.5, 0.1, "fp32", True, (("fp32_ms", 48000.0),))
 
     monkeypatch.setattr(budget, "measure_shape", measure)
+    monkeypatch.setattr(budget, "prepare_seconds", lambda *args: ())  # free: the predictions below are exact
 
 
 def test_the_choice_is_printed_recorded_and_resumed_without_probing_again(tmp_path, train_data_dir, monkeypatch,

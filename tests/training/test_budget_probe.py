@@ -168,7 +168,15 @@ def test_the_layout_is_timed_on_the_first_shape_and_the_others_are_priced_in_it(
     assert all(layout is False for _, layout in asked[1:])  # priced in NCHW, as the first shape chose
     assert planned.budget_record["layout"] == {"channels_last": False, "decided_on": ["vgg11_bn", 0.25]}
     assert planned.precision_record["channels_last"] is False and planned.channels_last == "auto"
+    assert [p["erasing"] for p in planned.budget_record["prepare_us_per_image"]] == [0.0, 0.3]  # measured, recorded
+    assert all(p["us"] > 0 for p in planned.budget_record["prepare_us_per_image"])
     before = len(asked)
     given = budget.plan(dataclasses.replace(config, channels_last=True))[0]  # a layout given: every shape in it
     assert len(asked) > before and all(layout is True for _, layout in asked[before:])
     assert given.budget_record["layout"] == {"channels_last": True, "decided_on": None}
+
+
+def test_a_batchs_preparation_is_timed_per_erasing_and_recorded(priced):
+    config, train_set, _ = priced
+    prices = budget_probe.prepare_seconds(config, train_set, resolve_runtime("cpu", "fp32", threads=1), (0.0, 0.3))
+    assert [erasing for erasing, _ in prices] == [0.0, 0.3] and all(0 < s < 0.01 for _, s in prices)

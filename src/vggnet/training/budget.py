@@ -41,15 +41,15 @@ from vggnet.base.probecache import candidate_of, label
 from vggnet.data import ImageDataset, load_dataset
 from vggnet.data.catalogue import canonical_name
 from vggnet.runtime import Runtime, adaptive_threads, resolve_runtime
-from vggnet.training.budget_probe import Speed, measure_shape
+from vggnet.training.budget_probe import Speed, measure_shape, prepare_seconds
 from vggnet.training.build import build_data
 from vggnet.training.config import TrainConfig, format_duration, option_name, resolve_config
 from vggnet.training.deadline import wall_clock
 from vggnet.training.probe import LOAD_SECONDS
 
 #: A recipe fits when its predicted time is within this share of the budget (after the time already spent). The
-#: rest covers what the probe does not see: the loader's augmentation (a few percent), a machine that gets busier,
-#: the start of the process; the deadline catches the rest, at the price of an epoch schedule cut short.
+#: rest covers what the probe does not see: the loop's own work per step, a machine that gets busier, the start of
+#: the process; the deadline catches the rest, at the price of an epoch schedule cut short.
 MARGIN = 0.9
 #: Seconds per epoch for the checkpoint, metrics and plots, modelled rather than measured: the hour preset's runs
 #: spent 6-8 s per epoch on evaluation, checkpoint and plots, about 5 s of it evaluating (docs/RESULTS.md).
@@ -108,6 +108,9 @@ RECIPES: tuple[Recipe, ...] = (
            "with flip TTA (mean)"),
     Recipe("vgg16_bn", 0.5, 60, 95.06, _SWEEP),
 )
+
+#: The random-erasing probabilities of the recipes: a batch's preparation is priced at each.
+ERASINGS = tuple(sorted({recipe.erasing for recipe in RECIPES}))
 #: The model shapes from the cheapest to the dearest training step, by docs/RESULTS.md's CPU images/s (1,895, 1,239,
 #: 995, 799, 587, 506, 400, 295): a shape is assumed no faster per image than any before it (more MACs per image).
 SHAPE_ORDER = (("vgg11_bn", 0.25), ("vgg13_bn", 0.25), ("vgg16_bn", 0.25), ("vgg19_bn", 0.25), ("vgg13_bn", 0.375),
@@ -121,21 +124,29 @@ RECIPE_OPTIONS = ("image_size", "normalize", "classes", "val_split", "subset", "
 
 @dataclass(frozen=True)
 class Counts:
-    """Images per epoch: ``trained`` (whole batches), ``evaluated`` (test and validation sets), ``test``."""
+    """Images per epoch: ``trained`` (whole batches), ``evaluated`` (test and validation sets), ``test``; and
+    ``prepare``: the seconds per trained image of a batch's preparation (preprocessing and augmentation) for each
+    random-erasing probability measured (:func:`vggnet.training.budget_probe.prepare_seconds`; none: free)."""
 
     trained: int
     evaluated: int
     test: int
+    prepare: tuple[tuple[float, float], ...] = ()
+
+    def prepare_seconds(self, erasing: float) -> float:
+        return dict(self.prepare).get(erasing, 0.0)
 
 
 def predict(recipe: Recipe, speed: Speed, counts: Counts) -> float:
     """Seconds ``recipe`` takes at ``speed``: epochs of training, evaluation and saving, and the final flip-TTA pass
     (both views of the test set)."""
-    return recipe.epochs * epoch_seconds(speed, counts) + tta_seconds(recipe, speed, counts)
+    return recipe.epochs * epoch_seconds(speed, counts, recipe.erasing) + tta_seconds(recipe, speed, counts)
 
 
-def epoch_seconds(speed: Speed, counts: Counts) -> float:
-    return counts.trained * speed.train + epoch_overhead(speed, counts)
+def epoch_seconds(speed: Speed, counts: Counts, erasing: float = 0.0) -> float:
+    """An epoch's seconds: training (the step and the batch preparation with random erasing at ``erasing``), then
+    :func:`epoch_overhead`."""
+    return counts.trained * (speed.train + counts.prepare_seconds(erasing)) + epoch_overhead(speed, counts)
 
 
 def epoch_overhead(speed: Speed, counts: Counts) -> float:
@@ -181,7 +192,7 @@ def choose(recipes: tuple[Recipe, ...], speeds: dict[tuple[str, float], Speed], 
         return Choice(best.recipe, best.predicted, rows, limit)
     cheapest = min((row for row in rows if row.probed), key=lambda row: row.predicted)
     recipe, speed = cheapest.recipe, speeds[cheapest.recipe.shape]
-    per_epoch = epoch_seconds(speed, counts)
+    per_epoch = epoch_seconds(speed, counts, recipe.erasing)
     epochs = min(recipe.epochs - 1, math.floor((limit - tta_seconds(recipe, speed, counts)) / per_epoch))
     if epochs < 1:
         least = (spent + per_epoch + tta_seconds(recipe, speed, counts)) / MARGIN
@@ -250,6 +261,7 @@ def plan(config: TrainConfig, data: tuple[ImageDataset, ImageDataset] | None = N
         return speed
 
     probe_start = wall_clock()
+    counts = replace(counts, prepare=prepare_seconds(config, train_set, runtime, ERASINGS))
     speeds = probe_shapes(RECIPES, counts, config.budget, measure or measure_here, lambda: wall_clock() - started)
     probed = wall_clock() - probe_start
     choice = choose(RECIPES, speeds, counts, config.budget, wall_clock() - started)
@@ -312,6 +324,8 @@ def budget_record(config: TrainConfig, choice: Choice, speeds: dict, counts: Cou
                    "top1": recipe.top1, "source": recipe.source, "predicted_s": round(choice.predicted, 1),
                    "cut_from": choice.cut_from},
         "epoch_overhead_s": round(epoch_overhead(speed, counts), 3),
+        "prepare_us_per_image": [{"erasing": erasing, "us": round(1e6 * seconds, 3)} for erasing, seconds in
+                                 counts.prepare],
         "candidates": [{"model": row.recipe.model, "width": row.recipe.width, "epochs": row.recipe.epochs,
                         "tta": row.recipe.tta, "top1": row.recipe.top1, "predicted_s": round(row.predicted, 1),
                         "fits": row.fits, "probed": row.probed} for row in choice.rows],
