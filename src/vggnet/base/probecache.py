@@ -52,13 +52,18 @@ def candidate_names(variants: tuple[str, ...] | dict = tuple(VARIANTS), layouts:
     return tuple(name + ("" if channels_last else NCHW) for name in variants for channels_last in layouts)
 
 
+def split_layout(name: str) -> tuple[str, bool]:
+    """A candidate's variant (a name of :data:`VARIANTS`, or a precision outside them: fp16 on a GPU) and whether it
+    runs in channels_last."""
+    return (name[:-len(NCHW)], False) if name.endswith(NCHW) else (name, True)
+
+
 def variant_of(name: str) -> tuple[str, bool, bool]:
     """A candidate's precision, whether bf16 takes the small-map GEMM path, and whether it runs in channels_last (a
     precision outside :data:`VARIANTS`, fp16 on a GPU, is its own variant)."""
-    nchw = name.endswith(NCHW)
-    variant = name[:-len(NCHW)] if nchw else name
+    variant, channels_last = split_layout(name)
     precision, small_maps = VARIANTS.get(variant, (variant, True))
-    return precision, small_maps, not nchw
+    return precision, small_maps, channels_last
 
 
 #: Every candidate a probe may time, in the order times are shown.
@@ -72,8 +77,8 @@ LABELS = {"fp32": "fp32", "bf16": "bf16", "bf16_onednn": "bf16 without small-map
 def label(name: str) -> str:
     """How a candidate is named on the terminal: its variant's :data:`LABELS`, with ``NCHW`` where it runs in it (a
     precision outside them, fp16 on a GPU, as it is)."""
-    variant = name[:-len(NCHW)] if name.endswith(NCHW) else name
-    return LABELS.get(variant, variant) + (" NCHW" if variant != name else "")
+    variant, channels_last = split_layout(name)
+    return LABELS.get(variant, variant) + ("" if channels_last else " NCHW")
 
 
 #: bf16 is chosen only when its time is at most this share of fp32's (at least 5% faster), and NCHW only when its
@@ -97,8 +102,10 @@ def cache_path() -> Path:
 def faster(seconds: dict[str, float], candidates: tuple[str, ...] = CANDIDATES) -> str:
     """The candidate to run in, of ``candidates`` (their ``seconds``; the first, fp32, the reference): the fastest of
     the others (bf16 variants; a tie: the one listed first) when its time is at most :data:`BF16_MAX_SHARE` of the
-    reference's, else the reference."""
+    reference's, else the reference (also where it is the only one)."""
     reference, *others = candidates
+    if not others:
+        return reference
     best = min(others, key=lambda name: seconds[name])
     return best if seconds[best] <= BF16_MAX_SHARE * seconds[reference] else reference
 
@@ -133,9 +140,7 @@ def winner(seconds: dict[str, float]) -> str:
     for name in VARIANTS:
         timed = tuple(n for n in candidate_names((name,)) if n in seconds)
         if timed:
-            layouts[name] = faster(seconds, timed) if len(timed) > 1 else timed[0]
-    if len(layouts) == 1:
-        return next(iter(layouts.values()))
+            layouts[name] = faster(seconds, timed)
     chosen = faster({name: seconds[n] for name, n in layouts.items()}, tuple(layouts))
     return layouts[chosen]
 
@@ -144,14 +149,10 @@ def measured_entry(seconds: dict[str, float]) -> dict[str, Any]:
     """A cache entry of a measurement: the choice (its precision; ``small_map_convs``: whether bf16 runs with the
     small-map GEMM path, only where that was measured against oneDNN alone and won; ``channels_last``: its memory
     layout), each candidate's milliseconds and when it was measured."""
-    chosen = winner(seconds)
-    precision, _, channels_last = variant_of(chosen)
-    onednn_timed = any(name.startswith("bf16_onednn") for name in seconds)
-    return {"precision": precision,
-            "small_map_convs": precision == "bf16" and onednn_timed and not chosen.startswith("bf16_onednn"),
-            "channels_last": channels_last,
-            **{f"{name}_ms": round(1000 * seconds[name], 3) for name in ALL_CANDIDATES if name in seconds},
-            "measured": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    precision, small_maps, channels_last = variant_of(winner(seconds))
+    times = {f"{name}_ms": round(1000 * seconds[name], 3) for name in ALL_CANDIDATES if name in seconds}
+    return {"precision": precision, "small_map_convs": precision == "bf16" and small_maps and onednn_timed(times),
+            "channels_last": channels_last, **times, "measured": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
 
 
 def candidate_of(record: dict[str, Any]) -> str:
@@ -159,8 +160,7 @@ def candidate_of(record: dict[str, Any]) -> str:
     ``bf16_onednn`` where bf16 won without the GEMM path against a measured GEMM variant; with :data:`NCHW` where it
     runs in NCHW (``channels_last`` false)."""
     name = record["precision"]
-    if name == "bf16" and record.get("small_map_convs") is False and any(
-            f"bf16_onednn{suffix}_ms" in record for suffix in ("", NCHW)):
+    if name == "bf16" and record.get("small_map_convs") is False and onednn_timed(record):
         name = "bf16_onednn"
     return name + NCHW if record.get("channels_last") is False else name
 

@@ -51,8 +51,8 @@ def training_probe(cfg: BenchConfig, run) -> dict[str, Any]:
     record = run.config.precision_record
     runs_in = (probe.candidate_of(record) if record and record.get("precision") == run.runtime.precision
                else run.runtime.precision)
-    config, bf16 = run.config, probe.bf16_candidate(run.runtime.device)
-    if run.runtime.device.type != "cpu" or not (bf16 or config.channels_last == "auto"):
+    config = run.config
+    if not probe.has_candidates(run.runtime.device, config.channels_last):
         return {"skipped": f"nothing to compare on this {run.runtime.device.type} (a GPU, or no native bf16 and the "
                            f"layout given): auto takes the rule, {runs_in}", "runs_in": runs_in}
     torch.manual_seed(config.seed)
@@ -60,6 +60,6 @@ def training_probe(cfg: BenchConfig, run) -> dict[str, Any]:
     size = config.image_size
     shape = (probe.probe_batch(run.loader.batch_size, size), int(model.in_channels), size, size)
     seconds = probe.measure_candidates(model, lambda net: build_optimizer(config, net), shape, config.channels_last,
-                                       bf16=bf16)
+                                       bf16=probe.bf16_candidate(run.runtime.device))
     return {"batch": shape[0], **{f"{name}_ms": 1000 * s for name, s in seconds.items()},
             "chosen": probe.winner(seconds), "runs_in": runs_in, "unit": "step"}

@@ -2,8 +2,8 @@
 and cached.
 
 For one model shape (model, width) :func:`measure_shape` times a few training steps of a copy of the model at the
-run's batch, and a few evaluation batches in the form training's evaluation runs
-(:func:`vggnet.evaluation.metrics.inference_form`), like precision ``auto``'s probe
+run's batch, and a few evaluation batches of a copy in the run's layout as the inference probe times them
+(:func:`vggnet.evaluation.probe.candidate_forward`: the form evaluation runs), like precision ``auto``'s probe
 (:func:`vggnet.training.probe.median_step_seconds`: warm-up excluded, interleaved rounds, medians). Under precision
 ``auto`` on a CPU with native bf16 the candidates are those of :data:`vggnet.base.probecache.VARIANTS`: fp32, bf16,
 and bf16 without the small-map GEMM where some layer would take that path at the run's image size, each in
@@ -31,7 +31,8 @@ from vggnet.base import probecache
 from vggnet.base.probecache import NCHW, cache_path, cached_or_measured, positive, probe_candidates, variant_of, winner
 from vggnet.base.timing import synchronize
 from vggnet.data import ImageDataset
-from vggnet.evaluation.metrics import auto_batch_size, inference_form
+from vggnet.evaluation.metrics import auto_batch_size
+from vggnet.evaluation.probe import candidate_forward
 from vggnet.net.cpu_bf16 import SMALL_MAP_RULE, small_map_layers
 from vggnet.runtime import Runtime, bf16_candidate, cpu_identity, memory_format
 from vggnet.training.build import build_augment, build_model, build_optimizer, build_preprocess, image_channels
@@ -99,8 +100,9 @@ def timed(model: torch.nn.Module, trial: TrainConfig, runtime: Runtime, names: t
         precision, small_maps, channels_last = variant_of(name)
         steps[name] = candidate_step(model, lambda net: build_optimizer(trial, net), precision, size,
                                      channels_last, small_map_convs=small_maps)
-        steps[f"eval_{name}"] = eval_step(model, (eval_batch, *size[1:]), runtime, precision, small_maps,
-                                          channels_last)
+        # evaluation as the run's own: the model in the run's layout, in the form evaluation runs it
+        steps[f"eval_{name}"] = candidate_forward(copy.deepcopy(model).eval().to(
+            memory_format=memory_format(channels_last)), name, (eval_batch, *size[1:]))
     seconds = median_step_seconds({name: synchronized(step, runtime.device) for name, step in steps.items()})
     ms = {name: round(1000 * s, 3) for name, s in seconds.items()}
     return {"train_ms": {n: ms[n] for n in names}, "eval_ms": {n: ms[f"eval_{n}"] for n in names},
@@ -154,22 +156,6 @@ def prepare_seconds(config: TrainConfig, train_set: ImageDataset, runtime: Runti
                                             PREPARE_CALLS, 0.0)["prepare"]
         prices.append((erasing, seconds / len(images)))
     return tuple(prices)
-
-
-def eval_step(model: torch.nn.Module, size: tuple[int, ...], runtime: Runtime, precision: str,
-              small_maps: bool = True, channels_last: bool = True) -> Callable[[], None]:
-    """One evaluation batch of ``size`` (random) through a copy of ``model`` in the form a run's evaluation runs it
-    in ``precision`` (on the CPU in bf16: the folded, fused copy, with the small-map GEMM path where ``small_maps``),
-    the copy and the batch in channels_last or NCHW, as the run trains."""
-    net, mixed = inference_form(copy.deepcopy(model).eval().to(memory_format=memory_format(channels_last)),
-                                runtime.device, precision, channels_last, small_maps=small_maps)
-    x = torch.randn(size, device=runtime.device).contiguous(memory_format=memory_format(channels_last))
-
-    def step() -> None:
-        with torch.no_grad(), mixed:
-            net(x)
-
-    return step
 
 
 def synchronized(step: Callable[[], None], device: torch.device) -> Callable[[], None]:

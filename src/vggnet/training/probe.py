@@ -61,10 +61,10 @@ from vggnet.training.config import TrainConfig
 __all__ = [  # with what it shares with the inference probe (vggnet.base.probecache), named here too
     "ALL_CANDIDATES", "BF16_MAX_SHARE", "CACHE_VERSION", "CANDIDATES", "LABELS", "LOAD_SECONDS", "MAX_ROUNDS",
     "MIN_ROUNDS", "PROBE_PIXELS", "ROUND_SECONDS", "TRAINING_CANDIDATES", "VARIANTS", "WARMUP_STEPS", "announcement",
-    "bf16_candidate", "cache_path", "candidate_of", "candidate_step", "choose", "decide_precision", "faster", "label",
-    "measure_candidates", "measured_entry", "median_step_seconds", "probe_batch", "probe_candidates", "probe_key",
-    "read_cache", "recorded", "runs_channels_last", "small_map_layers", "uses_small_map_convs", "variant_of", "winner",
-    "write_cache"]
+    "bf16_candidate", "cache_path", "candidate_of", "candidate_step", "choose", "decide_precision", "faster",
+    "has_candidates", "label", "measure_candidates", "measured_entry", "median_step_seconds", "probe_batch",
+    "probe_candidates", "probe_key", "read_cache", "recorded", "runs_channels_last", "small_map_layers",
+    "uses_small_map_convs", "variant_of", "winner", "write_cache"]
 
 #: The training probe's candidates (:data:`vggnet.base.probecache.VARIANTS` in both layouts), the reference first.
 TRAINING_CANDIDATES = ALL_CANDIDATES
@@ -189,7 +189,7 @@ def choose(config: TrainConfig, runtime: Runtime, model: torch.nn.Module, shape:
     """Precision ``auto`` for a new run: the rule where there is nothing to compare, else the cached decision for
     this key, else a measurement (cached); the measured or cached choice is announced on stderr."""
     device, bf16 = runtime.device.type, bf16_candidate(runtime.device)
-    if device != "cpu" or not (bf16 or config.channels_last == "auto"):
+    if not has_candidates(runtime.device, config.channels_last):
         # a GPU's rule; fp32 on a CPU without native bf16 where the run gives the layout: nothing to compare
         return {"precision": runtime.precision if device == "cuda" else "fp32", "by": "rule", "device": device}
     if threads is not None:
@@ -203,6 +203,12 @@ def choose(config: TrainConfig, runtime: Runtime, model: torch.nn.Module, shape:
     record = decision_record(entry, how, device=device, batch=shape[0], threads=key["threads"])
     print(announcement(record, None if problem else path), file=sys.stderr, flush=True)
     return record
+
+
+def has_candidates(device: torch.device, channels_last: bool | str) -> bool:
+    """Whether the training probe has more than one candidate to time on ``device`` for the layout request
+    ``channels_last``: on a CPU with native bf16, or on any CPU where the run gives no layout."""
+    return device.type == "cpu" and (bf16_candidate(device) or channels_last == "auto")
 
 
 def announcement(record: dict[str, Any], cache: Path | None) -> str:
